@@ -1,0 +1,71 @@
+"""Generate images from the command line with the same worker the RunPod handler runs.
+
+    python -m engine --prompt "a red fox" --steps 20 --out outputs
+
+Writes the images and prints their paths and the response's metrics as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+
+from engine.logs import configure_logging
+from engine.metrics import ColdStart
+from engine.settings import Settings
+from engine.worker import Worker
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", default="a red fox in the snow, golden hour")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--steps", type=int, dest="num_inference_steps")
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--scheduler")
+    parser.add_argument("--format", dest="output_format", default="png", choices=["png", "jpeg", "webp"])
+    parser.add_argument("--input", help="a whole job input as JSON; overrides the options above")
+    parser.add_argument("--out", type=Path, default=Path("outputs"))
+    return parser.parse_args(argv)
+
+
+def job_input(args: argparse.Namespace) -> dict:
+    if args.input:
+        return json.loads(args.input)
+    fields = ("prompt", "negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed")
+    payload = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    payload.update(num_images=args.num_images, output_format=args.output_format)
+    if args.scheduler:
+        payload["scheduler"] = args.scheduler
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cold_start = ColdStart()
+    settings = Settings()
+    configure_logging(settings.log_level)
+    worker = Worker(settings, cold_start)
+    response = worker.handle({"id": "cli", "input": job_input(args)})
+    if response["status"] != "success":
+        print(json.dumps(response, indent=2), file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for item in response["output"]:
+        path = args.out / f"image-{item['seed']}.{item['format']}"
+        path.write_bytes(base64.b64decode(item["image"]))
+        paths.append(str(path))
+    print(json.dumps({"images": paths, "metrics": response["metrics"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Backends behind one Runner interface: torch (reference and fallback), onnxruntime, tensorrt."""

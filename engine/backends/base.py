@@ -1,0 +1,44 @@
+"""The Runner interface every backend implements; the pipeline only ever sees this."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import torch
+
+from engine.models.spec import ComponentSpec, Shape
+
+
+class Runner(ABC):
+    """Runs one component: named tensors in, named tensors out, on the worker's device."""
+
+    backend: str
+
+    def __init__(self, spec: ComponentSpec, precision: str, device: torch.device):
+        self.spec = spec
+        self.precision = precision
+        self.device = device
+
+    def unsupported_reason(self, shapes: Mapping[str, Shape]) -> str | None:
+        """Why this runner cannot take these input shapes, or None when it can."""
+        return None
+
+    @abstractmethod
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Runs on inputs already in the spec's dtypes and on the runner's device."""
+
+    def __call__(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.run(self.prepare(inputs))
+
+    def prepare(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inputs in the dtype the graph expects, contiguous, on the device; no copy when they already are."""
+        missing = set(self.spec.input_names) - set(inputs)
+        if missing:
+            raise KeyError(f"{self.spec.name}: missing inputs {sorted(missing)}")
+        return {
+            tensor.name: inputs[tensor.name]
+            .to(device=self.device, dtype=tensor.torch_dtype(self.precision))
+            .contiguous()
+            for tensor in self.spec.inputs
+        }

@@ -1,0 +1,31 @@
+"""Failure classes, each raised with context and reported once where it is handled."""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """An expected failure whose message is fit to return to the caller as is."""
+
+
+class RequestError(WorkerError):
+    """The request breaks a rule; the message names every field and rule broken."""
+
+
+class ModelError(WorkerError):
+    """The configured model cannot be found, loaded or is of an unsupported kind."""
+
+
+class ArtifactError(WorkerError):
+    """An exported artifact is missing, incomplete, or does not match its manifest."""
+
+
+class BackendUnavailable(WorkerError):
+    """A backend cannot run here or cannot run this artifact (library, device, version)."""
+
+
+class DeadlineExceeded(WorkerError):
+    """The request's time budget ran out between two denoising steps."""
+
+
+class OutputTooLarge(WorkerError):
+    """The response would exceed RunPod's payload limit and no bucket is configured."""

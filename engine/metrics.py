@@ -1,0 +1,128 @@
+"""Stage timers, step statistics, memory, and the cold-start breakdown.
+
+On a GPU, stages and UNet steps are timed with CUDA events that are read after the
+request's single synchronization, so timing never stalls the denoising loop.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+import torch
+
+
+class _CpuMark:
+    def __init__(self) -> None:
+        self.time = time.perf_counter()
+
+    def ms_since(self, start: _CpuMark) -> float:
+        return (self.time - start.time) * 1000.0
+
+
+class _CudaMark:
+    def __init__(self) -> None:
+        self.event = torch.cuda.Event(enable_timing=True)
+        self.event.record()
+
+    def ms_since(self, start: _CudaMark) -> float:
+        return start.event.elapsed_time(self.event)
+
+
+@dataclass
+class StageTimer:
+    """Times named stages and individual UNet steps of one request."""
+
+    device: torch.device
+    _stages: dict[str, list[tuple[object, object]]] = field(default_factory=dict)
+    _steps: list[tuple[object, object]] = field(default_factory=list)
+
+    def _mark(self) -> _CpuMark | _CudaMark:
+        return _CudaMark() if self.device.type == "cuda" else _CpuMark()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = self._mark()
+        try:
+            yield
+        finally:
+            self._stages.setdefault(name, []).append((start, self._mark()))
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        start = self._mark()
+        try:
+            yield
+        finally:
+            self._steps.append((start, self._mark()))
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def stages_ms(self) -> dict[str, float]:
+        self._synchronize()
+        return {
+            name: round(sum(end.ms_since(start) for start, end in pairs), 3) for name, pairs in self._stages.items()
+        }
+
+    def step_stats_ms(self) -> dict[str, float]:
+        self._synchronize()
+        steps = [end.ms_since(start) for start, end in self._steps]
+        if not steps:
+            return {"p50": 0.0, "p95": 0.0, "max": 0.0, "count": 0}
+        p50, p95 = np.percentile(steps, [50, 95])
+        return {
+            "p50": round(float(p50), 3),
+            "p95": round(float(p95), 3),
+            "max": round(max(steps), 3),
+            "count": len(steps),
+        }
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """GPU: this request's peak allocated memory. CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+class ColdStart:
+    """Milliseconds spent in each start-up phase; reported on the process's first job only.
+
+    Times are wall-clock from the process's own start, so interpreter start-up and
+    imports count too.
+    """
+
+    def __init__(self, process_start: float | None = None):
+        self._start = process_start if process_start is not None else psutil.Process().create_time()
+        self._last = self._start
+        self.phases_ms: dict[str, float] = {}
+        self.reported = False
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.phases_ms[phase] = round((now - self._last) * 1000.0, 1)
+        self._last = now
+
+    def summary(self) -> dict[str, float]:
+        return {**self.phases_ms, "total": round((self._last - self._start) * 1000.0, 1)}
+
+    def take_first(self) -> dict[str, float] | None:
+        """The breakdown the first time it is asked for, None afterwards."""
+        if self.reported:
+            return None
+        self.reported = True
+        return self.summary()

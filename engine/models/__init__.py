@@ -1,0 +1,103 @@
+"""Model resolution and loading: a name or folder in, a described model out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelError
+from engine.models.builtin import BUILTIN_MODELS, builtin_model_folder
+from engine.models.family import ModelConfig, ModelFamily
+from engine.models.sd import StableDiffusion
+from engine.models.spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(),)
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+
+
+def family_for(pipeline_class: str) -> ModelFamily:
+    for family in FAMILIES:
+        if pipeline_class in family.pipeline_classes:
+            return family
+    known = ", ".join(name for family in FAMILIES for name in family.pipeline_classes)
+    raise ModelError(f"unsupported pipeline {pipeline_class!r}; supported: {known}")
+
+
+def resolve_model_folder(name: str, cache_dir: Path, revision: str | None = None) -> Path:
+    """A built-in name, a local diffusers folder, or (explicitly) a Hugging Face hub id."""
+    if name in BUILTIN_MODELS:
+        return builtin_model_folder(name, cache_dir)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{path} is not a diffusers model folder: model_index.json is missing")
+        return path.resolve()
+    if name.count("/") == 1 and not name.startswith(("/", ".", "~")):
+        from huggingface_hub import snapshot_download
+
+        log.info("downloading %s from the Hugging Face hub", name)
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    builtins = ", ".join(BUILTIN_MODELS)
+    raise ModelError(f"model {name!r} is not a built-in ({builtins}), an existing folder or a hub id")
+
+
+@dataclass
+class Model:
+    """A model folder with its family, configs and one spec per component."""
+
+    name: str
+    folder: Path
+    family: ModelFamily
+    config: ModelConfig
+
+    @cached_property
+    def specs(self) -> dict[str, ComponentSpec]:
+        return self.family.specs(self.config)
+
+    @cached_property
+    def tokenizers(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        return {name: AutoTokenizer.from_pretrained(self.folder / name) for name in self.family.tokenizers}
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.config.configs["scheduler"]
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.family.components
+
+    def missing_files(self) -> list[str]:
+        """What a complete folder of this family must hold and this one lacks."""
+        missing = []
+        subfolders = {self.family.weight_folder(c) for c in self.components}
+        for sub in sorted(subfolders):
+            if not (self.folder / sub / "config.json").is_file():
+                missing.append(f"{sub}/config.json")
+            if not any(p.suffix in WEIGHT_SUFFIXES for p in (self.folder / sub).glob("*")):
+                missing.append(f"{sub}/ weights")
+        for sub in (*self.family.tokenizers, "scheduler"):
+            if not (self.folder / sub).is_dir():
+                missing.append(f"{sub}/")
+        return missing
+
+
+def load_model(name: str, cache_dir: Path, revision: str | None = None) -> Model:
+    folder = resolve_model_folder(name, cache_dir, revision)
+    index = json.loads((folder / "model_index.json").read_text())
+    family = family_for(index["_class_name"])
+    subfolders = {family.weight_folder(c) for c in family.components} | {"scheduler"}
+    config = ModelConfig.read(folder, sorted(subfolders | set(family.text_encoders)))
+    model = Model(name=name, folder=folder, family=family, config=config)
+    missing = model.missing_files()
+    if missing:
+        raise ModelError(f"model folder {folder} is incomplete: missing {', '.join(missing)}")
+    return model

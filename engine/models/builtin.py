@@ -1,0 +1,137 @@
+"""Built-in models with random weights: real architectures small enough for a CPU.
+
+Each is written once, in diffusers' folder layout, into the local cache, and then
+loaded through the same loader as any real model folder, so every code path that a
+real checkpoint takes is exercised without downloading weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+"""Bumped when a recipe changes, so a cached folder from an older recipe is never reused."""
+
+SEED = 0
+TEXT_HIDDEN = 32
+
+
+def _tokenizer():
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    # Byte-level characters with and without CLIP's end-of-word marker and no merges:
+    # every word is spelled out, which is all a random model needs.
+    chars = sorted(ByteLevel.alphabet())
+    tokens = [*chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def _text_encoder(tokenizer, hidden: int = TEXT_HIDDEN, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config)
+
+
+def _vae(**overrides):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        sample_size=64,
+        **overrides,
+    )
+
+
+def _scheduler():
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+
+
+def build_tiny(folder: Path) -> None:
+    """Stable Diffusion 1.x architecture: 64x64 native size, a few MB of weights."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = _tokenizer()
+    text_encoder = _text_encoder(tokenizer)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder)
+
+
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
+
+
+def builtin_model_folder(name: str, cache_dir: Path) -> Path:
+    """The cached folder of a built-in model, written atomically on first use."""
+    folder = cache_dir / "models" / f"{name}-v{RECIPE_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log.info("writing built-in model %s to %s", name, folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(SEED)
+            BUILTIN_MODELS[name](staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "model_index.json").is_file():
+                raise  # not a concurrent writer that finished first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder

@@ -1,0 +1,139 @@
+"""What a model family is: its components, their specs, their torch modules, its prompt encoding.
+
+A family (Stable Diffusion 1.x/2.x, SDXL) differs from another only in the components
+it has and in how a prompt becomes the UNet's conditioning inputs. The denoising loop,
+the backends, the export stage and the engine store are the same for every family.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.models.modules import weights_variant
+from engine.models.spec import ComponentSpec
+
+Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+"""Runs one component by name on named inputs; how the family reaches its text encoders."""
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """The prompts of one request, one entry per distinct prompt."""
+
+    prompts: Sequence[str]
+    negative_prompts: Sequence[str] | None
+    images_per_prompt: int
+    guidance: bool
+    height: int
+    width: int
+
+
+@dataclass
+class ModelConfig:
+    """The parts of a diffusers model folder that shape tensors and the pipeline."""
+
+    folder: Path
+    pipeline_class: str
+    pipeline_config: dict[str, Any]
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: Path, config_subfolders: Sequence[str]) -> ModelConfig:
+        index = json.loads((folder / "model_index.json").read_text())
+        configs = {}
+        for sub in config_subfolders:
+            names = ("config.json", "scheduler_config.json")
+            path = next((folder / sub / n for n in names if (folder / sub / n).is_file()), None)
+            if path is not None:
+                configs[sub] = json.loads(path.read_text())
+        return cls(folder=folder, pipeline_class=index["_class_name"], pipeline_config=index, configs=configs)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
+
+    @property
+    def native_size(self) -> int:
+        sample_size = self.configs["unet"]["sample_size"]
+        if isinstance(sample_size, list | tuple):
+            sample_size = sample_size[0]
+        return int(sample_size) * self.vae_scale_factor
+
+    @property
+    def unet_down_factor(self) -> int:
+        """How many times the UNet halves the latent; latent sizes it handles without resizing."""
+        return 2 ** (len(self.configs["unet"]["block_out_channels"]) - 1)
+
+
+class ModelFamily(ABC):
+    """One kind of diffusers pipeline, described for every stage of the worker."""
+
+    name: str
+    pipeline_classes: tuple[str, ...]
+    text_encoders: tuple[str, ...]
+    tokenizers: tuple[str, ...]
+    default_guidance_scale: float
+
+    components: tuple[str, ...] = ()
+    """Components that are exported and run by a backend, in pipeline order."""
+
+    @abstractmethod
+    def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
+        """One spec per component, with sizes read from the model's configs."""
+
+    @abstractmethod
+    def torch_module(self, component: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+        """The module that export traces and the torch backend runs: tensors in, a tuple out."""
+
+    @abstractmethod
+    def encode_prompt(
+        self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig
+    ) -> dict[str, torch.Tensor]:
+        """The UNet's conditioning inputs for the whole batch, unconditional rows first."""
+
+    def component_precision(self, component: str, precision: str, config: ModelConfig) -> str:
+        """The precision a component runs at; a family can keep an overflow-prone part in fp32."""
+        return precision
+
+    def weight_folder(self, component: str) -> str:
+        """Model subfolder whose weights and config a component is built from."""
+        return "vae" if component.startswith("vae") else component
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    """Token ids padded and truncated to the tokenizer's length, as diffusers tokenizes prompts."""
+    return tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def repeat_for_images(embeddings: torch.Tensor, images_per_prompt: int) -> torch.Tensor:
+    """Rows per prompt become rows per image, in diffusers' order (p0, p0, p1, p1...)."""
+    return embeddings.repeat_interleave(images_per_prompt, dim=0)
+
+
+def guidance_batch(negative: torch.Tensor, positive: torch.Tensor, guidance: bool) -> torch.Tensor:
+    """Unconditional rows first, as diffusers batches classifier-free guidance."""
+    return torch.cat([negative, positive]) if guidance else positive
+
+
+def load_pretrained(folder: Path, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Loads one component with the class that the folder's model_index.json names."""
+    index = json.loads((folder / "model_index.json").read_text())
+    library, class_name = index[subfolder]
+    cls = getattr(importlib.import_module(library), class_name)
+    variant = weights_variant(folder / subfolder, dtype)
+    module = cls.from_pretrained(folder / subfolder, torch_dtype=dtype, variant=variant)
+    return module.eval().requires_grad_(False)

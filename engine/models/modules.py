@@ -1,0 +1,87 @@
+"""Torch modules with flat tensor inputs and tuple outputs, one per exported component.
+
+The same module is traced by the ONNX export and run by the torch backend, so the
+reference the exports are checked against is exactly what the fallback runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FP16_VARIANT = "fp16"
+
+
+def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
+    """Use a folder's fp16 weight files when fp16 is wanted, or when they are all it has."""
+    variant_files = list(folder.glob(f"*.{FP16_VARIANT}.safetensors")) + list(folder.glob(f"*.{FP16_VARIANT}.bin"))
+    if not variant_files:
+        return None
+    plain_files = [
+        path
+        for pattern in ("*.safetensors", "*.bin")
+        for path in folder.glob(pattern)
+        if f".{FP16_VARIANT}." not in path.name
+    ]
+    return FP16_VARIANT if dtype == torch.float16 or not plain_files else None
+
+
+class TextEncoderModule(nn.Module):
+    """A CLIP text encoder returning one hidden state and, when asked, the pooled projection."""
+
+    def __init__(self, encoder: nn.Module, hidden_layer: int | None = None, pooled: bool = False):
+        super().__init__()
+        self.encoder = encoder
+        self.hidden_layer = hidden_layer
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.encoder(input_ids, output_hidden_states=self.hidden_layer is not None)
+        hidden = out.last_hidden_state if self.hidden_layer is None else out.hidden_states[self.hidden_layer]
+        return (hidden, out.text_embeds) if self.pooled else (hidden,)
+
+
+class UNetModule(nn.Module):
+    """The denoiser; extra conditioning inputs (SDXL's text embeds and time ids) come last."""
+
+    def __init__(self, unet: nn.Module, added_cond_names: tuple[str, ...] = ()):
+        super().__init__()
+        self.unet = unet
+        self.added_cond_names = added_cond_names
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *added: torch.Tensor
+    ) -> tuple[torch.Tensor]:
+        added_cond_kwargs = dict(zip(self.added_cond_names, added, strict=True)) or None
+        noise_pred = self.unet(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+        )[0]
+        return (noise_pred,)
+
+
+class VaeDecoderModule(nn.Module):
+    """Latents (already divided by the scaling factor) to images in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.decode(latent, return_dict=False)[0],)
+
+
+class VaeEncoderModule(nn.Module):
+    """Images in [-1, 1] to the latent distribution's moments (mean and log-variance).
+
+    Sampling stays outside the graph so it draws from the request's generator exactly
+    as diffusers does.
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.encode(images).latent_dist.parameters,)

@@ -1,0 +1,115 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP text encoder, a UNet and a VAE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.models.family import (
+    Encode,
+    ModelConfig,
+    ModelFamily,
+    PromptBatch,
+    load_pretrained,
+    repeat_for_images,
+    tokenize,
+)
+from engine.models.modules import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule
+from engine.models.spec import ComponentSpec, TensorSpec
+
+TIMESTEP = TensorSpec("timestep", (1,), value_range=(0, 1000), keep_fp32=True)
+
+
+def unet_spec(config: ModelConfig, conditioning: tuple[TensorSpec, ...]) -> ComponentSpec:
+    unet = config.configs["unet"]
+    return ComponentSpec(
+        name="unet",
+        inputs=(
+            TensorSpec("sample", ("batch", unet["in_channels"], "latent_height", "latent_width")),
+            TIMESTEP,
+            *conditioning,
+        ),
+        outputs=(TensorSpec("noise_pred", ("batch", unet["out_channels"], "latent_height", "latent_width")),),
+        latent_factor=config.vae_scale_factor,
+        batch_multiplier=2,
+    )
+
+
+def vae_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
+    channels = config.configs["vae"]["latent_channels"]
+    factor = config.vae_scale_factor
+    latent = ("batch", channels, "latent_height", "latent_width")
+    images = TensorSpec("images", ("batch", 3, "height", "width"), value_range=(-1.0, 1.0))
+    return {
+        "vae_decoder": ComponentSpec(
+            name="vae_decoder",
+            inputs=(TensorSpec("latent", latent),),
+            outputs=(images,),
+            latent_factor=factor,
+        ),
+        "vae_encoder": ComponentSpec(
+            name="vae_encoder",
+            inputs=(images,),
+            outputs=(TensorSpec("latent_moments", ("batch", 2 * channels, "latent_height", "latent_width")),),
+            latent_factor=factor,
+        ),
+    }
+
+
+def token_ids(config: ModelConfig, encoder: str) -> TensorSpec:
+    text = config.configs[encoder]
+    return TensorSpec(
+        "input_ids",
+        ("batch", text["max_position_embeddings"]),
+        dtype="int64",
+        value_range=(0, text["vocab_size"]),
+    )
+
+
+def vae_module(component: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    vae = load_pretrained(folder, "vae", dtype)
+    return VaeDecoderModule(vae) if component == "vae_decoder" else VaeEncoderModule(vae)
+
+
+class StableDiffusion(ModelFamily):
+    name = "sd"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    text_encoders = ("text_encoder",)
+    tokenizers = ("tokenizer",)
+    components = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    default_guidance_scale = 7.5
+
+    def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
+        text = config.configs["text_encoder"]
+        embeddings = ("batch", text["max_position_embeddings"], text["hidden_size"])
+        return {
+            "text_encoder": ComponentSpec(
+                name="text_encoder",
+                inputs=(token_ids(config, "text_encoder"),),
+                outputs=(TensorSpec("text_embeddings", embeddings),),
+                batch_multiplier=2,
+            ),
+            "unet": unet_spec(config, (TensorSpec("encoder_hidden_states", embeddings),)),
+            **vae_specs(config),
+        }
+
+    def torch_module(self, component: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+        if component == "text_encoder":
+            return TextEncoderModule(load_pretrained(folder, "text_encoder", dtype))
+        if component == "unet":
+            return UNetModule(load_pretrained(folder, "unet", dtype))
+        return vae_module(component, folder, dtype)
+
+    def encode_prompt(
+        self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig
+    ) -> dict[str, torch.Tensor]:
+        texts = list(batch.prompts)
+        if batch.guidance:
+            texts = list(batch.negative_prompts or [""] * len(texts)) + texts
+        ids = tokenize(tokenizers["tokenizer"], texts)
+        embeddings = encode("text_encoder", {"input_ids": ids})["text_embeddings"]
+        # Rows are [negatives..., prompts...]; repeating each row keeps that order per image.
+        return {"encoder_hidden_states": repeat_for_images(embeddings, batch.images_per_prompt)}

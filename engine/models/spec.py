@@ -1,0 +1,131 @@
+"""One spec per model component: the single source of tensor names, dtypes and shapes.
+
+Export (ONNX input names, dynamic axes, sample inputs), validation (fresh random
+inputs at several shapes), the TensorRT build (min/opt/max profile shapes) and every
+runner read the same ``ComponentSpec``. A shape is written once, here, with named
+dimensions that a ``Dims`` resolves for one request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+Shape = tuple[int, ...]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+
+
+@dataclass(frozen=True)
+class Dims:
+    """What one call asks of a component: images in the batch and the image size in pixels."""
+
+    batch: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor whose shape mixes fixed sizes and named dimensions.
+
+    Named dimensions: ``batch``, ``height``, ``width`` (pixels) and ``latent_height``,
+    ``latent_width`` (pixels divided by the VAE's scale factor).
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+    value_range: tuple[float, float] | None = None
+    keep_fp32: bool = False
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith("float")
+
+    def torch_dtype(self, precision: str) -> torch.dtype:
+        """The tensor's dtype in a graph of the given precision; integer tensors never change."""
+        if self.is_float and precision == "fp16" and not self.keep_fp32:
+            return torch.float16
+        return DTYPES[self.dtype]
+
+    def resolve(self, sizes: Mapping[str, int]) -> Shape:
+        return tuple(sizes[dim] if isinstance(dim, str) else dim for dim in self.shape)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Everything every stage needs to know about one exported component."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    latent_factor: int = 8
+    batch_multiplier: int = 1
+    """The component sees this many rows per image: 2 where classifier-free guidance batches
+    the unconditional and the conditional inputs into one call."""
+
+    def sizes(self, dims: Dims, guidance: bool = True) -> dict[str, int]:
+        multiplier = self.batch_multiplier if guidance else 1
+        return {
+            "batch": dims.batch * multiplier,
+            "height": dims.height,
+            "width": dims.width,
+            "latent_height": dims.height // self.latent_factor,
+            "latent_width": dims.width // self.latent_factor,
+        }
+
+    def input_shapes(self, dims: Dims, guidance: bool = True) -> dict[str, Shape]:
+        sizes = self.sizes(dims, guidance)
+        return {tensor.name: tensor.resolve(sizes) for tensor in self.inputs}
+
+    def output_shapes(self, dims: Dims, guidance: bool = True) -> dict[str, Shape]:
+        sizes = self.sizes(dims, guidance)
+        return {tensor.name: tensor.resolve(sizes) for tensor in self.outputs}
+
+    @property
+    def input_names(self) -> list[str]:
+        return [tensor.name for tensor in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [tensor.name for tensor in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Named axes of every input and output, in torch.onnx's ``dynamic_axes`` form."""
+        return {
+            tensor.name: {axis: dim for axis, dim in enumerate(tensor.shape) if isinstance(dim, str)}
+            for tensor in (*self.inputs, *self.outputs)
+            if any(isinstance(dim, str) for dim in tensor.shape)
+        }
+
+    def sample_inputs(
+        self,
+        dims: Dims,
+        precision: str = "fp32",
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Random inputs of the right names, shapes, dtypes and value ranges."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        shapes = self.input_shapes(dims)
+        inputs: dict[str, torch.Tensor] = {}
+        for tensor in self.inputs:
+            shape = shapes[tensor.name]
+            if not tensor.is_float:
+                low, high = tensor.value_range or (0, 2)
+                value = torch.randint(int(low), int(high), shape, generator=generator)
+            elif tensor.value_range is not None:
+                low, high = tensor.value_range
+                value = torch.rand(shape, generator=generator) * (high - low) + low
+            else:
+                value = torch.randn(shape, generator=generator)
+            inputs[tensor.name] = value.to(device=device, dtype=tensor.torch_dtype(precision))
+        return inputs

@@ -1,0 +1,120 @@
+"""The denoising loop, in diffusers' order and with diffusers' step names.
+
+Every component call goes through a Runner, so the same loop runs on torch, ONNX
+Runtime or TensorRT, per component. The loop keeps latents and scheduler math in
+fp32 whatever precision the UNet runs at.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from engine.backends.base import Runner
+from engine.metrics import StageTimer
+from engine.models import Model
+from engine.models.family import PromptBatch
+from engine.request import ResolvedRequest
+from engine.schedulers import make_scheduler
+
+StepCallback = Callable[[int, int], None]
+"""Called after each denoising step with (steps done, steps in all); may raise to stop."""
+
+
+def _accepts(function: Callable, name: str) -> bool:
+    return name in inspect.signature(function).parameters
+
+
+class DiffusionPipeline:
+    """Text-to-image for any model family, with every component behind a Runner."""
+
+    def __init__(self, model: Model, device: torch.device):
+        self.model = model
+        self.device = device
+        self.image_processor = VaeImageProcessor(vae_scale_factor=model.config.vae_scale_factor)
+
+    def __call__(
+        self,
+        request: ResolvedRequest,
+        seeds: Sequence[int],
+        runners: Mapping[str, Runner],
+        timer: StageTimer,
+        on_step: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """One image per seed, in prompt order (each prompt's images together)."""
+        model = self.model
+        guidance = request.guidance_scale > 1.0
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+        # 1. Encode the prompts; classifier-free guidance batches negatives first.
+        def encode(component: str, inputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+            return runners[component](inputs)
+
+        batch = PromptBatch(
+            prompts=request.prompts,
+            negative_prompts=request.negative_prompts,
+            images_per_prompt=request.images_per_prompt,
+            guidance=guidance,
+            height=request.height,
+            width=request.width,
+        )
+        with timer.stage("text_encoder"):
+            conditioning = model.family.encode_prompt(encode, model.tokenizers, batch, model.config)
+
+        # 2. Prepare timesteps on a fresh scheduler.
+        scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        timesteps = scheduler.timesteps
+
+        # 3. Prepare latents: one generator per image, drawn on the CPU so a seed gives the
+        #    same image on every device.
+        factor = model.config.vae_scale_factor
+        shape = (
+            request.num_images,
+            model.config.configs["unet"]["in_channels"],
+            request.height // factor,
+            request.width // factor,
+        )
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+        latents = latents * scheduler.init_noise_sigma
+
+        # 4. Denoising loop.
+        step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
+        unet = runners["unet"]
+        with timer.stage("denoise"):
+            for index, timestep in enumerate(timesteps):
+                with timer.step():
+                    model_input = torch.cat([latents] * 2) if guidance else latents
+                    model_input = scheduler.scale_model_input(model_input, timestep)
+                    noise_pred = unet({"sample": model_input, "timestep": timestep.reshape(1), **conditioning})[
+                        "noise_pred"
+                    ].to(latents.dtype)
+                    if guidance:
+                        noise_uncond, noise_text = noise_pred.chunk(2)
+                        noise_pred = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
+                    latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
+                if on_step is not None:
+                    on_step(index + 1, len(timesteps))
+
+        # 5. Decode.
+        with timer.stage("vae_decode"):
+            images = runners["vae_decoder"]({"latent": self._unscale_latents(latents)})["images"]
+
+        # 6. Postprocess to PIL.
+        with timer.stage("postprocess"):
+            return self.image_processor.postprocess(images.float(), output_type="pil")
+
+    def _unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the VAE's latent scaling (and shift, for VAEs that declare latent statistics)."""
+        vae = self.model.config.configs["vae"]
+        if vae.get("latents_mean") is not None and vae.get("latents_std") is not None:
+            channels = latents.shape[1]
+            mean = torch.tensor(vae["latents_mean"], device=latents.device).view(1, channels, 1, 1)
+            std = torch.tensor(vae["latents_std"], device=latents.device).view(1, channels, 1, 1)
+            return latents * std / vae["scaling_factor"] + mean
+        return latents / vae["scaling_factor"]

@@ -1,0 +1,229 @@
+"""The request schema: types, ranges and defaults, with errors that name the field and the rule.
+
+Limits that depend on the deployment (largest image, most steps) and on the model
+(native size) come in as validation context, so one schema serves every endpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from engine.errors import RequestError
+from engine.schedulers import SCHEDULER_NAMES
+from engine.settings import Settings
+
+MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Deployment and model limits a request is checked against."""
+
+    native_size: int
+    default_steps: int
+    default_guidance_scale: float
+    min_side: int
+    max_side: int
+    max_pixels: int
+    max_steps: int
+    max_images: int
+    max_prompts: int
+    max_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings, native_size: int, default_guidance_scale: float) -> Limits:
+        return cls(
+            native_size=native_size,
+            default_steps=settings.default_steps,
+            default_guidance_scale=default_guidance_scale,
+            min_side=settings.min_image_side,
+            max_side=settings.max_image_side,
+            max_pixels=settings.max_image_pixels,
+            max_steps=settings.max_steps,
+            max_images=settings.max_images,
+            max_prompts=settings.max_prompts,
+            max_timeout_s=settings.max_timeout_s,
+        )
+
+
+def _text_list(value: Any) -> Any:
+    """A prompt is a string or a list of strings; anything else gets one clear message."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return value
+    if isinstance(value, list) and not value:
+        raise PydanticCustomError("empty", "must not be an empty list")
+    raise PydanticCustomError("text", "must be a string or a list of strings")
+
+
+TextList = Annotated[list[str], BeforeValidator(_text_list)]
+
+
+def _rule(kind: str, message: str, **values: Any) -> PydanticCustomError:
+    return PydanticCustomError(kind, message, values)
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    if not isinstance(info.context, Limits):
+        raise TypeError("GenerateRequest is validated with Limits as context")
+    return info.context
+
+
+class GenerateRequest(BaseModel):
+    """One generation job's input, as sent in RunPod's ``job["input"]``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompt: TextList
+    negative_prompt: TextList | None = None
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_images: int = Field(1, ge=1)
+    scheduler: str | None = None
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(90, ge=1, le=100, description="jpeg and webp quality")
+    timeout_s: float | None = Field(None, gt=0)
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _check_texts(cls, texts: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if texts is not None and any(len(text) > MAX_PROMPT_CHARS for text in texts):
+            raise _rule("too_long", "each must be at most {n} characters", n=MAX_PROMPT_CHARS)
+        if info.field_name == "prompt" and texts is not None and len(texts) > _limits(info).max_prompts:
+            raise _rule("too_many", "at most {n} prompts per request", n=_limits(info).max_prompts)
+        return texts
+
+    @field_validator("width", "height")
+    @classmethod
+    def _check_side(cls, side: int | None, info: ValidationInfo) -> int | None:
+        limits = _limits(info)
+        if side is None:
+            return side
+        if side % 8:
+            raise _rule("multiple_of", "must be a multiple of 8, got {v}", v=side)
+        if not limits.min_side <= side <= limits.max_side:
+            raise _rule("range", "must be {lo} to {hi}, got {v}", lo=limits.min_side, hi=limits.max_side, v=side)
+        return side
+
+    @field_validator("num_inference_steps")
+    @classmethod
+    def _check_steps(cls, steps: int | None, info: ValidationInfo) -> int | None:
+        if steps is not None and not 1 <= steps <= _limits(info).max_steps:
+            raise _rule("range", "must be 1 to {n}, got {v}", n=_limits(info).max_steps, v=steps)
+        return steps
+
+    @field_validator("num_images")
+    @classmethod
+    def _check_images(cls, count: int, info: ValidationInfo) -> int:
+        if count > _limits(info).max_images:
+            raise _rule("range", "must be 1 to {n}, got {v}", n=_limits(info).max_images, v=count)
+        return count
+
+    @field_validator("scheduler")
+    @classmethod
+    def _check_scheduler(cls, name: str | None) -> str | None:
+        if name is not None and name not in SCHEDULER_NAMES:
+            raise _rule("unknown", "must be one of {names}, got '{v}'", names=", ".join(SCHEDULER_NAMES), v=name)
+        return name
+
+    @field_validator("timeout_s")
+    @classmethod
+    def _check_timeout(cls, timeout: float | None, info: ValidationInfo) -> float | None:
+        if timeout is not None and timeout > _limits(info).max_timeout_s:
+            raise _rule("range", "must be at most {n} seconds", n=_limits(info).max_timeout_s)
+        return timeout
+
+    @model_validator(mode="after")
+    def _check_together(self, info: ValidationInfo) -> GenerateRequest:
+        """Rules that span fields; they run once every field is valid on its own."""
+        limits = _limits(info)
+        problems = []
+        if self.negative_prompt is not None and len(self.negative_prompt) not in (1, len(self.prompt)):
+            problems.append("negative_prompt: must be one string or one per prompt")
+        width, height = self.width or limits.native_size, self.height or limits.native_size
+        if width * height > limits.max_pixels:
+            problems.append(f"width: width x height must be at most {limits.max_pixels} pixels, got {width * height}")
+        images = self.num_images * len(self.prompt)
+        if images > limits.max_images:
+            problems.append(f"num_images: num_images x prompts must be at most {limits.max_images}, got {images}")
+        if self.seed is not None and self.seed + images > MAX_SEED:
+            problems.append("seed: seed plus the number of images must stay below 2**63")
+        if problems:
+            raise RequestError("; ".join(problems))
+        return self
+
+    def resolved(self, limits: Limits) -> ResolvedRequest:
+        prompts = list(self.prompt)
+        negatives = self.negative_prompt
+        if negatives is not None and len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        return ResolvedRequest(
+            prompts=prompts,
+            negative_prompts=negatives,
+            images_per_prompt=self.num_images,
+            width=self.width or limits.native_size,
+            height=self.height or limits.native_size,
+            steps=self.num_inference_steps or limits.default_steps,
+            guidance_scale=limits.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
+            seed=self.seed,
+            scheduler=self.scheduler,
+            output_format=self.output_format,
+            quality=self.quality,
+            timeout_s=min(self.timeout_s or limits.max_timeout_s, limits.max_timeout_s),
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A valid request with every default filled in."""
+
+    prompts: list[str]
+    negative_prompts: list[str] | None
+    images_per_prompt: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int | None
+    scheduler: str | None
+    output_format: str
+    quality: int
+    timeout_s: float
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "input"
+
+
+def parse_request(payload: Any, limits: Limits) -> ResolvedRequest:
+    """Validates ``job["input"]``; raises RequestError listing every problem as 'field: rule'."""
+    if not isinstance(payload, dict):
+        raise RequestError("input: must be a JSON object")
+    try:
+        request = GenerateRequest.model_validate(payload, context=limits)
+    except ValidationError as error:
+        problems = [f"{_location(item['loc'])}: {item['msg']}" for item in error.errors(include_url=False)]
+        raise RequestError("; ".join(problems)) from None
+    return request.resolved(limits)

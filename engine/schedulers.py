@@ -1,0 +1,44 @@
+"""Schedulers by name; each inherits the model's own scheduler config.
+
+A fresh scheduler is made per request (``from_config`` is cheap), so concurrent
+requests never share a scheduler's step state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import diffusers
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+
+
+def make_scheduler(name: str | None, model_config: dict[str, Any]) -> SchedulerMixin:
+    """The named scheduler on the model's config (prediction type, betas, spacing), or the model's own."""
+    if name is None:
+        return getattr(diffusers, model_config["_class_name"]).from_config(model_config)
+    cls, overrides = SCHEDULERS[name]
+    return cls.from_config(model_config, **overrides)

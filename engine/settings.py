@@ -1,0 +1,110 @@
+"""Worker and export configuration, read from the environment once and validated.
+
+Every knob is an environment variable of the same name in upper case (``MODEL``,
+``ENGINE_DIR``, ``BACKEND``...), so a RunPod template configures the worker without
+code changes. Everything else receives a ``Settings`` object instead of reading
+``os.environ`` itself.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+RUNPOD_VOLUME = Path("/runpod-volume")
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"
+
+
+class Precision(str, Enum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+def default_cache_dir() -> Path:
+    """Local cache for built-in models and, off RunPod, the engine store."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "trt-diffusion-worker"
+
+
+def default_engine_dir() -> Path:
+    """The network volume when mounted, so every worker of an endpoint shares one store."""
+    if RUNPOD_VOLUME.is_dir():
+        return RUNPOD_VOLUME / "engines"
+    return default_cache_dir() / "engines"
+
+
+class Settings(BaseSettings):
+    """All configuration of the worker, the export stage and the benchmarks."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", protected_namespaces=())
+
+    model: str = Field("tiny", description="built-in name, local diffusers folder, or hub id")
+    model_revision: str | None = Field(None, description="hub revision when MODEL is a hub id")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    engine_dir: Path = Field(default_factory=default_engine_dir)
+
+    backend: Backend = Backend.AUTO
+    component_backends: Annotated[dict[str, Backend], NoDecode] = Field(
+        default_factory=dict, description="per-component override, e.g. 'unet=tensorrt,vae_decoder=torch'"
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    precision: Precision = Precision.AUTO
+
+    max_image_side: int = Field(2048, ge=64)
+    min_image_side: int = Field(64, ge=8)
+    max_image_pixels: int = Field(2048 * 2048, ge=64 * 64)
+    max_steps: int = Field(150, ge=1)
+    default_steps: int = Field(25, ge=1)
+    max_images: int = Field(4, ge=1, description="images per request, all prompts together")
+    max_prompts: int = Field(4, ge=1)
+    max_timeout_s: float = Field(600.0, gt=0)
+
+    engine_min_size: int = Field(256, ge=64, description="smallest image side an engine profile covers")
+    engine_max_size: int = Field(1024, ge=64, description="largest image side an engine profile covers")
+    engine_opt_size: int | None = Field(None, description="profile's optimum side; default the model's native")
+    engine_max_batch: int = Field(4, ge=1, description="images per request an engine profile covers")
+    engine_static_shape: bool = Field(False, description="one fixed-shape profile at the optimum")
+    engine_workspace_gb: float = Field(8.0, gt=0)
+    engine_optimization_level: int = Field(3, ge=0, le=5)
+    engine_version_compatible: bool = False
+    cuda_graphs: bool = True
+    lock_stale_s: float = Field(120.0, gt=0, description="a build lock not refreshed for this long is taken over")
+    lock_heartbeat_s: float = Field(10.0, gt=0)
+
+    warmup: bool = Field(False, description="run one small generation at start-up")
+    log_level: str = "INFO"
+
+    @field_validator("component_backends", mode="before")
+    @classmethod
+    def _parse_component_backends(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in value.replace(";", ",").split(",") if item.strip()]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError("expected 'component=backend' pairs separated by commas")
+            return {name.strip(): backend.strip() for name, backend in pairs}
+        return value
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Settings:
+        if self.min_image_side > self.max_image_side:
+            raise ValueError("MIN_IMAGE_SIDE is above MAX_IMAGE_SIDE")
+        if self.engine_min_size > self.engine_max_size:
+            raise ValueError("ENGINE_MIN_SIZE is above ENGINE_MAX_SIZE")
+        if self.default_steps > self.max_steps:
+            raise ValueError("DEFAULT_STEPS is above MAX_STEPS")
+        return self
+
+    def backend_for(self, component: str) -> Backend:
+        return self.component_backends.get(component, self.backend)

@@ -1,0 +1,210 @@
+"""The worker: loads the model and its runners once, then turns jobs into responses.
+
+Everything a job can get wrong comes back as ``{"status": "error", "error": ...}``;
+the worker itself keeps serving.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.backends.base import Runner
+from engine.backends.select import LazyTorchRunner, RunnerChain
+from engine.errors import DeadlineExceeded, WorkerError
+from engine.images import encode_image, to_base64
+from engine.logs import request_context
+from engine.metrics import ColdStart, StageTimer, peak_memory_mb, reset_peak_memory
+from engine.models import Model, load_model
+from engine.models.spec import Dims
+from engine.pipeline import DiffusionPipeline
+from engine.request import Limits, ResolvedRequest, parse_request
+from engine.settings import Precision, Settings
+
+log = logging.getLogger(__name__)
+
+TEXT_TO_IMAGE = ("unet", "vae_decoder")
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WorkerError(f"DEVICE={name} but no CUDA device is visible")
+    return device
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> str:
+    if precision is Precision.AUTO:
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision is Precision.FP16 and device.type != "cuda":
+        raise WorkerError("PRECISION=fp16 needs a CUDA device; use fp32 on the CPU")
+    return precision.value
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return torch.float16 if precision == "fp16" else torch.float32
+
+
+class Worker:
+    """One model, its runner chains and the pipeline, loaded once per process."""
+
+    def __init__(self, settings: Settings, cold_start: ColdStart | None = None):
+        self.settings = settings
+        self.cold_start = cold_start or ColdStart()
+        self.device = resolve_device(settings.device)
+        self.precision = resolve_precision(settings.precision, self.device)
+        self.model: Model = load_model(settings.model, settings.cache_dir, settings.model_revision)
+        self.cold_start.mark("model_resolve")
+        self.chains = self._build_chains()
+        self.cold_start.mark("runners_load")
+        self.pipeline = DiffusionPipeline(self.model, self.device)
+        self.limits = Limits.from_settings(
+            settings, self.model.config.native_size, self.model.family.default_guidance_scale
+        )
+        log.info(
+            "worker ready",
+            extra={"fields": {"model": settings.model, "device": str(self.device), "precision": self.precision}},
+        )
+
+    def component_precision(self, component: str) -> str:
+        return self.model.family.component_precision(component, self.precision, self.model.config)
+
+    def _build_chains(self) -> dict[str, RunnerChain]:
+        chains = {}
+        for component in self.model.components:
+            precision = self.component_precision(component)
+            torch_runner = LazyTorchRunner(
+                self.model.specs[component],
+                lambda c=component, p=precision: self.model.family.torch_module(c, self.model.folder, torch_dtype(p)),
+                precision,
+                self.device,
+            )
+            chains[component] = RunnerChain(component, [torch_runner])
+        for component in self._needed_components():
+            primary = chains[component].runners[0]
+            if isinstance(primary, LazyTorchRunner):
+                primary.ensure_loaded()
+        return chains
+
+    def _needed_components(self) -> tuple[str, ...]:
+        return (*self.model.family.text_encoders, *TEXT_TO_IMAGE)
+
+    def _choose_runners(self, request: ResolvedRequest) -> tuple[dict[str, Runner], dict[str, str]]:
+        guidance = request.guidance_scale > 1.0
+        runners, fallbacks = {}, {}
+        for component in self._needed_components():
+            spec = self.model.specs[component]
+            batch = len(request.prompts) if component in self.model.family.text_encoders else request.num_images
+            shapes = spec.input_shapes(Dims(batch, request.height, request.width), guidance)
+            runner, reasons = self.chains[component].choose(shapes)
+            runners[component] = runner
+            if reasons:
+                fallbacks[component] = "; ".join(reasons)
+        return runners, fallbacks
+
+    def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """A RunPod job in, a response dict out; never raises for a bad job."""
+        job_id = str(job.get("id", "local"))
+        with request_context(job_id):
+            started = time.perf_counter()
+            try:
+                return self._generate(job.get("input"), job_id, started, progress)
+            except WorkerError as error:
+                log.warning("job failed: %s", error)
+                return {"status": "error", "error": str(error), "request_id": job_id}
+            except torch.cuda.OutOfMemoryError:
+                log.exception("out of GPU memory")
+                self._free_memory()
+                return {
+                    "status": "error",
+                    "error": "out of GPU memory: try fewer images or a smaller size",
+                    "request_id": job_id,
+                }
+            except Exception as error:
+                log.exception("job failed unexpectedly")
+                self._free_memory()
+                return {
+                    "status": "error",
+                    "error": f"internal error: {type(error).__name__}: {error}",
+                    "request_id": job_id,
+                }
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _generate(self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None) -> dict[str, Any]:
+        request = parse_request(payload, self.limits)
+        base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        seeds = [base_seed + index for index in range(request.num_images)]
+        runners, fallbacks = self._choose_runners(request)
+        timer = StageTimer(self.device)
+        reset_peak_memory(self.device)
+
+        deadline = started + request.timeout_s
+
+        def on_step(done: int, total: int) -> None:
+            if time.perf_counter() > deadline:
+                raise DeadlineExceeded(
+                    f"timeout_s: the request passed its {request.timeout_s:g} s deadline after step {done} of {total}"
+                )
+            if progress is not None:
+                progress({"step": done, "total_steps": total})
+
+        images = self.pipeline(request, seeds, runners, timer, on_step)
+        with timer.stage("output_encode"):
+            files = [encode_image(image, request.output_format, request.quality) for image in images]
+            output = [
+                {
+                    "image": to_base64(data),
+                    "seed": seed,
+                    "width": image.width,
+                    "height": image.height,
+                    "format": request.output_format,
+                }
+                for data, seed, image in zip(files, seeds, images, strict=True)
+            ]
+        metrics = self._metrics(request, job_id, started, timer, runners, fallbacks)
+        log.info("job done", extra={"fields": {"process_time": metrics["process_time"]}})
+        return {"status": "success", "output": output, "metrics": metrics}
+
+    def _metrics(
+        self,
+        request: ResolvedRequest,
+        job_id: str,
+        started: float,
+        timer: StageTimer,
+        runners: dict[str, Runner],
+        fallbacks: dict[str, str],
+    ) -> dict[str, Any]:
+        stages = timer.stages_ms()
+        init_ms = self.cold_start.take_first()
+        metrics: dict[str, Any] = {
+            "process_time": round(time.perf_counter() - started, 4),
+            "num_samples": request.num_images,
+            "image_size": f"{request.width}x{request.height}",
+            "request_id": job_id,
+            "backends": {component: runner.backend for component, runner in runners.items()},
+            "fallbacks": fallbacks,
+            "stages_ms": stages,
+            "unet_step_ms": timer.step_stats_ms(),
+            "num_inference_steps": request.steps,
+            "scheduler": request.scheduler or self.model.scheduler_config["_class_name"],
+            "device": str(self.device),
+            "precision": self.precision,
+            "cold_start": init_ms is not None,
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+        if init_ms is not None:
+            metrics["init_ms"] = init_ms
+        return metrics

@@ -1,0 +1,91 @@
+"""Request validation: every broken rule is named with its field, defaults are filled in."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.errors import RequestError
+from engine.request import Limits, parse_request
+from engine.schedulers import SCHEDULER_NAMES
+
+LIMITS = Limits(
+    native_size=512,
+    default_steps=25,
+    default_guidance_scale=7.5,
+    min_side=64,
+    max_side=1024,
+    max_pixels=768 * 768,
+    max_steps=50,
+    max_images=4,
+    max_prompts=2,
+    max_timeout_s=60.0,
+)
+
+
+def errors_of(payload) -> str:
+    with pytest.raises(RequestError) as caught:
+        parse_request(payload, LIMITS)
+    return str(caught.value)
+
+
+def test_defaults_come_from_the_model_and_the_deployment():
+    request = parse_request({"prompt": "a fox"}, LIMITS)
+    assert (request.width, request.height, request.steps, request.guidance_scale) == (512, 512, 25, 7.5)
+    assert request.prompts == ["a fox"] and request.negative_prompts is None
+    assert request.num_images == 1 and request.output_format == "png"
+    assert request.timeout_s == 60.0
+
+
+def test_one_negative_prompt_applies_to_every_prompt():
+    request = parse_request({"prompt": ["a", "b"], "negative_prompt": "c", "num_images": 2}, LIMITS)
+    assert request.negative_prompts == ["c", "c"]
+    assert request.num_images == 4
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({}, "prompt: Field required"),
+        ({"prompt": 3}, "prompt: must be a string or a list of strings"),
+        ({"prompt": []}, "prompt: must not be an empty list"),
+        ({"prompt": ["a", "b", "c"]}, "prompt: at most 2 prompts"),
+        ({"prompt": "a", "width": 65}, "width: must be a multiple of 8, got 65"),
+        ({"prompt": "a", "height": 2048}, "height: must be 64 to 1024, got 2048"),
+        ({"prompt": "a", "width": "512"}, "width: Input should be a valid integer"),
+        ({"prompt": "a", "width": 512.0}, "width: Input should be a valid integer"),
+        ({"prompt": "a", "width": 1024, "height": 1024}, "width: width x height must be at most 589824"),
+        ({"prompt": "a", "num_inference_steps": 0}, "num_inference_steps: must be 1 to 50, got 0"),
+        ({"prompt": "a", "num_inference_steps": 51}, "num_inference_steps: must be 1 to 50"),
+        ({"prompt": "a", "num_images": 0}, "num_images: Input should be greater than or equal to 1"),
+        ({"prompt": "a", "num_images": 5}, "num_images: must be 1 to 4, got 5"),
+        ({"prompt": ["a", "b"], "num_images": 3}, "num_images: num_images x prompts must be at most 4"),
+        ({"prompt": "a", "scheduler": "k_lms"}, "scheduler: must be one of"),
+        ({"prompt": "a", "output_format": "gif"}, "output_format: Input should be 'png', 'jpeg' or 'webp'"),
+        ({"prompt": "a", "guidance_scale": "high"}, "guidance_scale: Input should be a valid number"),
+        ({"prompt": "a", "seed": -1}, "seed: Input should be greater than or equal to 0"),
+        ({"prompt": "a", "seed": True}, "seed: Input should be a valid integer"),
+        ({"prompt": "a", "timeout_s": 61}, "timeout_s: must be at most 60"),
+        ({"prompt": "a", "quality": 0}, "quality: Input should be greater than or equal to 1"),
+        ({"prompt": "a", "steps": 20}, "steps: Extra inputs are not permitted"),
+        (
+            {"prompt": ["a", "b"], "negative_prompt": ["x", "y", "z"]},
+            "negative_prompt: must be one string or one per prompt",
+        ),
+        ([1, 2], "input: must be a JSON object"),
+        ("a fox", "input: must be a JSON object"),
+        (None, "input: must be a JSON object"),
+    ],
+)
+def test_each_rule_names_its_field(payload, expected):
+    assert expected in errors_of(payload)
+
+
+def test_all_problems_are_listed_together():
+    message = errors_of({"prompt": 1, "width": 65, "num_inference_steps": 0, "colour": "red"})
+    for field in ("prompt:", "width:", "num_inference_steps:", "colour:"):
+        assert field in message
+
+
+def test_every_scheduler_name_is_accepted():
+    for name in SCHEDULER_NAMES:
+        assert parse_request({"prompt": "a", "scheduler": name}, LIMITS).scheduler == name
