@@ -50,6 +50,7 @@ def job_input(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cold_start = ColdStart()
+    cold_start.mark("import")
     settings = Settings()
     configure_logging(settings.log_level)
     worker = Worker(settings, cold_start)

@@ -6,6 +6,7 @@ the worker itself keeps serving.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import secrets
@@ -16,8 +17,10 @@ from typing import Any
 import torch
 
 from engine.backends.base import Runner
+from engine.backends.onnxruntime import load_onnxruntime_runner
 from engine.backends.select import LazyTorchRunner, RunnerChain
-from engine.errors import DeadlineExceeded, WorkerError
+from engine.errors import ArtifactError, BackendUnavailable, DeadlineExceeded, WorkerError
+from engine.fingerprint import component_fingerprint
 from engine.images import encode_image, to_base64
 from engine.logs import request_context
 from engine.metrics import ColdStart, StageTimer, peak_memory_mb, reset_peak_memory
@@ -25,7 +28,8 @@ from engine.models import Model, load_model
 from engine.models.spec import Dims
 from engine.pipeline import DiffusionPipeline
 from engine.request import Limits, ResolvedRequest, parse_request
-from engine.settings import Precision, Settings
+from engine.settings import Backend, Precision, Settings
+from engine.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,10 @@ class Worker:
         self.device = resolve_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
         self.model: Model = load_model(settings.model, settings.cache_dir, settings.model_revision)
+        self.store = Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s)
         self.cold_start.mark("model_resolve")
         self.chains = self._build_chains()
+        self.model.tokenizers  # noqa: B018 - load now, not in the first request
         self.cold_start.mark("runners_load")
         self.pipeline = DiffusionPipeline(self.model, self.device)
         self.limits = Limits.from_settings(
@@ -78,17 +84,47 @@ class Worker:
     def component_precision(self, component: str) -> str:
         return self.model.family.component_precision(component, self.precision, self.model.config)
 
+    def _preferred_backends(self, component: str) -> list[Backend]:
+        """Backends to try before torch, best first, for this component on this device."""
+        backend = self.settings.backend_for(component)
+        if backend is Backend.TORCH:
+            return []
+        if backend is Backend.ONNXRUNTIME:
+            return [Backend.ONNXRUNTIME]
+        if backend is Backend.TENSORRT or self.device.type == "cuda":
+            return [Backend.TENSORRT, Backend.ONNXRUNTIME]
+        return [Backend.ONNXRUNTIME]
+
+    def _load_runner(self, backend: Backend, component: str, precision: str) -> Runner:
+        spec = self.model.specs[component]
+        fingerprint = component_fingerprint(self.model, component, self.store.file_digest)
+        if backend is Backend.ONNXRUNTIME:
+            return load_onnxruntime_runner(self.store, spec, fingerprint, precision, self.device)
+        raise BackendUnavailable("TensorRT is not supported in this build")
+
     def _build_chains(self) -> dict[str, RunnerChain]:
         chains = {}
         for component in self.model.components:
             precision = self.component_precision(component)
-            torch_runner = LazyTorchRunner(
-                self.model.specs[component],
-                lambda c=component, p=precision: self.model.family.torch_module(c, self.model.folder, torch_dtype(p)),
-                precision,
-                self.device,
+            runners: list[Runner] = []
+            unavailable: dict[str, str] = {}
+            for backend in self._preferred_backends(component):
+                try:
+                    runners.append(self._load_runner(backend, component, precision))
+                except (ArtifactError, BackendUnavailable, OSError) as error:
+                    log.warning("%s: %s unavailable: %s", component, backend.value, error)
+                    unavailable[backend.value] = str(error)
+            runners.append(
+                LazyTorchRunner(
+                    self.model.specs[component],
+                    functools.partial(
+                        self.model.family.torch_module, component, self.model.folder, torch_dtype(precision)
+                    ),
+                    precision,
+                    self.device,
+                )
             )
-            chains[component] = RunnerChain(component, [torch_runner])
+            chains[component] = RunnerChain(component, runners, unavailable)
         for component in self._needed_components():
             primary = chains[component].runners[0]
             if isinstance(primary, LazyTorchRunner):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from engine.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +42,23 @@ def subprocess_env(cache_dir: Path, engine_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(CACHE_DIR=str(cache_dir), ENGINE_DIR=str(engine_dir), DEVICE="cpu", PYTHONUNBUFFERED="1")
     return env
+
+
+def export_command(engine_dir: Path, cache_dir: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
+    """`python -m export` for the tiny model into a given store, as a user runs it."""
+    env = dict(os.environ, ENGINE_DIR=str(engine_dir), CACHE_DIR=str(cache_dir), DEVICE="cpu", PYTHONUNBUFFERED="1")
+    return [sys.executable, "-m", "export", "--model", "tiny", *extra], env
+
+
+def run_export(engine_dir: Path, cache_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    command, env = export_command(engine_dir, cache_dir, *extra)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """An engine store with every tiny component exported, shared read-only by the session."""
+    engine_dir = tmp_path_factory.mktemp("exported")
+    done = run_export(engine_dir, cache_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return engine_dir

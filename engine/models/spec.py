@@ -90,6 +90,21 @@ class ComponentSpec:
         sizes = self.sizes(dims, guidance)
         return {tensor.name: tensor.resolve(sizes) for tensor in self.outputs}
 
+    def output_shapes_from_inputs(self, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+        """Output shapes implied by concrete input shapes, through the named dimensions they share."""
+        sizes: dict[str, int] = {}
+        for tensor in self.inputs:
+            for dim, size in zip(tensor.shape, input_shapes[tensor.name], strict=True):
+                if isinstance(dim, str):
+                    sizes[dim] = size
+        if "latent_height" in sizes and "height" not in sizes:
+            sizes["height"] = sizes["latent_height"] * self.latent_factor
+            sizes["width"] = sizes["latent_width"] * self.latent_factor
+        if "height" in sizes and "latent_height" not in sizes:
+            sizes["latent_height"] = sizes["height"] // self.latent_factor
+            sizes["latent_width"] = sizes["width"] // self.latent_factor
+        return {tensor.name: tensor.resolve(sizes) for tensor in self.outputs}
+
     @property
     def input_names(self) -> list[str]:
         return [tensor.name for tensor in self.inputs]

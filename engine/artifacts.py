@@ -1,0 +1,39 @@
+"""Artifact keys shared by the export stage (which publishes) and the worker (which looks up).
+
+Both sides build keys here, so a change in how a graph is exported changes the key the
+worker asks for, and an artifact from an older exporter is never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict
+
+from engine.models.spec import ComponentSpec
+from engine.store import ArtifactKey
+
+ONNX_OPSET = 19
+EXPORT_VERSION = 1
+"""Bumped whenever export, cleanup or fp16 conversion changes what a graph computes."""
+
+ONNX_FILE = "model.onnx"
+ENGINE_FILE = "engine.plan"
+
+
+def spec_digest(spec: ComponentSpec) -> str:
+    """Tensor names, shapes and dtypes are part of what an artifact promises."""
+    return hashlib.sha256(repr(asdict(spec)).encode()).hexdigest()[:12]
+
+
+def exporter_id(spec: ComponentSpec) -> str:
+    return f"torchscript-opset{ONNX_OPSET}-v{EXPORT_VERSION}-spec{spec_digest(spec)}"
+
+
+def onnx_key(spec: ComponentSpec, fingerprint: str, precision: str) -> ArtifactKey:
+    return ArtifactKey(
+        kind="onnx",
+        component=spec.name,
+        fingerprint=fingerprint,
+        precision=precision,
+        exporter=exporter_id(spec),
+    )

@@ -1,0 +1,1 @@
+"""The offline export stage: torch -> ONNX -> cleanup -> validation -> TensorRT -> engine store."""

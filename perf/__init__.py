@@ -1,0 +1,1 @@
+"""Latency of each backend against the PyTorch baseline, on the same requests."""

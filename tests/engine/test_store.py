@@ -1,0 +1,127 @@
+"""The engine store on real files: keys, atomic publish, integrity, quarantine, sweeping."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ArtifactError
+from engine.store import HOST, ArtifactKey, Staging, Store
+
+KEY = ArtifactKey(kind="onnx", component="unet", fingerprint="f" * 64, precision="fp32", exporter="x-v1")
+
+
+def write_payload(staging: Staging, payload: bytes = b"graph bytes") -> None:
+    (staging.path / "model.onnx").write_bytes(payload)
+    staging.info["note"] = "built"
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fingerprint": "e" * 64},
+        {"component": "vae_decoder"},
+        {"precision": "fp16"},
+        {"exporter": "x-v2"},
+        {"kind": "tensorrt", "gpu": "sm90", "tensorrt": "11.4.0", "profile": "b1-4"},
+        {"gpu": "sm89"},
+        {"tensorrt": "10.16"},
+        {"profile": "b1-8"},
+    ],
+)
+def test_every_key_field_changes_the_location(change):
+    assert replace(KEY, **change).dirname != KEY.dirname
+
+
+def test_ensure_builds_once_and_publishes_a_manifest(tmp_path):
+    store = Store(tmp_path)
+    calls = []
+
+    def build(staging: Staging) -> None:
+        calls.append(1)
+        write_payload(staging)
+
+    first = store.ensure(KEY, build)
+    second = store.ensure(KEY, build)
+    assert calls == [1]
+    assert first.path == second.path
+    assert first.manifest["key"]["component"] == "unet"
+    assert first.manifest["note"] == "built"
+    assert first.files["model.onnx"]["size"] == len(b"graph bytes")
+    assert "build_seconds" in first.manifest
+    first.verify()
+    assert store.find(kind="onnx", component="unet")[0].path == first.path
+    assert store.find(component="vae_decoder") == []
+    assert list(store.staging.iterdir()) == []
+
+
+def test_a_failed_build_publishes_nothing(tmp_path):
+    store = Store(tmp_path)
+
+    def build(staging: Staging) -> None:
+        write_payload(staging)
+        raise RuntimeError("export crashed")
+
+    with pytest.raises(RuntimeError):
+        store.ensure(KEY, build)
+    assert store.get(KEY) is None
+    assert list(store.staging.iterdir()) == []
+    assert not any(store.locks.iterdir())
+
+
+def test_a_flipped_byte_is_detected_and_rebuilt(tmp_path):
+    store = Store(tmp_path)
+    artifact = store.ensure(KEY, write_payload)
+    flip_a_byte(artifact.file("model.onnx"))
+    with pytest.raises(ArtifactError, match="sha256"):
+        artifact.verify()
+    with pytest.raises(ArtifactError):
+        artifact.read_verified("model.onnx")
+    rebuilt = store.ensure(KEY, write_payload)
+    assert rebuilt.read_verified("model.onnx") == b"graph bytes"
+    assert len(list(store.quarantine_dir.iterdir())) == 1
+
+
+def test_a_truncated_file_fails_the_cheap_check(tmp_path):
+    store = Store(tmp_path)
+    artifact = store.ensure(KEY, write_payload)
+    artifact.file("model.onnx").write_bytes(b"graph")
+    with pytest.raises(ArtifactError, match="truncated"):
+        store.get(KEY)
+
+
+def test_staging_of_dead_processes_is_swept(tmp_path):
+    store = Store(tmp_path)
+    process = multiprocessing.get_context("spawn").Process(target=os.getpid)
+    process.start()
+    process.join()
+    dead = store.staging / f"{HOST}-{process.pid}-abc"
+    alive = store.staging / f"{HOST}-{os.getpid()}-def"
+    elsewhere = store.staging / f"another-host-{process.pid}-ghi"
+    for path in (dead, alive, elsewhere):
+        path.mkdir(parents=True)
+    store.sweep_staging()
+    assert not dead.exists()
+    assert alive.exists() and elsewhere.exists()
+
+
+def test_file_digest_is_memoized_per_file_version(tmp_path):
+    store = Store(tmp_path / "store")
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"a" * 1000)
+    first = store.file_digest(weights)
+    assert store.file_digest(weights) == first
+    assert len(list(store.digests.iterdir())) == 1
+    weights.write_bytes(b"b" * 1000)
+    os.utime(weights, ns=(1, 1))
+    assert store.file_digest(weights) != first

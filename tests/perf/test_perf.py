@@ -1,0 +1,51 @@
+"""`python -m perf` on the CPU: a table with the onnxruntime/torch ratio, JSON and a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.conftest import ROOT
+
+
+def test_perf_compares_backends_against_torch(exported, subprocess_env, tmp_path):
+    env = dict(subprocess_env, ENGINE_DIR=str(exported))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "perf",
+            "--model",
+            "tiny",
+            "--backends",
+            "torch",
+            "onnxruntime",
+            "--steps",
+            "4",
+            "--warmup",
+            "1",
+            "--runs",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| txt2img")]
+    assert any("| onnxruntime |" in row and row.count("x |") >= 1 for row in rows), done.stdout
+    assert any("| torch |" in row and "| 1.00x |" in row for row in rows), done.stdout
+    [folder] = tmp_path.iterdir()
+    results = json.loads((folder / "results.json").read_text())
+    assert any(key.startswith("onnxruntime |") for key in results["speedup_vs_torch"])
+    torch_result = next(r for r in results["results"] if r["backend"] == "torch")
+    assert all(set(t["backends"].values()) == {"torch"} for t in torch_result["timings"])
+    with Image.open(folder / "chart.png") as chart:
+        assert chart.format == "PNG" and chart.width > 100
