@@ -13,17 +13,25 @@ import argparse
 import logging
 import sys
 
+import torch
 from tqdm import tqdm
 
 from engine.errors import WorkerError
 from engine.logs import configure_logging
 from engine.models import load_model
-from engine.settings import Settings
+from engine.settings import Precision, Settings
 from engine.store import Store
 from engine.worker import resolve_device, resolve_precision
 from export.stages import Exporter, StageLog
 
 log = logging.getLogger("export")
+
+
+def export_precision(precision: Precision, device: torch.device) -> str:
+    """Like the worker's, except that fp16 graphs may be made and validated on the CPU too."""
+    if precision is Precision.FP16:
+        return "fp16"
+    return resolve_precision(precision, device)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             model=load_model(settings.model, settings.cache_dir, settings.model_revision),
             store=Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s),
             device=device,
-            precision=resolve_precision(settings.precision, device),
+            precision=export_precision(settings.precision, device),
         )
         components = args.components or list(exporter.model.components)
         unknown = set(components) - set(exporter.model.components)

@@ -170,3 +170,27 @@ def test_a_graph_that_fails_validation_is_not_published(tmp_path, cache_dir, mon
     with pytest.raises(ArtifactError, match=r"vae_decoder: onnxruntime differs from torch: images at 1x72x56"):
         exporter.onnx("vae_decoder", StageLog())
     assert store.find() == []
+
+
+def test_an_fp16_graph_keeps_sensitive_ops_and_the_timestep_in_fp32(tmp_path, cache_dir):
+    import onnx
+
+    done = run_export(tmp_path / "engines", cache_dir, "--precision", "fp16", "--components", "unet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    [artifact] = Store(tmp_path / "engines").find(component="unet", precision="fp16")
+    assert all(entry["passed"] for entry in artifact.manifest["parity"])
+    graph = onnx.load(str(artifact.file(ONNX_FILE))).graph
+    dtypes = {value.name: value.type.tensor_type.elem_type for value in graph.input}
+    assert dtypes == {
+        "sample": onnx.TensorProto.FLOAT16,
+        "timestep": onnx.TensorProto.FLOAT,
+        "encoder_hidden_states": onnx.TensorProto.FLOAT16,
+    }
+    weights = [init.data_type for init in graph.initializer if len(init.dims) >= 2]
+    assert weights and all(dtype == onnx.TensorProto.FLOAT16 for dtype in weights)
+    producers = {output: node for node in graph.node for output in node.output}
+    norms = [node for node in graph.node if node.op_type == "InstanceNormalization"]
+    assert norms
+    for node in norms:
+        source = producers[node.input[0]]
+        assert source.op_type == "Cast" and source.attribute[0].i == onnx.TensorProto.FLOAT
