@@ -13,7 +13,7 @@ from engine.models.spec import ComponentSpec
 from engine.store import ArtifactKey
 
 ONNX_OPSET = 19
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 """Bumped whenever export, cleanup or fp16 conversion changes what a graph computes."""
 
 ONNX_FILE = "model.onnx"
@@ -36,4 +36,20 @@ def onnx_key(spec: ComponentSpec, fingerprint: str, precision: str) -> ArtifactK
         fingerprint=fingerprint,
         precision=precision,
         exporter=exporter_id(spec),
+    )
+
+
+def engine_key(
+    spec: ComponentSpec, fingerprint: str, precision: str, gpu: str, tensorrt: str, profile: str
+) -> ArtifactKey:
+    """An engine follows its ONNX export's key and adds the GPU, the TensorRT version and the profile."""
+    return ArtifactKey(
+        kind="tensorrt",
+        component=spec.name,
+        fingerprint=fingerprint,
+        precision=precision,
+        exporter=exporter_id(spec),
+        gpu=gpu,
+        tensorrt=tensorrt,
+        profile=profile,
     )

@@ -16,6 +16,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engine.profiles import parse_ranges
+
 RUNPOD_VOLUME = Path("/runpod-volume")
 
 
@@ -71,11 +73,11 @@ class Settings(BaseSettings):
     max_prompts: int = Field(4, ge=1)
     max_timeout_s: float = Field(600.0, gt=0)
 
-    engine_min_size: int = Field(256, ge=64, description="smallest image side an engine profile covers")
-    engine_max_size: int = Field(1024, ge=64, description="largest image side an engine profile covers")
-    engine_opt_size: int | None = Field(None, description="profile's optimum side; default the model's native")
-    engine_max_batch: int = Field(4, ge=1, description="images per request an engine profile covers")
-    engine_static_shape: bool = Field(False, description="one fixed-shape profile at the optimum")
+    engine_profiles: str | None = Field(
+        None,
+        description="size ranges engines cover, 'MIN-MAX@OPTxBATCH' or static 'SIZExBATCH', comma-separated; "
+        "default: half to 1.5 times the model's native side at batch 2",
+    )
     engine_workspace_gb: float = Field(8.0, gt=0)
     engine_optimization_level: int = Field(3, ge=0, le=5)
     engine_version_compatible: bool = False
@@ -100,8 +102,8 @@ class Settings(BaseSettings):
     def _check_ranges(self) -> Settings:
         if self.min_image_side > self.max_image_side:
             raise ValueError("MIN_IMAGE_SIDE is above MAX_IMAGE_SIDE")
-        if self.engine_min_size > self.engine_max_size:
-            raise ValueError("ENGINE_MIN_SIZE is above ENGINE_MAX_SIZE")
+        if self.engine_profiles:
+            parse_ranges(self.engine_profiles, native_size=512)  # syntax only; sizes are the model's
         if self.default_steps > self.max_steps:
             raise ValueError("DEFAULT_STEPS is above MAX_STEPS")
         return self

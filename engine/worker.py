@@ -6,7 +6,6 @@ the worker itself keeps serving.
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import secrets
@@ -17,10 +16,8 @@ from typing import Any
 import torch
 
 from engine.backends.base import Runner
-from engine.backends.onnxruntime import load_onnxruntime_runner
-from engine.backends.select import LazyTorchRunner, RunnerChain
-from engine.errors import ArtifactError, BackendUnavailable, DeadlineExceeded, WorkerError
-from engine.fingerprint import component_fingerprint
+from engine.backends.select import LazyTorchRunner, RunnerChain, build_chains
+from engine.errors import DeadlineExceeded, WorkerError
 from engine.images import encode_image, to_base64
 from engine.logs import request_context
 from engine.metrics import ColdStart, StageTimer, peak_memory_mb, reset_peak_memory
@@ -28,7 +25,7 @@ from engine.models import Model, load_model
 from engine.models.spec import Dims
 from engine.pipeline import DiffusionPipeline
 from engine.request import Limits, ResolvedRequest, parse_request
-from engine.settings import Backend, Precision, Settings
+from engine.settings import Precision, Settings
 from engine.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,10 +49,6 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
     if precision is Precision.FP16 and device.type != "cuda":
         raise WorkerError("PRECISION=fp16 needs a CUDA device; use fp32 on the CPU")
     return precision.value
-
-
-def torch_dtype(precision: str) -> torch.dtype:
-    return torch.float16 if precision == "fp16" else torch.float32
 
 
 class Worker:
@@ -84,47 +77,8 @@ class Worker:
     def component_precision(self, component: str) -> str:
         return self.model.family.component_precision(component, self.precision, self.model.config)
 
-    def _preferred_backends(self, component: str) -> list[Backend]:
-        """Backends to try before torch, best first, for this component on this device."""
-        backend = self.settings.backend_for(component)
-        if backend is Backend.TORCH:
-            return []
-        if backend is Backend.ONNXRUNTIME:
-            return [Backend.ONNXRUNTIME]
-        if backend is Backend.TENSORRT or self.device.type == "cuda":
-            return [Backend.TENSORRT, Backend.ONNXRUNTIME]
-        return [Backend.ONNXRUNTIME]
-
-    def _load_runner(self, backend: Backend, component: str, precision: str) -> Runner:
-        spec = self.model.specs[component]
-        fingerprint = component_fingerprint(self.model, component, self.store.file_digest)
-        if backend is Backend.ONNXRUNTIME:
-            return load_onnxruntime_runner(self.store, spec, fingerprint, precision, self.device)
-        raise BackendUnavailable("TensorRT is not supported in this build")
-
     def _build_chains(self) -> dict[str, RunnerChain]:
-        chains = {}
-        for component in self.model.components:
-            precision = self.component_precision(component)
-            runners: list[Runner] = []
-            unavailable: dict[str, str] = {}
-            for backend in self._preferred_backends(component):
-                try:
-                    runners.append(self._load_runner(backend, component, precision))
-                except (ArtifactError, BackendUnavailable, OSError) as error:
-                    log.warning("%s: %s unavailable: %s", component, backend.value, error)
-                    unavailable[backend.value] = str(error)
-            runners.append(
-                LazyTorchRunner(
-                    self.model.specs[component],
-                    functools.partial(
-                        self.model.family.torch_module, component, self.model.folder, torch_dtype(precision)
-                    ),
-                    precision,
-                    self.device,
-                )
-            )
-            chains[component] = RunnerChain(component, runners, unavailable)
+        chains, self.tensorrt = build_chains(self.model, self.settings, self.store, self.device, self.precision)
         for component in self._needed_components():
             primary = chains[component].runners[0]
             if isinstance(primary, LazyTorchRunner):

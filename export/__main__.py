@@ -16,13 +16,16 @@ import sys
 import torch
 from tqdm import tqdm
 
+from engine.backends.tensorrt import gpu_tag
 from engine.errors import WorkerError
 from engine.logs import configure_logging
 from engine.models import load_model
+from engine.profiles import parse_ranges
 from engine.settings import Precision, Settings
-from engine.store import Store
+from engine.store import Artifact, Store
 from engine.worker import resolve_device, resolve_precision
-from export.stages import Exporter, StageLog
+from export.stages import EngineBuilder, Exporter, StageLog
+from export.tensorrt import BuildOptions
 
 log = logging.getLogger("export")
 
@@ -40,7 +43,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--components", nargs="+", help="default: every component of the model's family")
     parser.add_argument("--device", help="overrides DEVICE")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16"], help="overrides PRECISION")
+    parser.add_argument("--skip-engines", action="store_true", help="ONNX only, even on a GPU")
     return parser.parse_args(argv)
+
+
+def engine_builder(settings: Settings, exporter: Exporter, skip: bool) -> tuple[EngineBuilder | None, str]:
+    """The TensorRT builder when engines are wanted and possible, else why not."""
+    if skip:
+        return None, "engines skipped (--skip-engines)"
+    if exporter.device.type != "cuda":
+        return None, "engines skipped: TensorRT builds need a CUDA GPU"
+    options = BuildOptions(
+        workspace_bytes=int(settings.engine_workspace_gb * 2**30),
+        optimization_level=settings.engine_optimization_level,
+        version_compatible=settings.engine_version_compatible,
+    )
+    ranges = parse_ranges(settings.engine_profiles, exporter.model.config.native_size)
+    builder = EngineBuilder.create(
+        exporter.store, gpu_tag(exporter.device), ranges, options, settings.lock_stale_s, settings.lock_heartbeat_s
+    )
+    return builder, f"engines for {builder.gpu}, TensorRT {builder.tag}, profiles {[r.label for r in ranges]}"
+
+
+def summarize(artifact: Artifact) -> str:
+    worst = max((r["max_abs_error"] for r in artifact.manifest.get("parity", [])), default=0.0)
+    return f"{artifact.path.name}  max |{artifact.key.kind} - torch| {worst:.2e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,20 +87,23 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(components) - set(exporter.model.components)
         if unknown:
             raise WorkerError(f"unknown components {sorted(unknown)}; the model has {exporter.model.components}")
+        builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
         summary = []
         with tqdm(components, desc="export", unit="component") as bar:
             for component in bar:
                 stages = StageLog(on_stage=lambda stage, c=component: bar.set_postfix_str(f"{c}: {stage}"))
-                artifact = exporter.onnx(component, stages)
-                summary.append((component, artifact, stages.seconds))
+                onnx = exporter.onnx(component, stages)
+                engines = exporter.engines(component, onnx, builder, stages) if builder else []
+                summary.append((component, [onnx, *engines], stages.seconds))
     except WorkerError as error:
         print(f"export failed: {error}", file=sys.stderr)
         return 1
-    print(f"engine store: {settings.engine_dir}")
-    for component, artifact, seconds in summary:
-        worst = max((r["max_abs_error"] for r in artifact.manifest.get("parity", [])), default=0.0)
+    print(f"engine store: {settings.engine_dir}\n{engines_note}")
+    for component, artifacts, seconds in summary:
         timing = ", ".join(f"{stage} {value:.1f}s" for stage, value in seconds.items()) or "cached"
-        print(f"  {component:<14} {artifact.path.name}  max |onnx - torch| {worst:.2e}  ({timing})")
+        print(f"  {component:<14} ({timing})")
+        for artifact in artifacts:
+            print(f"    {summarize(artifact)}")
     return 0
 
 

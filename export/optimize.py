@@ -16,6 +16,8 @@ import onnx_graphsurgeon as gs
 from polygraphy.backend.onnx import fold_constants
 from polygraphy.logger import G_LOGGER
 
+from engine.models.spec import ComponentSpec
+
 log = logging.getLogger(__name__)
 G_LOGGER.module_severity = G_LOGGER.ERROR
 
@@ -60,7 +62,26 @@ def to_fp16(model: onnx.ModelProto, keep_fp32_io: list[str], large: bool) -> onn
     )
 
 
-def optimize(source: Path, target: Path, precision: str, keep_fp32_io: list[str]) -> GraphStats:
+def stamp_interface(model: onnx.ModelProto, spec: ComponentSpec) -> None:
+    """Declares the graph's inputs and outputs exactly as the spec names them.
+
+    Shape inference during folding renames output dimensions after the expressions that
+    compute them ("floor(1.0*batch)"); the spec's names are what every stage agrees on.
+    """
+    tensors = {tensor.name: tensor for tensor in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        tensor = tensors[value.name]
+        shape = value.type.tensor_type.shape
+        del shape.dim[:]
+        for size in tensor.shape:
+            dim = shape.dim.add()
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+
+
+def optimize(source: Path, target: Path, spec: ComponentSpec, precision: str) -> GraphStats:
     """Reads an exported graph, cleans it up, converts precision, and saves it (external data over 2 GiB)."""
     import onnxruntime
 
@@ -71,8 +92,10 @@ def optimize(source: Path, target: Path, precision: str, keep_fp32_io: list[str]
     model = _cleanup(model)
     model = fold_constants(model, allow_onnxruntime_shape_inference=not large, error_ok=True)
     model = _cleanup(model)
+    stamp_interface(model, spec)
     if precision == "fp16":
-        model = to_fp16(model, keep_fp32_io, large)
+        keep_fp32 = [t.name for t in (*spec.inputs, *spec.outputs) if t.keep_fp32]
+        model = to_fp16(model, keep_fp32, large)
     size = initializer_bytes(model)
     external = size >= TWO_GIB
     onnx.save_model(

@@ -12,18 +12,30 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from engine.artifacts import ONNX_FILE, onnx_key
+from engine.artifacts import ENGINE_FILE, ONNX_FILE, engine_key, onnx_key
 from engine.backends.onnxruntime import OnnxRuntimeRunner, providers_for
+from engine.backends.tensorrt import (
+    LoadedEngine,
+    TensorRTRunner,
+    make_logger,
+    tensorrt_module,
+    version_tags,
+)
 from engine.backends.torch import TorchRunner
-from engine.errors import BackendUnavailable
+from engine.errors import ArtifactError, BackendUnavailable
 from engine.fingerprint import component_fingerprint
 from engine.models import Model
+from engine.models.spec import ComponentSpec, Dims
+from engine.profiles import Profile, SizeRange, profile_for
 from engine.store import Artifact, Staging, Store
 from export.onnx import export_dims, export_onnx
 from export.optimize import optimize
+from export.tensorrt import BuildOptions, TimingCache, build_engine
 from export.validate import check, compare, validation_dims
 
 log = logging.getLogger(__name__)
@@ -89,13 +101,12 @@ class Exporter:
         def build(staging: Staging) -> None:
             module = self.model.family.torch_module(component, self.model.folder, torch.float32).to(self.device)
             traced = export_dims(self.model)
-            keep_fp32 = [t.name for t in (*spec.inputs, *spec.outputs) if t.keep_fp32]
             with self.store.scratch() as raw_dir:
                 raw = raw_dir / ONNX_FILE
                 with stages.stage("export"):
                     export_onnx(module, spec, traced, raw)
                 with stages.stage("optimize"):
-                    graph = optimize(raw, staging.path / ONNX_FILE, precision, keep_fp32)
+                    graph = optimize(raw, staging.path / ONNX_FILE, spec, precision)
             with stages.stage("validate"):
                 candidate = OnnxRuntimeRunner(spec, staging.path / ONNX_FILE, precision, validation_device(self.device))
                 reference = TorchRunner(spec, module, "fp32", self.device)
@@ -111,3 +122,107 @@ class Exporter:
             )
 
         return self.store.ensure(key, build)
+
+    def engines(self, component: str, onnx: Artifact, builder: EngineBuilder, stages: StageLog) -> list[Artifact]:
+        """One engine per configured size range, each validated against torch through the TensorRT runner."""
+        spec = self.model.specs[component]
+        precision = self.component_precision(component)
+        built = []
+        for size_range in builder.ranges:
+            profile = profile_for(spec, size_range)
+            key = engine_key(spec, onnx.key.fingerprint, precision, builder.gpu, builder.tag, profile.label)
+
+            def build(staging: Staging, profile: Profile = profile) -> None:
+                onnx.verify()
+                plan = staging.path / ENGINE_FILE
+                with stages.stage(f"build {profile.label}"):
+                    builder.build(onnx.file(ONNX_FILE), profile, plan)
+                with stages.stage(f"validate {profile.label}"):
+                    candidate = builder.runner(spec, plan.read_bytes(), profile, precision, self.device)
+                    module = self.model.family.torch_module(component, self.model.folder, torch.float32)
+                    reference = TorchRunner(spec, module.to(self.device), "fp32", self.device)
+                    dims = covered_dims(spec, profile, validation_dims(self.model, export_dims(self.model)))
+                    parity = check(spec, "tensorrt", compare(spec, reference, candidate, dims, precision))
+                staging.info.update(
+                    model=self.model.name,
+                    profile=profile.to_json(),
+                    builder=asdict(builder.options),
+                    engine_bytes=plan.stat().st_size,
+                    parity=parity,
+                    stage_seconds=dict(stages.seconds),
+                    tools=tool_versions(),
+                )
+
+            built.append(self.store.ensure(key, build))
+        return built
+
+
+def covered_dims(spec: ComponentSpec, profile: Profile, candidates: list[Dims]) -> list[Dims]:
+    """The validation sizes an engine's profile covers, or its optimum when it covers none of them."""
+    covered = [d for d in candidates if profile.unsupported_reason(spec.input_shapes(d)) is None]
+    if covered:
+        return covered
+    batch, height, width = 1, *_optimum_size(spec, profile)
+    return [Dims(batch, height, width)]
+
+
+def _optimum_size(spec: ComponentSpec, profile: Profile) -> tuple[int, int]:
+    for tensor in spec.inputs:
+        if "latent_height" in tensor.shape:
+            shape = profile.shapes()[tensor.name].optimum
+            return (
+                shape[tensor.shape.index("latent_height")] * spec.latent_factor,
+                shape[tensor.shape.index("latent_width")] * spec.latent_factor,
+            )
+        if "height" in tensor.shape:
+            shape = profile.shapes()[tensor.name].optimum
+            return shape[tensor.shape.index("height")], shape[tensor.shape.index("width")]
+    return 512, 512  # the component has no spatial input (a text encoder): any size will do
+
+
+@dataclass
+class EngineBuilder:
+    """TensorRT's builder for this GPU and version, with the store's timing cache."""
+
+    trt: ModuleType
+    ranges: list[SizeRange]
+    options: BuildOptions
+    gpu: str
+    tag: str
+    timing_cache: TimingCache
+    logger: object = None
+
+    @classmethod
+    def create(
+        cls,
+        store: Store,
+        gpu: str,
+        ranges: list[SizeRange],
+        options: BuildOptions,
+        lock_stale_s: float,
+        lock_heartbeat_s: float,
+        trt: ModuleType | None = None,
+    ) -> EngineBuilder:
+        trt = trt or tensorrt_module()
+        if not hasattr(trt, "Builder"):
+            raise BackendUnavailable("building engines needs the full TensorRT package, not the lean runtime")
+        version, compatible = version_tags(trt)
+        cache = TimingCache(store.root / "timing-cache" / f"{gpu}-trt{version}.cache", lock_stale_s, lock_heartbeat_s)
+        tag = compatible if options.version_compatible else version
+        return cls(trt, ranges, options, gpu, tag, cache, make_logger(trt))
+
+    def build(self, onnx_path: Path, profile: Profile, plan: Path) -> None:
+        build_engine(self.trt, self.logger, onnx_path, profile, self.options, self.timing_cache, plan)
+
+    def runner(
+        self, spec: ComponentSpec, plan: bytes, profile: Profile, precision: str, device: torch.device
+    ) -> TensorRTRunner:
+        runtime = self.trt.Runtime(self.logger)
+        runtime.engine_host_code_allowed = True
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            raise ArtifactError(f"{spec.name}: the engine just built does not deserialize")
+        loaded = LoadedEngine(self.trt, engine, profile, spec, device, use_cuda_graphs=False, name=spec.name)
+        loaded.bind_scratch(torch.empty(max(loaded.device_memory_size, 1), dtype=torch.uint8, device=device))
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        return TensorRTRunner(spec, [loaded], precision, device, stream)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from engine.artifacts import ONNX_FILE, onnx_key
@@ -26,9 +27,7 @@ NUMPY_DTYPES = {
 }
 
 
-def session_options():
-    import onnxruntime as ort
-
+def session_options() -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
@@ -36,12 +35,14 @@ def session_options():
     return options
 
 
-def providers_for(device: torch.device) -> list:
-    import onnxruntime as ort
+def onnxruntime_has_cuda() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
 
+
+def providers_for(device: torch.device) -> list:
     if device.type != "cuda":
         return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
+    if not onnxruntime_has_cuda():
         raise BackendUnavailable("onnxruntime has no CUDA provider here (install onnxruntime-gpu)")
     options = {
         "device_id": device.index or 0,
@@ -58,8 +59,6 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, spec: ComponentSpec, model: Path | bytes, precision: str, device: torch.device):
         """``model`` is a path (needed for external weights) or the graph's verified bytes."""
         super().__init__(spec, precision, device)
-        import onnxruntime as ort
-
         providers = providers_for(device)
         source = model if isinstance(model, bytes) else str(model)
         try:

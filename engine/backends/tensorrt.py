@@ -1,0 +1,302 @@
+"""TensorRT backend: engines from the store, run with execute_async_v3 on a dedicated stream.
+
+Every engine of the worker runs on one CUDA stream, one after another, so their
+execution contexts share one scratch buffer (``USER_MANAGED`` device memory sized by
+the largest ``device_memory_size_v2``). Buffers are allocated once per input shape and
+reused; with CUDA graphs, the first call at a shape is run plainly, the second is
+captured, and later calls replay the graph. A component can have several engines (one
+per configured range); each call runs the covering engine tuned closest to the
+request. ``import tensorrt`` happens here only, so CPU paths never need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from engine.artifacts import ENGINE_FILE, exporter_id
+from engine.backends.base import Runner
+from engine.errors import ArtifactError, BackendUnavailable
+from engine.models.spec import ComponentSpec, Shape
+from engine.profiles import Profile, choose
+from engine.store import Artifact, Store
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {
+    "FLOAT": torch.float32,
+    "HALF": torch.float16,
+    "BF16": torch.bfloat16,
+    "INT64": torch.int64,
+    "INT32": torch.int32,
+    "INT8": torch.int8,
+    "UINT8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def tensorrt_module() -> ModuleType:
+    """The full TensorRT bindings, or the lean runtime (which runs version-compatible engines)."""
+    try:
+        import tensorrt
+
+        return tensorrt
+    except ImportError:
+        pass
+    try:
+        import tensorrt_lean
+
+        return tensorrt_lean
+    except ImportError as error:
+        raise BackendUnavailable("TensorRT is not installed (pip install '.[gpu]')") from error
+
+
+def version_tags(trt: ModuleType) -> tuple[str, str]:
+    """The exact version an engine must match, and the tag of version-compatible engines it can run."""
+    version = trt.__version__
+    return version, f"{version.split('.')[0]}.x-vc"
+
+
+def gpu_tag(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+def make_logger(trt: ModuleType) -> Any:
+    """TensorRT's messages into this process's logging, at matching levels."""
+    severity = trt.ILogger.Severity
+    levels = {
+        severity.INTERNAL_ERROR: logging.CRITICAL,
+        severity.ERROR: logging.ERROR,
+        severity.WARNING: logging.WARNING,
+        severity.INFO: logging.DEBUG,
+        severity.VERBOSE: logging.DEBUG,
+    }
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, level: Any, message: str) -> None:
+            log.log(levels.get(level, logging.INFO), "tensorrt: %s", message)
+
+    return Logger()
+
+
+@dataclass
+class _ShapeSlot:
+    """Buffers (and, once captured, the CUDA graph) for one set of input shapes."""
+
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    runs: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    graph_failed: bool = False
+
+
+@dataclass
+class LoadedEngine:
+    """One deserialized engine with its execution context and per-shape buffers."""
+
+    trt: ModuleType
+    engine: Any
+    profile: Profile
+    spec: ComponentSpec
+    device: torch.device
+    use_cuda_graphs: bool
+    name: str = ""
+    context: Any = None
+    slots: dict[tuple[Shape, ...], _ShapeSlot] = field(default_factory=dict)
+    _current: tuple[Shape, ...] | None = None
+
+    def __post_init__(self) -> None:
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        expected = set(self.spec.input_names) | set(self.spec.output_names)
+        if names != expected:
+            raise BackendUnavailable(f"engine tensors {sorted(names)} do not match the spec's {sorted(expected)}")
+        self.context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+
+    @property
+    def device_memory_size(self) -> int:
+        return int(self.engine.device_memory_size_v2)
+
+    def bind_scratch(self, scratch: torch.Tensor) -> None:
+        self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
+
+    def _output_shape(self, name: str) -> Shape:
+        """What TensorRT infers for an output once every input shape is set."""
+        return tuple(self.context.get_tensor_shape(name))
+
+    def _set_shapes(self, key: tuple[Shape, ...]) -> None:
+        for name, shape in zip(self.spec.input_names, key, strict=True):
+            if not self.context.set_input_shape(name, shape):
+                raise BackendUnavailable(f"{self.name}: TensorRT refused shape {shape} for {name}")
+
+    def _slot(self, key: tuple[Shape, ...]) -> _ShapeSlot:
+        """The buffers for these input shapes, allocated on first use, and bound to the context."""
+        slot = self.slots.get(key)
+        if slot is not None and self._current == key:
+            return slot
+        self._set_shapes(key)
+        if slot is None:
+            inputs = {
+                name: torch.empty(shape, dtype=self._dtype(name), device=self.device)
+                for name, shape in zip(self.spec.input_names, key, strict=True)
+            }
+            outputs = {
+                name: torch.empty(self._output_shape(name), dtype=self._dtype(name), device=self.device)
+                for name in self.spec.output_names
+            }
+            slot = self.slots[key] = _ShapeSlot(inputs, outputs)
+        for name, tensor in (*slot.inputs.items(), *slot.outputs.items()):
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        self._current = key
+        return slot
+
+    def execute(self, inputs: Mapping[str, torch.Tensor], stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
+        """Copies inputs into the shape's buffers, runs (or replays), and returns copies of the outputs."""
+        key = tuple(tuple(inputs[name].shape) for name in self.spec.input_names)
+        slot = self._slot(key)
+        handle = stream.cuda_stream if stream is not None else 0
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for name, tensor in inputs.items():
+                slot.inputs[name].copy_(tensor, non_blocking=True)
+            if slot.graph is not None:
+                slot.graph.replay()
+            else:
+                self._enqueue(slot, handle, stream)
+            outputs = {name: tensor.clone() for name, tensor in slot.outputs.items()}
+        slot.runs += 1
+        return outputs
+
+    def _enqueue(self, slot: _ShapeSlot, handle: int, stream: torch.cuda.Stream | None) -> None:
+        if not self.context.execute_async_v3(handle):
+            raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
+        if self.use_cuda_graphs and stream is not None and slot.runs >= 1 and not slot.graph_failed:
+            self._capture(slot, stream)
+
+    def _capture(self, slot: _ShapeSlot, stream: torch.cuda.Stream) -> None:
+        """Captures one enqueue at this shape; shapes and addresses are frozen into the graph."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                self.context.execute_async_v3(stream.cuda_stream)
+        except RuntimeError as error:
+            log.warning("%s: CUDA graph capture failed at %s, running without: %s", self.name, list(slot.inputs), error)
+            slot.graph_failed = True
+            return
+        slot.graph = graph
+
+
+class TensorRTRunner(Runner):
+    """One component's engines behind the Runner interface."""
+
+    backend = "tensorrt"
+
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        engines: Sequence[LoadedEngine],
+        precision: str,
+        device: torch.device,
+        stream: torch.cuda.Stream | None,
+    ):
+        super().__init__(spec, precision, device)
+        self.engines = list(engines)
+        self.stream = stream
+
+    def unsupported_reason(self, shapes: Mapping[str, Shape]) -> str | None:
+        if choose([e.profile for e in self.engines], shapes) is not None:
+            return None
+        return "; ".join(filter(None, (e.profile.unsupported_reason(shapes) for e in self.engines)))
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
+        index = choose([e.profile for e in self.engines], shapes)
+        if index is None:
+            raise BackendUnavailable(f"{self.spec.name}: {self.unsupported_reason(shapes)}")
+        caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
+        if self.stream is not None:
+            self.stream.wait_stream(caller)  # inputs written on the caller's stream are ready
+        outputs = self.engines[index].execute(inputs, self.stream)
+        if caller is not None:
+            caller.wait_stream(self.stream)  # and outputs are ready for the caller, without a host sync
+        return outputs
+
+
+@dataclass
+class TensorRTBackend:
+    """Every engine the worker runs, their shared scratch memory and stream."""
+
+    runners: dict[str, TensorRTRunner]
+    unavailable: dict[str, str]
+    scratch: torch.Tensor | None = None
+
+
+def engine_artifacts(
+    store: Store, spec: ComponentSpec, fingerprint: str, precision: str, gpu: str, tags: tuple[str, str]
+) -> list[Artifact]:
+    return [
+        artifact
+        for artifact in store.find(
+            kind="tensorrt", component=spec.name, fingerprint=fingerprint, precision=precision, gpu=gpu
+        )
+        if artifact.key.tensorrt in tags and artifact.key.exporter == exporter_id(spec)
+    ]
+
+
+def load_tensorrt(
+    store: Store,
+    components: Mapping[str, tuple[ComponentSpec, str, str]],
+    device: torch.device,
+    gpu: str,
+    use_cuda_graphs: bool,
+    trt: ModuleType | None = None,
+) -> TensorRTBackend:
+    """Engines for each component (spec, fingerprint, precision); a plan that does not load is skipped."""
+    trt = trt or tensorrt_module()
+    runtime = trt.Runtime(make_logger(trt))
+    runtime.engine_host_code_allowed = True  # version-compatible engines carry their own runtime code
+    tags = version_tags(trt)
+    loaded: dict[str, list[LoadedEngine]] = {}
+    unavailable: dict[str, str] = {}
+    for component, (spec, fingerprint, precision) in components.items():
+        reasons = []
+        for artifact in engine_artifacts(store, spec, fingerprint, precision, gpu, tags):
+            try:
+                plan = artifact.read_verified(ENGINE_FILE)
+                engine = runtime.deserialize_cuda_engine(plan)
+                if engine is None:
+                    raise BackendUnavailable("TensorRT could not deserialize it (other version or GPU, or corrupt)")
+                profile = Profile.from_json(artifact.manifest["profile"])
+                loaded.setdefault(component, []).append(
+                    LoadedEngine(trt, engine, profile, spec, device, use_cuda_graphs, name=artifact.path.name)
+                )
+            except (ArtifactError, BackendUnavailable, RuntimeError, MemoryError) as error:
+                log.warning("skipping engine %s: %s", artifact.path.name, error)
+                reasons.append(f"{artifact.path.name}: {error}")
+        if component not in loaded:
+            unavailable[component] = "; ".join(reasons) or (
+                f"no engine for {gpu} and TensorRT {tags[0]} in {store.root} (run `make engines`)"
+            )
+    engines = [engine for group in loaded.values() for engine in group]
+    scratch = None
+    if engines:
+        scratch = torch.empty(max(1, *(e.device_memory_size for e in engines)), dtype=torch.uint8, device=device)
+        for engine in engines:
+            engine.bind_scratch(scratch)
+    stream = torch.cuda.Stream(device) if engines and device.type == "cuda" else None
+    runners = {
+        component: TensorRTRunner(group[0].spec, group, components[component][2], device, stream)
+        for component, group in loaded.items()
+    }
+    return TensorRTBackend(runners, unavailable, scratch)

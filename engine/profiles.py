@@ -1,0 +1,147 @@
+"""Engine optimization profiles: derived from configured size ranges, matched against requests.
+
+A configured range is written in request terms, ``MIN-MAX@OPTxBATCH`` (image sides in
+pixels, images per request), or ``SIZExBATCH`` for a static profile. Each component's
+spec turns it into per-input min/opt/max shapes, in latent units for the UNet and VAE
+and with the classifier-free-guidance doubling where the component batches it. Pure
+logic: it runs and is tested without TensorRT.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from engine.models.spec import ComponentSpec, Dims, Shape
+
+RANGE_PATTERN = re.compile(r"^(?:(\d+)-(\d+)@)?(\d+)x(\d+)$")
+
+
+@dataclass(frozen=True)
+class SizeRange:
+    """Requests an engine covers: image sides from min to max (optimized for opt), up to max_batch images."""
+
+    min_size: int
+    opt_size: int
+    max_size: int
+    max_batch: int
+
+    @property
+    def static(self) -> bool:
+        return self.min_size == self.max_size and self.max_batch == 1
+
+    @property
+    def label(self) -> str:
+        if self.static:
+            return f"{self.opt_size}x1"
+        return f"{self.min_size}-{self.max_size}@{self.opt_size}x{self.max_batch}"
+
+    @classmethod
+    def parse(cls, text: str) -> SizeRange:
+        match = RANGE_PATTERN.match(text.strip())
+        if match is None:
+            raise ValueError(f"engine profile {text!r} is not MIN-MAX@OPTxBATCH or SIZExBATCH")
+        low, high, opt, batch = match.groups()
+        opt_size, max_batch = int(opt), int(batch)
+        min_size, max_size = (int(low), int(high)) if low else (opt_size, opt_size)
+        if not min_size <= opt_size <= max_size or max_batch < 1 or min_size % 8 or max_size % 8 or opt_size % 8:
+            raise ValueError(f"engine profile {text!r}: need MIN <= OPT <= MAX, multiples of 8, and BATCH >= 1")
+        return cls(min_size, opt_size, max_size, max_batch)
+
+
+def default_ranges(native_size: int) -> list[SizeRange]:
+    """Half to one and a half times the model's native side, optimized for the native side."""
+    low = max(64, native_size // 2 // 8 * 8)
+    high = native_size * 3 // 2 // 8 * 8
+    return [SizeRange(low, native_size, high, 2)]
+
+
+def parse_ranges(text: str | None, native_size: int) -> list[SizeRange]:
+    if not text:
+        return default_ranges(native_size)
+    return [SizeRange.parse(part) for part in text.split(",") if part.strip()]
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    minimum: Shape
+    optimum: Shape
+    maximum: Shape
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimization profile: a shape range per input."""
+
+    label: str
+    inputs: tuple[tuple[str, ShapeRange], ...]
+
+    def shapes(self) -> dict[str, ShapeRange]:
+        return dict(self.inputs)
+
+    def unsupported_reason(self, shapes: Mapping[str, Shape]) -> str | None:
+        for name, allowed in self.inputs:
+            shape = shapes[name]
+            if len(shape) != len(allowed.minimum):
+                return f"{name} has rank {len(shape)}, the engine {len(allowed.minimum)}"
+            for axis, (size, low, high) in enumerate(zip(shape, allowed.minimum, allowed.maximum, strict=True)):
+                if not low <= size <= high:
+                    return f"profile {self.label}: {name} axis {axis} is {size}, the engine covers {low}..{high}"
+        return None
+
+    def distance(self, shapes: Mapping[str, Shape]) -> int:
+        """How far a request is from the shapes the engine was tuned for."""
+        return sum(
+            abs(size - best)
+            for name, allowed in self.inputs
+            for size, best in zip(shapes[name], allowed.optimum, strict=True)
+        )
+
+    @property
+    def span(self) -> int:
+        """How much a profile stretches; among equally close engines the narrowest is the fastest."""
+        return sum(high - low for _, r in self.inputs for low, high in zip(r.minimum, r.maximum, strict=True))
+
+    def to_json(self) -> dict:
+        return {
+            "label": self.label,
+            "inputs": {
+                name: {"min": list(r.minimum), "opt": list(r.optimum), "max": list(r.maximum)}
+                for name, r in self.inputs
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Profile:
+        inputs = tuple(
+            (name, ShapeRange(tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))) for name, r in data["inputs"].items()
+        )
+        return cls(label=data["label"], inputs=inputs)
+
+
+def profile_for(spec: ComponentSpec, size_range: SizeRange) -> Profile:
+    """The component's input shapes at the range's minimum, optimum and maximum.
+
+    The minimum runs without guidance (one row per image); optimum and maximum with it.
+    A static range gives one shape, the optimum with guidance.
+    """
+    optimum = spec.input_shapes(Dims(1, size_range.opt_size, size_range.opt_size), guidance=True)
+    if size_range.static:
+        minimum = maximum = optimum
+    else:
+        minimum = spec.input_shapes(Dims(1, size_range.min_size, size_range.min_size), guidance=False)
+        maximum = spec.input_shapes(Dims(size_range.max_batch, size_range.max_size, size_range.max_size), guidance=True)
+    inputs = tuple((name, ShapeRange(minimum[name], optimum[name], maximum[name])) for name in spec.input_names)
+    return Profile(label=size_range.label, inputs=inputs)
+
+
+def choose(profiles: Iterable[Profile], shapes: Mapping[str, Shape]) -> int | None:
+    """Index of the covering profile closest to its optimum (the narrowest on a tie), as
+    SD-WebUI-TensorRT picks engines."""
+    covering = [
+        (profile.distance(shapes), profile.span, index)
+        for index, profile in enumerate(profiles)
+        if profile.unsupported_reason(shapes) is None
+    ]
+    return min(covering)[2] if covering else None

@@ -1,0 +1,108 @@
+"""Engine build: validated ONNX -> strongly typed TensorRT network -> serialized plan.
+
+Precision comes from the ONNX file (fp16 weights and casts): TensorRT 11 builds only
+strongly typed networks, and TensorRT 10 is asked for the same with the STRONGLY_TYPED
+flag. One optimization profile per engine, a workspace limit, an optimization level,
+and a timing cache shared through the store so later builds on the same GPU and
+TensorRT version skip the tactic timing already done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from engine.errors import ArtifactError
+from engine.locking import BuildLock
+from engine.profiles import Profile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    workspace_bytes: int
+    optimization_level: int
+    version_compatible: bool
+
+
+def network_flags(trt: ModuleType) -> int:
+    """0 on TensorRT 11 (always strongly typed); the STRONGLY_TYPED bit on TensorRT 10."""
+    if int(trt.__version__.split(".")[0]) >= 11:
+        return 0
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def parse_onnx(trt: ModuleType, builder, logger, onnx_path: Path):
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(
+            f"{error.node_name()}: {error.desc()}" for error in map(parser.get_error, range(parser.num_errors))
+        )
+        raise ArtifactError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    return network, parser
+
+
+def builder_config(trt: ModuleType, builder, profile: Profile, options: BuildOptions, timing_cache: bytes):
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+    config.builder_optimization_level = options.optimization_level
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    optimization_profile = builder.create_optimization_profile()
+    for name, shapes in profile.inputs:
+        optimization_profile.set_shape(name, shapes.minimum, shapes.optimum, shapes.maximum)
+    config.add_optimization_profile(optimization_profile)
+    cache = config.create_timing_cache(timing_cache)
+    config.set_timing_cache(cache, False)
+    return config
+
+
+class TimingCache:
+    """A timing cache file per GPU and TensorRT version, merged under a lock and replaced atomically."""
+
+    def __init__(self, path: Path, lock_stale_s: float, lock_heartbeat_s: float):
+        self.path = path
+        self.lock = BuildLock(path.with_suffix(".lock"), lock_stale_s, lock_heartbeat_s)
+
+    def read(self) -> bytes:
+        with contextlib.suppress(FileNotFoundError):
+            return self.path.read_bytes()
+        return b""
+
+    def merge(self, config) -> None:
+        """Adds what this build timed to what other builds saved since it started."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.lock:
+            cache = config.get_timing_cache()
+            saved = self.read()
+            if saved:
+                cache.combine(config.create_timing_cache(saved), False)
+            temporary = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}")
+            temporary.write_bytes(bytes(cache.serialize()))
+            os.replace(temporary, self.path)
+
+
+def build_engine(
+    trt: ModuleType,
+    logger,
+    onnx_path: Path,
+    profile: Profile,
+    options: BuildOptions,
+    timing_cache: TimingCache,
+    plan_path: Path,
+) -> None:
+    builder = trt.Builder(logger)
+    network, _parser = parse_onnx(trt, builder, logger, onnx_path)
+    config = builder_config(trt, builder, profile, options, timing_cache.read())
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ArtifactError(f"TensorRT failed to build {onnx_path.name} for profile {profile.label}")
+    plan_path.write_bytes(bytes(serialized))
+    timing_cache.merge(config)

@@ -1,0 +1,88 @@
+"""Profiles from configured ranges, and the engine chosen for a request: pure logic, no TensorRT."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.models.spec import ComponentSpec, Dims, TensorSpec
+from engine.profiles import Profile, SizeRange, choose, default_ranges, parse_ranges, profile_for
+
+UNET = ComponentSpec(
+    name="unet",
+    inputs=(
+        TensorSpec("sample", ("batch", 4, "latent_height", "latent_width")),
+        TensorSpec("timestep", (1,), keep_fp32=True),
+        TensorSpec("encoder_hidden_states", ("batch", 77, 768)),
+    ),
+    outputs=(TensorSpec("noise_pred", ("batch", 4, "latent_height", "latent_width")),),
+    batch_multiplier=2,
+)
+VAE = ComponentSpec(
+    name="vae_decoder",
+    inputs=(TensorSpec("latent", ("batch", 4, "latent_height", "latent_width")),),
+    outputs=(TensorSpec("images", ("batch", 3, "height", "width")),),
+)
+
+
+def test_ranges_parse_and_label():
+    assert SizeRange.parse("256-1024@512x4") == SizeRange(256, 512, 1024, 4)
+    assert SizeRange.parse("512x1").static
+    assert SizeRange.parse("512x1").label == "512x1"
+    assert parse_ranges("256-768@512x2, 512x1", 512) == [SizeRange(256, 512, 768, 2), SizeRange(512, 512, 512, 1)]
+
+
+@pytest.mark.parametrize("text", ["", "512", "1024-256@512x4", "256-1024@2000x4", "256-1024@512x0", "250-1024@512x4"])
+def test_bad_ranges_are_rejected(text):
+    with pytest.raises(ValueError, match="engine profile"):
+        SizeRange.parse(text)
+
+
+def test_default_range_follows_the_native_size():
+    assert default_ranges(512) == [SizeRange(256, 512, 768, 2)]
+    assert default_ranges(1024) == [SizeRange(512, 1024, 1536, 2)]
+    assert default_ranges(64) == [SizeRange(64, 64, 96, 2)]
+
+
+def test_unet_profile_is_in_latent_units_with_guidance_doubling():
+    profile = profile_for(UNET, SizeRange(256, 512, 1024, 4)).shapes()
+    assert profile["sample"].minimum == (1, 4, 32, 32)
+    assert profile["sample"].optimum == (2, 4, 64, 64)
+    assert profile["sample"].maximum == (8, 4, 128, 128)
+    assert profile["encoder_hidden_states"].maximum == (8, 77, 768)
+    assert profile["timestep"].minimum == profile["timestep"].maximum == (1,)
+
+
+def test_vae_profile_has_no_guidance_doubling():
+    profile = profile_for(VAE, SizeRange(256, 512, 1024, 4)).shapes()
+    assert profile["latent"].minimum == (1, 4, 32, 32)
+    assert profile["latent"].maximum == (4, 4, 128, 128)
+
+
+def test_static_profile_is_one_shape():
+    profile = profile_for(UNET, SizeRange.parse("512x1")).shapes()
+    assert profile["sample"].minimum == profile["sample"].optimum == profile["sample"].maximum == (2, 4, 64, 64)
+
+
+def test_coverage_and_reasons():
+    profile = profile_for(UNET, SizeRange(256, 512, 768, 2))
+    assert profile.unsupported_reason(UNET.input_shapes(Dims(2, 512, 768))) is None
+    assert profile.unsupported_reason(UNET.input_shapes(Dims(1, 512, 512), guidance=False)) is None
+    reason = profile.unsupported_reason(UNET.input_shapes(Dims(1, 1024, 512)))
+    assert reason == "profile 256-768@512x2: sample axis 2 is 128, the engine covers 32..96"
+    assert "axis 0 is 6" in profile.unsupported_reason(UNET.input_shapes(Dims(3, 512, 512)))
+
+
+def test_the_covering_engine_tuned_closest_is_chosen():
+    dynamic = profile_for(UNET, SizeRange(256, 512, 1024, 4))
+    static = profile_for(UNET, SizeRange.parse("512x1"))
+    wide = profile_for(UNET, SizeRange(512, 768, 1024, 1))
+    profiles = [dynamic, static, wide]
+    assert choose(profiles, UNET.input_shapes(Dims(1, 512, 512))) == 1
+    assert choose(profiles, UNET.input_shapes(Dims(1, 768, 768))) == 2
+    assert choose(profiles, UNET.input_shapes(Dims(3, 512, 512))) == 0
+    assert choose(profiles, UNET.input_shapes(Dims(1, 2048, 512))) is None
+
+
+def test_profiles_survive_the_manifest():
+    profile = profile_for(UNET, SizeRange(256, 512, 1024, 4))
+    assert Profile.from_json(profile.to_json()) == profile

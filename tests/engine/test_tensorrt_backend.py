@@ -1,0 +1,161 @@
+"""The TensorRT runner's bookkeeping, engine loading and fallback, on the CPU.
+
+TensorRT's full libraries and a GPU do not exist here, so engines come from
+tests/fake_tensorrt.py (its names are checked against TensorRT 11 in
+test_tensorrt_api.py); the runner, the store, the worker and its metrics are real.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from engine.artifacts import ENGINE_FILE
+from engine.backends.select import LazyTorchRunner, RunnerChain
+from engine.backends.tensorrt import TensorRTRunner, load_tensorrt
+from engine.fingerprint import component_fingerprint
+from engine.models import load_model
+from engine.profiles import SizeRange
+from engine.store import Store
+from engine.worker import Worker
+from tests import fake_tensorrt
+
+DYNAMIC = SizeRange(64, 64, 96, 2)
+STATIC = SizeRange.parse("64x1")
+
+
+@pytest.fixture
+def store(exported, tmp_path) -> Store:
+    shutil.copytree(exported, tmp_path / "engines")
+    return Store(tmp_path / "engines")
+
+
+@pytest.fixture
+def model(cache_dir):
+    return load_model("tiny", cache_dir)
+
+
+def components(model, store, names):
+    return {name: (model.specs[name], component_fingerprint(model, name, store.file_digest), "fp32") for name in names}
+
+
+def load(store, model, names, version="11.4.0.106"):
+    return load_tensorrt(
+        store,
+        components(model, store, names),
+        torch.device("cpu"),
+        "sm90",
+        False,
+        trt=fake_tensorrt.fake_tensorrt(version),
+    )
+
+
+def unet_inputs(model, batch=2, height=8, width=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(batch, 4, height, width, generator=generator),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(batch, 77, 32, generator=generator),
+    }
+
+
+def test_the_runner_allocates_once_per_shape_and_binds_every_call(store, model, monkeypatch):
+    fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)
+    backend = load(store, model, ["unet"])
+    runner = backend.runners["unet"]
+    [engine] = runner.engines
+    assert backend.scratch is not None and backend.scratch.numel() >= engine.device_memory_size
+    assert engine.context._memory == (backend.scratch.data_ptr(), backend.scratch.numel())
+    assert engine.context._strategy.name == "USER_MANAGED"
+
+    first = unet_inputs(model, seed=1)
+    out = runner(first)["noise_pred"]
+    assert torch.equal(out, first["sample"] * 2)
+    buffers = {name: t.data_ptr() for name, t in engine.slots[next(iter(engine.slots))].outputs.items()}
+
+    second = unet_inputs(model, seed=2)
+    assert torch.equal(runner(second)["noise_pred"], second["sample"] * 2)
+    assert len(engine.slots) == 1, "the same shape reuses its buffers"
+    assert {n: t.data_ptr() for n, t in engine.slots[next(iter(engine.slots))].outputs.items()} == buffers
+
+    wide = unet_inputs(model, batch=1, height=8, width=12, seed=3)
+    assert torch.equal(runner(wide)["noise_pred"], wide["sample"] * 2)
+    assert torch.equal(runner(first)["noise_pred"], first["sample"] * 2), "switching back rebinds shapes"
+    assert len(engine.slots) == 2
+    assert engine.context._executions == 4
+
+    returned = runner(first)["noise_pred"]
+    runner(second)
+    assert torch.equal(returned, first["sample"] * 2), "outputs are the caller's, not reused buffers"
+
+
+def test_each_call_runs_the_covering_engine_tuned_closest(store, model, monkeypatch):
+    fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC, STATIC], monkeypatch)
+    runner = load(store, model, ["unet"]).runners["unet"]
+    by_label = {engine.profile.label: engine for engine in runner.engines}
+    runner(unet_inputs(model, batch=2))
+    assert by_label["64x1"].context._executions == 1
+    runner(unet_inputs(model, batch=4))
+    assert by_label["64-96@64x2"].context._executions == 1
+    reason = runner.unsupported_reason(
+        {"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, 32)}
+    )
+    assert "64-96@64x2: sample axis 2 is 16, the engine covers 8..12" in reason
+
+
+def test_engines_that_cannot_be_used_are_skipped_with_a_reason(store, model, monkeypatch):
+    published = fake_tensorrt.publish_fake_engines(store, model, ["unet", "vae_decoder"], [DYNAMIC], monkeypatch)
+    [unet] = published["unet"]
+    data = bytearray(unet.file(ENGINE_FILE).read_bytes())
+    data[-2] ^= 0xFF
+    unet.file(ENGINE_FILE).write_bytes(bytes(data))
+    backend = load(store, model, ["unet", "vae_decoder", "text_encoder"])
+    assert set(backend.runners) == {"vae_decoder"}
+    assert "does not match its manifest" in backend.unavailable["unet"]
+    assert "no engine for sm90 and TensorRT 11.4.0.106" in backend.unavailable["text_encoder"]
+
+
+def test_engines_of_another_tensorrt_version_are_not_loaded(store, model, monkeypatch):
+    fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch, version="10.16.1.11")
+    backend = load(store, model, ["unet"])
+    assert backend.runners == {}
+    assert "no engine for sm90 and TensorRT 11.4.0.106" in backend.unavailable["unet"]
+
+
+def test_a_plan_tensorrt_cannot_deserialize_is_skipped(store, model, monkeypatch):
+    [unet] = fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)["unet"]
+    monkeypatch.setattr(fake_tensorrt.Runtime, "deserialize_cuda_engine", lambda self, serialized_engine: None)
+    backend = load(store, model, ["unet"])
+    assert "could not deserialize" in backend.unavailable["unet"]
+    assert unet.path.name in backend.unavailable["unet"]
+
+
+def test_the_worker_falls_back_per_request_and_says_why(store, model, monkeypatch, make_settings):
+    fake_tensorrt.publish_fake_engines(store, model, ["unet"], [STATIC], monkeypatch)
+    worker = Worker(make_settings(backend="torch", engine_dir=store.root))
+    engines = load(store, model, ["unet"]).runners["unet"]
+    torch_unet = worker.chains["unet"].runners[-1]
+    assert isinstance(engines, TensorRTRunner) and isinstance(torch_unet, LazyTorchRunner)
+    worker.chains["unet"] = RunnerChain("unet", [engines, torch_unet])
+
+    covered = worker.handle({"id": "a", "input": {"prompt": "a fox", "num_inference_steps": 2, "seed": 1}})
+    assert covered["status"] == "success"
+    assert covered["metrics"]["backends"]["unet"] == "tensorrt"
+    assert "unet" not in covered["metrics"]["fallbacks"]
+
+    missed = worker.handle({"id": "b", "input": {"prompt": "a fox", "width": 96, "num_inference_steps": 2}})
+    assert missed["status"] == "success"
+    assert missed["metrics"]["backends"]["unet"] == "torch"
+    assert (
+        "tensorrt: profile 64x1: sample axis 3 is 12, the engine covers 8..8" in missed["metrics"]["fallbacks"]["unet"]
+    )
+
+
+def test_without_a_gpu_tensorrt_is_unavailable_and_every_request_is_still_served(exported, make_settings):
+    worker = Worker(make_settings(backend="tensorrt", engine_dir=exported))
+    response = worker.handle({"id": "c", "input": {"prompt": "a fox", "num_inference_steps": 2}})
+    assert response["status"] == "success"
+    assert response["metrics"]["backends"] == dict.fromkeys(("text_encoder", "unet", "vae_decoder"), "onnxruntime")
+    assert response["metrics"]["fallbacks"]["unet"] == "tensorrt: TensorRT needs a CUDA device"

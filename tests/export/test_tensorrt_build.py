@@ -1,0 +1,133 @@
+"""The engine build and its publication, with TensorRT's builder stood in for by tests/fake_tensorrt.py.
+
+TensorRT's full libraries and a GPU do not exist on this machine; everything around
+them does: network flags, profiles, workspace, timing cache, keys, manifests, and the
+validation gate. tests/test_tensorrt_gpu.py repeats the chain for real where it can.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine.artifacts import ONNX_FILE
+from engine.errors import ArtifactError
+from engine.models import load_model
+from engine.profiles import SizeRange, profile_for
+from engine.store import Store
+from export import stages
+from export.stages import EngineBuilder, Exporter, StageLog
+from export.tensorrt import BuildOptions, TimingCache, build_engine, network_flags
+from tests import fake_tensorrt
+
+OPTIONS = BuildOptions(workspace_bytes=2**30, optimization_level=4, version_compatible=False)
+
+
+@pytest.fixture
+def store(exported, tmp_path) -> Store:
+    shutil.copytree(exported, tmp_path / "engines")
+    return Store(tmp_path / "engines")
+
+
+@pytest.fixture
+def model(cache_dir):
+    return load_model("tiny", cache_dir)
+
+
+def onnx_artifact(store: Store, component: str):
+    [artifact] = store.find(kind="onnx", component=component)
+    return artifact
+
+
+def test_tensorrt_11_networks_are_strongly_typed_without_flags_and_tensorrt_10_asks_for_it():
+    assert network_flags(fake_tensorrt.fake_tensorrt("11.4.0.106")) == 0
+    assert network_flags(fake_tensorrt.fake_tensorrt("10.16.1.11")) == 1 << 0
+
+
+def test_build_sets_the_profile_workspace_level_and_timing_cache(store, model, tmp_path):
+    trt = fake_tensorrt.fake_tensorrt()
+    spec = model.specs["unet"]
+    profile = profile_for(spec, SizeRange(64, 64, 128, 2))
+    cache = TimingCache(tmp_path / "cache" / "sm90-trt11.cache", 30, 1)
+    plan = tmp_path / "engine.plan"
+    build_engine(trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), profile, OPTIONS, cache, plan)
+    built = json.loads(plan.read_bytes()[len(b"FAKEPLAN") :])
+    assert built["profile"]["sample"] == [[1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 16, 16]]
+    assert built["profile"]["timestep"] == [[1], [1], [1]]
+    assert built["flags"] == 0
+    assert set(built["tensors"]) == {"sample", "timestep", "encoder_hidden_states", "noise_pred"}
+    assert json.loads(cache.path.read_bytes()) == {"tactic-0": 1}
+
+    other = profile_for(spec, SizeRange.parse("64x1"))
+    build_engine(trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), other, OPTIONS, cache, plan)
+    assert len(json.loads(cache.path.read_bytes())) == 2, "the second build merges into the saved cache"
+
+
+def test_parse_and_build_failures_are_reported(store, model, tmp_path):
+    trt = fake_tensorrt.fake_tensorrt()
+    profile = profile_for(model.specs["unet"], SizeRange(64, 64, 128, 2))
+    cache = TimingCache(tmp_path / "c.cache", 30, 1)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    with pytest.raises(ArtifactError, match=r"could not parse broken\.onnx"):
+        build_engine(trt, None, broken, profile, OPTIONS, cache, tmp_path / "a.plan")
+    fake_tensorrt.Builder.failures = 1
+    with pytest.raises(ArtifactError, match=r"failed to build model\.onnx for profile 64-128@64x2"):
+        build_engine(
+            trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), profile, OPTIONS, cache, tmp_path / "b.plan"
+        )
+
+
+def make_builder(store: Store, ranges: list[SizeRange], version_compatible: bool = False) -> EngineBuilder:
+    options = BuildOptions(2**30, 3, version_compatible)
+    return EngineBuilder.create(store, "sm90", ranges, options, 30, 1, trt=fake_tensorrt.fake_tensorrt())
+
+
+def test_engines_are_published_once_per_range_with_their_manifest(store, model, monkeypatch):
+    monkeypatch.setattr(stages, "compare", fake_tensorrt.passing_compare)
+    exporter = Exporter(model, store, torch.device("cpu"), "fp32")
+    builder = make_builder(store, [SizeRange(64, 64, 128, 2), SizeRange.parse("64x1")])
+    log = StageLog()
+    engines = exporter.engines("unet", onnx_artifact(store, "unet"), builder, log)
+    assert [e.key.profile for e in engines] == ["64-128@64x2", "64x1"]
+    for engine in engines:
+        engine.verify()
+        assert (engine.key.kind, engine.key.gpu, engine.key.tensorrt) == ("tensorrt", "sm90", "11.4.0.106")
+        assert engine.key.fingerprint == onnx_artifact(store, "unet").key.fingerprint
+        assert engine.manifest["builder"]["optimization_level"] == 3
+        assert engine.manifest["engine_bytes"] > 0
+        assert engine.manifest["profile"]["label"] == engine.key.profile
+    assert {"build 64-128@64x2", "validate 64-128@64x2", "build 64x1"} <= set(log.seconds)
+    again = StageLog()
+    assert [e.path for e in exporter.engines("unet", onnx_artifact(store, "unet"), builder, again)] == [
+        e.path for e in engines
+    ]
+    assert again.seconds == {}
+
+
+def test_version_compatible_engines_carry_a_major_version_tag(store, model, monkeypatch):
+    monkeypatch.setattr(stages, "compare", fake_tensorrt.passing_compare)
+    exporter = Exporter(model, store, torch.device("cpu"), "fp32")
+    builder = make_builder(store, [SizeRange(64, 64, 128, 2)], version_compatible=True)
+    [engine] = exporter.engines("vae_decoder", onnx_artifact(store, "vae_decoder"), builder, StageLog())
+    assert engine.key.tensorrt == "11.x-vc"
+
+
+def test_an_engine_that_differs_from_torch_is_not_published(store, model):
+    exporter = Exporter(model, store, torch.device("cpu"), "fp32")
+    builder = make_builder(store, [SizeRange(64, 64, 128, 2)])
+    with pytest.raises(ArtifactError, match="unet: tensorrt differs from torch: noise_pred at"):
+        exporter.engines("unet", onnx_artifact(store, "unet"), builder, StageLog())
+    assert store.find(kind="tensorrt") == []
+
+
+def test_the_lean_runtime_cannot_build(store):
+    import tensorrt_lean
+
+    from engine.errors import BackendUnavailable
+
+    with pytest.raises(BackendUnavailable, match="full TensorRT"):
+        EngineBuilder.create(store, "sm90", [], OPTIONS, 30, 1, trt=tensorrt_lean)

@@ -1,0 +1,67 @@
+"""The real TensorRT chain on a GPU: export, build, load, generate. Skipped where it cannot run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_export
+
+
+def full_tensorrt_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    try:
+        import tensorrt
+    except ImportError:
+        return "needs TensorRT's full libraries (pip install '.[gpu]')"
+    return None if hasattr(tensorrt, "Builder") else "needs TensorRT's builder, not only the lean runtime"
+
+
+pytestmark = [
+    pytest.mark.tensorrt,
+    pytest.mark.skipif(full_tensorrt_reason() is not None, reason=full_tensorrt_reason() or ""),
+]
+
+
+@pytest.fixture(scope="module")
+def gpu_store(tmp_path_factory, cache_dir):
+    engine_dir = tmp_path_factory.mktemp("gpu-engines")
+    done = run_export(engine_dir, cache_dir, "--device", "cuda")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return engine_dir
+
+
+def images(response: dict) -> list[np.ndarray]:
+    from export.verify import decode
+
+    assert response["status"] == "success", response
+    return [decode(item) for item in response["output"]]
+
+
+def test_tensorrt_matches_torch_on_the_gpu(gpu_store, make_settings):
+    from engine.worker import Worker
+    from export.verify import compare_images
+
+    request = {"id": "g", "input": {"prompt": "a fox", "num_inference_steps": 8, "seed": 3, "num_images": 2}}
+    reference = Worker(make_settings(device="cuda", backend="torch", engine_dir=gpu_store)).handle(request)
+    worker = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store))
+    first = worker.handle(request)
+    assert set(first["metrics"]["backends"].values()) == {"tensorrt"}, first["metrics"]["fallbacks"]
+    for candidate, expected in zip(images(first), images(reference), strict=True):
+        assert compare_images(candidate, expected).passed
+    replays = [images(worker.handle(request)) for _ in range(2)]  # second call captures, third replays
+    for replay in replays:
+        for a, b in zip(replay, images(first), strict=True):
+            assert np.abs(a - b).max() <= 1 / 255
+
+
+def test_a_request_outside_every_profile_falls_back_on_the_gpu(gpu_store, make_settings):
+    from engine.worker import Worker
+
+    worker = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store))
+    response = worker.handle({"id": "w", "input": {"prompt": "a fox", "width": 256, "num_inference_steps": 2}})
+    assert response["status"] == "success"
+    assert response["metrics"]["backends"]["unet"] != "tensorrt"
+    assert "profile" in response["metrics"]["fallbacks"]["unet"]
