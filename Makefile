@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 # torch==2.13.0 resolves to the CPU build on CPU-only hosts and to the CUDA build on GPU hosts.
 TORCH_VERSION ?= 2.13.0
 EXTRAS ?= dev
-STAMP := $(VENV)/.installed-$(EXTRAS)
-MODEL ?= tiny
 comma := ,
-# On a machine with an NVIDIA GPU, `make engines` also installs TensorRT to build engines.
-ENGINE_EXTRAS := $(if $(shell command -v nvidia-smi 2>/dev/null),dev$(comma)gpu,dev)
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+MODEL ?= tiny
+# On a machine with an NVIDIA GPU, `make engines` installs TensorRT (the gpu extra) to build engines.
+ENGINE_EXTRAS := $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,dev)
 PROMPT ?= a red fox in the snow, golden hour
 
 .PHONY: install install-gpu run test lint engines perf verify-gpu clean
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 install-gpu:
-	$(MAKE) install EXTRAS=dev,gpu
+	$(MAKE) install EXTRAS=gpu
 
 run: $(STAMP)
 	MODEL=$(MODEL) $(BIN)/python -m engine --prompt "$(PROMPT)" --out outputs
@@ -44,8 +44,8 @@ perf: $(STAMP)
 
 # On a GPU machine with TensorRT: export, build, load, compare with PyTorch, time.
 verify-gpu:
-	$(MAKE) install EXTRAS=dev,gpu
-	MODEL=$(MODEL) $(VENV)/bin/python -m export.verify
+	$(MAKE) install EXTRAS=gpu
+	MODEL=$(MODEL) $(BIN)/python -m export.verify
 
 clean:
 	rm -rf $(VENV) outputs perf/results .pytest_cache .ruff_cache

@@ -7,27 +7,31 @@ by the first request; ``handler(job)`` only validates, generates and answers.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 import runpod
 
-from engine.logs import configure_logging
 from engine.metrics import ColdStart
-from engine.settings import Settings
-from engine.worker import Worker
+from engine.startup import start
 
 LOCAL_TEST = "--test_input" in sys.argv
+ON_RUNPOD = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
 
 cold_start = ColdStart()
 cold_start.mark("import")
-settings = Settings()
-configure_logging(settings.log_level)
-worker = Worker(settings, cold_start)
+startup = start(cold_start)
+for check in startup.fitness_checks():
+    runpod.serverless.register_fitness_check(check)
 
 
 def handler(job: dict[str, Any]) -> dict[str, Any]:
-    response = worker.handle(job)
+    if startup.worker is None:
+        response = {"status": "error", "error": f"the worker failed to start: {startup.error}"}
+    else:
+        progress = (lambda update: runpod.serverless.progress_update(job, update)) if ON_RUNPOD else None
+        response = startup.worker.handle(job, progress)
     if LOCAL_TEST:
         # The SDK cuts the result it logs to 4 KB; print it whole so its images can be decoded.
         print(json.dumps(response), flush=True)

@@ -86,6 +86,20 @@ class Settings(BaseSettings):
     lock_heartbeat_s: float = Field(10.0, gt=0)
 
     warmup: bool = Field(False, description="run one small generation at start-up")
+    ready_file: Path = Field(Path("/tmp/worker-ready"), description="written with the pid once the worker serves")
+    progress_every: int = Field(5, ge=1, description="denoising steps between progress updates")
+    min_free_disk_gb: float = Field(1.0, ge=0)
+    min_free_memory_gb: float = Field(1.0, ge=0)
+
+    bucket_endpoint_url: str | None = None
+    bucket_access_key_id: str | None = None
+    bucket_secret_access_key: str | None = None
+    bucket_name: str | None = Field(None, description="default: runpod's month-year bucket name")
+    max_inline_bytes: int = Field(
+        9_500_000, gt=0, description="largest inline response; RunPod accepts 10 MB on /run and 20 MB on /runsync"
+    )
+    always_upload: bool = Field(False, description="upload every image when a bucket is configured")
+
     log_level: str = "INFO"
 
     @field_validator("component_backends", mode="before")
@@ -107,6 +121,14 @@ class Settings(BaseSettings):
         if self.default_steps > self.max_steps:
             raise ValueError("DEFAULT_STEPS is above MAX_STEPS")
         return self
+
+    @property
+    def bucket_configured(self) -> bool:
+        return bool(self.bucket_endpoint_url and self.bucket_access_key_id and self.bucket_secret_access_key)
+
+    @property
+    def requires_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
     def backend_for(self, component: str) -> Backend:
         return self.component_backends.get(component, self.backend)

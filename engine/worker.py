@@ -17,13 +17,15 @@ import torch
 
 from engine.backends.base import Runner
 from engine.backends.select import LazyTorchRunner, RunnerChain, build_chains
+from engine.delivery import Delivery, EncodedImage
 from engine.errors import DeadlineExceeded, WorkerError
-from engine.images import encode_image, to_base64
+from engine.faults import is_out_of_memory, is_unrecoverable
+from engine.images import encode_image
 from engine.logs import request_context
 from engine.metrics import ColdStart, StageTimer, peak_memory_mb, reset_peak_memory
 from engine.models import Model, load_model
 from engine.models.spec import Dims
-from engine.pipeline import DiffusionPipeline
+from engine.pipeline import DiffusionPipeline, StepCallback
 from engine.request import Limits, ResolvedRequest, parse_request
 from engine.settings import Precision, Settings
 from engine.store import Store
@@ -66,6 +68,7 @@ class Worker:
         self.model.tokenizers  # noqa: B018 - load now, not in the first request
         self.cold_start.mark("runners_load")
         self.pipeline = DiffusionPipeline(self.model, self.device)
+        self.delivery = Delivery(settings)
         self.limits = Limits.from_settings(
             settings, self.model.config.native_size, self.model.family.default_guidance_scale
         )
@@ -110,28 +113,45 @@ class Worker:
                 return self._generate(job.get("input"), job_id, started, progress)
             except WorkerError as error:
                 log.warning("job failed: %s", error)
-                return {"status": "error", "error": str(error), "request_id": job_id}
-            except torch.cuda.OutOfMemoryError:
-                log.exception("out of GPU memory")
-                self._free_memory()
-                return {
-                    "status": "error",
-                    "error": "out of GPU memory: try fewer images or a smaller size",
-                    "request_id": job_id,
-                }
+                return self._error(job_id, str(error))
             except Exception as error:
-                log.exception("job failed unexpectedly")
-                self._free_memory()
-                return {
-                    "status": "error",
-                    "error": f"internal error: {type(error).__name__}: {error}",
-                    "request_id": job_id,
-                }
+                return self._fault(job_id, error)
+
+    def _error(self, job_id: str, message: str, **extra: Any) -> dict[str, Any]:
+        return {"status": "error", "error": message, "request_id": job_id, **extra}
+
+    def _fault(self, job_id: str, error: Exception) -> dict[str, Any]:
+        """An exception from the generation itself: free what it held, and say whether the worker can go on."""
+        if is_out_of_memory(error):
+            log.error("out of GPU memory: %s", error)
+            self._free_memory()
+            return self._error(job_id, "out of GPU memory: try fewer images, a smaller size, or a larger GPU")
+        if is_unrecoverable(error):
+            log.critical("unrecoverable CUDA error, asking RunPod for a new worker", exc_info=error)
+            return self._error(job_id, f"the GPU failed ({error}); this worker will be replaced", refresh_worker=True)
+        log.error("job failed unexpectedly", exc_info=error)
+        self._free_memory()
+        return self._error(job_id, f"internal error: {type(error).__name__}: {error}")
 
     def _free_memory(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def _step_callback(
+        self, request: ResolvedRequest, deadline: float, progress: ProgressCallback | None
+    ) -> StepCallback:
+        every = self.settings.progress_every
+
+        def on_step(done: int, total: int) -> None:
+            if time.perf_counter() > deadline:
+                raise DeadlineExceeded(
+                    f"timeout_s: the request passed its {request.timeout_s:g} s deadline after step {done} of {total}"
+                )
+            if progress is not None and (done % every == 0 or done == total):
+                progress({"step": done, "total_steps": total})
+
+        return on_step
 
     def _generate(self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None) -> dict[str, Any]:
         request = parse_request(payload, self.limits)
@@ -140,33 +160,33 @@ class Worker:
         runners, fallbacks = self._choose_runners(request)
         timer = StageTimer(self.device)
         reset_peak_memory(self.device)
-
-        deadline = started + request.timeout_s
-
-        def on_step(done: int, total: int) -> None:
-            if time.perf_counter() > deadline:
-                raise DeadlineExceeded(
-                    f"timeout_s: the request passed its {request.timeout_s:g} s deadline after step {done} of {total}"
-                )
-            if progress is not None:
-                progress({"step": done, "total_steps": total})
-
+        on_step = self._step_callback(request, started + request.timeout_s, progress)
         images = self.pipeline(request, seeds, runners, timer, on_step)
         with timer.stage("output_encode"):
-            files = [encode_image(image, request.output_format, request.quality) for image in images]
-            output = [
-                {
-                    "image": to_base64(data),
-                    "seed": seed,
-                    "width": image.width,
-                    "height": image.height,
-                    "format": request.output_format,
-                }
-                for data, seed, image in zip(files, seeds, images, strict=True)
+            encoded = [
+                EncodedImage(
+                    encode_image(image, request.output_format, request.quality),
+                    seed,
+                    image.width,
+                    image.height,
+                    request.output_format,
+                )
+                for seed, image in zip(seeds, images, strict=True)
             ]
+            output, delivery = self.delivery.deliver(job_id, encoded)
         metrics = self._metrics(request, job_id, started, timer, runners, fallbacks)
-        log.info("job done", extra={"fields": {"process_time": metrics["process_time"]}})
+        metrics["delivery"] = delivery
+        log.info("job done", extra={"fields": {"process_time": metrics["process_time"], "delivery": delivery}})
         return {"status": "success", "output": output, "metrics": metrics}
+
+    def warmup(self) -> None:
+        """One small generation at the native size, so the first request pays no first-run costs.
+
+        Two steps run the UNet twice at its shape, which also captures its CUDA graph.
+        """
+        request = parse_request({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, self.limits)
+        runners, _ = self._choose_runners(request)
+        self.pipeline(request, [0], runners, StageTimer(self.device))
 
     def _metrics(
         self,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import requests
 
 from engine.settings import Settings
 
@@ -29,7 +33,12 @@ def engine_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_settings(cache_dir: Path, engine_dir: Path) -> Callable[..., Settings]:
     def make(**overrides: object) -> Settings:
-        values: dict[str, object] = {"cache_dir": cache_dir, "engine_dir": engine_dir, "device": "cpu"}
+        values: dict[str, object] = {
+            "cache_dir": cache_dir,
+            "engine_dir": engine_dir,
+            "device": "cpu",
+            "ready_file": engine_dir.parent / "worker-ready",
+        }
         values.update(overrides)
         return Settings(**values)
 
@@ -39,8 +48,19 @@ def make_settings(cache_dir: Path, engine_dir: Path) -> Callable[..., Settings]:
 @pytest.fixture
 def subprocess_env(cache_dir: Path, engine_dir: Path) -> dict[str, str]:
     """Environment for running the project's commands as a user would, against the test caches."""
+    return worker_env(cache_dir, engine_dir)
+
+
+def worker_env(cache_dir: Path, engine_dir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(CACHE_DIR=str(cache_dir), ENGINE_DIR=str(engine_dir), DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env.update(
+        CACHE_DIR=str(cache_dir),
+        ENGINE_DIR=str(engine_dir),
+        DEVICE="cpu",
+        PYTHONUNBUFFERED="1",
+        READY_FILE=str(engine_dir.parent / "worker-ready"),
+        **extra,
+    )
     return env
 
 
@@ -62,3 +82,46 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     done = run_export(engine_dir, cache_dir)
     assert done.returncode == 0, done.stderr[-3000:]
     return engine_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_api(env: dict[str, str], log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The SDK's local API server (``handler.py --rp_serve_api``) on a free loopback port."""
+    port = free_port()
+    command = [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"API server exited: {log.read_text()[-3000:]}")
+            try:
+                requests.get(url + "/", timeout=2)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield url, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def runsync(url: str, payload: object, timeout: float = 120) -> requests.Response:
+    return requests.post(url + "/runsync", json={"input": payload}, timeout=timeout)
+
+
+def use_settings_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    """Puts settings into the environment, where the handler's start-up reads them."""
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None and not isinstance(value, dict):
+            monkeypatch.setenv(name.upper(), str(value))

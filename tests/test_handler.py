@@ -5,18 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import requests
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, runsync, serve_api, worker_env
 
 
 def run_test_input(payload: dict, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -82,55 +78,12 @@ def test_test_input_with_a_bad_width_fails_naming_width(subprocess_env):
     assert "width: must be a multiple of 8" in done.stdout + done.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def api_server(cache_dir, tmp_path_factory) -> Iterator[str]:
     """The SDK's local API server (``--rp_serve_api``) running the real handler."""
-    import os
-
-    port = free_port()
-    env = dict(
-        os.environ,
-        CACHE_DIR=str(cache_dir),
-        ENGINE_DIR=str(tmp_path_factory.mktemp("engines")),
-        DEVICE="cpu",
-        PYTHONUNBUFFERED="1",
-    )
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"API server exited: {log.read_text()[-3000:]}")
-            try:
-                requests.get(url + "/", timeout=2)
-                break
-            except requests.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+    engine_dir = tmp_path_factory.mktemp("api") / "engines"
+    with serve_api(worker_env(cache_dir, engine_dir), engine_dir.parent / "server.log") as (url, _):
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def runsync(url: str, payload: object) -> requests.Response:
-    return requests.post(url + "/runsync", json={"input": payload}, timeout=120)
 
 
 def test_api_server_answers_runsync(api_server):

@@ -1,0 +1,83 @@
+"""Worker start-up: settings, the worker itself, warm-up, readiness, and the fitness checks.
+
+Nothing here raises: a worker that cannot start answers every job with the reason,
+and on RunPod its fitness checks fail so the platform replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from engine import fitness
+from engine.logs import configure_logging
+from engine.metrics import ColdStart
+from engine.settings import Settings
+from engine.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Startup:
+    settings: Settings | None
+    worker: Worker | None
+    error: str | None
+
+    def fitness_checks(self) -> list[Callable[[], None]]:
+        """Zero-argument checks, in the order RunPod should run them."""
+
+        def worker_started() -> None:
+            if self.worker is None:
+                raise RuntimeError(f"the worker failed to start: {self.error}")
+
+        checks = [worker_started]
+        if self.settings is not None:
+            for check in fitness.CHECKS:
+                checks.insert(-1, _bound(check, self.settings))
+        return checks
+
+
+def _bound(check: Callable[[Settings], None], settings: Settings) -> Callable[[], None]:
+    def run() -> None:
+        check(settings)
+
+    run.__name__ = check.__name__
+    run.__doc__ = check.__doc__
+    return run
+
+
+def start(cold_start: ColdStart) -> Startup:
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        configure_logging()
+        log.critical("invalid configuration: %s", error)
+        return Startup(None, None, f"invalid configuration: {error}")
+    configure_logging(settings.log_level)
+    try:
+        worker = Worker(settings, cold_start)
+        if settings.warmup:
+            worker.warmup()
+            cold_start.mark("warmup")
+    except Exception as error:
+        log.critical("the worker failed to start", exc_info=error)
+        return Startup(settings, None, f"{type(error).__name__}: {error}")
+    log.info("cold start", extra={"fields": {"init_ms": cold_start.summary()}})
+    write_ready_file(settings)
+    return Startup(settings, worker, None)
+
+
+def write_ready_file(settings: Settings) -> None:
+    """The Docker HEALTHCHECK reads it: the worker started, and this pid serves."""
+    try:
+        settings.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = settings.ready_file.with_name(settings.ready_file.name + ".tmp")
+        temporary.write_text(str(os.getpid()))
+        temporary.replace(settings.ready_file)
+    except OSError as error:
+        log.warning("could not write the ready file %s: %s", settings.ready_file, error)
