@@ -27,6 +27,7 @@ from engine.settings import Settings
 
 MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 10_000
+DEFAULT_STRENGTH = 0.8
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class GenerateRequest(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(90, ge=1, le=100, description="jpeg and webp quality")
     timeout_s: float | None = Field(None, gt=0)
+    image: str | None = Field(None, min_length=1, description="image-to-image input: base64 or an http(s) URL")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="how much of the image is re-noised")
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -166,11 +169,26 @@ class GenerateRequest(BaseModel):
             problems.append(f"num_images: num_images x prompts must be at most {limits.max_images}, got {images}")
         if self.seed is not None and self.seed + images > MAX_SEED:
             problems.append("seed: seed plus the number of images must stay below 2**63")
+        if self.strength is not None and self.image is None:
+            problems.append("strength: only applies with an image")
+        steps = self.num_inference_steps or limits.default_steps
+        if self.image is not None and int(steps * self.strength_or_default) < 1:
+            problems.append(f"strength: with {steps} steps it must be at least {1 / steps:.3g} to denoise at all")
         if problems:
             raise RequestError("; ".join(problems))
         return self
 
-    def resolved(self, limits: Limits) -> ResolvedRequest:
+    @property
+    def strength_or_default(self) -> float:
+        return DEFAULT_STRENGTH if self.strength is None else self.strength
+
+    def resolved(self, limits: Limits, image_size: tuple[int, int] | None = None) -> ResolvedRequest:
+        """Every default filled in; an input image's size (rounded down to a multiple of 8) is the default size."""
+        width = self.width or (image_size[0] // 8 * 8 if image_size else limits.native_size)
+        height = self.height or (image_size[1] // 8 * 8 if image_size else limits.native_size)
+        if width * height > limits.max_pixels:
+            field = "image" if image_size and not (self.width and self.height) else "width"
+            raise RequestError(f"{field}: {width}x{height} is more than {limits.max_pixels} pixels")
         prompts = list(self.prompt)
         negatives = self.negative_prompt
         if negatives is not None and len(negatives) == 1:
@@ -179,8 +197,8 @@ class GenerateRequest(BaseModel):
             prompts=prompts,
             negative_prompts=negatives,
             images_per_prompt=self.num_images,
-            width=self.width or limits.native_size,
-            height=self.height or limits.native_size,
+            width=width,
+            height=height,
             steps=self.num_inference_steps or limits.default_steps,
             guidance_scale=limits.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
             seed=self.seed,
@@ -188,6 +206,8 @@ class GenerateRequest(BaseModel):
             output_format=self.output_format,
             quality=self.quality,
             timeout_s=min(self.timeout_s or limits.max_timeout_s, limits.max_timeout_s),
+            image=self.image,
+            strength=self.strength_or_default,
         )
 
 
@@ -207,6 +227,8 @@ class ResolvedRequest:
     output_format: str
     quality: int
     timeout_s: float
+    image: str | None = None
+    strength: float = 1.0
 
     @property
     def num_images(self) -> int:
@@ -217,13 +239,17 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "input"
 
 
-def parse_request(payload: Any, limits: Limits) -> ResolvedRequest:
+def validate_request(payload: Any, limits: Limits) -> GenerateRequest:
     """Validates ``job["input"]``; raises RequestError listing every problem as 'field: rule'."""
     if not isinstance(payload, dict):
         raise RequestError("input: must be a JSON object")
     try:
-        request = GenerateRequest.model_validate(payload, context=limits)
+        return GenerateRequest.model_validate(payload, context=limits)
     except ValidationError as error:
         problems = [f"{_location(item['loc'])}: {item['msg']}" for item in error.errors(include_url=False)]
         raise RequestError("; ".join(problems)) from None
-    return request.resolved(limits)
+
+
+def parse_request(payload: Any, limits: Limits) -> ResolvedRequest:
+    """A text-to-image request, validated and with its defaults."""
+    return validate_request(payload, limits).resolved(limits)

@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     max_images: int = Field(4, ge=1, description="images per request, all prompts together")
     max_prompts: int = Field(4, ge=1)
     max_timeout_s: float = Field(600.0, gt=0)
+    max_input_image_bytes: int = Field(20_000_000, gt=0, description="largest image-to-image input")
 
     engine_profiles: str | None = Field(
         None,

@@ -21,12 +21,13 @@ from engine.delivery import Delivery, EncodedImage
 from engine.errors import DeadlineExceeded, WorkerError
 from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.images import encode_image
+from engine.inputs import ImageLimits, load_image
 from engine.logs import request_context
 from engine.metrics import ColdStart, StageTimer, peak_memory_mb, reset_peak_memory
 from engine.models import Model, load_model
 from engine.models.spec import Dims
 from engine.pipeline import DiffusionPipeline, StepCallback
-from engine.request import Limits, ResolvedRequest, parse_request
+from engine.request import Limits, ResolvedRequest, parse_request, validate_request
 from engine.settings import Precision, Settings
 from engine.store import Store
 
@@ -69,6 +70,9 @@ class Worker:
         self.cold_start.mark("runners_load")
         self.pipeline = DiffusionPipeline(self.model, self.device)
         self.delivery = Delivery(settings)
+        self.image_limits = ImageLimits(
+            settings.max_input_image_bytes, settings.max_image_side, settings.min_image_side
+        )
         self.limits = Limits.from_settings(
             settings, self.model.config.native_size, self.model.family.default_guidance_scale
         )
@@ -88,15 +92,21 @@ class Worker:
                 primary.ensure_loaded()
         return chains
 
-    def _needed_components(self) -> tuple[str, ...]:
-        return (*self.model.family.text_encoders, *TEXT_TO_IMAGE)
+    def _needed_components(self, image: bool = False) -> tuple[str, ...]:
+        return (*self.model.family.text_encoders, *TEXT_TO_IMAGE, *(["vae_encoder"] if image else []))
+
+    def _batch(self, component: str, request: ResolvedRequest) -> int:
+        """Rows a component gets for one request: one per prompt, per image, or one input image."""
+        if component in self.model.family.text_encoders:
+            return len(request.prompts)
+        return 1 if component == "vae_encoder" else request.num_images
 
     def _choose_runners(self, request: ResolvedRequest) -> tuple[dict[str, Runner], dict[str, str]]:
         guidance = request.guidance_scale > 1.0
         runners, fallbacks = {}, {}
-        for component in self._needed_components():
+        for component in self._needed_components(image=request.image is not None):
             spec = self.model.specs[component]
-            batch = len(request.prompts) if component in self.model.family.text_encoders else request.num_images
+            batch = self._batch(component, request)
             shapes = spec.input_shapes(Dims(batch, request.height, request.width), guidance)
             runner, reasons = self.chains[component].choose(shapes)
             runners[component] = runner
@@ -154,14 +164,17 @@ class Worker:
         return on_step
 
     def _generate(self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None) -> dict[str, Any]:
-        request = parse_request(payload, self.limits)
+        draft = validate_request(payload, self.limits)
+        image = load_image(draft.image, self.image_limits) if draft.image is not None else None
+        request = draft.resolved(self.limits, image.size if image is not None else None)
+        init_image = self.pipeline.preprocess(image, request.height, request.width) if image is not None else None
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         seeds = [base_seed + index for index in range(request.num_images)]
         runners, fallbacks = self._choose_runners(request)
         timer = StageTimer(self.device)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)
-        images = self.pipeline(request, seeds, runners, timer, on_step)
+        images = self.pipeline(request, seeds, runners, timer, on_step, init_image)
         with timer.stage("output_encode"):
             encoded = [
                 EncodedImage(
@@ -203,6 +216,7 @@ class Worker:
             "process_time": round(time.perf_counter() - started, 4),
             "num_samples": request.num_images,
             "image_size": f"{request.width}x{request.height}",
+            "mode": "img2img" if request.image is not None else "txt2img",
             "request_id": job_id,
             "backends": {component: runner.backend for component, runner in runners.items()},
             "fallbacks": fallbacks,

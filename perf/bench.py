@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.request import parse_request
+from engine.inputs import load_image
+from engine.request import validate_request
 from engine.schedulers import make_scheduler
 from engine.settings import Backend, Settings
 from engine.worker import Worker
@@ -99,31 +100,40 @@ def release_memory() -> None:
 
 
 def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, runs: int) -> BackendResult:
-    """diffusers' own pipeline on the same model, device, dtype and requests: the outside baseline."""
-    from diffusers import DiffusionPipeline
+    """diffusers' own pipelines on the same model, device, dtype and requests: the outside baseline."""
+    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
 
     worker = Worker(settings.model_copy(update={"backend": Backend.TORCH}))
     dtype = torch.float16 if worker.precision == "fp16" else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(worker.model.folder, torch_dtype=dtype, safety_checker=None)
-    pipe = pipe.to(worker.device)
-    pipe.set_progress_bar_config(disable=True)
+    text_to_image = DiffusionPipeline.from_pretrained(worker.model.folder, torch_dtype=dtype, safety_checker=None)
+    text_to_image = text_to_image.to(worker.device)
+    image_to_image = AutoPipelineForImage2Image.from_pipe(text_to_image)
+    for pipe in (text_to_image, image_to_image):
+        pipe.set_progress_bar_config(disable=True)
     on_gpu = worker.device.type == "cuda"
     result = BackendResult("diffusers")
     try:
         for scenario in scenarios:
-            request = parse_request(scenario.payload, worker.limits)
+            draft = validate_request(scenario.payload, worker.limits)
+            image = load_image(draft.image, worker.image_limits) if draft.image else None
+            request = draft.resolved(worker.limits, image.size if image else None)
+            pipe = image_to_image if image else text_to_image
             pipe.scheduler = make_scheduler(request.scheduler, worker.model.scheduler_config)
+            inputs = (
+                {"image": image, "strength": request.strength}
+                if image
+                else {"width": request.width, "height": request.height}
+            )
 
-            def call(pipe=pipe, request=request) -> None:
+            def call(pipe=pipe, request=request, inputs=inputs) -> None:
                 pipe(
                     prompt=request.prompts,
                     negative_prompt=request.negative_prompts,
-                    width=request.width,
-                    height=request.height,
                     num_inference_steps=request.steps,
                     guidance_scale=request.guidance_scale,
                     num_images_per_prompt=request.images_per_prompt,
                     generator=torch.Generator("cpu").manual_seed(0),
+                    **inputs,
                 )
                 if on_gpu:
                     torch.cuda.synchronize()
@@ -138,5 +148,5 @@ def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, 
             result.timings.append(Timing("diffusers", scenario.name, percentiles(totals), {}, {}, {}, runs))
         return result
     finally:
-        del pipe, worker
+        del text_to_image, image_to_image, worker
         release_memory()

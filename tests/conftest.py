@@ -65,9 +65,10 @@ def worker_env(cache_dir: Path, engine_dir: Path, **extra: str) -> dict[str, str
 
 
 def export_command(engine_dir: Path, cache_dir: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
-    """`python -m export` for the tiny model into a given store, as a user runs it."""
+    """`python -m export` (for the tiny model unless ``extra`` names another) into a given store."""
     env = dict(os.environ, ENGINE_DIR=str(engine_dir), CACHE_DIR=str(cache_dir), DEVICE="cpu", PYTHONUNBUFFERED="1")
-    return [sys.executable, "-m", "export", "--model", "tiny", *extra], env
+    model = [] if "--model" in extra else ["--model", "tiny"]
+    return [sys.executable, "-m", "export", *model, *extra], env
 
 
 def run_export(engine_dir: Path, cache_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -80,6 +81,15 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """An engine store with every tiny component exported, shared read-only by the session."""
     engine_dir = tmp_path_factory.mktemp("exported")
     done = run_export(engine_dir, cache_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return engine_dir
+
+
+@pytest.fixture(scope="session")
+def exported_sdxl(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The same for tiny-sdxl."""
+    engine_dir = tmp_path_factory.mktemp("exported-sdxl")
+    done = run_export(engine_dir, cache_dir, "--model", "tiny-sdxl")
     assert done.returncode == 0, done.stderr[-3000:]
     return engine_dir
 

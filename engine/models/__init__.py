@@ -13,11 +13,12 @@ from engine.errors import ModelError
 from engine.models.builtin import BUILTIN_MODELS, builtin_model_folder
 from engine.models.family import ModelConfig, ModelFamily
 from engine.models.sd import StableDiffusion
+from engine.models.sdxl import StableDiffusionXL
 from engine.models.spec import ComponentSpec
 
 log = logging.getLogger(__name__)
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(),)
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL())
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 

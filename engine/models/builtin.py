@@ -112,7 +112,51 @@ def build_tiny(folder: Path) -> None:
     pipeline.save_pretrained(folder)
 
 
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny}
+def build_tiny_sdxl(folder: Path) -> None:
+    """Stable Diffusion XL architecture: two text encoders (the second with projection), text-time
+    added conditions, 64x64 native size."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = _tokenizer()
+    tokenizer_2 = _tokenizer()
+    tokenizer_2.pad_token = "!"  # as SDXL's second tokenizer pads
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_HIDDEN,
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        norm_num_groups=32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_vae(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=_text_encoder(tokenizer),
+        text_encoder_2=_text_encoder(tokenizer_2, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipeline.save_pretrained(folder)
+
+
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "tiny-sdxl": build_tiny_sdxl}
 
 
 def builtin_model_folder(name: str, cache_dir: Path) -> Path:

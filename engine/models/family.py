@@ -124,11 +124,6 @@ def repeat_for_images(embeddings: torch.Tensor, images_per_prompt: int) -> torch
     return embeddings.repeat_interleave(images_per_prompt, dim=0)
 
 
-def guidance_batch(negative: torch.Tensor, positive: torch.Tensor, guidance: bool) -> torch.Tensor:
-    """Unconditional rows first, as diffusers batches classifier-free guidance."""
-    return torch.cat([negative, positive]) if guidance else positive
-
-
 def load_pretrained(folder: Path, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
     """Loads one component with the class that the folder's model_index.json names."""
     index = json.loads((folder / "model_index.json").read_text())

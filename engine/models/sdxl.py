@@ -1,0 +1,108 @@
+"""Stable Diffusion XL: two CLIP text encoders, pooled text embeddings and time ids as added conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.models.family import (
+    Encode,
+    ModelConfig,
+    ModelFamily,
+    PromptBatch,
+    load_pretrained,
+    repeat_for_images,
+    tokenize,
+)
+from engine.models.modules import TextEncoderModule, UNetModule
+from engine.models.sd import token_ids, unet_spec, vae_module, vae_specs
+from engine.models.spec import ComponentSpec, TensorSpec
+
+PENULTIMATE = -2
+"""SDXL conditions on the second-to-last hidden state of both text encoders."""
+TIME_IDS = 6
+"""original size (2), crop top-left (2), target size (2)."""
+
+
+class StableDiffusionXL(ModelFamily):
+    name = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    text_encoders = ("text_encoder", "text_encoder_2")
+    tokenizers = ("tokenizer", "tokenizer_2")
+    components = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+    default_guidance_scale = 5.0
+
+    def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
+        first, second = config.configs["text_encoder"], config.configs["text_encoder_2"]
+        length = first["max_position_embeddings"]
+        joint = ("batch", length, first["hidden_size"] + second["hidden_size"])
+        pooled = TensorSpec("text_embeds", ("batch", second["projection_dim"]))
+        return {
+            "text_encoder": ComponentSpec(
+                name="text_encoder",
+                inputs=(token_ids(config, "text_encoder"),),
+                outputs=(TensorSpec("hidden_states", ("batch", length, first["hidden_size"])),),
+                batch_multiplier=2,
+            ),
+            "text_encoder_2": ComponentSpec(
+                name="text_encoder_2",
+                inputs=(token_ids(config, "text_encoder_2"),),
+                outputs=(TensorSpec("hidden_states", ("batch", length, second["hidden_size"])), pooled),
+                batch_multiplier=2,
+            ),
+            "unet": unet_spec(
+                config,
+                (
+                    TensorSpec("encoder_hidden_states", joint),
+                    pooled,
+                    TensorSpec("time_ids", ("batch", TIME_IDS), value_range=(0, 2048), keep_fp32=True),
+                ),
+            ),
+            **vae_specs(config),
+        }
+
+    def torch_module(self, component: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+        if component == "text_encoder":
+            return TextEncoderModule(load_pretrained(folder, component, dtype), hidden_layer=PENULTIMATE)
+        if component == "text_encoder_2":
+            return TextEncoderModule(load_pretrained(folder, component, dtype), hidden_layer=PENULTIMATE, pooled=True)
+        if component == "unet":
+            return UNetModule(load_pretrained(folder, "unet", dtype), added_cond_names=("text_embeds", "time_ids"))
+        return vae_module(component, folder, dtype)
+
+    def component_precision(self, component: str, precision: str, config: ModelConfig) -> str:
+        """SDXL's VAE overflows in fp16 unless it is a fixed one (its config then drops force_upcast)."""
+        if component.startswith("vae") and config.configs["vae"].get("force_upcast", False):
+            return "fp32"
+        return precision
+
+    def encode_prompt(
+        self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig
+    ) -> dict[str, torch.Tensor]:
+        prompts = list(batch.prompts)
+        zero_negative = batch.negative_prompts is None and config.pipeline_config.get(
+            "force_zeros_for_empty_prompt", True
+        )
+        encode_negatives = batch.guidance and not zero_negative
+        texts = (list(batch.negative_prompts or [""] * len(prompts)) + prompts) if encode_negatives else prompts
+        hidden, pooled = [], None
+        for encoder, tokenizer in zip(self.text_encoders, self.tokenizers, strict=True):
+            outputs = encode(encoder, {"input_ids": tokenize(tokenizers[tokenizer], texts)})
+            hidden.append(outputs["hidden_states"])
+            pooled = outputs.get("text_embeds", pooled)
+        assert pooled is not None
+        embeddings = torch.cat(hidden, dim=-1)
+        if batch.guidance and zero_negative:
+            embeddings = torch.cat([torch.zeros_like(embeddings), embeddings])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        rows = embeddings.shape[0] * batch.images_per_prompt
+        size = [batch.height, batch.width]
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=torch.float32).repeat(rows, 1)
+        return {
+            "encoder_hidden_states": repeat_for_images(embeddings, batch.images_per_prompt),
+            "text_embeds": repeat_for_images(pooled, batch.images_per_prompt),
+            "time_ids": time_ids.to(embeddings.device),
+        }

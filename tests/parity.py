@@ -1,0 +1,75 @@
+"""Helpers that run the worker's pipeline and diffusers' own pipeline on the same request."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.inputs import load_image
+from engine.metrics import StageTimer
+from engine.request import validate_request
+from engine.schedulers import make_scheduler
+from engine.worker import Worker
+
+TOLERANCE = 2  # of 255, per pixel
+
+
+def as_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth picture with some texture, like a photo rather than noise."""
+    y, x = np.mgrid[0:height, 0:width] / max(width, height)
+    texture = np.random.default_rng(seed).random((height, width)) * 0.2
+    pixels = np.stack([x, y, 0.5 + texture], axis=-1).clip(0, 1)
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def to_base64(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
+    draft = validate_request(payload, worker.limits)
+    image = load_image(draft.image, worker.image_limits) if draft.image else None
+    request = draft.resolved(worker.limits, image.size if image else None)
+    init = worker.pipeline.preprocess(image, request.height, request.width) if image else None
+    seeds = [payload["seed"] + i for i in range(request.num_images)]
+    runners, _ = worker._choose_runners(request)
+    return [as_array(i) for i in worker.pipeline(request, seeds, runners, StageTimer(worker.device), None, init)]
+
+
+def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
+    """diffusers' pipeline (text-to-image or image-to-image, as the payload asks) with the same inputs."""
+    draft = validate_request(payload, worker.limits)
+    image = load_image(draft.image, worker.image_limits) if draft.image else None
+    request = draft.resolved(worker.limits, image.size if image else None)
+    pipe.scheduler = make_scheduler(request.scheduler, worker.model.scheduler_config)
+    inputs = (
+        {"image": image, "strength": request.strength} if image else {"height": request.height, "width": request.width}
+    )
+    result = pipe(
+        prompt=request.prompts,
+        negative_prompt=request.negative_prompts,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        num_images_per_prompt=request.images_per_prompt,
+        generator=[torch.Generator().manual_seed(payload["seed"] + i) for i in range(request.num_images)],
+        **inputs,
+    )
+    return [as_array(image) for image in result.images]
+
+
+def assert_same_images(ours: list[np.ndarray], theirs: list[np.ndarray]) -> None:
+    assert len(ours) == len(theirs)
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine.shape == reference.shape
+        assert np.abs(mine - reference).max() <= TOLERANCE
+        assert reference.std() > 1  # a real image, not a blank that trivially matches
