@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from engine.models import load_model
 from engine.settings import Settings
+from engine.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,3 +138,15 @@ def use_settings_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Non
     for name, value in settings.model_dump(mode="json").items():
         if value is not None and not isinstance(value, dict):
             monkeypatch.setenv(name.upper(), str(value))
+
+
+@pytest.fixture
+def store(exported: Path, tmp_path: Path) -> Store:
+    """A writable copy of the exported tiny store."""
+    shutil.copytree(exported, tmp_path / "engines")
+    return Store(tmp_path / "engines")
+
+
+@pytest.fixture
+def model(cache_dir: Path):
+    return load_model("tiny", cache_dir)

@@ -7,34 +7,18 @@ test_tensorrt_api.py); the runner, the store, the worker and its metrics are rea
 
 from __future__ import annotations
 
-import shutil
-
-import pytest
 import torch
 
 from engine.artifacts import ENGINE_FILE
 from engine.backends.select import LazyTorchRunner, RunnerChain
 from engine.backends.tensorrt import TensorRTRunner, load_tensorrt
 from engine.fingerprint import component_fingerprint
-from engine.models import load_model
 from engine.profiles import SizeRange
-from engine.store import Store
 from engine.worker import Worker
 from tests import fake_tensorrt
 
 DYNAMIC = SizeRange(64, 64, 96, 2)
 STATIC = SizeRange.parse("64x1")
-
-
-@pytest.fixture
-def store(exported, tmp_path) -> Store:
-    shutil.copytree(exported, tmp_path / "engines")
-    return Store(tmp_path / "engines")
-
-
-@pytest.fixture
-def model(cache_dir):
-    return load_model("tiny", cache_dir)
 
 
 def components(model, store, names):

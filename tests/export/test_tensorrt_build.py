@@ -8,14 +8,12 @@ validation gate. tests/test_tensorrt_gpu.py repeats the chain for real where it 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from engine.artifacts import ONNX_FILE
 from engine.errors import ArtifactError
-from engine.models import load_model
 from engine.profiles import SizeRange, profile_for
 from engine.store import Store
 from export import stages
@@ -24,17 +22,6 @@ from export.tensorrt import BuildOptions, TimingCache, build_engine, network_fla
 from tests import fake_tensorrt
 
 OPTIONS = BuildOptions(workspace_bytes=2**30, optimization_level=4, version_compatible=False)
-
-
-@pytest.fixture
-def store(exported, tmp_path) -> Store:
-    shutil.copytree(exported, tmp_path / "engines")
-    return Store(tmp_path / "engines")
-
-
-@pytest.fixture
-def model(cache_dir):
-    return load_model("tiny", cache_dir)
 
 
 def onnx_artifact(store: Store, component: str):
