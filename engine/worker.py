@@ -81,9 +81,6 @@ class Worker:
             extra={"fields": {"model": settings.model, "device": str(self.device), "precision": self.precision}},
         )
 
-    def component_precision(self, component: str) -> str:
-        return self.model.family.component_precision(component, self.precision, self.model.config)
-
     def _build_chains(self) -> dict[str, RunnerChain]:
         chains, self.tensorrt = build_chains(self.model, self.settings, self.store, self.device, self.precision)
         for component in self._needed_components():
