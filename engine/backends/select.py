@@ -115,8 +115,9 @@ def build_chains(
                 gpu_tag(device),
                 settings.cuda_graphs,
             )
-        except (BackendUnavailable, OSError) as error:
-            tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, str(error)))
+        except Exception as error:  # whatever TensorRT raises, the worker starts on the other backends
+            log.exception("TensorRT engines could not be loaded")
+            tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, f"{type(error).__name__}: {error}"))
 
     chains = {}
     for component, backends in wanted.items():
