@@ -7,7 +7,7 @@ worker asks for, and an artifact from an older exporter is never served.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from engine.models.spec import ComponentSpec
 from engine.store import ArtifactKey
@@ -43,13 +43,4 @@ def engine_key(
     spec: ComponentSpec, fingerprint: str, precision: str, gpu: str, tensorrt: str, profile: str
 ) -> ArtifactKey:
     """An engine follows its ONNX export's key and adds the GPU, the TensorRT version and the profile."""
-    return ArtifactKey(
-        kind="tensorrt",
-        component=spec.name,
-        fingerprint=fingerprint,
-        precision=precision,
-        exporter=exporter_id(spec),
-        gpu=gpu,
-        tensorrt=tensorrt,
-        profile=profile,
-    )
+    return replace(onnx_key(spec, fingerprint, precision), kind="tensorrt", gpu=gpu, tensorrt=tensorrt, profile=profile)

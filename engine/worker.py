@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL import Image
 
 from engine.backends.base import Runner
 from engine.backends.select import LazyTorchRunner, RunnerChain, build_chains
@@ -161,9 +162,7 @@ class Worker:
         return on_step
 
     def _generate(self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None) -> dict[str, Any]:
-        draft = validate_request(payload, self.limits)
-        image = load_image(draft.image, self.image_limits) if draft.image is not None else None
-        request = draft.resolved(self.limits, image.size if image is not None else None)
+        request, image = self.resolve(payload)
         init_image = self.pipeline.preprocess(image, request.height, request.width) if image is not None else None
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         seeds = [base_seed + index for index in range(request.num_images)]
@@ -188,6 +187,12 @@ class Worker:
         metrics["delivery"] = delivery
         log.info("job done", extra={"fields": {"process_time": metrics["process_time"], "delivery": delivery}})
         return {"status": "success", "output": output, "metrics": metrics}
+
+    def resolve(self, payload: Any) -> tuple[ResolvedRequest, Image.Image | None]:
+        """A valid request with its defaults, and its input image when it has one (its size is the default)."""
+        draft = validate_request(payload, self.limits)
+        image = load_image(draft.image, self.image_limits) if draft.image is not None else None
+        return draft.resolved(self.limits, image.size if image is not None else None), image
 
     def warmup(self) -> None:
         """One small generation at the native size, so the first request pays no first-run costs.

@@ -11,8 +11,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.inputs import load_image
-from engine.request import validate_request
 from engine.schedulers import make_scheduler
 from engine.settings import Backend, Settings
 from engine.worker import Worker
@@ -114,9 +112,7 @@ def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, 
     result = BackendResult("diffusers")
     try:
         for scenario in scenarios:
-            draft = validate_request(scenario.payload, worker.limits)
-            image = load_image(draft.image, worker.image_limits) if draft.image else None
-            request = draft.resolved(worker.limits, image.size if image else None)
+            request, image = worker.resolve(scenario.payload)
             pipe = image_to_image if image else text_to_image
             pipe.scheduler = make_scheduler(request.scheduler, worker.model.scheduler_config)
             inputs = (

@@ -9,9 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.inputs import load_image
 from engine.metrics import StageTimer
-from engine.request import validate_request
 from engine.schedulers import make_scheduler
 from engine.worker import Worker
 
@@ -37,9 +35,7 @@ def to_base64(image: Image.Image, fmt: str = "PNG") -> str:
 
 
 def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
-    draft = validate_request(payload, worker.limits)
-    image = load_image(draft.image, worker.image_limits) if draft.image else None
-    request = draft.resolved(worker.limits, image.size if image else None)
+    request, image = worker.resolve(payload)
     init = worker.pipeline.preprocess(image, request.height, request.width) if image else None
     seeds = [payload["seed"] + i for i in range(request.num_images)]
     runners, _ = worker._choose_runners(request)
@@ -48,9 +44,7 @@ def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
 
 def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
     """diffusers' pipeline (text-to-image or image-to-image, as the payload asks) with the same inputs."""
-    draft = validate_request(payload, worker.limits)
-    image = load_image(draft.image, worker.image_limits) if draft.image else None
-    request = draft.resolved(worker.limits, image.size if image else None)
+    request, image = worker.resolve(payload)
     pipe.scheduler = make_scheduler(request.scheduler, worker.model.scheduler_config)
     inputs = (
         {"image": image, "strength": request.strength} if image else {"height": request.height, "width": request.width}
