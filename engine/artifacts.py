@@ -13,7 +13,7 @@ from engine.models.spec import ComponentSpec
 from engine.store import ArtifactKey
 
 ONNX_OPSET = 19
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 """Bumped whenever export, cleanup or fp16 conversion changes what a graph computes."""
 
 ONNX_FILE = "model.onnx"

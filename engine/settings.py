@@ -9,6 +9,7 @@ code changes. Everything else receives a ``Settings`` object instead of reading
 from __future__ import annotations
 
 import os
+import tempfile
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -47,6 +48,11 @@ def default_engine_dir() -> Path:
     return default_cache_dir() / "engines"
 
 
+def default_export_work_dir() -> Path:
+    """Local disk for raw exports: only finished artifacts go to the (network) engine store."""
+    return Path(tempfile.gettempdir()) / "trt-diffusion-export"
+
+
 class Settings(BaseSettings):
     """All configuration of the worker, the export stage and the benchmarks."""
 
@@ -56,6 +62,9 @@ class Settings(BaseSettings):
     model_revision: str | None = Field(None, description="hub revision when MODEL is a hub id")
     cache_dir: Path = Field(default_factory=default_cache_dir)
     engine_dir: Path = Field(default_factory=default_engine_dir)
+    export_work_dir: Path = Field(
+        default_factory=default_export_work_dir, description="local folder for raw exports (as large as the weights)"
+    )
 
     backend: Backend = Backend.AUTO
     component_backends: Annotated[dict[str, Backend], NoDecode] = Field(

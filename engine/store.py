@@ -44,6 +44,37 @@ HOST = socket.gethostname()
 STAGING_MAX_AGE_S = 24 * 3600
 
 
+def private_name() -> str:
+    """A folder name no other process or host picks, that says which process owns it."""
+    return f"{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+
+
+def sweep_dead(root: Path) -> None:
+    """Removes folders left by dead processes on this host, and any older than a day."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        host, _, rest = path.name.rpartition("-")[0].rpartition("-")
+        pid = int(rest) if rest.isdigit() else None
+        dead_here = host == HOST and pid is not None and not psutil.pid_exists(pid)
+        with contextlib.suppress(FileNotFoundError):
+            if dead_here or time.time() - path.stat().st_mtime > STAGING_MAX_AGE_S:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def scratch_folder(root: Path) -> Iterator[Path]:
+    """A private folder under ``root`` for one build's intermediate files: removed afterwards,
+    and swept by a later build if its process dies."""
+    sweep_dead(root)
+    path = root / private_name()
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class ArtifactKey:
     """Everything an artifact depends on; any change gives another key and another artifact."""
@@ -221,19 +252,10 @@ class Store:
             return None
 
     def new_staging(self) -> Staging:
-        self.sweep_staging()
-        path = self.staging / f"{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
+        sweep_dead(self.staging)
+        path = self.staging / private_name()
         path.mkdir(parents=True)
         return Staging(path)
-
-    @contextlib.contextmanager
-    def scratch(self) -> Iterator[Path]:
-        """A folder for intermediate files, swept like staging if its process dies."""
-        staging = self.new_staging()
-        try:
-            yield staging.path
-        finally:
-            shutil.rmtree(staging.path, ignore_errors=True)
 
     def publish(self, key: ArtifactKey, staging: Staging) -> Artifact:
         """Hashes the staged files, writes the manifest, fsyncs and renames into place."""
@@ -267,16 +289,7 @@ class Store:
             path.rename(self.quarantine_dir / f"{path.name}-{uuid.uuid4().hex[:8]}")
 
     def sweep_staging(self) -> None:
-        """Removes builds left by dead processes on this host, and any older than a day."""
-        if not self.staging.is_dir():
-            return
-        for path in self.staging.iterdir():
-            host, _, rest = path.name.rpartition("-")[0].rpartition("-")
-            pid = int(rest) if rest.isdigit() else None
-            dead_here = host == HOST and pid is not None and not psutil.pid_exists(pid)
-            with contextlib.suppress(FileNotFoundError):
-                if dead_here or time.time() - path.stat().st_mtime > STAGING_MAX_AGE_S:
-                    shutil.rmtree(path, ignore_errors=True)
+        sweep_dead(self.staging)
 
     # Hash memo for model weights
 

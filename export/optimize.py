@@ -3,25 +3,35 @@
 TensorRT 11 takes precision from the ONNX file, so an fp16 graph is made here: weights
 and activations in fp16, with normalizations and softmax kept in fp32 behind casts,
 where fp16 overflows or loses the accuracy the image depends on.
+
+Every pass works on the graph without the weights that the exporter put in external
+data (all of them, for a graph over 2 GiB): folding leaves nodes on those weights alone,
+shape inference and the fp16 retyping read only their types and shapes, and the weights
+are then streamed into the artifact (``export.weights``). A small graph and a 10 GB one
+take the same passes, so they get the same fp32 islands, and memory stays bounded by
+the graph's structure rather than its weights.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import onnx
 import onnx_graphsurgeon as gs
-from polygraphy.backend.onnx import fold_constants
+from onnx.external_data_helper import uses_external_data
 from polygraphy.logger import G_LOGGER
 
 from engine.models.spec import ComponentSpec
+from export.weights import external_tensors, externalize, stream_external_weights, tensor_bytes
 
 log = logging.getLogger(__name__)
 G_LOGGER.module_severity = G_LOGGER.ERROR
 
-TWO_GIB = 2**31
 FP32_OPS = [
     "InstanceNormalization",
     "GroupNormalization",
@@ -39,27 +49,102 @@ class GraphStats:
     nodes_before: int
     nodes_after: int
     initializer_bytes: int
+    external_data: bool
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:
-    return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    return sum(tensor_bytes(t) for t in model.graph.initializer)
 
 
-def _cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
-    graph = gs.import_onnx(model)
-    graph.cleanup().toposort()
-    return gs.export_onnx(graph)
-
-
-def to_fp16(model: onnx.ModelProto, keep_fp32_io: list[str], large: bool) -> onnx.ModelProto:
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    return convert_float_to_float16(
-        model,
-        keep_io_types=keep_fp32_io,
-        op_block_list=DEFAULT_OP_BLOCK_LIST + FP32_OPS,
-        disable_shape_infer=large,
+def _reads_external_weights(node: gs.Node) -> bool:
+    return any(
+        isinstance(tensor, gs.Constant)
+        and isinstance(tensor._values, gs.ir.tensor.LazyValues)
+        and tensor._values.tensor.data_location == onnx.TensorProto.EXTERNAL
+        for tensor in node.inputs
     )
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every intermediate tensor's type and shape, found without reading any weight.
+
+    onnxruntime's symbolic inference (what polygraphy folds with) tries to read the value of
+    every initializer an arithmetic node touches, so it sees the external weights as graph
+    inputs of their declared type and shape; onnx's own inference is the fallback, as in polygraphy.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    weights = [t for t in view.graph.initializer if uses_external_data(t)]
+    inline = [t for t in view.graph.initializer if not uses_external_data(t)]
+    view.graph.ClearField("initializer")
+    view.graph.initializer.extend(inline)
+    view.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(view, auto_merge=True)
+    except Exception as error:  # its failures are untyped; onnx's inference still gives most shapes
+        log.debug("symbolic shape inference failed, using onnx's: %s", error)
+        inferred = onnx.shape_inference.infer_shapes(view)
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    result.graph.ClearField("value_info")
+    result.graph.value_info.extend(inferred.graph.value_info)
+    return result
+
+
+def fold_and_clean(model: onnx.ModelProto, max_passes: int = 8) -> onnx.ModelProto:
+    """Removes dead nodes, folds constant subgraphs (shape arithmetic; the exporter already folded
+    the weights) pass after pass until nothing changes, as polygraphy's folding does, and sorts the
+    graph. Nodes on unloaded external weights are never evaluated."""
+    for _ in range(max_passes):
+        nodes_before = len(model.graph.node)
+        graph = gs.import_onnx(infer_shapes(model))
+        graph.cleanup().toposort()
+        graph.fold_constants(error_ok=True, should_exclude_node=_reads_external_weights)
+        model = gs.export_onnx(graph.cleanup().toposort())
+        if len(model.graph.node) == nodes_before:
+            break
+    return model
+
+
+@contextmanager
+def _value_info_from_declared_shapes(float16: ModuleType) -> Iterator[None]:
+    """onnxruntime's converter reads a converted initializer's whole data just to learn its shape,
+    which fails (and would cost the model's size in memory) for weights in external data. For the
+    conversion, it learns the shape from the tensor's declared dims instead: the same value info."""
+    original = getattr(float16, "make_value_info_from_tensor", None)
+    if original is None:
+        raise RuntimeError("onnxruntime's fp16 converter changed: make_value_info_from_tensor is gone")
+    float16.make_value_info_from_tensor = lambda tensor: onnx.helper.make_tensor_value_info(
+        tensor.name, tensor.data_type, list(tensor.dims)
+    )
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def to_fp16(model: onnx.ModelProto, keep_fp32_io: list[str]) -> set[str]:
+    """Retypes the graph to fp16 in place; returns the external initializers whose data must be converted.
+
+    onnxruntime's converter places its casts from the graph's value types, so shapes are
+    inferred first, on the structure alone; for external tensors it only changes the
+    declared type, and their bytes are converted when they are streamed.
+    """
+    from onnxruntime.transformers import float16
+
+    model.graph.ClearField("value_info")
+    model.graph.value_info.extend(infer_shapes(model).graph.value_info)
+    was_fp32 = {t.name for t in external_tensors(model) if t.data_type == onnx.TensorProto.FLOAT}
+    with _value_info_from_declared_shapes(float16):
+        float16.convert_float_to_float16(
+            model,
+            keep_io_types=keep_fp32_io,
+            op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP32_OPS,
+            disable_shape_infer=True,
+        )
+    return {t.name for t in external_tensors(model) if t.name in was_fp32 and t.data_type == onnx.TensorProto.FLOAT16}
 
 
 def stamp_interface(model: onnx.ModelProto, spec: ComponentSpec) -> None:
@@ -82,28 +167,26 @@ def stamp_interface(model: onnx.ModelProto, spec: ComponentSpec) -> None:
 
 
 def optimize(source: Path, target: Path, spec: ComponentSpec, precision: str) -> GraphStats:
-    """Reads an exported graph, cleans it up, converts precision, and saves it (external data over 2 GiB)."""
+    """Reads an exported graph without its external weights, cleans it up, converts precision, and
+    saves it; external weights go to one data file beside ``target``, read from ``source``'s folder."""
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)  # constant folding runs subgraphs in onnxruntime
-    model = onnx.load(str(source))
+    source = externalize(source)
+    model = onnx.load(str(source), load_external_data=False)
     nodes_before = len(model.graph.node)
-    large = initializer_bytes(model) >= TWO_GIB
-    model = _cleanup(model)
-    model = fold_constants(model, allow_onnxruntime_shape_inference=not large, error_ok=True)
-    model = _cleanup(model)
+    model = fold_and_clean(model)
     stamp_interface(model, spec)
+    to_convert: set[str] = set()
     if precision == "fp16":
         keep_fp32 = [t.name for t in (*spec.inputs, *spec.outputs) if t.keep_fp32]
-        model = to_fp16(model, keep_fp32, large)
+        to_convert = to_fp16(model, keep_fp32)
+    external = any(True for _ in external_tensors(model))
+    if external:
+        stream_external_weights(model, source.parent, target, to_convert)
+    onnx.save_model(model, str(target))
     size = initializer_bytes(model)
-    external = size >= TWO_GIB
-    onnx.save_model(
-        model,
-        str(target),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=f"{target.name}.data",
+    log.info(
+        "optimized %s: %d -> %d nodes, %d MB of weights", target.name, nodes_before, len(model.graph.node), size >> 20
     )
-    log.info("optimized %s: %d -> %d nodes", target.name, nodes_before, len(model.graph.node))
-    return GraphStats(nodes_before, len(model.graph.node), size)
+    return GraphStats(nodes_before, len(model.graph.node), size, external)

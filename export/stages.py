@@ -6,10 +6,8 @@ entirely when its artifact is already in the store.
 
 from __future__ import annotations
 
+import gc
 import logging
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -26,17 +24,19 @@ from engine.backends.tensorrt import (
     tensorrt_module,
     version_tags,
 )
-from engine.backends.torch import TorchRunner
 from engine.errors import ArtifactError, BackendUnavailable
 from engine.fingerprint import component_fingerprint
 from engine.models import Model
 from engine.models.spec import ComponentSpec, Dims
 from engine.profiles import Profile, SizeRange, profile_for
-from engine.store import Artifact, Staging, Store
-from export.onnx import export_dims, export_onnx
+from engine.settings import default_export_work_dir
+from engine.store import Artifact, Staging, Store, scratch_folder
+from export.onnx import export_dims
 from export.optimize import optimize
+from export.stagelog import StageLog
 from export.tensorrt import BuildOptions, TimingCache, build_engine
-from export.validate import check, compare, validation_dims
+from export.trace import load_module, references_for, trace_component
+from export.validate import Reference, check, compare, validation_dims
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +53,6 @@ def tool_versions() -> dict[str, str]:
     return found
 
 
-@dataclass
-class StageLog:
-    """Seconds per stage of one component, and a hook the progress bar listens to."""
-
-    on_stage: Callable[[str], None] = lambda stage: None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        self.on_stage(name)
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - started, 3)
-
-
 def validation_device(device: torch.device) -> torch.device:
     """Where ONNX Runtime validates: the GPU with onnxruntime-gpu, else the CPU."""
     if device.type == "cuda":
@@ -81,12 +64,21 @@ def validation_device(device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
+def release_memory(device: torch.device) -> None:
+    """Returns what freed modules held, so the next stage starts from a low-water mark."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @dataclass
 class Exporter:
     model: Model
     store: Store
     device: torch.device
     precision: str
+    work_dir: Path = field(default_factory=default_export_work_dir)
+    """Local folder for raw exports; only validated artifacts reach the store."""
 
     def component_precision(self, component: str) -> str:
         return self.model.family.component_precision(component, self.precision, self.model.config)
@@ -99,26 +91,28 @@ class Exporter:
         key = onnx_key(spec, fingerprint, precision)
 
         def build(staging: Staging) -> None:
-            module = self.model.family.torch_module(component, self.model.folder, torch.float32).to(self.device)
-            traced = export_dims(self.model)
-            with self.store.scratch() as raw_dir:
+            device = validation_device(self.device)
+            with scratch_folder(self.work_dir) as raw_dir:
                 raw = raw_dir / ONNX_FILE
-                with stages.stage("export"):
-                    export_onnx(module, spec, traced, raw)
+                dims = validation_dims(self.model, device)
+                with stages.stage("trace"):
+                    references, traced = trace_component(self.model, component, self.device, dims, raw)
+                stages.merge(traced)
+                release_memory(self.device)
                 with stages.stage("optimize"):
                     graph = optimize(raw, staging.path / ONNX_FILE, spec, precision)
             with stages.stage("validate"):
-                candidate = OnnxRuntimeRunner(spec, staging.path / ONNX_FILE, precision, validation_device(self.device))
-                reference = TorchRunner(spec, module, "fp32", self.device)
-                dims = validation_dims(self.model, traced)
-                parity = check(spec, "onnxruntime", compare(spec, reference, candidate, dims, precision))
+                candidate = OnnxRuntimeRunner(spec, staging.path / ONNX_FILE, precision, device)
+                parity = check(spec, "onnxruntime", compare(spec, references, candidate, precision))
+                del candidate
             staging.info.update(
                 model=self.model.name,
-                traced_size=f"{traced.height}x{traced.width}",
+                traced_size=f"{export_dims(self.model).height}x{export_dims(self.model).width}",
                 graph=asdict(graph),
                 parity=parity,
-                stage_seconds=dict(stages.seconds),
+                validation=validation_record("onnxruntime", device, references),
                 tools=tool_versions(),
+                **stages.report(),
             )
 
         return self.store.ensure(key, build)
@@ -134,27 +128,37 @@ class Exporter:
 
             def build(staging: Staging, profile: Profile = profile) -> None:
                 onnx.verify()
+                dims = covered_dims(spec, profile, validation_dims(self.model, self.device))
+                with stages.stage(f"reference {profile.label}"):
+                    module = load_module(self.model, component, self.device)
+                    references = references_for(self.model, component, module, dims)
+                    del module
+                release_memory(self.device)
                 plan = staging.path / ENGINE_FILE
                 with stages.stage(f"build {profile.label}"):
                     builder.build(onnx.file(ONNX_FILE), profile, plan)
                 with stages.stage(f"validate {profile.label}"):
                     candidate = builder.runner(spec, plan.read_bytes(), profile, precision, self.device)
-                    module = self.model.family.torch_module(component, self.model.folder, torch.float32)
-                    reference = TorchRunner(spec, module.to(self.device), "fp32", self.device)
-                    dims = covered_dims(spec, profile, validation_dims(self.model, export_dims(self.model)))
-                    parity = check(spec, "tensorrt", compare(spec, reference, candidate, dims, precision))
+                    parity = check(spec, "tensorrt", compare(spec, references, candidate, precision))
+                    del candidate
                 staging.info.update(
                     model=self.model.name,
                     profile=profile.to_json(),
                     builder=asdict(builder.options),
                     engine_bytes=plan.stat().st_size,
                     parity=parity,
-                    stage_seconds=dict(stages.seconds),
+                    validation=validation_record("tensorrt", self.device, references),
                     tools=tool_versions(),
+                    **stages.report(),
                 )
 
             built.append(self.store.ensure(key, build))
         return built
+
+
+def validation_record(backend: str, device: torch.device, references: list[Reference]) -> dict:
+    """What the manifest says about how an artifact was checked."""
+    return {"backend": backend, "device": str(device), "shapes": [r.shape for r in references]}
 
 
 def covered_dims(spec: ComponentSpec, profile: Profile, candidates: list[Dims]) -> list[Dims]:

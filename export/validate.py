@@ -4,6 +4,11 @@ The reference is the fp32 torch module; the candidate is any Runner (ONNX Runtim
 TensorRT on a GPU), so validation also exercises the runner the worker will use. One of
 the shapes is never the one the graph was traced at, which catches shapes that were
 frozen into the graph.
+
+The reference outputs are computed first and kept (they are small), so the torch module
+is freed before the candidate loads: the two never hold the weights at the same time.
+On the CPU, large models are compared at small sizes, which check the same graph at a
+fraction of the cost; on a GPU, at the native size.
 """
 
 from __future__ import annotations
@@ -45,31 +50,65 @@ class Comparison:
         return self.max_abs_error <= self.allowed
 
 
-def validation_dims(model: Model, traced: Dims) -> list[Dims]:
-    """The traced size, the native size with a batch of two, and a non-square size."""
+CPU_VALIDATION_SIDE = 128
+"""On the CPU, images of at most this side: a full-size UNet takes seconds there, not minutes."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Inputs at one shape and what the fp32 torch module made of them (on the CPU)."""
+
+    dims: Dims
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+    @property
+    def shape(self) -> str:
+        return f"{self.dims.batch}x{self.dims.height}x{self.dims.width}"
+
+
+def validation_dims(model: Model, device: torch.device) -> list[Dims]:
+    """A size the UNet cannot halve evenly (like the traced one), a batch of two, and a non-square size.
+
+    At the native size on a GPU; on the CPU, at most ``CPU_VALIDATION_SIDE`` pixels a side.
+    """
+    factor = model.config.vae_scale_factor
     native = model.config.native_size
-    wide = native + native // 2 - (native // 2) % 8
-    return [traced, Dims(2, native, native), Dims(1, native, wide)]
+    side = native if device.type == "cuda" else min(native, CPU_VALIDATION_SIDE)
+    latent = side // factor
+    odd = Dims(1, (latent + 1) * factor, max(latent - 1, 1) * factor)
+    if model.config.unet_down_factor == 1:
+        odd = Dims(1, side, side)
+    wide = side + side // 2 - (side // 2) % factor
+    return [odd, Dims(2, side, side), Dims(1, side, wide)]
 
 
-def compare(
-    spec: ComponentSpec, reference: Runner, candidate: Runner, dims_list: list[Dims], precision: str, seed: int = 1234
-) -> list[Comparison]:
-    tolerance = TOLERANCES[precision]
-    results = []
+def reference_outputs(
+    spec: ComponentSpec, reference: Runner, dims_list: list[Dims], seed: int = 1234
+) -> list[Reference]:
+    """Fresh random inputs at each shape, and the reference's outputs for them."""
+    references = []
     for index, dims in enumerate(dims_list):
         inputs = spec.sample_inputs(dims, "fp32", seed=seed + index)
-        expected = reference(inputs)
-        actual = candidate(inputs)
+        outputs = {name: value.float().cpu() for name, value in reference(inputs).items()}
+        references.append(Reference(dims, inputs, outputs))
+    return references
+
+
+def compare(spec: ComponentSpec, references: list[Reference], candidate: Runner, precision: str) -> list[Comparison]:
+    tolerance = TOLERANCES[precision]
+    results = []
+    for reference in references:
+        actual = candidate(reference.inputs)
         for name in spec.output_names:
-            want = expected[name].float().cpu()
+            want = reference.outputs[name]
             got = actual[name].float().cpu()
             if got.shape != want.shape:
                 raise ArtifactError(f"{spec.name}.{name}: shape {tuple(got.shape)} != torch's {tuple(want.shape)}")
             error = (got - want).abs()
             results.append(
                 Comparison(
-                    shape=f"{dims.batch}x{dims.height}x{dims.width}",
+                    shape=reference.shape,
                     output=name,
                     max_abs_error=float(error.max()),
                     mean_abs_error=float(error.mean()),

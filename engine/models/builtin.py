@@ -24,7 +24,7 @@ SEED = 0
 TEXT_HIDDEN = 32
 
 
-def _tokenizer():
+def byte_tokenizer():
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
@@ -35,7 +35,10 @@ def _tokenizer():
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
-def _text_encoder(tokenizer, hidden: int = TEXT_HIDDEN, with_projection: bool = False):
+def clip_text_encoder(
+    tokenizer, hidden: int = TEXT_HIDDEN, with_projection: bool = False, vocab_size: int | None = None
+):
+    """A small CLIP text encoder; ``vocab_size`` above the tokenizer's makes a large embedding table."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -43,7 +46,7 @@ def _text_encoder(tokenizer, hidden: int = TEXT_HIDDEN, with_projection: bool = 
         intermediate_size=2 * hidden,
         num_attention_heads=4,
         num_hidden_layers=2,
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         max_position_embeddings=tokenizer.model_max_length,
         projection_dim=hidden,
         bos_token_id=tokenizer.bos_token_id,
@@ -70,7 +73,7 @@ def _vae(**overrides):
     )
 
 
-def _scheduler():
+def sd_scheduler():
     from diffusers import PNDMScheduler
 
     return PNDMScheduler(
@@ -87,8 +90,8 @@ def build_tiny(folder: Path) -> None:
     """Stable Diffusion 1.x architecture: 64x64 native size, a few MB of weights."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    tokenizer = _tokenizer()
-    text_encoder = _text_encoder(tokenizer)
+    tokenizer = byte_tokenizer()
+    text_encoder = clip_text_encoder(tokenizer)
     unet = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(32, 64),
@@ -104,7 +107,7 @@ def build_tiny(folder: Path) -> None:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -117,8 +120,8 @@ def build_tiny_sdxl(folder: Path) -> None:
     added conditions, 64x64 native size."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    tokenizer = _tokenizer()
-    tokenizer_2 = _tokenizer()
+    tokenizer = byte_tokenizer()
+    tokenizer_2 = byte_tokenizer()
     tokenizer_2.pad_token = "!"  # as SDXL's second tokenizer pads
     time_embed_dim = 8
     unet = UNet2DConditionModel(
@@ -145,8 +148,8 @@ def build_tiny_sdxl(folder: Path) -> None:
     )
     pipeline = StableDiffusionXLPipeline(
         vae=_vae(scaling_factor=0.13025, force_upcast=True),
-        text_encoder=_text_encoder(tokenizer),
-        text_encoder_2=_text_encoder(tokenizer_2, with_projection=True),
+        text_encoder=clip_text_encoder(tokenizer),
+        text_encoder_2=clip_text_encoder(tokenizer_2, with_projection=True),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,

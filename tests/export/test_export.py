@@ -162,7 +162,8 @@ def test_an_export_killed_mid_build_leaves_nothing_served_and_the_next_run_compl
 def test_a_graph_that_fails_validation_is_not_published(tmp_path, cache_dir, monkeypatch):
     import export.validate
     from engine.models import load_model
-    from export.stages import Exporter, StageLog
+    from export.stagelog import StageLog
+    from export.stages import Exporter
 
     monkeypatch.setitem(export.validate.TOLERANCES, "fp32", export.validate.Tolerance(atol=0.0, rtol=0.0))
     store = Store(tmp_path / "engines")

@@ -17,7 +17,8 @@ from engine.errors import ArtifactError
 from engine.profiles import SizeRange, profile_for
 from engine.store import Store
 from export import stages
-from export.stages import EngineBuilder, Exporter, StageLog
+from export.stagelog import StageLog
+from export.stages import EngineBuilder, Exporter
 from export.tensorrt import BuildOptions, TimingCache, build_engine, network_flags
 from tests import fake_tensorrt
 

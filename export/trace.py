@@ -1,0 +1,66 @@
+"""The torch side of an export: load the module, compute the reference outputs, trace it to ONNX.
+
+The module is loaded once for both, and is gone when this returns. A large component does
+all of it in a child process: torch's exporter keeps the weights it serialized alive after
+the module is freed (a 2 GB token table stayed resident in the measurement), and a process
+that exits gives every byte back before the graph passes and ONNX Runtime need memory.
+Small components stay in-process, where a child's start-up (imports) would cost more than
+they hold.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from engine.backends.torch import TorchRunner
+from engine.models import WEIGHT_SUFFIXES, Model
+from engine.models.spec import Dims
+from export.onnx import export_dims, export_onnx
+from export.stagelog import StageLog
+from export.validate import Reference, reference_outputs
+
+ISOLATE_FROM_BYTES = 2**30
+"""Components with at least this many bytes of weights are traced in a child process."""
+
+
+def weight_bytes(model: Model, component: str) -> int:
+    """Bytes of the weight files a component is loaded from."""
+    folder = model.folder / model.family.weight_folder(component)
+    return sum(path.stat().st_size for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES)
+
+
+def load_module(model: Model, component: str, device: torch.device) -> torch.nn.Module:
+    return model.family.torch_module(component, model.folder, torch.float32).to(device)
+
+
+def references_for(model: Model, component: str, module: torch.nn.Module, dims: list[Dims]) -> list[Reference]:
+    spec = model.specs[component]
+    device = next(module.parameters()).device
+    return reference_outputs(spec, TorchRunner(spec, module, "fp32", device), dims)
+
+
+def trace(model: Model, component: str, device: str, dims: list[Dims], raw: Path) -> tuple[list[Reference], StageLog]:
+    """Reference outputs at ``dims`` and the raw ONNX graph at ``raw``, with each stage's time and memory."""
+    stages = StageLog(device=torch.device(device))
+    with stages.stage("load"):
+        module = load_module(model, component, torch.device(device))
+    with stages.stage("reference"):
+        references = references_for(model, component, module, dims)
+    with stages.stage("export"):
+        export_onnx(module, model.specs[component], export_dims(model), raw)
+    return references, stages
+
+
+def trace_component(
+    model: Model, component: str, device: torch.device, dims: list[Dims], raw: Path
+) -> tuple[list[Reference], StageLog]:
+    """``trace``, in a child process when the component is large."""
+    if weight_bytes(model, component) < ISOLATE_FROM_BYTES:
+        return trace(model, component, str(device), dims, raw)
+    context = multiprocessing.get_context("spawn")  # a fork would inherit torch's thread pools and CUDA state
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as child:
+        return child.submit(trace, model, component, str(device), dims, raw).result()

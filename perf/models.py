@@ -1,0 +1,89 @@
+"""Full-size architectures with random weights: real sizes without downloading a checkpoint.
+
+    python -m perf.models sd15 /tmp/sd15-random
+
+Tiny models hide what real ones hit (graphs over 2 GiB, fp16 overflow, memory), so the
+export and the worker are measured on these. The configs are those of the released
+checkpoints (UNet 320/640/1280/1280, CLIP ViT-L/14, KL VAE 128/256/512/512); only the
+tokenizer is the tiny one, since the real vocabulary is not on disk here. Their images
+are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def build_sd15(folder: Path) -> None:
+    """Stable Diffusion 1.5: a 3.4 GB UNet, a 0.5 GB text encoder, a 0.3 GB VAE (fp32)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from engine.models.builtin import byte_tokenizer, sd_scheduler
+
+    tokenizer = byte_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+
+
+ARCHITECTURES: dict[str, Callable[[Path], None]] = {"sd15": build_sd15}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m perf.models", description=__doc__.splitlines()[0])
+    parser.add_argument("architecture", choices=sorted(ARCHITECTURES))
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    ARCHITECTURES[args.architecture](args.folder)
+    print(args.folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
