@@ -49,3 +49,25 @@ def test_perf_compares_backends_against_torch(exported, subprocess_env, tmp_path
     assert all(set(t["backends"].values()) == {"torch"} for t in torch_result["timings"])
     with Image.open(folder / "chart.png") as chart:
         assert chart.format == "PNG" and chart.width > 100
+
+
+def test_perf_export_reports_time_and_peak_memory_per_stage(subprocess_env, tmp_path):
+    command = [sys.executable, "-m", "perf.export", "--model", "tiny", "--precision", "fp16", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [*command, "--components", "text_encoder", "unet"],
+        cwd=ROOT,
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| unet | optimize |" in done.stdout and "| text_encoder | validate |" in done.stdout, done.stdout
+    assert "x the largest" in done.stdout
+    [folder] = tmp_path.iterdir()
+    rows = json.loads((folder / "export.json").read_text())["components"]
+    assert {row["component"] for row in rows} == {"text_encoder", "unet"}
+    for row in rows:
+        assert row["precision"] == "fp16"
+        assert set(row["seconds"]) >= {"load", "reference", "export", "optimize", "validate"}
+        assert all(peak > 0 for peak in row["peak_rss_mb"].values())
