@@ -67,14 +67,14 @@ def engine_builder(settings: Settings, exporter: Exporter, skip: bool) -> tuple[
 
 
 def stage_summary(stages: StageLog) -> str:
-    """Time and peak memory per stage: 'export 36.4s 4.8GB, optimize 6.9s 0.5GB, ...'."""
+    """Time and peak memory per stage: 'export 36.4s 4.8GiB, optimize 6.9s 0.5GiB, ...'."""
     if set(stages.seconds) <= {"fingerprint"}:
         return "cached"
     parts = []
     for stage, seconds in stages.seconds.items():
-        memory = f" {stages.peak_rss_mb[stage] / 1024:.1f}GB"
+        memory = f" {stages.peak_rss_mb[stage] / 1024:.1f}GiB"
         if stage in stages.peak_cuda_mb:
-            memory += f" (GPU {stages.peak_cuda_mb[stage] / 1024:.1f}GB)"
+            memory += f" (GPU {stages.peak_cuda_mb[stage] / 1024:.1f}GiB)"
         parts.append(f"{stage} {seconds:.1f}s{memory}")
     return ", ".join(parts)
 

@@ -70,7 +70,7 @@ def figures(engine_dir: Path, weights: dict[str, int]) -> list[dict]:
 
 
 def print_table(rows: list[dict], wall_s: float) -> None:
-    print("\n| component | stage | seconds | peak RSS (GB) |\n|---|---|---:|---:|")
+    print("\n| component | stage | seconds | peak RSS (GiB) |\n|---|---|---:|---:|")
     for row in rows:
         for stage in sorted(row["seconds"], key=lambda name: (*STAGES, name).index(name)):
             seconds = row["seconds"][stage]
@@ -81,12 +81,12 @@ def print_table(rows: list[dict], wall_s: float) -> None:
     print()
     largest = max(rows, key=lambda row: row["weights_mb"])
     peak = max(max(row["peak_rss_mb"].values()) for row in rows)
-    print(f"wall time {wall_s:.0f} s; peak RSS {peak / 1024:.2f} GB, {peak / largest['weights_mb']:.2f}x the largest")
-    print(f"component's weights ({largest['component']}, {largest['weights_mb'] / 1024:.2f} GB)")
+    print(f"wall time {wall_s:.0f} s; peak RSS {peak / 1024:.2f} GiB, {peak / largest['weights_mb']:.2f}x the largest")
+    print(f"component's weights ({largest['component']}, {largest['weights_mb'] / 1024:.2f} GiB)")
     for row in rows:
         validation = row["validation"]
         print(
-            f"  {row['component']:<14} {row['precision']}  artifact {row['artifact_mb'] / 1024:.2f} GB, "
+            f"  {row['component']:<14} {row['precision']}  artifact {row['artifact_mb'] / 1024:.2f} GiB, "
             f"max |onnx - torch| {row['max_abs_error']:.2e} at {', '.join(validation['shapes'])} "
             f"({validation['backend']} on {validation['device']})"
         )
