@@ -17,7 +17,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from engine.backends.base import Runner
+from engine.backends.base import ComponentCall
 from engine.metrics import StageTimer
 from engine.models import Model
 from engine.models.family import PromptBatch
@@ -44,7 +44,7 @@ class DiffusionPipeline:
         self,
         request: ResolvedRequest,
         seeds: Sequence[int],
-        runners: Mapping[str, Runner],
+        runners: Mapping[str, ComponentCall],
         timer: StageTimer,
         on_step: StepCallback | None = None,
         init_image: torch.Tensor | None = None,

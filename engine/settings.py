@@ -29,6 +29,14 @@ class Backend(str, Enum):
     TORCH = "torch"
 
 
+class TorchFallback(str, Enum):
+    """When the torch weights behind the other backends are loaded: on first need, at start-up, or never."""
+
+    LAZY = "lazy"
+    EAGER = "eager"
+    OFF = "off"
+
+
 class Precision(str, Enum):
     AUTO = "auto"
     FP32 = "fp32"
@@ -92,6 +100,11 @@ class Settings(BaseSettings):
     engine_optimization_level: int = Field(3, ge=0, le=5)
     engine_version_compatible: bool = False
     cuda_graphs: bool = True
+    torch_fallback: TorchFallback = Field(
+        TorchFallback.LAZY,
+        description="lazy: load torch weights when a fallback first needs them; eager: at start-up; "
+        "off: refuse what no engine or graph covers",
+    )
     lock_stale_s: float = Field(120.0, gt=0, description="a build lock not refreshed for this long is taken over")
     lock_heartbeat_s: float = Field(10.0, gt=0)
 

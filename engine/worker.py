@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.backends.base import Runner
-from engine.backends.select import LazyTorchRunner, RunnerChain, build_chains
+from engine.backends.select import ChainCalls, LazyTorchRunner, RunnerChain, build_chains
 from engine.delivery import Delivery, EncodedImage
 from engine.errors import DeadlineExceeded, WorkerError
 from engine.faults import is_out_of_memory, is_unrecoverable
@@ -26,10 +25,9 @@ from engine.inputs import ImageLimits, load_image
 from engine.logs import request_context
 from engine.metrics import ColdStart, StageTimer, peak_memory_mb, reset_peak_memory
 from engine.models import Model, load_model
-from engine.models.spec import Dims
 from engine.pipeline import DiffusionPipeline, StepCallback
 from engine.request import Limits, ResolvedRequest, parse_request, validate_request
-from engine.settings import Precision, Settings
+from engine.settings import Precision, Settings, TorchFallback
 from engine.store import Store
 
 log = logging.getLogger(__name__)
@@ -83,34 +81,16 @@ class Worker:
         )
 
     def _build_chains(self) -> dict[str, RunnerChain]:
+        """The runner chains, with the torch weights loaded now where a request would load them anyway
+        (torch is the first choice) or where ``TORCH_FALLBACK=eager`` asks for it."""
         chains, self.tensorrt = build_chains(self.model, self.settings, self.store, self.device, self.precision)
-        for component in self._needed_components():
-            primary = chains[component].runners[0]
-            if isinstance(primary, LazyTorchRunner):
-                primary.ensure_loaded()
+        eager = self.settings.torch_fallback is TorchFallback.EAGER
+        needed = (*self.model.family.text_encoders, *TEXT_TO_IMAGE)
+        for component, chain in chains.items():
+            for position, runner in enumerate(chain.runners):
+                if isinstance(runner, LazyTorchRunner) and (eager or (position == 0 and component in needed)):
+                    runner.ensure_loaded()
         return chains
-
-    def _needed_components(self, image: bool = False) -> tuple[str, ...]:
-        return (*self.model.family.text_encoders, *TEXT_TO_IMAGE, *(["vae_encoder"] if image else []))
-
-    def _batch(self, component: str, request: ResolvedRequest) -> int:
-        """Rows a component gets for one request: one per prompt, per image, or one input image."""
-        if component in self.model.family.text_encoders:
-            return len(request.prompts)
-        return 1 if component == "vae_encoder" else request.num_images
-
-    def _choose_runners(self, request: ResolvedRequest) -> tuple[dict[str, Runner], dict[str, str]]:
-        guidance = request.guidance_scale > 1.0
-        runners, fallbacks = {}, {}
-        for component in self._needed_components(image=request.image is not None):
-            spec = self.model.specs[component]
-            batch = self._batch(component, request)
-            shapes = spec.input_shapes(Dims(batch, request.height, request.width), guidance)
-            runner, reasons = self.chains[component].choose(shapes)
-            runners[component] = runner
-            if reasons:
-                fallbacks[component] = "; ".join(reasons)
-        return runners, fallbacks
 
     def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         """A RunPod job in, a response dict out; never raises for a bad job."""
@@ -166,11 +146,11 @@ class Worker:
         init_image = self.pipeline.preprocess(image, request.height, request.width) if image is not None else None
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         seeds = [base_seed + index for index in range(request.num_images)]
-        runners, fallbacks = self._choose_runners(request)
+        calls = ChainCalls(self.chains)
         timer = StageTimer(self.device)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)
-        images = self.pipeline(request, seeds, runners, timer, on_step, init_image)
+        images = self.pipeline(request, seeds, calls, timer, on_step, init_image)
         with timer.stage("output_encode"):
             encoded = [
                 EncodedImage(
@@ -183,7 +163,7 @@ class Worker:
                 for seed, image in zip(seeds, images, strict=True)
             ]
             output, delivery = self.delivery.deliver(job_id, encoded)
-        metrics = self._metrics(request, job_id, started, timer, runners, fallbacks)
+        metrics = self._metrics(request, job_id, started, timer, calls)
         metrics["delivery"] = delivery
         log.info("job done", extra={"fields": {"process_time": metrics["process_time"], "delivery": delivery}})
         return {"status": "success", "output": output, "metrics": metrics}
@@ -200,8 +180,7 @@ class Worker:
         Two steps run the UNet twice at its shape, which also captures its CUDA graph.
         """
         request = parse_request({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, self.limits)
-        runners, _ = self._choose_runners(request)
-        self.pipeline(request, [0], runners, StageTimer(self.device))
+        self.pipeline(request, [0], ChainCalls(self.chains), StageTimer(self.device))
 
     def _metrics(
         self,
@@ -209,8 +188,7 @@ class Worker:
         job_id: str,
         started: float,
         timer: StageTimer,
-        runners: dict[str, Runner],
-        fallbacks: dict[str, str],
+        calls: ChainCalls,
     ) -> dict[str, Any]:
         stages = timer.stages_ms()
         init_ms = self.cold_start.take_first()
@@ -220,8 +198,8 @@ class Worker:
             "image_size": f"{request.width}x{request.height}",
             "mode": "img2img" if request.image is not None else "txt2img",
             "request_id": job_id,
-            "backends": {component: runner.backend for component, runner in runners.items()},
-            "fallbacks": fallbacks,
+            "backends": calls.backends,
+            "fallbacks": calls.fallbacks,
             "stages_ms": stages,
             "unet_step_ms": timer.step_stats_ms(),
             "num_inference_steps": request.steps,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.backends.select import ChainCalls
 from engine.metrics import StageTimer
 from engine.schedulers import make_scheduler
 from engine.worker import Worker
@@ -38,8 +39,8 @@ def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
     request, image = worker.resolve(payload)
     init = worker.pipeline.preprocess(image, request.height, request.width) if image else None
     seeds = [payload["seed"] + i for i in range(request.num_images)]
-    runners, _ = worker._choose_runners(request)
-    return [as_array(i) for i in worker.pipeline(request, seeds, runners, StageTimer(worker.device), None, init)]
+    calls = ChainCalls(worker.chains)
+    return [as_array(i) for i in worker.pipeline(request, seeds, calls, StageTimer(worker.device), None, init)]
 
 
 def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
 from engine.models.spec import ComponentSpec, Shape
+
+ComponentCall = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+"""How the pipeline runs a component: named tensors in, named tensors out (a Runner, or a chain of them)."""
 
 
 class Runner(ABC):

@@ -1,9 +1,11 @@
 """Which backend runs each component, and the fallback when it cannot.
 
-Each component gets a chain of runners in order of preference, ending in torch,
-which takes any shape. A backend that could not be loaded at start-up is left out of
-the chain with its reason; a request whose shapes a runner does not cover moves down
-the chain, and the worker reports the reasons in its metrics.
+Each component gets a chain of runners in order of preference, ending in torch
+(which takes any shape) unless ``TORCH_FALLBACK=off``. A backend that could not be
+loaded at start-up is left out of the chain with its reason. Each call goes to the
+first runner that covers its shapes; a runner that raises hands the call to the next
+one, and one that keeps failing leaves the chain for the life of the process. Every
+call is chosen on the shapes it really has, so what the metrics report is what ran.
 """
 
 from __future__ import annotations
@@ -11,20 +13,21 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from engine.backends.base import Runner
+from engine.backends.base import ComponentCall, Runner
 from engine.backends.onnxruntime import load_onnxruntime_runner, onnxruntime_has_cuda
 from engine.backends.tensorrt import TensorRTBackend, gpu_tag, load_tensorrt
 from engine.backends.torch import TorchRunner
-from engine.errors import ArtifactError, BackendUnavailable
+from engine.errors import ArtifactError, BackendUnavailable, RequestError
+from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.fingerprint import component_fingerprint
 from engine.models import Model
-from engine.models.spec import ComponentSpec, Shape
-from engine.settings import Backend, Settings
+from engine.models.spec import ComponentSpec
+from engine.settings import Backend, Settings, TorchFallback
 from engine.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,24 +55,109 @@ class LazyTorchRunner(Runner):
         return self.ensure_loaded().run(inputs)
 
 
+FAILURES_BEFORE_REMOVAL = 3
+"""A runner that fails this many calls in a row is taken out of its chain."""
+
+
+class NotCovered(RequestError):
+    """No runner left in a chain takes the call's shapes (only possible without the torch fallback)."""
+
+
 @dataclass
 class RunnerChain:
-    """One component's runners in order of preference; the last one takes any shape."""
+    """One component's runners in order of preference."""
 
     component: str
     runners: list[Runner]
     unavailable: dict[str, str] = field(default_factory=dict)
-    """Backends that were wanted but not loaded, with the reason."""
+    """Backends that were wanted but are not in the chain, with the reason."""
+    failure_limit: int = FAILURES_BEFORE_REMOVAL
+    _failures: dict[int, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def choose(self, shapes: Mapping[str, Shape]) -> tuple[Runner, list[str]]:
-        """The first runner that covers these shapes, and why each one before it did not."""
-        reasons = [f"{backend}: {reason}" for backend, reason in self.unavailable.items()]
-        for runner in self.runners:
+    def run(
+        self, inputs: Mapping[str, torch.Tensor], report: Callable[[str], None]
+    ) -> tuple[dict[str, torch.Tensor], Runner]:
+        """The outputs of the first runner that covers the inputs' shapes and succeeds, and that runner.
+
+        Why each better runner did not run goes to ``report``. Out-of-memory and fatal CUDA
+        errors are not retried on the next runner: the worker's fault handling takes them.
+        """
+        shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
+        skipped = [f"{backend}: {reason}" for backend, reason in self.unavailable.items()]
+        runners = list(self.runners)
+        for position, runner in enumerate(runners):
             reason = runner.unsupported_reason(shapes)
-            if reason is None:
-                return runner, reasons
-            reasons.append(f"{runner.backend}: {reason}")
-        raise RuntimeError(f"{self.component}: no runner covers {dict(shapes)}: {'; '.join(reasons)}")
+            if reason is not None:
+                skipped.append(f"{runner.backend}: {reason}")
+                continue
+            try:
+                outputs = runner(inputs)
+            except Exception as error:
+                if position == len(runners) - 1 or is_out_of_memory(error) or is_unrecoverable(error):
+                    raise
+                skipped.append(f"{runner.backend}: failed: {type(error).__name__}: {error}")
+                self._failed(runner, error)
+                continue
+            self._failures.pop(id(runner), None)
+            for line in skipped:
+                report(line)
+            return outputs, runner
+        raise NotCovered(f"{self.component}: no backend takes shapes {shapes}: {'; '.join(skipped)}")
+
+    def _failed(self, runner: Runner, error: Exception) -> None:
+        with self._lock:
+            count = self._failures[id(runner)] = self._failures.get(id(runner), 0) + 1
+            log.warning(
+                "%s: %s failed (%d in a row), the next backend runs it: %s",
+                self.component,
+                runner.backend,
+                count,
+                error,
+            )
+            if count >= self.failure_limit and runner in self.runners:
+                self.runners.remove(runner)
+                self.unavailable[runner.backend] = f"taken out after {count} failures in a row, the last: {error}"
+                log.error("%s: %s taken out of service for this process: %s", self.component, runner.backend, error)
+
+
+class ChainCalls(Mapping[str, ComponentCall]):
+    """One request's calls into the chains, as the pipeline's component runners: records which
+    backend ran each component and why a preferred one did not."""
+
+    def __init__(self, chains: Mapping[str, RunnerChain]):
+        self.chains = chains
+        self._backends: dict[str, list[str]] = {}
+        self._fallbacks: dict[str, list[str]] = {}
+
+    def __getitem__(self, component: str) -> ComponentCall:
+        return functools.partial(self._call, component)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.chains)
+
+    def __len__(self) -> int:
+        return len(self.chains)
+
+    def _call(self, component: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs, runner = self.chains[component].run(inputs, functools.partial(_add, self._fallbacks, component))
+        _add(self._backends, component, runner.backend)
+        return outputs
+
+    @property
+    def backends(self) -> dict[str, str]:
+        """Component -> the backend that ran it (several, in order, if a failure moved it mid-request)."""
+        return {component: ", ".join(names) for component, names in self._backends.items()}
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        return {component: "; ".join(reasons) for component, reasons in self._fallbacks.items()}
+
+
+def _add(record: dict[str, list[str]], component: str, value: str) -> None:
+    values = record.setdefault(component, [])
+    if value not in values:
+        values.append(value)
 
 
 def torch_dtype(precision: str) -> torch.dtype:
@@ -135,7 +223,12 @@ def build_chains(
             except (ArtifactError, BackendUnavailable, OSError) as error:
                 log.warning("%s: %s unavailable: %s", component, backend.value, error)
                 unavailable[backend.value] = str(error)
-        load = functools.partial(model.family.torch_module, component, model.folder, torch_dtype(precisions[component]))
-        runners.append(LazyTorchRunner(spec, load, precisions[component], device))
+        if not backends or settings.torch_fallback is not TorchFallback.OFF:
+            load = functools.partial(
+                model.family.torch_module, component, model.folder, torch_dtype(precisions[component])
+            )
+            runners.append(LazyTorchRunner(spec, load, precisions[component], device))
+        else:
+            unavailable["torch"] = "TORCH_FALLBACK=off"
         chains[component] = RunnerChain(component, runners, unavailable)
     return chains, tensorrt
