@@ -12,7 +12,7 @@ import binascii
 import io
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.errors import RequestError
 
@@ -78,6 +78,7 @@ def load_image(value: str, limits: ImageLimits) -> Image.Image:
             raise RequestError(f"image: {width}x{height} is larger than {limits.max_side} pixels per side")
         if min(width, height) < limits.min_side:
             raise RequestError(f"image: {width}x{height} is smaller than {limits.min_side} pixels per side")
-        return image.convert("RGB")
+        # As diffusers' load_image: a phone photo's pixels are stored sideways, with the turn in EXIF.
+        return ImageOps.exif_transpose(image).convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise RequestError("image: not a PNG, JPEG or WebP image") from None

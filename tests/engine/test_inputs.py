@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from PIL import Image
 
 from engine.errors import RequestError
 from engine.inputs import ImageLimits, load_image
@@ -28,6 +29,22 @@ def test_base64_and_data_uris_decode():
     assert load_image(to_base64(image), LIMITS).size == (96, 72)
     assert load_image("data:image/jpeg;base64," + to_base64(image, "JPEG"), LIMITS).size == (96, 72)
     assert load_image(to_base64(image, "WEBP"), LIMITS).mode == "RGB"
+
+
+def test_exif_orientation_is_applied_as_diffusers_does():
+    import io
+
+    from diffusers.utils import load_image as diffusers_load_image
+
+    stored = picture(96, 72)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned, show the pixels rotated 90 degrees clockwise
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif)
+    ours = load_image(base64.b64encode(buffer.getvalue()).decode(), LIMITS)
+    theirs = diffusers_load_image(Image.open(io.BytesIO(buffer.getvalue())))
+    assert ours.size == theirs.size == (72, 96)
+    assert ours.tobytes() == theirs.tobytes()
 
 
 @pytest.mark.parametrize(
