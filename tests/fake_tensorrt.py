@@ -292,6 +292,12 @@ class Runtime:
         return ICudaEngine(json.loads(bytes(serialized_engine)[len(b"FAKEPLAN") :]))
 
 
+TENSORRT_10_STRONGLY_TYPED = 1
+"""NetworkDefinitionCreationFlag::kSTRONGLY_TYPED in TensorRT 10's NvInfer.h (kEXPLICIT_BATCH is 0). The
+only enum value here not read from real bindings: TensorRT 10's cannot be imported without its libraries;
+tests/test_tensorrt_gpu.py checks the flag on the real bindings where they load."""
+
+
 def fake_tensorrt(version: str = "11.4.0.106") -> SimpleNamespace:
     """A module-like namespace with the fakes and the real enums TensorRT code reads."""
     return SimpleNamespace(
@@ -304,7 +310,7 @@ def fake_tensorrt(version: str = "11.4.0.106") -> SimpleNamespace:
         MemoryPoolType=real.MemoryPoolType,
         BuilderFlag=real.BuilderFlag,
         ExecutionContextAllocationStrategy=real.ExecutionContextAllocationStrategy,
-        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
+        NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=TENSORRT_10_STRONGLY_TYPED),
     )
 
 

@@ -5,16 +5,31 @@ from __future__ import annotations
 import base64
 import io
 
+import diffusers
 import numpy as np
 import torch
 from PIL import Image
 
 from engine.backends.select import ChainCalls
 from engine.metrics import StageTimer
-from engine.schedulers import make_scheduler
 from engine.worker import Worker
 
 TOLERANCE = 2  # of 255, per pixel
+
+DIFFUSERS_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+"""The request's scheduler names as diffusers' documentation maps the samplers, kept apart from the
+worker's own table so the reference does not inherit its mistakes."""
 
 
 def as_array(image: Image.Image) -> np.ndarray:
@@ -46,7 +61,9 @@ def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
 def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
     """diffusers' pipeline (text-to-image or image-to-image, as the payload asks) with the same inputs."""
     request, image = worker.resolve(payload)
-    pipe.scheduler = make_scheduler(request.scheduler, worker.model.scheduler_config)
+    folder_config = diffusers.DDIMScheduler.load_config(worker.model.folder, subfolder="scheduler")
+    class_name, overrides = DIFFUSERS_SCHEDULERS.get(request.scheduler, (folder_config["_class_name"], {}))
+    pipe.scheduler = getattr(diffusers, class_name).from_config(folder_config, **overrides)
     inputs = (
         {"image": image, "strength": request.strength} if image else {"height": request.height, "width": request.width}
     )

@@ -33,6 +33,19 @@ def gpu_store(tmp_path_factory, cache_dir):
     return engine_dir
 
 
+def test_networks_are_strongly_typed_on_the_real_bindings():
+    import tensorrt as trt
+
+    from export.tensorrt import network_flags
+
+    if int(trt.__version__.split(".")[0]) >= 11:
+        assert network_flags(trt) == 0  # TensorRT 11 builds nothing but strongly typed networks
+        return
+    assert network_flags(trt) == 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_network(network_flags(trt))
+    assert network.get_flag(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
 def images(response: dict) -> list[np.ndarray]:
     from export.verify import decode
 

@@ -32,7 +32,8 @@ def onnx_artifact(store: Store, component: str):
 
 def test_tensorrt_11_networks_are_strongly_typed_without_flags_and_tensorrt_10_asks_for_it():
     assert network_flags(fake_tensorrt.fake_tensorrt("11.4.0.106")) == 0
-    assert network_flags(fake_tensorrt.fake_tensorrt("10.16.1.11")) == 1 << 0
+    tensorrt_10 = fake_tensorrt.fake_tensorrt("10.16.1.11")
+    assert network_flags(tensorrt_10) == 1 << fake_tensorrt.TENSORRT_10_STRONGLY_TYPED == 2
 
 
 def test_build_sets_the_profile_workspace_level_and_timing_cache(store, model, tmp_path):
