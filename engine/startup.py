@@ -35,10 +35,14 @@ class Startup:
             if self.worker is None:
                 raise RuntimeError(f"the worker failed to start: {self.error}")
 
-        checks = [worker_started]
+        def engines_load() -> None:
+            if self.worker is not None and self.worker.tensorrt.unusable is not None:
+                raise RuntimeError(self.worker.tensorrt.unusable)
+
+        checks = [engines_load, worker_started]
         if self.settings is not None:
             for check in fitness.CHECKS:
-                checks.insert(-1, _bound(check, self.settings))
+                checks.insert(-2, _bound(check, self.settings))
         return checks
 
 

@@ -240,18 +240,19 @@ class TensorRTBackend:
     runners: dict[str, TensorRTRunner]
     unavailable: dict[str, str]
     scratch: torch.Tensor | None = None
+    unusable: str | None = None
+    """Set when the store holds engines for this GPU and model but not one of them loads: a
+    deployment problem (another TensorRT, corrupt plans) that slow torch serving would hide."""
 
 
-def engine_artifacts(
-    store: Store, spec: ComponentSpec, fingerprint: str, precision: str, gpu: str, tags: tuple[str, str]
-) -> list[Artifact]:
-    return [
-        artifact
-        for artifact in store.find(
-            kind="tensorrt", component=spec.name, fingerprint=fingerprint, precision=precision, gpu=gpu
-        )
-        if artifact.key.tensorrt in tags and artifact.key.exporter == exporter_id(spec)
-    ]
+def engines_for_gpu(store: Store, spec: ComponentSpec, fingerprint: str, precision: str, gpu: str) -> list[Artifact]:
+    """Every engine built for this component, weights, precision and GPU, whatever its TensorRT version."""
+    return store.find(kind="tensorrt", component=spec.name, fingerprint=fingerprint, precision=precision, gpu=gpu)
+
+
+def runnable(artifact: Artifact, spec: ComponentSpec, tags: tuple[str, str]) -> bool:
+    """Built by this TensorRT (or version-compatible with it) from the graph this exporter makes."""
+    return artifact.key.tensorrt in tags and artifact.key.exporter == exporter_id(spec)
 
 
 def load_tensorrt(
@@ -269,9 +270,13 @@ def load_tensorrt(
     tags = version_tags(trt)
     loaded: dict[str, list[LoadedEngine]] = {}
     unavailable: dict[str, str] = {}
+    built_for_gpu: dict[str, list[str]] = {}
     for component, (spec, fingerprint, precision) in components.items():
         reasons = []
-        for artifact in engine_artifacts(store, spec, fingerprint, precision, gpu, tags):
+        for_gpu = engines_for_gpu(store, spec, fingerprint, precision, gpu)
+        if for_gpu:
+            built_for_gpu[component] = sorted({str(artifact.key.tensorrt) for artifact in for_gpu})
+        for artifact in (a for a in for_gpu if runnable(a, spec, tags)):
             try:
                 plan = artifact.read_verified(ENGINE_FILE)
                 engine = runtime.deserialize_cuda_engine(plan)
@@ -288,6 +293,12 @@ def load_tensorrt(
             unavailable[component] = "; ".join(reasons) or (
                 f"no engine for {gpu} and TensorRT {tags[0]} in {store.root} (run `make engines`)"
             )
+    unusable = None
+    if built_for_gpu and not loaded:
+        built = "; ".join(f"{c}: TensorRT {', '.join(v)}" for c, v in built_for_gpu.items())
+        unusable = f"the store has engines for {gpu} ({built}) but none loads with TensorRT {tags[0]}: " + "; ".join(
+            unavailable[c] for c in built_for_gpu
+        )
     engines = [engine for group in loaded.values() for engine in group]
     scratch = None
     if engines:
@@ -299,4 +310,4 @@ def load_tensorrt(
         component: TensorRTRunner(group[0].spec, group, components[component][2], device, stream)
         for component, group in loaded.items()
     }
-    return TensorRTBackend(runners, unavailable, scratch)
+    return TensorRTBackend(runners, unavailable, scratch, unusable)

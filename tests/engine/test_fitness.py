@@ -19,7 +19,7 @@ def test_every_check_passes_on_a_healthy_cpu_worker(make_settings):
 @pytest.mark.parametrize(
     ("overrides", "check", "message"),
     [
-        ({"device": "cuda"}, fitness.gpu_visible, "no CUDA GPU is visible"),
+        ({"device": "cuda:99"}, fitness.gpu_visible, r"no CUDA GPU is visible|only \d+ GPU\(s\) are visible"),
         ({"model": "/nonexistent/model"}, fitness.model_complete, "is not a built-in"),
         ({"min_free_disk_gb": 1e9}, fitness.enough_disk_and_memory, "MIN_FREE_DISK_GB"),
         ({"min_free_memory_gb": 1e9}, fitness.enough_disk_and_memory, "MIN_FREE_MEMORY_GB"),
@@ -68,7 +68,7 @@ def test_invalid_configuration_is_reported_not_raised(monkeypatch):
     monkeypatch.setenv("MAX_STEPS", "many")
     startup = start(ColdStart())
     assert startup.settings is None and "MAX_STEPS" in startup.error.upper()
-    assert [check.__name__ for check in startup.fitness_checks()] == ["worker_started"]
+    assert [check.__name__ for check in startup.fitness_checks()] == ["engines_load", "worker_started"]
 
 
 def test_a_started_worker_writes_its_ready_file_and_warms_up(monkeypatch, make_settings):

@@ -7,6 +7,9 @@ test_tensorrt_api.py); the runner, the store, the worker and its metrics are rea
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 from engine.artifacts import ENGINE_FILE
@@ -106,6 +109,23 @@ def test_engines_of_another_tensorrt_version_are_not_loaded(store, model, monkey
     backend = load(store, model, ["unet"])
     assert backend.runners == {}
     assert "no engine for sm90 and TensorRT 11.4.0.106" in backend.unavailable["unet"]
+    assert backend.unusable.startswith(
+        "the store has engines for sm90 (unet: TensorRT 10.16.1.11) but none loads with TensorRT 11.4.0.106"
+    )
+
+
+def test_engines_that_exist_but_do_not_load_fail_a_fitness_check(store, model, monkeypatch):
+    from engine.startup import Startup
+
+    fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)
+    assert load(store, model, ["unet"]).unusable is None, "one engine loads: nothing to report"
+    monkeypatch.setattr(fake_tensorrt.Runtime, "deserialize_cuda_engine", lambda self, serialized_engine: None)
+    backend = load(store, model, ["unet", "vae_decoder"])
+    assert "could not deserialize" in backend.unusable
+    worker = SimpleNamespace(tensorrt=backend)  # the started worker's only part this check reads
+    checks = {check.__name__: check for check in Startup(None, worker, None).fitness_checks()}
+    with pytest.raises(RuntimeError, match=r"none loads with TensorRT 11\.4\.0\.106"):
+        checks["engines_load"]()
 
 
 def test_a_plan_tensorrt_cannot_deserialize_is_skipped(store, model, monkeypatch):
