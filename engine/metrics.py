@@ -40,14 +40,29 @@ class _CudaMark:
 
 @dataclass
 class StageTimer:
-    """Times named stages and individual UNet steps of one request."""
+    """Times named stages and individual UNet steps of one request, and samples the GPU's memory
+    at the end of each (the device's own figure, so TensorRT's engines and scratch and
+    onnxruntime's arenas count, not only torch's allocations)."""
 
     device: torch.device
     _stages: dict[str, list[tuple[object, object]]] = field(default_factory=dict)
     _steps: list[tuple[object, object]] = field(default_factory=list)
+    _device_used_mb: float = 0.0
 
     def _mark(self) -> _CpuMark | _CudaMark:
-        return _CudaMark() if self.device.type == "cuda" else _CpuMark()
+        if self.device.type != "cuda":
+            return _CpuMark()
+        free, total = torch.cuda.mem_get_info(self.device)  # a driver query: no synchronization
+        self._device_used_mb = max(self._device_used_mb, (total - free) / 2**20)
+        return _CudaMark()
+
+    def peak_memory_mb(self) -> float:
+        """GPU: the most device memory in use at any stage or step boundary, or torch's own peak if
+        higher (it sees allocations between boundaries). CPU: the process's peak resident memory."""
+        if self.device.type != "cuda":
+            return peak_rss_mb()
+        torch_peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return round(max(self._device_used_mb, torch_peak), 1)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -115,13 +130,6 @@ def peak_rss_mb() -> float:
             return round(int(match.group(1)) / 1024, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """GPU: this request's peak allocated memory. CPU: the process's peak resident memory."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return peak_rss_mb()
 
 
 class ColdStart:

@@ -23,7 +23,7 @@ from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.images import encode_image
 from engine.inputs import ImageLimits, load_image
 from engine.logs import request_context
-from engine.metrics import ColdStart, StageTimer, peak_memory_mb, reset_peak_memory
+from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
 from engine.pipeline import DiffusionPipeline, StepCallback
 from engine.request import Limits, ResolvedRequest, parse_request, validate_request
@@ -207,7 +207,7 @@ class Worker:
             "device": str(self.device),
             "precision": self.precision,
             "cold_start": init_ms is not None,
-            "peak_memory_mb": peak_memory_mb(self.device),
+            "peak_memory_mb": timer.peak_memory_mb(),
         }
         if init_ms is not None:
             metrics["init_ms"] = init_ms
