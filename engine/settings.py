@@ -99,7 +99,10 @@ class Settings(BaseSettings):
     engine_workspace_gb: float = Field(8.0, gt=0)
     engine_optimization_level: int = Field(3, ge=0, le=5)
     engine_version_compatible: bool = False
-    cuda_graphs: bool = True
+    cuda_graphs: bool = Field(True, description="capture each engine's optimum shapes as CUDA graphs at warm-up")
+    cuda_graph_shapes: int = Field(
+        4, ge=1, description="input shapes per engine kept with their own execution context and buffers (LRU)"
+    )
     torch_fallback: TorchFallback = Field(
         TorchFallback.LAZY,
         description="lazy: load torch weights when a fallback first needs them; eager: at start-up; "

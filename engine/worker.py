@@ -175,12 +175,13 @@ class Worker:
         return draft.resolved(self.limits, image.size if image is not None else None), image
 
     def warmup(self) -> None:
-        """One small generation at the native size, so the first request pays no first-run costs.
-
-        Two steps run the UNet twice at its shape, which also captures its CUDA graph.
-        """
+        """One small generation at the native size, so the first request pays no first-run costs,
+        then a CUDA graph of each engine's optimum shapes, so requests at those shapes replay it."""
         request = parse_request({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, self.limits)
         self.pipeline(request, [0], ChainCalls(self.chains), StageTimer(self.device))
+        if self.settings.cuda_graphs:
+            captured = self.tensorrt.capture_graphs()
+            log.info("captured %d CUDA graphs", captured)
 
     def _metrics(
         self,

@@ -18,13 +18,15 @@ import torch
 from engine.artifacts import ENGINE_FILE, ONNX_FILE, engine_key, onnx_key
 from engine.backends.onnxruntime import OnnxRuntimeRunner, providers_for
 from engine.backends.tensorrt import (
-    LoadedEngine,
     TensorRTRunner,
+    deserialize,
     make_logger,
+    make_runtime,
+    share_memory,
     tensorrt_module,
     version_tags,
 )
-from engine.errors import ArtifactError, BackendUnavailable
+from engine.errors import BackendUnavailable
 from engine.fingerprint import component_fingerprint
 from engine.models import Model
 from engine.models.spec import ComponentSpec, Dims
@@ -221,12 +223,7 @@ class EngineBuilder:
     def runner(
         self, spec: ComponentSpec, plan: bytes, profile: Profile, precision: str, device: torch.device
     ) -> TensorRTRunner:
-        runtime = self.trt.Runtime(self.logger)
-        runtime.engine_host_code_allowed = True
-        engine = runtime.deserialize_cuda_engine(plan)
-        if engine is None:
-            raise ArtifactError(f"{spec.name}: the engine just built does not deserialize")
-        loaded = LoadedEngine(self.trt, engine, profile, spec, device, use_cuda_graphs=False, name=spec.name)
-        loaded.bind_scratch(torch.empty(max(loaded.device_memory_size, 1), dtype=torch.uint8, device=device))
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        return TensorRTRunner(spec, [loaded], precision, device, stream)
+        """The engine just built, through the same loading and runner the worker uses."""
+        loaded = deserialize(self.trt, make_runtime(self.trt, self.logger), plan, profile, spec, device, spec.name)
+        runners, _ = share_memory({spec.name: [loaded]}, {spec.name: precision}, device)
+        return runners[spec.name]

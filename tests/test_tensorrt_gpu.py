@@ -78,3 +78,27 @@ def test_a_request_outside_every_profile_falls_back_on_the_gpu(gpu_store, make_s
     assert response["status"] == "success"
     assert response["metrics"]["backends"]["unet"] != "tensorrt"
     assert "profile" in response["metrics"]["fallbacks"]["unet"]
+
+
+def test_cuda_graphs_alternating_shapes_match_plain_enqueues(gpu_store, make_settings):
+    """A (captured at warm-up, replayed) and B (plain), alternated: each output equals a plain enqueue's."""
+    from engine.worker import Worker
+
+    graphed = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store, cuda_graphs=True))
+    graphed.warmup()
+    plain = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store, cuda_graphs=False))
+    unet, reference = graphed.tensorrt.runners["unet"], plain.tensorrt.runners["unet"]
+    engine = unet.engines[0]
+    optimum = {name: shape.optimum for name, shape in engine.profile.shapes().items()}
+    other = {
+        **optimum,
+        "sample": (1, *optimum["sample"][1:]),
+        "encoder_hidden_states": (1, *optimum["encoder_hidden_states"][1:]),
+    }
+    assert any(slot.graph is not None for slot in engine.slots.values()), "the warm-up captured the optimum"
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    for shapes in (optimum, other, optimum, other):
+        inputs = {name: torch.randn(shape, generator=generator, device="cuda") for name, shape in shapes.items()}
+        inputs["timestep"] = torch.full(shapes["timestep"], 500.0, device="cuda")
+        got, want = unet(inputs)["noise_pred"], reference(inputs)["noise_pred"]
+        assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=0), shapes

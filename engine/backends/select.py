@@ -202,6 +202,7 @@ def build_chains(
                 device,
                 gpu_tag(device),
                 settings.cuda_graphs,
+                max_shapes=settings.cuda_graph_shapes,
             )
         except Exception as error:  # whatever TensorRT raises, the worker starts on the other backends
             log.exception("TensorRT engines could not be loaded")

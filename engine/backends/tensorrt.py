@@ -2,17 +2,20 @@
 
 Every engine of the worker runs on one CUDA stream, one after another, so their
 execution contexts share one scratch buffer (``USER_MANAGED`` device memory sized by
-the largest ``device_memory_size_v2``). Buffers are allocated once per input shape and
-reused; with CUDA graphs, the first call at a shape is run plainly, the second is
-captured, and later calls replay the graph. A component can have several engines (one
-per configured range); each call runs the covering engine tuned closest to the
-request. ``import tensorrt`` happens here only, so CPU paths never need it.
+the largest ``device_memory_size_v2``). Each input shape gets its own execution context
+and buffers, made once and kept (``CUDA_GRAPH_SHAPES`` per engine, least recently used
+out), so a context is never reconfigured under a captured graph. With CUDA graphs, the
+warm-up captures each profile's optimum shapes and requests at those shapes replay them;
+other shapes run plainly. A component can have several engines (one per configured
+range); each call runs the covering engine tuned closest to the request.
+``import tensorrt`` happens here only, so CPU paths never need it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -91,18 +94,19 @@ def make_logger(trt: ModuleType) -> Any:
 
 @dataclass
 class _ShapeSlot:
-    """Buffers (and, once captured, the CUDA graph) for one set of input shapes."""
+    """One execution context, configured once for one set of input shapes, with its buffers and,
+    once captured, its CUDA graph. A graph freezes its context's shapes and addresses, so a
+    context is never reconfigured: another shape gets another context (they share the scratch)."""
 
+    context: Any
     inputs: dict[str, torch.Tensor]
     outputs: dict[str, torch.Tensor]
-    runs: int = 0
     graph: torch.cuda.CUDAGraph | None = None
-    graph_failed: bool = False
 
 
 @dataclass
 class LoadedEngine:
-    """One deserialized engine with its execution context and per-shape buffers."""
+    """One deserialized engine, with a context and buffers per input shape (least recently used out)."""
 
     trt: ModuleType
     engine: Any
@@ -111,90 +115,104 @@ class LoadedEngine:
     device: torch.device
     use_cuda_graphs: bool
     name: str = ""
-    context: Any = None
-    slots: dict[tuple[Shape, ...], _ShapeSlot] = field(default_factory=dict)
-    _current: tuple[Shape, ...] | None = None
+    max_shapes: int = 4
+    scratch: torch.Tensor | None = None
+    slots: OrderedDict[tuple[Shape, ...], _ShapeSlot] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
         expected = set(self.spec.input_names) | set(self.spec.output_names)
         if names != expected:
             raise BackendUnavailable(f"engine tensors {sorted(names)} do not match the spec's {sorted(expected)}")
-        self.context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
 
     @property
     def device_memory_size(self) -> int:
         return int(self.engine.device_memory_size_v2)
 
     def bind_scratch(self, scratch: torch.Tensor) -> None:
-        self.context.set_device_memory(scratch.data_ptr(), scratch.numel())
+        """The device memory every context of every engine uses; they run one at a time on one stream."""
+        self.scratch = scratch
+        for slot in self.slots.values():
+            slot.context.set_device_memory(scratch.data_ptr(), scratch.numel())
 
     def _dtype(self, name: str) -> torch.dtype:
         return TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
 
-    def _output_shape(self, name: str) -> Shape:
-        """What TensorRT infers for an output once every input shape is set."""
-        return tuple(self.context.get_tensor_shape(name))
-
-    def _set_shapes(self, key: tuple[Shape, ...]) -> None:
+    def _new_slot(self, key: tuple[Shape, ...]) -> _ShapeSlot:
+        if self.scratch is None:
+            raise BackendUnavailable(f"{self.name}: no scratch memory bound")
+        context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
         for name, shape in zip(self.spec.input_names, key, strict=True):
-            if not self.context.set_input_shape(name, shape):
+            if not context.set_input_shape(name, shape):
                 raise BackendUnavailable(f"{self.name}: TensorRT refused shape {shape} for {name}")
+        inputs = {
+            name: torch.empty(shape, dtype=self._dtype(name), device=self.device)
+            for name, shape in zip(self.spec.input_names, key, strict=True)
+        }
+        outputs = {
+            name: torch.empty(tuple(context.get_tensor_shape(name)), dtype=self._dtype(name), device=self.device)
+            for name in self.spec.output_names
+        }
+        for name, tensor in (*inputs.items(), *outputs.items()):
+            context.set_tensor_address(name, tensor.data_ptr())
+        return _ShapeSlot(context, inputs, outputs)
 
-    def _slot(self, key: tuple[Shape, ...]) -> _ShapeSlot:
-        """The buffers for these input shapes, allocated on first use, and bound to the context."""
+    def _slot(self, key: tuple[Shape, ...], stream: torch.cuda.Stream | None) -> _ShapeSlot:
+        """The context for these shapes, made on first use; the least recently used one goes past ``max_shapes``."""
         slot = self.slots.get(key)
-        if slot is not None and self._current == key:
+        if slot is not None:
+            self.slots.move_to_end(key)
             return slot
-        self._set_shapes(key)
-        if slot is None:
-            inputs = {
-                name: torch.empty(shape, dtype=self._dtype(name), device=self.device)
-                for name, shape in zip(self.spec.input_names, key, strict=True)
-            }
-            outputs = {
-                name: torch.empty(self._output_shape(name), dtype=self._dtype(name), device=self.device)
-                for name in self.spec.output_names
-            }
-            slot = self.slots[key] = _ShapeSlot(inputs, outputs)
-        for name, tensor in (*slot.inputs.items(), *slot.outputs.items()):
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        self._current = key
+        if len(self.slots) >= self.max_shapes:
+            if stream is not None:
+                stream.synchronize()  # nothing queued may still use the buffers about to be freed
+            evicted, _ = self.slots.popitem(last=False)
+            log.debug("%s: dropped the context for %s", self.name, evicted)
+        slot = self.slots[key] = self._new_slot(key)
         return slot
 
     def execute(self, inputs: Mapping[str, torch.Tensor], stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
         """Copies inputs into the shape's buffers, runs (or replays), and returns copies of the outputs."""
         key = tuple(tuple(inputs[name].shape) for name in self.spec.input_names)
-        slot = self._slot(key)
+        slot = self._slot(key, stream)
         handle = stream.cuda_stream if stream is not None else 0
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for name, tensor in inputs.items():
                 slot.inputs[name].copy_(tensor, non_blocking=True)
             if slot.graph is not None:
                 slot.graph.replay()
-            else:
-                self._enqueue(slot, handle, stream)
-            outputs = {name: tensor.clone() for name, tensor in slot.outputs.items()}
-        slot.runs += 1
-        return outputs
+            elif not slot.context.execute_async_v3(handle):
+                raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
+            return {name: tensor.clone() for name, tensor in slot.outputs.items()}
 
-    def _enqueue(self, slot: _ShapeSlot, handle: int, stream: torch.cuda.Stream | None) -> None:
-        if not self.context.execute_async_v3(handle):
-            raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
-        if self.use_cuda_graphs and stream is not None and slot.runs >= 1 and not slot.graph_failed:
-            self._capture(slot, stream)
-
-    def _capture(self, slot: _ShapeSlot, stream: torch.cuda.Stream) -> None:
-        """Captures one enqueue at this shape; shapes and addresses are frozen into the graph."""
+    def capture_optimum(self, stream: torch.cuda.Stream) -> bool:
+        """Runs the profile's optimum shapes once and captures them as a CUDA graph (at warm-up, never
+        in a request); True when a graph was kept. A capture whose enqueue fails is discarded."""
+        shapes = self.profile.shapes()
+        key = tuple(shapes[name].optimum for name in self.spec.input_names)
+        slot = self._slot(key, stream)
+        if slot.graph is not None:
+            return True
+        with torch.cuda.stream(stream):
+            for tensor in slot.inputs.values():
+                tensor.zero_()
+            if not slot.context.execute_async_v3(stream.cuda_stream):  # first run: lazy initialization
+                raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=stream):
-                self.context.execute_async_v3(stream.cuda_stream)
+                captured = slot.context.execute_async_v3(stream.cuda_stream)
         except RuntimeError as error:
-            log.warning("%s: CUDA graph capture failed at %s, running without: %s", self.name, list(slot.inputs), error)
-            slot.graph_failed = True
-            return
+            log.warning("%s: CUDA graph capture failed at %s, running without: %s", self.name, key, error)
+            return False
+        if not captured:
+            log.warning(
+                "%s: TensorRT could not enqueue during CUDA graph capture at %s, running without", self.name, key
+            )
+            return False
         slot.graph = graph
+        return True
 
 
 class TensorRTRunner(Runner):
@@ -232,6 +250,14 @@ class TensorRTRunner(Runner):
             caller.wait_stream(self.stream)  # and outputs are ready for the caller, without a host sync
         return outputs
 
+    def capture_graphs(self) -> int:
+        """CUDA graphs for each engine's optimum shapes; how many were captured."""
+        if self.stream is None:
+            return 0
+        captured = sum(engine.capture_optimum(self.stream) for engine in self.engines if engine.use_cuda_graphs)
+        self.stream.synchronize()
+        return captured
+
 
 @dataclass
 class TensorRTBackend:
@@ -244,6 +270,10 @@ class TensorRTBackend:
     """Set when the store holds engines for this GPU and model but not one of them loads: a
     deployment problem (another TensorRT, corrupt plans) that slow torch serving would hide."""
 
+    def capture_graphs(self) -> int:
+        """At warm-up: a CUDA graph for each engine's optimum shapes; how many were captured."""
+        return sum(runner.capture_graphs() for runner in self.runners.values())
+
 
 def engines_for_gpu(store: Store, spec: ComponentSpec, fingerprint: str, precision: str, gpu: str) -> list[Artifact]:
     """Every engine built for this component, weights, precision and GPU, whatever its TensorRT version."""
@@ -255,6 +285,47 @@ def runnable(artifact: Artifact, spec: ComponentSpec, tags: tuple[str, str]) -> 
     return artifact.key.tensorrt in tags and artifact.key.exporter == exporter_id(spec)
 
 
+def make_runtime(trt: ModuleType, logger: Any = None) -> Any:
+    runtime = trt.Runtime(logger or make_logger(trt))
+    runtime.engine_host_code_allowed = True  # version-compatible engines carry their own runtime code
+    return runtime
+
+
+def deserialize(
+    trt: ModuleType,
+    runtime: Any,
+    plan: bytes,
+    profile: Profile,
+    spec: ComponentSpec,
+    device: torch.device,
+    name: str,
+    use_cuda_graphs: bool = False,
+    max_shapes: int = 4,
+) -> LoadedEngine:
+    engine = runtime.deserialize_cuda_engine(plan)
+    if engine is None:
+        raise BackendUnavailable("TensorRT could not deserialize it (other version or GPU, or corrupt)")
+    return LoadedEngine(trt, engine, profile, spec, device, use_cuda_graphs, name=name, max_shapes=max_shapes)
+
+
+def share_memory(
+    loaded: Mapping[str, list[LoadedEngine]], precisions: Mapping[str, str], device: torch.device
+) -> tuple[dict[str, TensorRTRunner], torch.Tensor | None]:
+    """A runner per component over engines that share one scratch buffer and one stream."""
+    engines = [engine for group in loaded.values() for engine in group]
+    if not engines:
+        return {}, None
+    scratch = torch.empty(max(1, *(e.device_memory_size for e in engines)), dtype=torch.uint8, device=device)
+    for engine in engines:
+        engine.bind_scratch(scratch)
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    runners = {
+        component: TensorRTRunner(group[0].spec, group, precisions[component], device, stream)
+        for component, group in loaded.items()
+    }
+    return runners, scratch
+
+
 def load_tensorrt(
     store: Store,
     components: Mapping[str, tuple[ComponentSpec, str, str]],
@@ -262,11 +333,11 @@ def load_tensorrt(
     gpu: str,
     use_cuda_graphs: bool,
     trt: ModuleType | None = None,
+    max_shapes: int = 4,
 ) -> TensorRTBackend:
     """Engines for each component (spec, fingerprint, precision); a plan that does not load is skipped."""
     trt = trt or tensorrt_module()
-    runtime = trt.Runtime(make_logger(trt))
-    runtime.engine_host_code_allowed = True  # version-compatible engines carry their own runtime code
+    runtime = make_runtime(trt)
     tags = version_tags(trt)
     loaded: dict[str, list[LoadedEngine]] = {}
     unavailable: dict[str, str] = {}
@@ -279,13 +350,11 @@ def load_tensorrt(
         for artifact in (a for a in for_gpu if runnable(a, spec, tags)):
             try:
                 plan = artifact.read_verified(ENGINE_FILE)
-                engine = runtime.deserialize_cuda_engine(plan)
-                if engine is None:
-                    raise BackendUnavailable("TensorRT could not deserialize it (other version or GPU, or corrupt)")
                 profile = Profile.from_json(artifact.manifest["profile"])
-                loaded.setdefault(component, []).append(
-                    LoadedEngine(trt, engine, profile, spec, device, use_cuda_graphs, name=artifact.path.name)
+                engine = deserialize(
+                    trt, runtime, plan, profile, spec, device, artifact.path.name, use_cuda_graphs, max_shapes
                 )
+                loaded.setdefault(component, []).append(engine)
             except Exception as error:  # a plan that does not load is skipped, whatever the cause
                 log.warning("skipping engine %s: %s", artifact.path.name, error)
                 reasons.append(f"{artifact.path.name}: {error}")
@@ -299,15 +368,5 @@ def load_tensorrt(
         unusable = f"the store has engines for {gpu} ({built}) but none loads with TensorRT {tags[0]}: " + "; ".join(
             unavailable[c] for c in built_for_gpu
         )
-    engines = [engine for group in loaded.values() for engine in group]
-    scratch = None
-    if engines:
-        scratch = torch.empty(max(1, *(e.device_memory_size for e in engines)), dtype=torch.uint8, device=device)
-        for engine in engines:
-            engine.bind_scratch(scratch)
-    stream = torch.cuda.Stream(device) if engines and device.type == "cuda" else None
-    runners = {
-        component: TensorRTRunner(group[0].spec, group, components[component][2], device, stream)
-        for component, group in loaded.items()
-    }
+    runners, scratch = share_memory(loaded, {c: precision for c, (_, _, precision) in components.items()}, device)
     return TensorRTBackend(runners, unavailable, scratch, unusable)

@@ -48,34 +48,48 @@ def unet_inputs(model, batch=2, height=8, width=8, seed=0):
     }
 
 
-def test_the_runner_allocates_once_per_shape_and_binds_every_call(store, model, monkeypatch):
+def executions(engine) -> int:
+    return sum(slot.context._executions for slot in engine.slots.values())
+
+
+def test_each_shape_gets_its_own_context_configured_once(store, model, monkeypatch):
+    """A, B, A, B: every shape keeps its context, buffers and addresses, so a graph captured on a
+    context can never see it reconfigured for another shape."""
     fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)
     backend = load(store, model, ["unet"])
     runner = backend.runners["unet"]
     [engine] = runner.engines
     assert backend.scratch is not None and backend.scratch.numel() >= engine.device_memory_size
-    assert engine.context._memory == (backend.scratch.data_ptr(), backend.scratch.numel())
-    assert engine.context._strategy.name == "USER_MANAGED"
 
-    first = unet_inputs(model, seed=1)
-    out = runner(first)["noise_pred"]
-    assert torch.equal(out, first["sample"] * 2)
-    buffers = {name: t.data_ptr() for name, t in engine.slots[next(iter(engine.slots))].outputs.items()}
-
-    second = unet_inputs(model, seed=2)
-    assert torch.equal(runner(second)["noise_pred"], second["sample"] * 2)
-    assert len(engine.slots) == 1, "the same shape reuses its buffers"
-    assert {n: t.data_ptr() for n, t in engine.slots[next(iter(engine.slots))].outputs.items()} == buffers
-
-    wide = unet_inputs(model, batch=1, height=8, width=12, seed=3)
-    assert torch.equal(runner(wide)["noise_pred"], wide["sample"] * 2)
-    assert torch.equal(runner(first)["noise_pred"], first["sample"] * 2), "switching back rebinds shapes"
+    a, b = unet_inputs(model, seed=1), unet_inputs(model, batch=1, height=8, width=12, seed=3)
+    for inputs in (a, b, a, b):
+        assert torch.equal(runner(inputs)["noise_pred"], inputs["sample"] * 2)
     assert len(engine.slots) == 2
-    assert engine.context._executions == 4
+    for key, slot in engine.slots.items():
+        assert slot.context._strategy.name == "USER_MANAGED"
+        assert slot.context._memory == (backend.scratch.data_ptr(), backend.scratch.numel()), "one shared scratch"
+        assert tuple(slot.context._shapes[name] for name in engine.spec.input_names) == key
+        assert slot.context._executions == 2
+    buffers = {key: slot.outputs["noise_pred"].data_ptr() for key, slot in engine.slots.items()}
+    again = unet_inputs(model, seed=2)
+    assert torch.equal(runner(again)["noise_pred"], again["sample"] * 2)
+    assert {key: slot.outputs["noise_pred"].data_ptr() for key, slot in engine.slots.items()} == buffers
 
-    returned = runner(first)["noise_pred"]
-    runner(second)
-    assert torch.equal(returned, first["sample"] * 2), "outputs are the caller's, not reused buffers"
+    returned = runner(a)["noise_pred"]
+    runner(again)
+    assert torch.equal(returned, a["sample"] * 2), "outputs are the caller's, not reused buffers"
+
+
+def test_shapes_past_the_cap_drop_the_least_recently_used_context(store, model, monkeypatch):
+    fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)
+    runner = load(store, model, ["unet"]).runners["unet"]
+    [engine] = runner.engines
+    engine.max_shapes = 2
+    shapes = [(2, 8, 8), (1, 8, 12), (2, 8, 8), (1, 12, 8)]
+    for batch, height, width in shapes:
+        inputs = unet_inputs(model, batch=batch, height=height, width=width)
+        assert torch.equal(runner(inputs)["noise_pred"], inputs["sample"] * 2)
+    assert [key[0] for key in engine.slots] == [(2, 4, 8, 8), (1, 4, 12, 8)], "(1, 4, 8, 12) was the oldest"
 
 
 def test_each_call_runs_the_covering_engine_tuned_closest(store, model, monkeypatch):
@@ -83,9 +97,9 @@ def test_each_call_runs_the_covering_engine_tuned_closest(store, model, monkeypa
     runner = load(store, model, ["unet"]).runners["unet"]
     by_label = {engine.profile.label: engine for engine in runner.engines}
     runner(unet_inputs(model, batch=2))
-    assert by_label["64x1"].context._executions == 1
+    assert executions(by_label["64x1"]) == 1
     runner(unet_inputs(model, batch=4))
-    assert by_label["64-96@64x2"].context._executions == 1
+    assert executions(by_label["64-96@64x2"]) == 1
     reason = runner.unsupported_reason(
         {"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, 32)}
     )
