@@ -10,7 +10,7 @@ logic: it runs and is tested without TensorRT.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from engine.models.spec import ComponentSpec, Dims, Shape
@@ -50,16 +50,17 @@ class SizeRange:
         return cls(min_size, opt_size, max_size, max_batch)
 
 
-def default_ranges(native_size: int) -> list[SizeRange]:
-    """Half to one and a half times the model's native side, optimized for the native side."""
+def default_ranges(native_size: int, max_images: int) -> list[SizeRange]:
+    """Half to one and a half times the model's native side, optimized for the native side, up to
+    ``MAX_IMAGES`` images: every batch the request limits accept (prompts never outnumber images)."""
     low = max(64, native_size // 2 // 8 * 8)
     high = native_size * 3 // 2 // 8 * 8
-    return [SizeRange(low, native_size, high, 2)]
+    return [SizeRange(low, native_size, high, max_images)]
 
 
-def parse_ranges(text: str | None, native_size: int) -> list[SizeRange]:
+def parse_ranges(text: str | None, native_size: int, max_images: int) -> list[SizeRange]:
     if not text:
-        return default_ranges(native_size)
+        return default_ranges(native_size, max_images)
     return [SizeRange.parse(part) for part in text.split(",") if part.strip()]
 
 
@@ -134,6 +135,11 @@ def profile_for(spec: ComponentSpec, size_range: SizeRange) -> Profile:
         maximum = spec.input_shapes(Dims(size_range.max_batch, size_range.max_size, size_range.max_size), guidance=True)
     inputs = tuple((name, ShapeRange(minimum[name], optimum[name], maximum[name])) for name in spec.input_names)
     return Profile(label=size_range.label, inputs=inputs)
+
+
+def profiles_label(profiles: Sequence[Profile]) -> str:
+    """Names an engine by its profiles, e.g. '256-768@512x4,512x1'."""
+    return ",".join(profile.label for profile in profiles)
 
 
 def choose(profiles: Iterable[Profile], shapes: Mapping[str, Shape]) -> int | None:

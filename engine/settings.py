@@ -143,7 +143,7 @@ class Settings(BaseSettings):
         if self.min_image_side > self.max_image_side:
             raise ValueError("MIN_IMAGE_SIDE is above MAX_IMAGE_SIDE")
         if self.engine_profiles:
-            parse_ranges(self.engine_profiles, native_size=512)  # syntax only; sizes are the model's
+            parse_ranges(self.engine_profiles, native_size=512, max_images=self.max_images)  # syntax only
         if self.default_steps > self.max_steps:
             raise ValueError("DEFAULT_STEPS is above MAX_STEPS")
         return self

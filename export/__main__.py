@@ -59,7 +59,7 @@ def engine_builder(settings: Settings, exporter: Exporter, skip: bool) -> tuple[
         optimization_level=settings.engine_optimization_level,
         version_compatible=settings.engine_version_compatible,
     )
-    ranges = parse_ranges(settings.engine_profiles, exporter.model.config.native_size)
+    ranges = parse_ranges(settings.engine_profiles, exporter.model.config.native_size, settings.max_images)
     builder = EngineBuilder.create(
         exporter.store, gpu_tag(exporter.device), ranges, options, settings.lock_stale_s, settings.lock_heartbeat_s
     )
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     on_stage=lambda stage, c=component: bar.set_postfix_str(f"{c}: {stage}"), device=device
                 )
                 onnx = exporter.onnx(component, stages)
-                engines = exporter.engines(component, onnx, builder, stages) if builder else []
+                engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
                 summary.append((component, [onnx, *engines], stages))
     except WorkerError as error:
         print(f"export failed: {error}", file=sys.stderr)

@@ -30,7 +30,7 @@ from engine.errors import BackendUnavailable
 from engine.fingerprint import component_fingerprint
 from engine.models import Model
 from engine.models.spec import ComponentSpec, Dims
-from engine.profiles import Profile, SizeRange, profile_for
+from engine.profiles import Profile, SizeRange, profile_for, profiles_label
 from engine.settings import default_export_work_dir
 from engine.store import Artifact, Staging, Store, scratch_folder
 from export.onnx import export_dims
@@ -119,43 +119,43 @@ class Exporter:
 
         return self.store.ensure(key, build)
 
-    def engines(self, component: str, onnx: Artifact, builder: EngineBuilder, stages: StageLog) -> list[Artifact]:
-        """One engine per configured size range, each validated against torch through the TensorRT runner."""
+    def engine(self, component: str, onnx: Artifact, builder: EngineBuilder, stages: StageLog) -> Artifact:
+        """One engine for every configured size range (one optimization profile each, the weights held
+        once), validated against torch through the TensorRT runner at sizes each profile covers."""
         spec = self.model.specs[component]
         precision = self.component_precision(component)
-        built = []
-        for size_range in builder.ranges:
-            profile = profile_for(spec, size_range)
-            key = engine_key(spec, onnx.key.fingerprint, precision, builder.gpu, builder.tag, profile.label)
+        profiles = [profile_for(spec, size_range) for size_range in builder.ranges]
+        label = profiles_label(profiles)
+        key = engine_key(spec, onnx.key.fingerprint, precision, builder.gpu, builder.tag, label)
 
-            def build(staging: Staging, profile: Profile = profile) -> None:
-                onnx.verify()
-                dims = covered_dims(spec, profile, validation_dims(self.model, self.device))
-                with stages.stage(f"reference {profile.label}"):
-                    module = load_module(self.model, component, self.device)
-                    references = references_for(self.model, component, module, dims)
-                    del module
-                release_memory(self.device)
-                plan = staging.path / ENGINE_FILE
-                with stages.stage(f"build {profile.label}"):
-                    builder.build(onnx.file(ONNX_FILE), profile, plan)
-                with stages.stage(f"validate {profile.label}"):
-                    candidate = builder.runner(spec, plan.read_bytes(), profile, precision, self.device)
-                    parity = check(spec, "tensorrt", compare(spec, references, candidate, precision))
-                    del candidate
-                staging.info.update(
-                    model=self.model.name,
-                    profile=profile.to_json(),
-                    builder=asdict(builder.options),
-                    engine_bytes=plan.stat().st_size,
-                    parity=parity,
-                    validation=validation_record("tensorrt", self.device, references),
-                    tools=tool_versions(),
-                    **stages.report(),
-                )
+        def build(staging: Staging) -> None:
+            onnx.verify()
+            candidates = validation_dims(self.model, self.device)
+            dims = list(dict.fromkeys(d for profile in profiles for d in covered_dims(spec, profile, candidates)))
+            with stages.stage("reference engine"):
+                module = load_module(self.model, component, self.device)
+                references = references_for(self.model, component, module, dims)
+                del module
+            release_memory(self.device)
+            plan = staging.path / ENGINE_FILE
+            with stages.stage("build engine"):
+                builder.build(onnx.file(ONNX_FILE), profiles, plan)
+            with stages.stage("validate engine"):
+                candidate = builder.runner(spec, plan.read_bytes(), profiles, precision, self.device)
+                parity = check(spec, "tensorrt", compare(spec, references, candidate, precision))
+                del candidate
+            staging.info.update(
+                model=self.model.name,
+                profiles=[profile.to_json() for profile in profiles],
+                builder=asdict(builder.options),
+                engine_bytes=plan.stat().st_size,
+                parity=parity,
+                validation=validation_record("tensorrt", self.device, references),
+                tools=tool_versions(),
+                **stages.report(),
+            )
 
-            built.append(self.store.ensure(key, build))
-        return built
+        return self.store.ensure(key, build)
 
 
 def validation_record(backend: str, device: torch.device, references: list[Reference]) -> dict:
@@ -217,13 +217,14 @@ class EngineBuilder:
         tag = compatible if options.version_compatible else version
         return cls(trt, ranges, options, gpu, tag, cache, make_logger(trt))
 
-    def build(self, onnx_path: Path, profile: Profile, plan: Path) -> None:
-        build_engine(self.trt, self.logger, onnx_path, profile, self.options, self.timing_cache, plan)
+    def build(self, onnx_path: Path, profiles: list[Profile], plan: Path) -> None:
+        build_engine(self.trt, self.logger, onnx_path, profiles, self.options, self.timing_cache, plan)
 
     def runner(
-        self, spec: ComponentSpec, plan: bytes, profile: Profile, precision: str, device: torch.device
+        self, spec: ComponentSpec, plan: bytes, profiles: list[Profile], precision: str, device: torch.device
     ) -> TensorRTRunner:
         """The engine just built, through the same loading and runner the worker uses."""
-        loaded = deserialize(self.trt, make_runtime(self.trt, self.logger), plan, profile, spec, device, spec.name)
+        runtime = make_runtime(self.trt, self.logger)
+        loaded = deserialize(self.trt, runtime, plan, tuple(profiles), spec, device, spec.name)
         runners, _ = share_memory({spec.name: [loaded]}, {spec.name: precision}, device)
         return runners[spec.name]

@@ -2,7 +2,7 @@
 
 Precision comes from the ONNX file (fp16 weights and casts): TensorRT 11 builds only
 strongly typed networks, and TensorRT 10 is asked for the same with the STRONGLY_TYPED
-flag. One optimization profile per engine, a workspace limit, an optimization level,
+flag. One optimization profile per configured size range in one engine, a workspace limit, an optimization level,
 and a timing cache shared through the store so later builds on the same GPU and
 TensorRT version skip the tactic timing already done.
 """
@@ -13,13 +13,14 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from engine.errors import ArtifactError
 from engine.locking import BuildLock
-from engine.profiles import Profile
+from engine.profiles import Profile, profiles_label
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,17 @@ def parse_onnx(trt: ModuleType, builder, logger, onnx_path: Path):
     return network, parser
 
 
-def builder_config(trt: ModuleType, builder, profile: Profile, options: BuildOptions, timing_cache: bytes):
+def builder_config(trt: ModuleType, builder, profiles: Sequence[Profile], options: BuildOptions, timing_cache: bytes):
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     config.builder_optimization_level = options.optimization_level
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    optimization_profile = builder.create_optimization_profile()
-    for name, shapes in profile.inputs:
-        optimization_profile.set_shape(name, shapes.minimum, shapes.optimum, shapes.maximum)
-    config.add_optimization_profile(optimization_profile)
+    for profile in profiles:  # one engine, one set of weights, an optimization profile per size range
+        optimization_profile = builder.create_optimization_profile()
+        for name, shapes in profile.inputs:
+            optimization_profile.set_shape(name, shapes.minimum, shapes.optimum, shapes.maximum)
+        config.add_optimization_profile(optimization_profile)
     cache = config.create_timing_cache(timing_cache)
     config.set_timing_cache(cache, False)
     return config
@@ -93,16 +95,16 @@ def build_engine(
     trt: ModuleType,
     logger,
     onnx_path: Path,
-    profile: Profile,
+    profiles: Sequence[Profile],
     options: BuildOptions,
     timing_cache: TimingCache,
     plan_path: Path,
 ) -> None:
     builder = trt.Builder(logger)
     network, _parser = parse_onnx(trt, builder, logger, onnx_path)
-    config = builder_config(trt, builder, profile, options, timing_cache.read())
+    config = builder_config(trt, builder, profiles, options, timing_cache.read())
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ArtifactError(f"TensorRT failed to build {onnx_path.name} for profile {profile.label}")
+        raise ArtifactError(f"TensorRT failed to build {onnx_path.name} for profiles {profiles_label(profiles)}")
     plan_path.write_bytes(bytes(serialized))
     timing_cache.merge(config)

@@ -170,8 +170,8 @@ class Builder:
             return None
         cache = config.get_timing_cache()
         cache._entries[f"tactic-{len(cache._entries)}"] = 1
-        [profile] = config._profiles
-        plan = {"tensors": network._tensors, "profile": profile._shapes, "flags": network._flags}
+        profiles = [profile._shapes for profile in config._profiles]
+        plan = {"tensors": network._tensors, "profiles": profiles, "flags": network._flags}
         return b"FAKEPLAN" + json.dumps(plan).encode()
 
 
@@ -186,7 +186,7 @@ def _derived_sizes(sizes: dict[str, int]) -> dict[str, int]:
 
 
 class IExecutionContext:
-    __slots__ = ("_addresses", "_engine", "_executions", "_memory", "_shapes", "_strategy")
+    __slots__ = ("_addresses", "_engine", "_executions", "_memory", "_profile", "_shapes", "_strategy")
 
     def __init__(self, engine: ICudaEngine, strategy: object):
         self._engine = engine
@@ -195,9 +195,17 @@ class IExecutionContext:
         self._addresses: dict[str, int] = {}
         self._memory: tuple[int, int] | None = None
         self._executions = 0
+        self._profile = 0
+
+    def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
+        if not 0 <= profile_index < self._engine.num_optimization_profiles:
+            return False
+        self._profile = profile_index
+        self._shapes = {}
+        return True
 
     def set_input_shape(self, name: str, shape) -> bool:
-        low, _, high = self._engine._profile[name]
+        low, _, high = self._engine._profiles[self._profile][name]
         shape = tuple(shape)
         if not all(lo <= s <= hi for s, lo, hi in zip(shape, low, high, strict=True)):
             return False
@@ -242,11 +250,13 @@ class IExecutionContext:
 
 
 class ICudaEngine:
-    __slots__ = ("_contexts", "_inputs", "_outputs", "_profile", "_tensors")
+    __slots__ = ("_contexts", "_inputs", "_outputs", "_profiles", "_tensors")
 
     def __init__(self, plan: dict):
         self._tensors = plan["tensors"]
-        self._profile = {name: tuple(map(tuple, shapes)) for name, shapes in plan["profile"].items()}
+        self._profiles = [
+            {name: tuple(map(tuple, shapes)) for name, shapes in profile.items()} for profile in plan["profiles"]
+        ]
         self._inputs = [name for name, tensor in self._tensors.items() if tensor["input"]]
         self._outputs = [name for name, tensor in self._tensors.items() if not tensor["input"]]
         self._contexts: list[IExecutionContext] = []
@@ -254,6 +264,10 @@ class ICudaEngine:
     @property
     def num_io_tensors(self) -> int:
         return len(self._tensors)
+
+    @property
+    def num_optimization_profiles(self) -> int:
+        return len(self._profiles)
 
     def get_tensor_name(self, index: int) -> str:
         return list(self._tensors)[index]
@@ -353,5 +367,5 @@ def publish_fake_engines(store, model, components, ranges, monkeypatch, version:
     published = {}
     for component in components:
         [onnx] = store.find(kind="onnx", component=component)
-        published[component] = exporter.engines(component, onnx, builder, StageLog())
+        published[component] = exporter.engine(component, onnx, builder, StageLog())
     return published

@@ -27,6 +27,7 @@ from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.fingerprint import component_fingerprint
 from engine.models import Model
 from engine.models.spec import ComponentSpec
+from engine.profiles import parse_ranges
 from engine.settings import Backend, Settings, TorchFallback
 from engine.store import Store
 
@@ -193,6 +194,7 @@ def build_chains(
         return fingerprints[component]
 
     tensorrt_components = [c for c, backends in wanted.items() if Backend.TENSORRT in backends]
+    native = model.config.native_size
     tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, "TensorRT needs a CUDA device"))
     if tensorrt_components and device.type == "cuda":
         try:
@@ -203,6 +205,7 @@ def build_chains(
                 gpu_tag(device),
                 settings.cuda_graphs,
                 max_shapes=settings.cuda_graph_shapes,
+                profiles=",".join(r.label for r in parse_ranges(settings.engine_profiles, native, settings.max_images)),
             )
         except Exception as error:  # whatever TensorRT raises, the worker starts on the other backends
             log.exception("TensorRT engines could not be loaded")

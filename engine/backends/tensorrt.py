@@ -110,12 +110,14 @@ class LoadedEngine:
 
     trt: ModuleType
     engine: Any
-    profile: Profile
+    profiles: tuple[Profile, ...]
+    """The engine's optimization profiles, in the order it was built with them."""
     spec: ComponentSpec
     device: torch.device
     use_cuda_graphs: bool
     name: str = ""
     max_shapes: int = 4
+    plan_bytes: int = 0
     scratch: torch.Tensor | None = None
     slots: OrderedDict[tuple[Shape, ...], _ShapeSlot] = field(default_factory=OrderedDict)
 
@@ -138,11 +140,16 @@ class LoadedEngine:
     def _dtype(self, name: str) -> torch.dtype:
         return TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
 
-    def _new_slot(self, key: tuple[Shape, ...]) -> _ShapeSlot:
+    def _new_slot(self, key: tuple[Shape, ...], stream: torch.cuda.Stream | None) -> _ShapeSlot:
         if self.scratch is None:
             raise BackendUnavailable(f"{self.name}: no scratch memory bound")
+        index = choose(self.profiles, dict(zip(self.spec.input_names, key, strict=True)))
+        if index is None:
+            raise BackendUnavailable(f"{self.name}: no profile covers {key}")
         context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        if not context.set_optimization_profile_async(index, stream.cuda_stream if stream is not None else 0):
+            raise BackendUnavailable(f"{self.name}: TensorRT refused optimization profile {index}")
         for name, shape in zip(self.spec.input_names, key, strict=True):
             if not context.set_input_shape(name, shape):
                 raise BackendUnavailable(f"{self.name}: TensorRT refused shape {shape} for {name}")
@@ -169,7 +176,7 @@ class LoadedEngine:
                 stream.synchronize()  # nothing queued may still use the buffers about to be freed
             evicted, _ = self.slots.popitem(last=False)
             log.debug("%s: dropped the context for %s", self.name, evicted)
-        slot = self.slots[key] = self._new_slot(key)
+        slot = self.slots[key] = self._new_slot(key, stream)
         return slot
 
     def execute(self, inputs: Mapping[str, torch.Tensor], stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
@@ -186,18 +193,23 @@ class LoadedEngine:
                 raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
             return {name: tensor.clone() for name, tensor in slot.outputs.items()}
 
-    def capture_optimum(self, stream: torch.cuda.Stream) -> bool:
-        """Runs the profile's optimum shapes once and captures them as a CUDA graph (at warm-up, never
-        in a request); True when a graph was kept. A capture whose enqueue fails is discarded."""
-        shapes = self.profile.shapes()
-        key = tuple(shapes[name].optimum for name in self.spec.input_names)
+    def capture_optima(self, stream: torch.cuda.Stream) -> int:
+        """CUDA graphs of each profile's optimum shapes (at warm-up, never in a request); how many were kept."""
+        captured = 0
+        for profile in self.profiles:
+            shapes = profile.shapes()
+            captured += self._capture(tuple(shapes[name].optimum for name in self.spec.input_names), stream)
+        return captured
+
+    def _capture(self, key: tuple[Shape, ...], stream: torch.cuda.Stream) -> bool:
+        """Runs these shapes once, then captures them; a capture whose enqueue fails is discarded."""
         slot = self._slot(key, stream)
         if slot.graph is not None:
             return True
         with torch.cuda.stream(stream):
             for tensor in slot.inputs.values():
                 tensor.zero_()
-            if not slot.context.execute_async_v3(stream.cuda_stream):  # first run: lazy initialization
+            if not slot.context.execute_async_v3(stream.cuda_stream):  # the first run initializes lazily
                 raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
         graph = torch.cuda.CUDAGraph()
         try:
@@ -208,7 +220,7 @@ class LoadedEngine:
             return False
         if not captured:
             log.warning(
-                "%s: TensorRT could not enqueue during CUDA graph capture at %s, running without", self.name, key
+                "%s: TensorRT's enqueue failed during CUDA graph capture at %s, running without", self.name, key
             )
             return False
         slot.graph = graph
@@ -232,20 +244,25 @@ class TensorRTRunner(Runner):
         self.engines = list(engines)
         self.stream = stream
 
+    def _profiles(self) -> list[tuple[LoadedEngine, Profile]]:
+        return [(engine, profile) for engine in self.engines for profile in engine.profiles]
+
     def unsupported_reason(self, shapes: Mapping[str, Shape]) -> str | None:
-        if choose([e.profile for e in self.engines], shapes) is not None:
+        pairs = self._profiles()
+        if choose([profile for _, profile in pairs], shapes) is not None:
             return None
-        return "; ".join(filter(None, (e.profile.unsupported_reason(shapes) for e in self.engines)))
+        return "; ".join(filter(None, (profile.unsupported_reason(shapes) for _, profile in pairs)))
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
-        index = choose([e.profile for e in self.engines], shapes)
+        pairs = self._profiles()
+        index = choose([profile for _, profile in pairs], shapes)
         if index is None:
             raise BackendUnavailable(f"{self.spec.name}: {self.unsupported_reason(shapes)}")
         caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
         if self.stream is not None:
             self.stream.wait_stream(caller)  # inputs written on the caller's stream are ready
-        outputs = self.engines[index].execute(inputs, self.stream)
+        outputs = pairs[index][0].execute(inputs, self.stream)
         if caller is not None:
             caller.wait_stream(self.stream)  # and outputs are ready for the caller, without a host sync
         return outputs
@@ -254,7 +271,7 @@ class TensorRTRunner(Runner):
         """CUDA graphs for each engine's optimum shapes; how many were captured."""
         if self.stream is None:
             return 0
-        captured = sum(engine.capture_optimum(self.stream) for engine in self.engines if engine.use_cuda_graphs)
+        captured = sum(engine.capture_optima(self.stream) for engine in self.engines if engine.use_cuda_graphs)
         self.stream.synchronize()
         return captured
 
@@ -273,6 +290,12 @@ class TensorRTBackend:
     def capture_graphs(self) -> int:
         """At warm-up: a CUDA graph for each engine's optimum shapes; how many were captured."""
         return sum(runner.capture_graphs() for runner in self.runners.values())
+
+    @property
+    def memory_bytes(self) -> int:
+        """What the engines hold on the GPU: their plans (weights and kernels) and the shared scratch."""
+        plans = sum(engine.plan_bytes for runner in self.runners.values() for engine in runner.engines)
+        return plans + (self.scratch.numel() if self.scratch is not None else 0)
 
 
 def engines_for_gpu(store: Store, spec: ComponentSpec, fingerprint: str, precision: str, gpu: str) -> list[Artifact]:
@@ -295,7 +318,7 @@ def deserialize(
     trt: ModuleType,
     runtime: Any,
     plan: bytes,
-    profile: Profile,
+    profiles: tuple[Profile, ...],
     spec: ComponentSpec,
     device: torch.device,
     name: str,
@@ -305,7 +328,11 @@ def deserialize(
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise BackendUnavailable("TensorRT could not deserialize it (other version or GPU, or corrupt)")
-    return LoadedEngine(trt, engine, profile, spec, device, use_cuda_graphs, name=name, max_shapes=max_shapes)
+    if engine.num_optimization_profiles != len(profiles):
+        raise BackendUnavailable(f"{engine.num_optimization_profiles} profiles, its manifest lists {len(profiles)}")
+    return LoadedEngine(
+        trt, engine, profiles, spec, device, use_cuda_graphs, name=name, max_shapes=max_shapes, plan_bytes=len(plan)
+    )
 
 
 def share_memory(
@@ -334,8 +361,13 @@ def load_tensorrt(
     use_cuda_graphs: bool,
     trt: ModuleType | None = None,
     max_shapes: int = 4,
+    profiles: str | None = None,
 ) -> TensorRTBackend:
-    """Engines for each component (spec, fingerprint, precision); a plan that does not load is skipped."""
+    """Engines for each component (spec, fingerprint, precision); a plan that does not load is skipped.
+
+    Where the store has an engine with the configured ``profiles`` label, only that one is loaded
+    (one set of weights per component); otherwise every engine it has for this GPU.
+    """
     trt = trt or tensorrt_module()
     runtime = make_runtime(trt)
     tags = version_tags(trt)
@@ -347,12 +379,16 @@ def load_tensorrt(
         for_gpu = engines_for_gpu(store, spec, fingerprint, precision, gpu)
         if for_gpu:
             built_for_gpu[component] = sorted({str(artifact.key.tensorrt) for artifact in for_gpu})
-        for artifact in (a for a in for_gpu if runnable(a, spec, tags)):
+        candidates = [a for a in for_gpu if runnable(a, spec, tags)]
+        configured = [a for a in candidates if a.key.profile == profiles]
+        if candidates and profiles is not None and not configured:
+            log.warning("%s: no engine built for ENGINE_PROFILES %s, loading the store's others", component, profiles)
+        for artifact in configured or candidates:
             try:
                 plan = artifact.read_verified(ENGINE_FILE)
-                profile = Profile.from_json(artifact.manifest["profile"])
+                profiles = tuple(Profile.from_json(profile) for profile in artifact.manifest["profiles"])
                 engine = deserialize(
-                    trt, runtime, plan, profile, spec, device, artifact.path.name, use_cuda_graphs, max_shapes
+                    trt, runtime, plan, profiles, spec, device, artifact.path.name, use_cuda_graphs, max_shapes
                 )
                 loaded.setdefault(component, []).append(engine)
             except Exception as error:  # a plan that does not load is skipped, whatever the cause
@@ -369,4 +405,7 @@ def load_tensorrt(
             unavailable[c] for c in built_for_gpu
         )
     runners, scratch = share_memory(loaded, {c: precision for c, (_, _, precision) in components.items()}, device)
-    return TensorRTBackend(runners, unavailable, scratch, unusable)
+    backend = TensorRTBackend(runners, unavailable, scratch, unusable)
+    if runners:
+        log.info("TensorRT engines hold %.0f MB of GPU memory", backend.memory_bytes / 2**20)
+    return backend

@@ -28,7 +28,8 @@ def test_ranges_parse_and_label():
     assert SizeRange.parse("256-1024@512x4") == SizeRange(256, 512, 1024, 4)
     assert SizeRange.parse("512x1").static
     assert SizeRange.parse("512x1").label == "512x1"
-    assert parse_ranges("256-768@512x2, 512x1", 512) == [SizeRange(256, 512, 768, 2), SizeRange(512, 512, 512, 1)]
+    ranges = parse_ranges("256-768@512x2, 512x1", 512, max_images=4)
+    assert ranges == [SizeRange(256, 512, 768, 2), SizeRange(512, 512, 512, 1)]
 
 
 @pytest.mark.parametrize("text", ["", "512", "1024-256@512x4", "256-1024@2000x4", "256-1024@512x0", "250-1024@512x4"])
@@ -37,10 +38,26 @@ def test_bad_ranges_are_rejected(text):
         SizeRange.parse(text)
 
 
-def test_default_range_follows_the_native_size():
-    assert default_ranges(512) == [SizeRange(256, 512, 768, 2)]
-    assert default_ranges(1024) == [SizeRange(512, 1024, 1536, 2)]
-    assert default_ranges(64) == [SizeRange(64, 64, 96, 2)]
+def test_default_range_follows_the_native_size_and_covers_max_images():
+    assert default_ranges(512, 4) == [SizeRange(256, 512, 768, 4)]
+    assert default_ranges(1024, 4) == [SizeRange(512, 1024, 1536, 4)]
+    assert default_ranges(64, 2) == [SizeRange(64, 64, 96, 2)]
+    assert parse_ranges(None, 512, max_images=6) == [SizeRange(256, 512, 768, 6)]
+
+
+def test_the_default_profiles_cover_every_batch_the_default_limits_accept(make_settings, cache_dir):
+    """MAX_IMAGES images doubled for guidance in the UNet; negatives and prompts in the text encoder."""
+    from engine.models import load_model
+    from engine.models.spec import Dims
+
+    settings = make_settings()
+    model = load_model("tiny", cache_dir)
+    [size_range] = parse_ranges(settings.engine_profiles, model.config.native_size, settings.max_images)
+    native = model.config.native_size
+    for component, rows in (("unet", settings.max_images), ("text_encoder", settings.max_prompts)):
+        spec = model.specs[component]
+        shapes = spec.input_shapes(Dims(rows, native, native), guidance=True)
+        assert profile_for(spec, size_range).unsupported_reason(shapes) is None, component
 
 
 def test_unet_profile_is_in_latent_units_with_guidance_doubling():

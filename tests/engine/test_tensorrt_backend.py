@@ -92,14 +92,17 @@ def test_shapes_past_the_cap_drop_the_least_recently_used_context(store, model, 
     assert [key[0] for key in engine.slots] == [(2, 4, 8, 8), (1, 4, 12, 8)], "(1, 4, 8, 12) was the oldest"
 
 
-def test_each_call_runs_the_covering_engine_tuned_closest(store, model, monkeypatch):
+def test_each_call_runs_the_covering_profile_tuned_closest_in_one_engine(store, model, monkeypatch):
     fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC, STATIC], monkeypatch)
-    runner = load(store, model, ["unet"]).runners["unet"]
-    by_label = {engine.profile.label: engine for engine in runner.engines}
+    backend = load(store, model, ["unet"])
+    runner = backend.runners["unet"]
+    [engine] = runner.engines
+    assert [profile.label for profile in engine.profiles] == ["64-96@64x2", "64x1"]
     runner(unet_inputs(model, batch=2))
-    assert executions(by_label["64x1"]) == 1
     runner(unet_inputs(model, batch=4))
-    assert executions(by_label["64-96@64x2"]) == 1
+    profiles = {key[0][0]: slot.context._profile for key, slot in engine.slots.items()}
+    assert profiles == {2: 1, 4: 0}, "batch 2 at 64 px runs the static profile, batch 4 the dynamic one"
+    assert backend.memory_bytes == engine.plan_bytes + backend.scratch.numel()
     reason = runner.unsupported_reason(
         {"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, 32)}
     )
@@ -108,7 +111,7 @@ def test_each_call_runs_the_covering_engine_tuned_closest(store, model, monkeypa
 
 def test_engines_that_cannot_be_used_are_skipped_with_a_reason(store, model, monkeypatch):
     published = fake_tensorrt.publish_fake_engines(store, model, ["unet", "vae_decoder"], [DYNAMIC], monkeypatch)
-    [unet] = published["unet"]
+    unet = published["unet"]
     data = bytearray(unet.file(ENGINE_FILE).read_bytes())
     data[-2] ^= 0xFF
     unet.file(ENGINE_FILE).write_bytes(bytes(data))
@@ -143,7 +146,7 @@ def test_engines_that_exist_but_do_not_load_fail_a_fitness_check(store, model, m
 
 
 def test_a_plan_tensorrt_cannot_deserialize_is_skipped(store, model, monkeypatch):
-    [unet] = fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)["unet"]
+    unet = fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)["unet"]
     monkeypatch.setattr(fake_tensorrt.Runtime, "deserialize_cuda_engine", lambda self, serialized_engine: None)
     backend = load(store, model, ["unet"])
     assert "could not deserialize" in backend.unavailable["unet"]

@@ -36,22 +36,23 @@ def test_tensorrt_11_networks_are_strongly_typed_without_flags_and_tensorrt_10_a
     assert network_flags(tensorrt_10) == 1 << fake_tensorrt.TENSORRT_10_STRONGLY_TYPED == 2
 
 
-def test_build_sets_the_profile_workspace_level_and_timing_cache(store, model, tmp_path):
+def test_build_sets_the_profiles_workspace_level_and_timing_cache(store, model, tmp_path):
     trt = fake_tensorrt.fake_tensorrt()
     spec = model.specs["unet"]
-    profile = profile_for(spec, SizeRange(64, 64, 128, 2))
+    profiles = [profile_for(spec, SizeRange(64, 64, 128, 2)), profile_for(spec, SizeRange.parse("64x1"))]
     cache = TimingCache(tmp_path / "cache" / "sm90-trt11.cache", 30, 1)
     plan = tmp_path / "engine.plan"
-    build_engine(trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), profile, OPTIONS, cache, plan)
+    build_engine(trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), profiles, OPTIONS, cache, plan)
     built = json.loads(plan.read_bytes()[len(b"FAKEPLAN") :])
-    assert built["profile"]["sample"] == [[1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 16, 16]]
-    assert built["profile"]["timestep"] == [[1], [1], [1]]
+    dynamic, static = built["profiles"]
+    assert dynamic["sample"] == [[1, 4, 8, 8], [2, 4, 8, 8], [4, 4, 16, 16]]
+    assert dynamic["timestep"] == [[1], [1], [1]]
+    assert static["sample"] == [[2, 4, 8, 8]] * 3
     assert built["flags"] == 0
     assert set(built["tensors"]) == {"sample", "timestep", "encoder_hidden_states", "noise_pred"}
     assert json.loads(cache.path.read_bytes()) == {"tactic-0": 1}
 
-    other = profile_for(spec, SizeRange.parse("64x1"))
-    build_engine(trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), other, OPTIONS, cache, plan)
+    build_engine(trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), profiles[1:], OPTIONS, cache, plan)
     assert len(json.loads(cache.path.read_bytes())) == 2, "the second build merges into the saved cache"
 
 
@@ -62,11 +63,11 @@ def test_parse_and_build_failures_are_reported(store, model, tmp_path):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not onnx")
     with pytest.raises(ArtifactError, match=r"could not parse broken\.onnx"):
-        build_engine(trt, None, broken, profile, OPTIONS, cache, tmp_path / "a.plan")
+        build_engine(trt, None, broken, [profile], OPTIONS, cache, tmp_path / "a.plan")
     fake_tensorrt.Builder.failures = 1
-    with pytest.raises(ArtifactError, match=r"failed to build model\.onnx for profile 64-128@64x2"):
+    with pytest.raises(ArtifactError, match=r"failed to build model\.onnx for profiles 64-128@64x2"):
         build_engine(
-            trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), profile, OPTIONS, cache, tmp_path / "b.plan"
+            trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), [profile], OPTIONS, cache, tmp_path / "b.plan"
         )
 
 
@@ -75,25 +76,22 @@ def make_builder(store: Store, ranges: list[SizeRange], version_compatible: bool
     return EngineBuilder.create(store, "sm90", ranges, options, 30, 1, trt=fake_tensorrt.fake_tensorrt())
 
 
-def test_engines_are_published_once_per_range_with_their_manifest(store, model, monkeypatch):
+def test_one_engine_holds_a_profile_per_range_and_is_published_once(store, model, monkeypatch):
     monkeypatch.setattr(stages, "compare", fake_tensorrt.passing_compare)
     exporter = Exporter(model, store, torch.device("cpu"), "fp32")
     builder = make_builder(store, [SizeRange(64, 64, 128, 2), SizeRange.parse("64x1")])
     log = StageLog()
-    engines = exporter.engines("unet", onnx_artifact(store, "unet"), builder, log)
-    assert [e.key.profile for e in engines] == ["64-128@64x2", "64x1"]
-    for engine in engines:
-        engine.verify()
-        assert (engine.key.kind, engine.key.gpu, engine.key.tensorrt) == ("tensorrt", "sm90", "11.4.0.106")
-        assert engine.key.fingerprint == onnx_artifact(store, "unet").key.fingerprint
-        assert engine.manifest["builder"]["optimization_level"] == 3
-        assert engine.manifest["engine_bytes"] > 0
-        assert engine.manifest["profile"]["label"] == engine.key.profile
-    assert {"build 64-128@64x2", "validate 64-128@64x2", "build 64x1"} <= set(log.seconds)
+    engine = exporter.engine("unet", onnx_artifact(store, "unet"), builder, log)
+    engine.verify()
+    assert engine.key.profile == "64-128@64x2,64x1"
+    assert (engine.key.kind, engine.key.gpu, engine.key.tensorrt) == ("tensorrt", "sm90", "11.4.0.106")
+    assert engine.key.fingerprint == onnx_artifact(store, "unet").key.fingerprint
+    assert engine.manifest["builder"]["optimization_level"] == 3
+    assert engine.manifest["engine_bytes"] > 0
+    assert [profile["label"] for profile in engine.manifest["profiles"]] == ["64-128@64x2", "64x1"]
+    assert {"reference engine", "build engine", "validate engine"} <= set(log.seconds)
     again = StageLog()
-    assert [e.path for e in exporter.engines("unet", onnx_artifact(store, "unet"), builder, again)] == [
-        e.path for e in engines
-    ]
+    assert exporter.engine("unet", onnx_artifact(store, "unet"), builder, again).path == engine.path
     assert again.seconds == {}
 
 
@@ -101,7 +99,7 @@ def test_version_compatible_engines_carry_a_major_version_tag(store, model, monk
     monkeypatch.setattr(stages, "compare", fake_tensorrt.passing_compare)
     exporter = Exporter(model, store, torch.device("cpu"), "fp32")
     builder = make_builder(store, [SizeRange(64, 64, 128, 2)], version_compatible=True)
-    [engine] = exporter.engines("vae_decoder", onnx_artifact(store, "vae_decoder"), builder, StageLog())
+    engine = exporter.engine("vae_decoder", onnx_artifact(store, "vae_decoder"), builder, StageLog())
     assert engine.key.tensorrt == "11.x-vc"
 
 
@@ -109,7 +107,7 @@ def test_an_engine_that_differs_from_torch_is_not_published(store, model):
     exporter = Exporter(model, store, torch.device("cpu"), "fp32")
     builder = make_builder(store, [SizeRange(64, 64, 128, 2)])
     with pytest.raises(ArtifactError, match="unet: tensorrt differs from torch: noise_pred at"):
-        exporter.engines("unet", onnx_artifact(store, "unet"), builder, StageLog())
+        exporter.engine("unet", onnx_artifact(store, "unet"), builder, StageLog())
     assert store.find(kind="tensorrt") == []
 
 
