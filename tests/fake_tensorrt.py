@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 import tensorrt_lean as real
 
-NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32}
+from engine.dtypes import BY_TENSORRT
+
 ONNX_TO_TRT = {
     onnx.TensorProto.FLOAT: "FLOAT",
     onnx.TensorProto.FLOAT16: "HALF",
@@ -232,7 +233,7 @@ class IExecutionContext:
         self._memory = (memory, size)
 
     def _array(self, name: str, shape: tuple) -> np.ndarray:
-        dtype = np.dtype(NUMPY[self._engine._tensors[name]["dtype"]])
+        dtype = np.dtype(BY_TENSORRT[self._engine._tensors[name]["dtype"]].numpy)
         count = int(np.prod(shape))
         buffer = (ctypes.c_char * (count * dtype.itemsize)).from_address(self._addresses[name])
         return np.frombuffer(buffer, dtype=dtype).reshape(shape)

@@ -9,22 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
 from engine.artifacts import ONNX_FILE, onnx_key
 from engine.backends.base import Runner
+from engine.dtypes import BY_TORCH
 from engine.errors import ArtifactError, BackendUnavailable
 from engine.models.spec import ComponentSpec
 from engine.store import Store
-
-NUMPY_DTYPES = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.int64: np.int64,
-    torch.int32: np.int32,
-}
 
 
 def session_options() -> ort.SessionOptions:
@@ -81,7 +74,7 @@ class OnnxRuntimeRunner(Runner):
         device_id = self.device.index or 0
         for name, tensor in inputs.items():
             binding.bind_input(
-                name, "cuda", device_id, NUMPY_DTYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr()
+                name, "cuda", device_id, BY_TORCH[tensor.dtype].numpy, list(tensor.shape), tensor.data_ptr()
             )
         shapes = self.spec.output_shapes_from_inputs({name: tuple(t.shape) for name, t in inputs.items()})
         outputs = {}
@@ -89,7 +82,7 @@ class OnnxRuntimeRunner(Runner):
             dtype = tensor_spec.torch_dtype(self.precision)
             output = torch.empty(shapes[tensor_spec.name], dtype=dtype, device=self.device)
             binding.bind_output(
-                tensor_spec.name, "cuda", device_id, NUMPY_DTYPES[dtype], list(output.shape), output.data_ptr()
+                tensor_spec.name, "cuda", device_id, BY_TORCH[dtype].numpy, list(output.shape), output.data_ptr()
             )
             outputs[tensor_spec.name] = output
         self.session.run_with_iobinding(binding)

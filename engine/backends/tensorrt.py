@@ -25,23 +25,13 @@ import torch
 
 from engine.artifacts import ENGINE_FILE, exporter_id
 from engine.backends.base import Runner
+from engine.dtypes import BY_TENSORRT
 from engine.errors import BackendUnavailable
 from engine.models.spec import ComponentSpec, Shape
 from engine.profiles import Profile, choose
 from engine.store import Artifact, Store
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {
-    "FLOAT": torch.float32,
-    "HALF": torch.float16,
-    "BF16": torch.bfloat16,
-    "INT64": torch.int64,
-    "INT32": torch.int32,
-    "INT8": torch.int8,
-    "UINT8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def tensorrt_module() -> ModuleType:
@@ -138,7 +128,7 @@ class LoadedEngine:
             slot.context.set_device_memory(scratch.data_ptr(), scratch.numel())
 
     def _dtype(self, name: str) -> torch.dtype:
-        return TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
+        return BY_TENSORRT[self.engine.get_tensor_dtype(name).name].torch
 
     def _new_slot(self, key: tuple[Shape, ...], stream: torch.cuda.Stream | None) -> _ShapeSlot:
         if self.scratch is None:

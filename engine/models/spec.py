@@ -13,14 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-Shape = tuple[int, ...]
+from engine.dtypes import BY_NAME
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
+Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,7 @@ class TensorSpec:
         """The tensor's dtype in a graph of the given precision; integer tensors never change."""
         if self.is_float and precision == "fp16" and not self.keep_fp32:
             return torch.float16
-        return DTYPES[self.dtype]
+        return BY_NAME[self.dtype].torch
 
     def resolve(self, sizes: Mapping[str, int]) -> Shape:
         return tuple(sizes[dim] if isinstance(dim, str) else dim for dim in self.shape)

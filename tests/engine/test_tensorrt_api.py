@@ -145,3 +145,9 @@ def test_runtime_names_the_runner_needs_are_precise_on_the_lean_bindings():
         ("ExecutionContextAllocationStrategy", "USER_MANAGED"),
     ]:
         assert hasattr(getattr(lean, class_name), attribute)
+
+
+def test_every_element_type_names_a_real_tensorrt_data_type():
+    from engine.dtypes import ELEMENT_TYPES
+
+    assert all(hasattr(lean.DataType, element.tensorrt) for element in ELEMENT_TYPES)
