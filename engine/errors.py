@@ -19,6 +19,10 @@ class ArtifactError(WorkerError):
     """An exported artifact is missing, incomplete, or does not match its manifest."""
 
 
+class NotBuilt(ArtifactError):
+    """The store has no artifact for this component yet: the normal state before the first export."""
+
+
 class BackendUnavailable(WorkerError):
     """A backend cannot run here or cannot run this artifact (library, device, version)."""
 

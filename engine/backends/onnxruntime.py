@@ -15,7 +15,7 @@ import torch
 from engine.artifacts import ONNX_FILE, onnx_key
 from engine.backends.base import Runner
 from engine.dtypes import BY_TORCH
-from engine.errors import ArtifactError, BackendUnavailable
+from engine.errors import BackendUnavailable, NotBuilt
 from engine.models.spec import ComponentSpec
 from engine.store import Store
 
@@ -95,7 +95,7 @@ def load_onnxruntime_runner(
     """The runner for a component's exported graph, checked against its manifest before use."""
     artifact = store.get(onnx_key(spec, fingerprint, precision))
     if artifact is None:
-        raise ArtifactError(f"no {precision} ONNX export in {store.root} (run `python -m export`)")
+        raise NotBuilt(f"no {precision} ONNX export in {store.root}")
     if list(artifact.files) == [ONNX_FILE]:
         return OnnxRuntimeRunner(spec, artifact.read_verified(ONNX_FILE), precision, device)
     artifact.verify()  # weights in external data: check every file, then load by path

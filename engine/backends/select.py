@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from engine.backends.base import ComponentCall, Runner
 from engine.backends.onnxruntime import load_onnxruntime_runner, onnxruntime_has_cuda
 from engine.backends.tensorrt import TensorRTBackend, gpu_tag, load_tensorrt
 from engine.backends.torch import TorchRunner
-from engine.errors import ArtifactError, BackendUnavailable, RequestError
+from engine.errors import ArtifactError, BackendUnavailable, NotBuilt, RequestError
 from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.fingerprint import component_fingerprint
 from engine.models import Model
@@ -211,12 +212,16 @@ def build_chains(
             log.exception("TensorRT engines could not be loaded")
             tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, f"{type(error).__name__}: {error}"))
 
+    export_hint = f"run `python -m export --model {shlex.quote(settings.model)}`"
+    not_built: dict[str, list[str]] = {}
     chains = {}
     for component, backends in wanted.items():
         spec, runners, unavailable = model.specs[component], [], {}
         for backend in backends:
             try:
                 if backend is Backend.TENSORRT:
+                    if component in tensorrt.missing:
+                        raise NotBuilt(tensorrt.unavailable[component])
                     if component not in tensorrt.runners:
                         raise BackendUnavailable(tensorrt.unavailable.get(component, "no engine"))
                     runners.append(tensorrt.runners[component])
@@ -224,6 +229,9 @@ def build_chains(
                     runners.append(
                         load_onnxruntime_runner(store, spec, fingerprint(component), precisions[component], device)
                     )
+            except NotBuilt as error:
+                not_built.setdefault(backend.value, []).append(component)
+                unavailable[backend.value] = f"{error} ({export_hint})"
             except (ArtifactError, BackendUnavailable, OSError) as error:
                 log.warning("%s: %s unavailable: %s", component, backend.value, error)
                 unavailable[backend.value] = str(error)
@@ -235,4 +243,11 @@ def build_chains(
         else:
             unavailable["torch"] = "TORCH_FALLBACK=off"
         chains[component] = RunnerChain(component, runners, unavailable)
+    for backend, components in not_built.items():
+        log.info(
+            "nothing built for %s yet (%s): %s; the next backend serves them",
+            backend,
+            ", ".join(components),
+            export_hint,
+        )
     return chains, tensorrt

@@ -276,6 +276,8 @@ class TensorRTBackend:
     unusable: str | None = None
     """Set when the store holds engines for this GPU and model but not one of them loads: a
     deployment problem (another TensorRT, corrupt plans) that slow torch serving would hide."""
+    missing: list[str] = field(default_factory=list)
+    """Components with no engine built yet (the normal state before `make engines`)."""
 
     def capture_graphs(self) -> int:
         """At warm-up: a CUDA graph for each engine's optimum shapes; how many were captured."""
@@ -364,6 +366,7 @@ def load_tensorrt(
     loaded: dict[str, list[LoadedEngine]] = {}
     unavailable: dict[str, str] = {}
     built_for_gpu: dict[str, list[str]] = {}
+    missing: list[str] = []
     for component, (spec, fingerprint, precision) in components.items():
         reasons = []
         for_gpu = engines_for_gpu(store, spec, fingerprint, precision, gpu)
@@ -384,10 +387,11 @@ def load_tensorrt(
             except Exception as error:  # a plan that does not load is skipped, whatever the cause
                 log.warning("skipping engine %s: %s", artifact.path.name, error)
                 reasons.append(f"{artifact.path.name}: {error}")
-        if component not in loaded:
-            unavailable[component] = "; ".join(reasons) or (
-                f"no engine for {gpu} and TensorRT {tags[0]} in {store.root} (run `make engines`)"
-            )
+        if component not in loaded and reasons:
+            unavailable[component] = "; ".join(reasons)
+        elif component not in loaded:
+            unavailable[component] = f"no engine for {gpu} and TensorRT {tags[0]} in {store.root}"
+            missing.append(component)
     unusable = None
     if built_for_gpu and not loaded:
         built = "; ".join(f"{c}: TensorRT {', '.join(v)}" for c, v in built_for_gpu.items())
@@ -395,7 +399,7 @@ def load_tensorrt(
             unavailable[c] for c in built_for_gpu
         )
     runners, scratch = share_memory(loaded, {c: precision for c, (_, _, precision) in components.items()}, device)
-    backend = TensorRTBackend(runners, unavailable, scratch, unusable)
+    backend = TensorRTBackend(runners, unavailable, scratch, unusable, missing)
     if runners:
         log.info("TensorRT engines hold %.0f MB of GPU memory", backend.memory_bytes / 2**20)
     return backend

@@ -143,3 +143,18 @@ def test_eager_torch_fallback_loads_every_fallback_at_start_up(exported, make_se
     fallbacks = [chain.runners[-1] for chain in worker.chains.values()]
     assert all(isinstance(r, LazyTorchRunner) and r._runner is not None for r in fallbacks)
     assert all(isinstance(chain.runners[0], OnnxRuntimeRunner) for chain in worker.chains.values())
+
+
+def test_nothing_exported_yet_is_one_info_line_with_the_command_for_this_model(make_settings, caplog, tmp_path):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    worker = Worker(make_settings(model="tiny-sdxl", backend="onnxruntime", engine_dir=tmp_path / "empty"))
+    hint = "run `python -m export --model tiny-sdxl`"
+    records = [r for r in caplog.records if r.name == "engine.backends.select"]
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    [line] = [r.getMessage() for r in records if "nothing built" in r.getMessage()]
+    assert "nothing built for onnxruntime yet (text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder)" in line
+    assert hint in line
+    response = worker.handle({"id": "a", "input": {**REQUEST, "negative_prompt": None}})
+    assert hint in response["metrics"]["fallbacks"]["unet"]
