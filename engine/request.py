@@ -156,24 +156,8 @@ class GenerateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_together(self, info: ValidationInfo) -> GenerateRequest:
-        """Rules that span fields; they run once every field is valid on its own."""
-        limits = _limits(info)
-        problems = []
-        if self.negative_prompt is not None and len(self.negative_prompt) not in (1, len(self.prompt)):
-            problems.append("negative_prompt: must be one string or one per prompt")
-        width, height = self.width or limits.native_size, self.height or limits.native_size
-        if width * height > limits.max_pixels:
-            problems.append(f"width: width x height must be at most {limits.max_pixels} pixels, got {width * height}")
-        images = self.num_images * len(self.prompt)
-        if images > limits.max_images:
-            problems.append(f"num_images: num_images x prompts must be at most {limits.max_images}, got {images}")
-        if self.seed is not None and self.seed + images > MAX_SEED:
-            problems.append("seed: seed plus the number of images must stay below 2**63")
-        if self.strength is not None and self.image is None:
-            problems.append("strength: only applies with an image")
-        steps = self.num_inference_steps or limits.default_steps
-        if self.image is not None and int(steps * self.strength_or_default) < 1:
-            problems.append(f"strength: with {steps} steps it must be at least {1 / steps:.3g} to denoise at all")
+        """Rules that span fields, once every field is valid on its own."""
+        problems = cross_field_problems({name: getattr(self, name) for name in type(self).model_fields}, _limits(info))
         if problems:
             raise RequestError("; ".join(problems))
         return self
@@ -235,6 +219,33 @@ class ResolvedRequest:
         return len(self.prompts) * self.images_per_prompt
 
 
+def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
+    """Rules that span fields, over the fields given (valid ones, already in their model form);
+    a rule whose fields are not all given is skipped, so a request's problems come in one round."""
+    problems = []
+    prompts = values.get("prompt")
+    negatives = values.get("negative_prompt")
+    if prompts is not None and negatives is not None and len(negatives) not in (1, len(prompts)):
+        problems.append("negative_prompt: must be one string or one per prompt")
+    width, height = values.get("width") or limits.native_size, values.get("height") or limits.native_size
+    if width * height > limits.max_pixels:
+        problems.append(f"width: width x height must be at most {limits.max_pixels} pixels, got {width * height}")
+    images = values.get("num_images", 1) * len(prompts) if prompts is not None and "num_images" in values else None
+    if images is not None and images > limits.max_images:
+        problems.append(f"num_images: num_images x prompts must be at most {limits.max_images}, got {images}")
+    seed = values.get("seed")
+    if seed is not None and images is not None and seed + images > MAX_SEED:
+        problems.append("seed: seed plus the number of images must stay below 2**63")
+    image, strength = values.get("image"), values.get("strength")
+    if strength is not None and image is None and "image" in values:
+        problems.append("strength: only applies with an image")
+    steps = values.get("num_inference_steps") or limits.default_steps
+    effective = DEFAULT_STRENGTH if strength is None else strength
+    if image is not None and "strength" in values and int(steps * effective) < 1:
+        problems.append(f"strength: with {steps} steps it must be at least {1 / steps:.3g} to denoise at all")
+    return problems
+
+
 def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc) or "input"
 
@@ -246,8 +257,22 @@ def validate_request(payload: Any, limits: Limits) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(payload, context=limits)
     except ValidationError as error:
-        problems = [f"{_location(item['loc'])}: {item['msg']}" for item in error.errors(include_url=False)]
-        raise RequestError("; ".join(problems)) from None
+        items = error.errors(include_url=False)
+        problems = [f"{_location(item['loc'])}: {item['msg']}" for item in items]
+        failed = {item["loc"][0] for item in items if item["loc"]}
+        problems += cross_field_problems(_valid_fields(payload, failed), limits)
+        raise RequestError("; ".join(dict.fromkeys(problems))) from None
+
+
+def _valid_fields(payload: dict[str, Any], failed: set[Any]) -> dict[str, Any]:
+    """The fields that passed on their own, in model form, with defaults for the ones not sent."""
+    fields = GenerateRequest.model_fields
+    values = {name: field.default for name, field in fields.items() if not field.is_required() and name not in failed}
+    values.update({name: value for name, value in payload.items() if name in fields and name not in failed})
+    for name in ("prompt", "negative_prompt"):
+        if values.get(name) is not None:
+            values[name] = _text_list(values[name])
+    return values
 
 
 def parse_request(payload: Any, limits: Limits) -> ResolvedRequest:

@@ -89,3 +89,18 @@ def test_all_problems_are_listed_together():
 def test_every_scheduler_name_is_accepted():
     for name in SCHEDULER_NAMES:
         assert parse_request({"prompt": "a", "scheduler": name}, LIMITS).scheduler == name
+
+
+def test_every_problem_is_reported_in_one_round():
+    """Rules across fields are checked on the fields that are valid, even when others are not."""
+    message = errors_of(
+        {"prompt": ["a", "b"], "negative_prompt": ["x", "y", "z"], "num_images": 3, "width": 65, "quality": 0}
+    )
+    for expected in (
+        "width: must be a multiple of 8, got 65",
+        "quality: Input should be greater than or equal to 1",
+        "negative_prompt: must be one string or one per prompt",
+        "num_images: num_images x prompts must be at most 4, got 6",
+    ):
+        assert expected in message, message
+    assert "strength: only applies with an image" in errors_of({"prompt": "a", "strength": 0.5, "steps": 3})
