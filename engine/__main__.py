@@ -13,9 +13,10 @@ import json
 import sys
 from pathlib import Path
 
+from engine.cli import run_command
 from engine.logs import configure_logging
 from engine.metrics import ColdStart
-from engine.settings import Settings
+from engine.settings import load_settings
 from engine.worker import Worker
 
 
@@ -49,9 +50,13 @@ def job_input(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_command(lambda: generate(args))
+
+
+def generate(args: argparse.Namespace) -> int:
     cold_start = ColdStart()
     cold_start.mark("import")
-    settings = Settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
     worker = Worker(settings, cold_start)
     response = worker.handle({"id": "cli", "input": job_input(args)})

@@ -7,6 +7,10 @@ class WorkerError(Exception):
     """An expected failure whose message is fit to return to the caller as is."""
 
 
+class ConfigError(WorkerError):
+    """An environment variable has a value the worker cannot use; the message names the variable."""
+
+
 class RequestError(WorkerError):
     """The request breaks a rule; the message names every field and rule broken."""
 

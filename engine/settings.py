@@ -12,11 +12,12 @@ import os
 import tempfile
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from engine.errors import ConfigError
 from engine.profiles import parse_ranges
 
 RUNPOD_VOLUME = Path("/runpod-volume")
@@ -158,3 +159,18 @@ class Settings(BaseSettings):
 
     def backend_for(self, component: str) -> Backend:
         return self.component_backends.get(component, self.backend)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment (and overrides); a bad value raises ConfigError with one line per
+    variable, named as it is set (``BACKEND``, not ``backend``), and what it got."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors(include_url=False):
+            name = "_".join(str(part) for part in item["loc"]).upper() or "settings"
+            message = item["msg"].removeprefix("Value error, ")
+            got = f" (got {item['input']!r})" if item["loc"] and not isinstance(item["input"], dict) else ""
+            problems.append(f"{name}: {message}{got}")
+        raise ConfigError("; ".join(problems)) from None

@@ -11,12 +11,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pydantic import ValidationError
-
 from engine import fitness
+from engine.errors import ConfigError, WorkerError
 from engine.logs import configure_logging
 from engine.metrics import ColdStart
-from engine.settings import Settings
+from engine.settings import Settings, load_settings
 from engine.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -57,8 +56,8 @@ def _bound(check: Callable[[Settings], None], settings: Settings) -> Callable[[]
 
 def start(cold_start: ColdStart) -> Startup:
     try:
-        settings = Settings()
-    except ValidationError as error:
+        settings = load_settings()
+    except ConfigError as error:
         configure_logging()
         log.critical("invalid configuration: %s", error)
         return Startup(None, None, f"invalid configuration: {error}")
@@ -68,6 +67,9 @@ def start(cold_start: ColdStart) -> Startup:
         if settings.warmup:
             worker.warmup()
             cold_start.mark("warmup")
+    except WorkerError as error:  # expected (a missing model, a bad setting): its message says what to fix
+        log.critical("the worker failed to start: %s", error, exc_info=settings.log_level.upper() == "DEBUG")
+        return Startup(settings, None, str(error))
     except Exception as error:
         log.critical("the worker failed to start", exc_info=error)
         return Startup(settings, None, f"{type(error).__name__}: {error}")

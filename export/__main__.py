@@ -17,11 +17,12 @@ import torch
 from tqdm import tqdm
 
 from engine.backends.tensorrt import gpu_tag
+from engine.cli import run_command
 from engine.errors import WorkerError
 from engine.logs import configure_logging
 from engine.models import load_model
 from engine.profiles import parse_ranges
-from engine.settings import Precision, Settings
+from engine.settings import Precision, Settings, load_settings
 from engine.store import Artifact, Store
 from engine.worker import resolve_device, resolve_precision
 from export.stagelog import StageLog
@@ -86,35 +87,33 @@ def summarize(artifact: Artifact) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_command(lambda: export(args))
+
+
+def export(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name) for name in ("model", "device", "precision") if getattr(args, name)}
-    settings = Settings(**overrides)
+    settings = load_settings(**overrides)
     configure_logging("WARNING" if settings.log_level.upper() == "INFO" else settings.log_level)
-    try:
-        device = resolve_device(settings.device)
-        exporter = Exporter(
-            model=load_model(settings.model, settings.cache_dir, settings.model_revision),
-            store=Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s),
-            device=device,
-            precision=export_precision(settings.precision, device),
-            work_dir=settings.export_work_dir,
-        )
-        components = args.components or list(exporter.model.components)
-        unknown = set(components) - set(exporter.model.components)
-        if unknown:
-            raise WorkerError(f"unknown components {sorted(unknown)}; the model has {exporter.model.components}")
-        builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
-        summary = []
-        with tqdm(components, desc="export", unit="component") as bar:
-            for component in bar:
-                stages = StageLog(
-                    on_stage=lambda stage, c=component: bar.set_postfix_str(f"{c}: {stage}"), device=device
-                )
-                onnx = exporter.onnx(component, stages)
-                engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
-                summary.append((component, [onnx, *engines], stages))
-    except WorkerError as error:
-        print(f"export failed: {error}", file=sys.stderr)
-        return 1
+    device = resolve_device(settings.device)
+    exporter = Exporter(
+        model=load_model(settings.model, settings.cache_dir, settings.model_revision),
+        store=Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s),
+        device=device,
+        precision=export_precision(settings.precision, device),
+        work_dir=settings.export_work_dir,
+    )
+    components = args.components or list(exporter.model.components)
+    unknown = set(components) - set(exporter.model.components)
+    if unknown:
+        raise WorkerError(f"unknown components {sorted(unknown)}; the model has {exporter.model.components}")
+    builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
+    summary = []
+    with tqdm(components, desc="export", unit="component") as bar:
+        for component in bar:
+            stages = StageLog(on_stage=lambda stage, c=component: bar.set_postfix_str(f"{c}: {stage}"), device=device)
+            onnx = exporter.onnx(component, stages)
+            engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
+            summary.append((component, [onnx, *engines], stages))
     print(f"engine store: {settings.engine_dir}\n{engines_note}")
     for component, artifacts, stages in summary:
         print(f"  {component:<14} ({stage_summary(stages)})")

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.cli import run_command
 from engine.logs import configure_logging
-from engine.settings import Backend, Settings
+from engine.settings import Backend, Settings, load_settings
 from engine.worker import Worker
 from export import __main__ as export_main
 from perf import __main__ as perf_main
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if export_main.main([]) != 0:
         return 1
-    settings = Settings()
+    settings = load_settings()
     configure_logging("WARNING")
     request = {
         "prompt": "a photograph of a red fox in the snow",
@@ -110,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

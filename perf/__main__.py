@@ -14,9 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from engine.cli import run_command
 from engine.logs import configure_logging
 from engine.models import load_model
-from engine.settings import Settings
+from engine.settings import load_settings
 from engine.worker import resolve_device, resolve_precision
 from perf import report
 from perf.bench import BackendResult, bench_backend, bench_diffusers
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(**({"model": args.model} if args.model else {}))
+    settings = load_settings(**({"model": args.model} if args.model else {}))
     configure_logging("ERROR")
     model = load_model(settings.model, settings.cache_dir, settings.model_revision)
     scenarios = default_scenarios(model.config.native_size, args.steps)
@@ -67,4 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

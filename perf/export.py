@@ -19,8 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.cli import run_command
 from engine.models import load_model
-from engine.settings import Settings
+from engine.settings import load_settings
 from engine.store import Store
 from export.trace import weight_bytes
 
@@ -94,7 +95,7 @@ def print_table(rows: list[dict], wall_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(**({"model": args.model} if args.model else {}))
+    settings = load_settings(**({"model": args.model} if args.model else {}))
     model = load_model(settings.model, settings.cache_dir, settings.model_revision)
     weights = {component: weight_bytes(model, component) for component in model.components}
     with tempfile.TemporaryDirectory(prefix="perf-export-") as engine_dir:
@@ -110,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

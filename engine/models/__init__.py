@@ -44,9 +44,18 @@ def resolve_model_folder(name: str, cache_dir: Path, revision: str | None = None
         from huggingface_hub import snapshot_download
 
         log.info("downloading %s from the Hugging Face hub", name)
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        try:
+            return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        except Exception as error:  # offline, unknown repo, gated: the hub's errors are many and untyped
+            raise ModelError(
+                f"MODEL={name}: cannot download it from the Hugging Face hub ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it once and set MODEL "
+                "to its local folder"
+            ) from error
     builtins = ", ".join(BUILTIN_MODELS)
-    raise ModelError(f"model {name!r} is not a built-in ({builtins}), an existing folder or a hub id")
+    raise ModelError(
+        f"MODEL={name}: not a built-in model ({builtins}), an existing diffusers folder, or a hub id (owner/name)"
+    )
 
 
 @dataclass

@@ -20,7 +20,7 @@ def test_every_check_passes_on_a_healthy_cpu_worker(make_settings):
     ("overrides", "check", "message"),
     [
         ({"device": "cuda:99"}, fitness.gpu_visible, r"no CUDA GPU is visible|only \d+ GPU\(s\) are visible"),
-        ({"model": "/nonexistent/model"}, fitness.model_complete, "is not a built-in"),
+        ({"model": "/nonexistent/model"}, fitness.model_complete, "not a built-in model"),
         ({"min_free_disk_gb": 1e9}, fitness.enough_disk_and_memory, "MIN_FREE_DISK_GB"),
         ({"min_free_memory_gb": 1e9}, fitness.enough_disk_and_memory, "MIN_FREE_MEMORY_GB"),
     ],
