@@ -6,17 +6,23 @@ by the first request; ``handler(job)`` only validates, generates and answers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from typing import Any
 
-import runpod
-
-from engine.metrics import ColdStart
-from engine.startup import start
-
 LOCAL_TEST = "--test_input" in sys.argv
+RESPONSE_OUT = sys.stdout
+if LOCAL_TEST:
+    # The SDK logs to stdout and echoes each result three times; keep stdout to the one response line.
+    os.environ.setdefault("RUNPOD_LOG_LEVEL", "WARN")
+
+import runpod  # noqa: E402 - after the log level it reads at import
+
+from engine.metrics import ColdStart  # noqa: E402
+from engine.startup import start  # noqa: E402
+
 ON_RUNPOD = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
 
 cold_start = ColdStart()
@@ -33,10 +39,12 @@ def handler(job: dict[str, Any]) -> dict[str, Any]:
         progress = (lambda update: runpod.serverless.progress_update(job, update)) if ON_RUNPOD else None
         response = startup.worker.handle(job, progress)
     if LOCAL_TEST:
-        # The SDK cuts the result it logs to 4 KB; print it whole so its images can be decoded.
-        print(json.dumps(response), flush=True)
+        # The response, whole and once, as one JSON line on stdout (logs go to stderr), ready for jq.
+        print(json.dumps(response), file=RESPONSE_OUT, flush=True)
     return response
 
 
 if __name__ == "__main__":
-    runpod.serverless.start({"handler": handler})
+    # Locally, whatever the SDK prints goes to stderr with the logs; stdout carries only the response.
+    with contextlib.redirect_stdout(sys.stderr) if LOCAL_TEST else contextlib.nullcontext():
+        runpod.serverless.start({"handler": handler})

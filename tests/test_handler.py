@@ -27,8 +27,9 @@ def run_test_input(payload: dict, env: dict[str, str]) -> subprocess.CompletedPr
 
 
 def job_result(stdout: str) -> dict:
-    """The response that the handler prints whole in local test mode (the SDK's own log cuts it)."""
-    return json.loads(next(line for line in stdout.splitlines() if line.startswith('{"status"')))
+    """In local test mode stdout is the response alone, as one JSON line (logs go to stderr)."""
+    [line] = stdout.splitlines()
+    return json.loads(line)
 
 
 def decode_image(item: dict) -> Image.Image:
@@ -75,7 +76,7 @@ def test_test_input_with_a_bad_width_fails_naming_width(subprocess_env):
     payload = {"input": {"prompt": "a red fox", "width": 65, "height": 96}}
     done = run_test_input(payload, subprocess_env)
     assert done.returncode != 0
-    assert "width: must be a multiple of 8" in done.stdout + done.stderr
+    assert job_result(done.stdout)["error"] == "width: must be a multiple of 8, got 65"
 
 
 @pytest.fixture(scope="module")
