@@ -1,8 +1,10 @@
 """Generate images from the command line with the same worker the RunPod handler runs.
 
     python -m engine --prompt "a red fox" --steps 20 --out outputs
+    python -m engine --prompt "a watercolor fox" --image photo.jpg --strength 0.6
 
-Writes the images and prints their paths and the response's metrics as JSON.
+Writes the images (named by time and seed, so earlier ones are kept) and prints their
+paths and the response's metrics as JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import base64
 import json
 import sys
+import time
 from pathlib import Path
 
 from engine.cli import run_command
@@ -32,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--scheduler")
     parser.add_argument("--format", dest="output_format", default="png", choices=["png", "jpeg", "webp"])
+    parser.add_argument("--image", help="image-to-image input: a local file or an http(s) URL")
+    parser.add_argument("--strength", type=float, help="with --image: how much of it is re-noised (0-1]")
     parser.add_argument("--input", help="a whole job input as JSON; overrides the options above")
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     return parser.parse_args(argv)
@@ -45,6 +50,11 @@ def job_input(args: argparse.Namespace) -> dict:
     payload.update(num_images=args.num_images, output_format=args.output_format)
     if args.scheduler:
         payload["scheduler"] = args.scheduler
+    if args.image:
+        local = Path(args.image)
+        payload["image"] = base64.b64encode(local.read_bytes()).decode() if local.is_file() else args.image
+    if args.strength is not None:
+        payload["strength"] = args.strength
     return payload
 
 
@@ -64,9 +74,10 @@ def generate(args: argparse.Namespace) -> int:
         print(json.dumps(response, indent=2), file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     paths = []
     for item in response["output"]:
-        path = args.out / f"image-{item['seed']}.{item['format']}"
+        path = args.out / f"{stamp}-seed{item['seed']}.{item['format']}"
         path.write_bytes(base64.b64decode(item["image"]))
         paths.append(str(path))
     print(json.dumps({"images": paths, "metrics": response["metrics"]}, indent=2))
