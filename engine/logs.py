@@ -33,7 +33,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _not_about_torchvision(record: logging.LogRecord) -> bool:
+    """transformers notes on import that its image processors would like torchvision; no code path
+    here uses an image processor, so the note is noise on every start."""
+    return "requires torchvision" not in record.getMessage()
+
+
 def configure_logging(level: str = "INFO") -> None:
+    """JSON lines on stderr; the Hugging Face libraries' weight-loading progress bars only at DEBUG."""
+    if level.upper() != "DEBUG":
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_about_torchvision)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
