@@ -97,9 +97,9 @@ class Exporter:
             with scratch_folder(self.work_dir) as raw_dir:
                 raw = raw_dir / ONNX_FILE
                 dims = validation_dims(self.model, device)
-                with stages.stage("trace"):
-                    references, traced = trace_component(self.model, component, self.device, dims, raw)
-                stages.merge(traced)
+                stages.on_stage("trace")
+                references, traced = trace_component(self.model, component, self.device, dims, raw)
+                stages.merge(traced)  # load, reference and export, timed where they ran
                 release_memory(self.device)
                 with stages.stage("optimize"):
                     graph = optimize(raw, staging.path / ONNX_FILE, spec, precision)

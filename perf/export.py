@@ -26,8 +26,8 @@ from engine.store import Store
 from export.trace import weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("fingerprint", "trace", "load", "reference", "export", "optimize", "validate")
-"""In the order they run; ``trace`` is the wall time of load, reference and export together."""
+STAGES = ("fingerprint", "load", "reference", "export", "optimize", "validate")
+"""In the order they run (a large component's load, reference and export run in a child process)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
