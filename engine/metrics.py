@@ -143,7 +143,12 @@ class ColdStart:
         self._start = process_start if process_start is not None else psutil.Process().create_time()
         self._last = self._start
         self.phases_ms: dict[str, float] = {}
+        self.store_read: tuple[int, float] | None = None
         self.reported = False
+
+    def record_store_read(self, count: int, seconds: float) -> None:
+        """Bytes read from the engine store during start-up, and the time it took."""
+        self.store_read = (count, seconds)
 
     def mark(self, phase: str) -> None:
         now = time.time()
@@ -151,7 +156,12 @@ class ColdStart:
         self._last = now
 
     def summary(self) -> dict[str, float]:
-        return {**self.phases_ms, "total": round((self._last - self._start) * 1000.0, 1)}
+        summary = {**self.phases_ms, "total": round((self._last - self._start) * 1000.0, 1)}
+        if self.store_read is not None and self.store_read[0]:
+            count, seconds = self.store_read
+            summary["store_read_mb"] = round(count / 1e6, 1)
+            summary["store_read_mb_per_s"] = round(count / 1e6 / max(seconds, 1e-6), 1)
+        return summary
 
     def take_first(self) -> dict[str, float] | None:
         """The breakdown the first time it is asked for, None afterwards."""

@@ -28,7 +28,7 @@ from engine.models import Model, load_model
 from engine.pipeline import DiffusionPipeline, StepCallback
 from engine.request import Limits, ResolvedRequest, parse_request, validate_request
 from engine.settings import Precision, Settings, TorchFallback
-from engine.store import Store
+from engine.store import READS, Store
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class Worker:
         self.model: Model = load_model(settings.model, settings.cache_dir, settings.model_revision)
         self.store = Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s)
         self.cold_start.mark("model_resolve")
+        read_before = (READS.bytes, READS.seconds)
         self.chains = self._build_chains()
+        self.cold_start.record_store_read(READS.bytes - read_before[0], READS.seconds - read_before[1])
         self.model.tokenizers  # noqa: B018 - load now, not in the first request
         self.cold_start.mark("runners_load")
         self.pipeline = DiffusionPipeline(self.model, self.device)

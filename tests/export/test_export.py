@@ -195,3 +195,11 @@ def test_an_fp16_graph_keeps_sensitive_ops_and_the_timestep_in_fp32(tmp_path, ca
     for node in norms:
         source = producers[node.input[0]]
         assert source.op_type == "Cast" and source.attribute[0].i == onnx.TensorProto.FLOAT
+
+
+def test_the_cold_start_reports_what_it_read_from_the_store(exported, make_settings):
+    worker = Worker(make_settings(backend="onnxruntime", engine_dir=exported))
+    init = worker.handle({"id": "c", "input": REQUEST})["metrics"]["init_ms"]
+    expected_mb = sum(f["size"] for a in Store(exported).find(kind="onnx") for f in a.files.values()) / 1e6
+    assert init["store_read_mb"] >= round(expected_mb, 1) > 0
+    assert init["store_read_mb_per_s"] > 0
