@@ -1,7 +1,6 @@
 """Input images for image-to-image: base64 or an http(s) URL, checked before anything is decoded.
 
-URLs are fetched through runpod's SSRF-safe client (public addresses only, redirects
-re-checked, size capped while streaming). Every failure is a RequestError naming the
+URLs are fetched by ``engine.downloads`` (SSRF-safe, size capped). Every failure is a RequestError naming the
 ``image`` field.
 """
 
@@ -14,11 +13,10 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from engine.downloads import download, size_text
 from engine.errors import RequestError
 
 FORMATS = ("PNG", "JPEG", "WEBP")
-DOWNLOAD_TIMEOUT_S = 30
-CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -28,47 +26,25 @@ class ImageLimits:
     min_side: int
 
 
-def _size(count: int) -> str:
-    return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count / 1e3:.0f} KB"
-
-
 def _decode_base64(value: str, max_bytes: int) -> bytes:
     if value.startswith("data:"):
         value = value.partition(",")[2]
     if len(value) > (max_bytes + 2) // 3 * 4 + 4:
-        raise RequestError(f"image: larger than {_size(max_bytes)}")
+        raise RequestError(f"image: larger than {size_text(max_bytes)}")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("image: not valid base64 (or an http(s) URL)") from None
 
 
-def _download(url: str, max_bytes: int) -> bytes:
-    import requests
-    from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped, safe_get
-
-    try:
-        response = safe_get(url, timeout=DOWNLOAD_TIMEOUT_S, max_bytes=max_bytes)
-        with response:
-            if response.status_code != 200:
-                raise RequestError(f"image: download failed with HTTP {response.status_code}")
-            return b"".join(iter_content_capped(response, CHUNK, max_bytes))
-    except SSRFError as error:
-        if "size cap" in str(error):
-            raise RequestError(f"image: larger than {_size(max_bytes)}") from None
-        raise RequestError(f"image: URL not allowed ({error})") from None
-    except requests.RequestException as error:
-        raise RequestError(f"image: download failed ({type(error).__name__})") from None
-
-
 def load_image(value: str, limits: ImageLimits) -> Image.Image:
     """An RGB image from base64 or a URL, within the byte and size limits."""
     if value.startswith(("http://", "https://")):
-        data = _download(value, limits.max_bytes)
+        data = download(value, limits.max_bytes, "image")
     else:
         data = _decode_base64(value, limits.max_bytes)
     if len(data) > limits.max_bytes:
-        raise RequestError(f"image: larger than {_size(limits.max_bytes)}")
+        raise RequestError(f"image: larger than {size_text(limits.max_bytes)}")
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in FORMATS:

@@ -22,10 +22,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from engine.errors import RequestError
+from engine.lora.library import LoraRequest
 from engine.schedulers import SCHEDULER_NAMES
 from engine.settings import Settings
 
 MAX_SEED = 2**63 - 1
+MAX_LORA_SCALE = 4.0
 MAX_PROMPT_CHARS = 10_000
 DEFAULT_STRENGTH = 0.8
 
@@ -44,6 +46,7 @@ class Limits:
     max_images: int
     max_prompts: int
     max_timeout_s: float
+    max_loras: int = 4
 
     @classmethod
     def from_settings(cls, settings: Settings, native_size: int, default_guidance_scale: float) -> Limits:
@@ -58,6 +61,7 @@ class Limits:
             max_images=settings.max_images,
             max_prompts=settings.max_prompts,
             max_timeout_s=settings.max_timeout_s,
+            max_loras=settings.max_loras,
         )
 
 
@@ -85,6 +89,25 @@ def _limits(info: ValidationInfo) -> Limits:
     return info.context
 
 
+class LoraEntry(BaseModel):
+    """One LoRA of a request: a file in LORA_DIR by name, or a safetensors URL, and its scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str | None = Field(None, min_length=1, description="a file in LORA_DIR, with or without .safetensors")
+    url: str | None = Field(None, min_length=1, description="an http(s) URL of a .safetensors file")
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraEntry:
+        if (self.name is None) == (self.url is None):
+            raise _rule("one_of", "give either name or url")
+        return self
+
+    def to_request(self) -> LoraRequest:
+        return LoraRequest(self.name, self.url, self.scale)
+
+
 class GenerateRequest(BaseModel):
     """One generation job's input, as sent in RunPod's ``job["input"]``."""
 
@@ -104,6 +127,7 @@ class GenerateRequest(BaseModel):
     timeout_s: float | None = Field(None, gt=0)
     image: str | None = Field(None, min_length=1, description="image-to-image input: base64 or an http(s) URL")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="how much of the image is re-noised")
+    loras: list[LoraEntry] | None = Field(None, description="LoRAs applied for this request, each with its scale")
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -146,6 +170,13 @@ class GenerateRequest(BaseModel):
         if name is not None and name not in SCHEDULER_NAMES:
             raise _rule("unknown", "must be one of {names}, got '{v}'", names=", ".join(SCHEDULER_NAMES), v=name)
         return name
+
+    @field_validator("loras")
+    @classmethod
+    def _check_loras(cls, loras: list[LoraEntry] | None, info: ValidationInfo) -> list[LoraEntry] | None:
+        if loras is not None and len(loras) > _limits(info).max_loras:
+            raise _rule("too_many", "at most {n} LoRAs per request, got {v}", n=_limits(info).max_loras, v=len(loras))
+        return loras
 
     @field_validator("timeout_s")
     @classmethod
@@ -192,6 +223,7 @@ class GenerateRequest(BaseModel):
             timeout_s=min(self.timeout_s or limits.max_timeout_s, limits.max_timeout_s),
             image=self.image,
             strength=self.strength_or_default,
+            loras=tuple(entry.to_request() for entry in self.loras or ()),
         )
 
 
@@ -213,6 +245,7 @@ class ResolvedRequest:
     timeout_s: float
     image: str | None = None
     strength: float = 1.0
+    loras: tuple[LoraRequest, ...] = ()
 
     @property
     def num_images(self) -> int:
@@ -247,7 +280,11 @@ def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
 
 
 def _location(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "input"
+    """``loras[1].name``: list positions in brackets, as the request writes them."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text or "input"
 
 
 def validate_request(payload: Any, limits: Limits) -> GenerateRequest:

@@ -57,6 +57,13 @@ def default_engine_dir() -> Path:
     return default_cache_dir() / "engines"
 
 
+def default_lora_dir() -> Path:
+    """LoRA files on the network volume when mounted (every worker sees the same ones), else the local cache."""
+    if RUNPOD_VOLUME.is_dir():
+        return RUNPOD_VOLUME / "loras"
+    return default_cache_dir() / "loras"
+
+
 def default_export_work_dir() -> Path:
     """Local disk for raw exports: only finished artifacts go to the (network) engine store."""
     return Path(tempfile.gettempdir()) / "trt-diffusion-export"
@@ -91,6 +98,15 @@ class Settings(BaseSettings):
     max_prompts: int = Field(4, ge=1)
     max_timeout_s: float = Field(600.0, gt=0)
     max_input_image_bytes: int = Field(20_000_000, gt=0, description="largest image-to-image input")
+
+    lora_dir: Path = Field(
+        default_factory=default_lora_dir, description="LoRA files a request names; URL downloads go to its cache/"
+    )
+    max_loras: int = Field(4, ge=0, description="LoRAs per request")
+    max_lora_bytes: int = Field(2_000_000_000, gt=0, description="largest LoRA file a request may download")
+    lora_sessions: int = Field(
+        2, ge=1, description="onnxruntime sessions with LoRA weights kept per component (least recently used out)"
+    )
 
     engine_profiles: str | None = Field(
         None,

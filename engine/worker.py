@@ -6,6 +6,7 @@ the worker itself keeps serving.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import secrets
@@ -23,6 +24,8 @@ from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.images import encode_image
 from engine.inputs import ImageLimits, load_image
 from engine.logs import request_context
+from engine.lora.files import LoraFiles
+from engine.lora.library import LoraLibrary
 from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
 from engine.pipeline import DiffusionPipeline, StepCallback
@@ -70,6 +73,7 @@ class Worker:
         self.model.tokenizers  # noqa: B018 - load now, not in the first request
         self.cold_start.mark("runners_load")
         self.pipeline = DiffusionPipeline(self.model, self.device)
+        self.loras = LoraLibrary(LoraFiles(settings.lora_dir, settings.max_lora_bytes), self.model)
         self.delivery = Delivery(settings)
         self.image_limits = ImageLimits(
             settings.max_input_image_bytes, settings.max_image_side, settings.min_image_side
@@ -144,12 +148,14 @@ class Worker:
         return on_step
 
     def _generate(self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None) -> dict[str, Any]:
+        timer = StageTimer(self.device)
         request, image = self.resolve(payload)
+        with timer.stage("lora_load") if request.loras else contextlib.nullcontext():
+            loras = self.loras.select(request.loras)  # every entry checked before any weight changes
         init_image = self.pipeline.preprocess(image, request.height, request.width) if image is not None else None
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         seeds = [base_seed + index for index in range(request.num_images)]
-        calls = ChainCalls(self.chains)
-        timer = StageTimer(self.device)
+        calls = ChainCalls(self.chains, loras.patches)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)
         images = self.pipeline(request, seeds, calls, timer, on_step, init_image)
@@ -166,6 +172,7 @@ class Worker:
             ]
             output, delivery = self.delivery.deliver(job_id, encoded)
         metrics = self._metrics(request, job_id, started, timer, calls)
+        metrics["loras"] = loras.metrics()
         metrics["delivery"] = delivery
         log.info("job done", extra={"fields": {"process_time": metrics["process_time"], "delivery": delivery}})
         return {"status": "success", "output": output, "metrics": metrics}
@@ -209,6 +216,7 @@ class Worker:
             "scheduler": request.scheduler or self.model.scheduler_config["_class_name"],
             "device": str(self.device),
             "precision": self.precision,
+            "lora_ms": round(calls.lora_seconds * 1000, 1),
             "cold_start": init_ms is not None,
             "peak_memory_mb": timer.peak_memory_mb(),
         }

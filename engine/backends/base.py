@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
+from engine.errors import BackendUnavailable
 from engine.models.spec import ComponentSpec, Shape
+
+if TYPE_CHECKING:
+    from engine.lora.library import WeightPatch
 
 ComponentCall = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """How the pipeline runs a component: named tensors in, named tensors out (a Runner, or a chain of them)."""
@@ -22,6 +27,13 @@ class Runner(ABC):
         self.spec = spec
         self.precision = precision
         self.device = device
+        self.weights_key: str | None = None
+        """The key of the LoRA patch the weights carry; None for the base weights."""
+
+    def apply_patch(self, patch: WeightPatch | None) -> None:
+        """Sets the weights to base + patch (None: the base weights), computed from the base every time,
+        so no earlier patch leaves a trace. Raises BackendUnavailable where the backend cannot."""
+        raise BackendUnavailable(f"{self.backend} cannot change its weights")
 
     def unsupported_reason(self, shapes: Mapping[str, Shape]) -> str | None:
         """Why this runner cannot take these input shapes, or None when it can."""

@@ -14,6 +14,7 @@ import functools
 import logging
 import shlex
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from engine.backends.torch import TorchRunner
 from engine.errors import ArtifactError, BackendUnavailable, NotBuilt, RequestError
 from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.fingerprint import component_fingerprint
+from engine.lora.library import WeightPatch
 from engine.models import Model
 from engine.models.spec import ComponentSpec
 from engine.profiles import parse_ranges
@@ -56,9 +58,16 @@ class LazyTorchRunner(Runner):
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.ensure_loaded().run(inputs)
 
+    def apply_patch(self, patch: WeightPatch | None) -> None:
+        if patch is None and self._runner is None:
+            return  # not loaded yet: it will load the base weights
+        self.ensure_loaded().apply_patch(patch)
+
 
 FAILURES_BEFORE_REMOVAL = 3
 """A runner that fails this many calls in a row is taken out of its chain."""
+UNKNOWN_WEIGHTS = "unknown"
+"""The weights key of a runner whose patch failed half-way: the next call applies its patch again."""
 
 
 class NotCovered(RequestError):
@@ -78,12 +87,19 @@ class RunnerChain:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(
-        self, inputs: Mapping[str, torch.Tensor], report: Callable[[str], None]
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        report: Callable[[str], None],
+        patch: WeightPatch | None = None,
+        patched: Callable[[float], None] | None = None,
     ) -> tuple[dict[str, torch.Tensor], Runner]:
         """The outputs of the first runner that covers the inputs' shapes and succeeds, and that runner.
 
-        Why each better runner did not run goes to ``report``. Out-of-memory and fatal CUDA
-        errors are not retried on the next runner: the worker's fault handling takes them.
+        The runner's weights are first set to ``patch`` (a LoRA set; None for the base weights)
+        unless they already are, and the seconds that took go to ``patched``; a runner that
+        cannot take the patch is passed over like one that cannot take the shapes. Why each
+        better runner did not run goes to ``report``. Out-of-memory and fatal CUDA errors are
+        not retried on the next runner: the worker's fault handling takes them.
         """
         shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
         skipped = [f"{backend}: {reason}" for backend, reason in self.unavailable.items()]
@@ -94,8 +110,12 @@ class RunnerChain:
                 skipped.append(f"{runner.backend}: {reason}")
                 continue
             try:
+                self._set_weights(runner, patch, patched)
                 outputs = runner(inputs)
             except Exception as error:
+                if isinstance(error, BackendUnavailable) and runner.weights_key == UNKNOWN_WEIGHTS:
+                    skipped.append(f"{runner.backend}: cannot apply the LoRAs: {error}")
+                    continue
                 if position == len(runners) - 1 or is_out_of_memory(error) or is_unrecoverable(error):
                     raise
                 skipped.append(f"{runner.backend}: failed: {type(error).__name__}: {error}")
@@ -106,6 +126,18 @@ class RunnerChain:
                 report(line)
             return outputs, runner
         raise NotCovered(f"{self.component}: no backend takes shapes {shapes}: {'; '.join(skipped)}")
+
+    @staticmethod
+    def _set_weights(runner: Runner, patch: WeightPatch | None, patched: Callable[[float], None] | None) -> None:
+        key = patch.key if patch is not None else None
+        if runner.weights_key == key:
+            return
+        started = time.perf_counter()
+        runner.weights_key = UNKNOWN_WEIGHTS
+        runner.apply_patch(patch)
+        runner.weights_key = key
+        if patched is not None:
+            patched(time.perf_counter() - started)
 
     def _failed(self, runner: Runner, error: Exception) -> None:
         with self._lock:
@@ -127,8 +159,11 @@ class ChainCalls(Mapping[str, ComponentCall]):
     """One request's calls into the chains, as the pipeline's component runners: records which
     backend ran each component and why a preferred one did not."""
 
-    def __init__(self, chains: Mapping[str, RunnerChain]):
+    def __init__(self, chains: Mapping[str, RunnerChain], patches: Mapping[str, WeightPatch] | None = None):
         self.chains = chains
+        self.patches = patches or {}
+        self.lora_seconds = 0.0
+        """Time spent setting weights to the request's LoRA set (or back to the base)."""
         self._backends: dict[str, list[str]] = {}
         self._fallbacks: dict[str, list[str]] = {}
 
@@ -142,9 +177,14 @@ class ChainCalls(Mapping[str, ComponentCall]):
         return len(self.chains)
 
     def _call(self, component: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs, runner = self.chains[component].run(inputs, functools.partial(_add, self._fallbacks, component))
+        outputs, runner = self.chains[component].run(
+            inputs, functools.partial(_add, self._fallbacks, component), self.patches.get(component), self._patched
+        )
         _add(self._backends, component, runner.backend)
         return outputs
+
+    def _patched(self, seconds: float) -> None:
+        self.lora_seconds += seconds
 
     @property
     def backends(self) -> dict[str, str]:

@@ -77,6 +77,17 @@ class Model:
 
         return {name: AutoTokenizer.from_pretrained(self.folder / name) for name in self.family.tokenizers}
 
+    @cached_property
+    def parameter_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Each LoRA-targetable component's parameter names and shapes, from its config (nothing loaded)."""
+        import torch
+
+        shapes = {}
+        for component in self.family.lora_targets:
+            module = self.family.torch_module(component, self.folder, torch.float32, weights=False)
+            shapes[component] = {name: tuple(p.shape) for name, p in module.named_parameters()}
+        return shapes
+
     @property
     def scheduler_config(self) -> dict[str, Any]:
         return self.config.configs["scheduler"]

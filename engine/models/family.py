@@ -13,10 +13,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from engine.lora.factors import LoraTarget
 from engine.models.modules import weights_variant
 from engine.models.spec import ComponentSpec
 
@@ -90,8 +91,20 @@ class ModelFamily(ABC):
         """One spec per component, with sizes read from the model's configs."""
 
     @abstractmethod
-    def torch_module(self, component: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-        """The module that export traces and the torch backend runs: tensors in, a tuple out."""
+    def torch_module(self, component: str, folder: Path, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+        """The module that export traces and the torch backend runs: tensors in, a tuple out.
+
+        Without ``weights`` it is built from the configs on the meta device: its parameters'
+        names and shapes, for nothing.
+        """
+
+    lora_targets: ClassVar[Mapping[str, LoraTarget]] = {}
+    """Components a LoRA file can change, with where their part is in the file and in the module."""
+
+    @property
+    def lora_loader(self) -> Any:
+        """The diffusers LoRA loader mixin whose ``lora_state_dict`` reads this family's LoRA files."""
+        raise NotImplementedError(f"{self.name} has no LoRA support")
 
     @abstractmethod
     def encode_prompt(
@@ -124,11 +137,17 @@ def repeat_for_images(embeddings: torch.Tensor, images_per_prompt: int) -> torch
     return embeddings.repeat_interleave(images_per_prompt, dim=0)
 
 
-def load_pretrained(folder: Path, subfolder: str, dtype: torch.dtype) -> torch.nn.Module:
-    """Loads one component with the class that the folder's model_index.json names."""
+def load_pretrained(folder: Path, subfolder: str, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+    """Loads one component with the class that the folder's model_index.json names (or, without
+    ``weights``, builds it from its config on the meta device)."""
     index = json.loads((folder / "model_index.json").read_text())
     library, class_name = index[subfolder]
     cls = getattr(importlib.import_module(library), class_name)
+    if not weights:
+        with torch.device("meta"):
+            if hasattr(cls, "load_config"):  # a diffusers model
+                return cls.from_config(cls.load_config(folder / subfolder)).eval()
+            return cls(cls.config_class.from_pretrained(folder / subfolder)).eval()
     variant = weights_variant(folder / subfolder, dtype)
     module = cls.from_pretrained(folder / subfolder, torch_dtype=dtype, variant=variant)
     return module.eval().requires_grad_(False)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from engine.lora.factors import LoraTarget
 from engine.models.family import (
     Encode,
     ModelConfig,
@@ -69,8 +70,8 @@ def token_ids(config: ModelConfig, encoder: str) -> TensorSpec:
     )
 
 
-def vae_module(component: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-    vae = load_pretrained(folder, "vae", dtype)
+def vae_module(component: str, folder: Path, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+    vae = load_pretrained(folder, "vae", dtype, weights)
     return VaeDecoderModule(vae) if component == "vae_decoder" else VaeEncoderModule(vae)
 
 
@@ -96,12 +97,23 @@ class StableDiffusion(ModelFamily):
             **vae_specs(config),
         }
 
-    def torch_module(self, component: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    lora_targets: ClassVar[Mapping[str, LoraTarget]] = {
+        "text_encoder": LoraTarget("text_encoder", "encoder.", is_unet=False),
+        "unet": LoraTarget("unet", "unet.", is_unet=True),
+    }
+
+    @property
+    def lora_loader(self) -> Any:
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin
+
+    def torch_module(self, component: str, folder: Path, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
         if component == "text_encoder":
-            return TextEncoderModule(load_pretrained(folder, "text_encoder", dtype))
+            return TextEncoderModule(load_pretrained(folder, "text_encoder", dtype, weights))
         if component == "unet":
-            return UNetModule(load_pretrained(folder, "unet", dtype))
-        return vae_module(component, folder, dtype)
+            return UNetModule(load_pretrained(folder, "unet", dtype, weights))
+        return vae_module(component, folder, dtype, weights)
 
     def encode_prompt(
         self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from engine.lora.factors import LoraTarget
 from engine.models.family import (
     Encode,
     ModelConfig,
@@ -64,14 +65,26 @@ class StableDiffusionXL(ModelFamily):
             **vae_specs(config),
         }
 
-    def torch_module(self, component: str, folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-        if component == "text_encoder":
-            return TextEncoderModule(load_pretrained(folder, component, dtype), hidden_layer=PENULTIMATE)
-        if component == "text_encoder_2":
-            return TextEncoderModule(load_pretrained(folder, component, dtype), hidden_layer=PENULTIMATE, pooled=True)
+    lora_targets: ClassVar[Mapping[str, LoraTarget]] = {
+        "text_encoder": LoraTarget("text_encoder", "encoder.", is_unet=False),
+        "text_encoder_2": LoraTarget("text_encoder_2", "encoder.", is_unet=False),
+        "unet": LoraTarget("unet", "unet.", is_unet=True),
+    }
+
+    @property
+    def lora_loader(self) -> Any:
+        from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+        return StableDiffusionXLLoraLoaderMixin
+
+    def torch_module(self, component: str, folder: Path, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+        if component in self.text_encoders:
+            encoder = load_pretrained(folder, component, dtype, weights)
+            return TextEncoderModule(encoder, hidden_layer=PENULTIMATE, pooled=component == "text_encoder_2")
         if component == "unet":
-            return UNetModule(load_pretrained(folder, "unet", dtype), added_cond_names=("text_embeds", "time_ids"))
-        return vae_module(component, folder, dtype)
+            unet = load_pretrained(folder, "unet", dtype, weights)
+            return UNetModule(unet, added_cond_names=("text_embeds", "time_ids"))
+        return vae_module(component, folder, dtype, weights)
 
     def component_precision(self, component: str, precision: str, config: ModelConfig) -> str:
         """SDXL's VAE overflows in fp16 unless it is a fixed one (its config then drops force_upcast)."""

@@ -1,0 +1,135 @@
+"""From a request's ``loras`` to one weight patch per component: base + sum of scale x delta.
+
+Each file is read once (least recently used out) and checked against the model before
+anything is applied, so a bad entry fails the request with its field named and every
+backend keeps the weights it has. A patch is identified by its key: the same files at
+the same scales give the same key, and a backend whose weights already carry that key
+does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.errors import RequestError
+from engine.lora.factors import LoraWeights, LowRank, read_lora
+from engine.lora.files import LoraFile, LoraFiles
+from engine.models import Model
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """One ``loras`` entry, validated: a name or a URL, and its scale."""
+
+    name: str | None
+    url: str | None
+    scale: float
+
+
+@dataclass(frozen=True)
+class WeightPatch:
+    """One component's LoRA set: the parameters it changes, each by a sum of scaled low-rank deltas."""
+
+    key: str
+    terms: dict[str, tuple[tuple[float, LowRank], ...]]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.terms)
+
+    def delta(self, name: str, device: torch.device) -> torch.Tensor:
+        """The fp32 delta of one parameter, always summed in the same order (so the same bytes every time)."""
+        total = None
+        for scale, low_rank in self.terms[name]:
+            term = low_rank.delta(device) * scale
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+
+@dataclass(frozen=True)
+class LoraSelection:
+    """What a request's ``loras`` resolve to: the files, and a patch for each component they change."""
+
+    applied: tuple[tuple[LoraFile, float], ...]
+    patches: dict[str, WeightPatch]
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return [{"name": file.label, "sha256": file.sha256, "scale": scale} for file, scale in self.applied]
+
+
+NO_LORAS = LoraSelection((), {})
+
+
+class LoraLibrary:
+    """Resolves and reads LoRA files for one model, keeping the last ``cache_size`` read."""
+
+    def __init__(self, files: LoraFiles, model: Model, cache_size: int = 8):
+        self.files = files
+        self.model = model
+        self.cache_size = cache_size
+        self._read: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def select(self, entries: Sequence[LoraRequest]) -> LoraSelection:
+        """Every entry resolved and read; the first bad one raises a RequestError naming it."""
+        if not entries:
+            return NO_LORAS
+        if not self.model.family.lora_targets:
+            raise RequestError(f"loras: the {self.model.family.name} family does not support LoRA")
+        applied = []
+        weights = []
+        for index, entry in enumerate(entries):
+            field = f"loras[{index}].{'name' if entry.name is not None else 'url'}"
+            file = (
+                self.files.by_name(entry.name, field)
+                if entry.name is not None
+                else self.files.by_url(entry.url or "", field)
+            )
+            weights.append((entry.scale, self._weights(file, field)))
+            applied.append((file, entry.scale))
+        patches = {}
+        for component in self.model.family.lora_targets:
+            terms: dict[str, list[tuple[float, LowRank]]] = {}
+            used = []
+            for scale, lora in weights:
+                factors = lora.components.get(component, {})
+                for name, low_rank in factors.items():
+                    terms.setdefault(name, []).append((scale, low_rank))
+                if factors:
+                    used.append((lora.sha256, scale))
+            if terms:
+                key = hashlib.sha256(json.dumps([component, used]).encode()).hexdigest()[:16]
+                patches[component] = WeightPatch(key, {name: tuple(values) for name, values in terms.items()})
+        return LoraSelection(tuple(applied), patches)
+
+    def _weights(self, file: LoraFile, field: str) -> LoraWeights:
+        with self._lock:
+            cached = self._read.get(file.sha256)
+            if cached is not None:
+                self._read.move_to_end(file.sha256)
+                return cached
+        family = self.model.family
+        weights = read_lora(
+            file.path,
+            file.label,
+            file.sha256,
+            family.lora_loader,
+            family.lora_targets,
+            self.model.parameter_shapes,
+            self.model.config.configs["unet"],
+            field,
+        )
+        with self._lock:
+            self._read[file.sha256] = weights
+            while len(self._read) > self.cache_size:
+                self._read.popitem(last=False)
+        return weights
