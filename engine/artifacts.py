@@ -13,8 +13,9 @@ from engine.models.spec import ComponentSpec
 from engine.store import ArtifactKey
 
 ONNX_OPSET = 19
-EXPORT_VERSION = 3
-"""Bumped whenever export, cleanup or fp16 conversion changes what a graph computes."""
+EXPORT_VERSION = 4
+"""Bumped whenever export, cleanup or fp16 conversion changes what a graph computes, or what an
+artifact holds (4: the weight map, and TensorRT engines refittable)."""
 
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "engine.plan"

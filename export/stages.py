@@ -39,6 +39,7 @@ from export.stagelog import StageLog
 from export.tensorrt import BuildOptions, TimingCache, build_engine
 from export.trace import load_module, references_for, trace_component
 from export.validate import Reference, check, compare, validation_dims
+from export.weightmap import map_weights
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,15 @@ class Exporter:
                 raw = raw_dir / ONNX_FILE
                 dims = validation_dims(self.model, device)
                 stages.on_stage("trace")
-                references, traced = trace_component(self.model, component, self.device, dims, raw)
-                stages.merge(traced)  # load, reference and export, timed where they ran
+                traced = trace_component(self.model, component, self.device, dims, raw, precision)
+                references = traced.references
+                stages.merge(traced.stages)  # load, reference, export and hashing, timed where they ran
                 release_memory(self.device)
                 with stages.stage("optimize"):
                     graph = optimize(raw, staging.path / ONNX_FILE, spec, precision)
+            with stages.stage("weight map"):
+                weight_map = map_weights(staging.path / ONNX_FILE, traced.digests)
+                weight_map.write(staging.path)
             with stages.stage("validate"):
                 candidate = OnnxRuntimeRunner(spec, staging.path / ONNX_FILE, precision, device)
                 parity = check(spec, "onnxruntime", compare(spec, references, candidate, precision))
@@ -111,6 +116,7 @@ class Exporter:
                 model=self.model.name,
                 traced_size=f"{export_dims(self.model).height}x{export_dims(self.model).width}",
                 graph=asdict(graph),
+                weight_map={"mapped": len(weight_map.weights), "unmapped": len(weight_map.unmapped)},
                 parity=parity,
                 validation=validation_record("onnxruntime", device, references),
                 tools=tool_versions(),

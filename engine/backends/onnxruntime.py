@@ -6,8 +6,10 @@ writes in place, so a step copies nothing between host and device.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 import torch
@@ -18,6 +20,10 @@ from engine.dtypes import BY_TORCH
 from engine.errors import BackendUnavailable, NotBuilt
 from engine.models.spec import ComponentSpec
 from engine.store import Store
+from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
+
+if TYPE_CHECKING:
+    from engine.lora.library import WeightPatch
 
 
 def session_options() -> ort.SessionOptions:
@@ -49,18 +55,62 @@ def providers_for(device: torch.device) -> list:
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, spec: ComponentSpec, model: Path | bytes, precision: str, device: torch.device):
-        """``model`` is a path (needed for external weights) or the graph's verified bytes."""
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        model: Path | bytes,
+        precision: str,
+        device: torch.device,
+        weight_map: WeightMap | None = None,
+        lora_sessions: int = 2,
+    ):
+        """``model`` is a path (needed for external weights) or the graph's verified bytes; with a
+        ``weight_map`` the runner can serve LoRA sets, keeping ``lora_sessions`` of them."""
         super().__init__(spec, precision, device)
-        providers = providers_for(device)
-        source = model if isinstance(model, bytes) else str(model)
-        try:
-            self.session = ort.InferenceSession(source, session_options(), providers=providers)
-        except Exception as error:  # onnxruntime raises its own untyped errors for unusable graphs
-            raise BackendUnavailable(f"onnxruntime cannot load the graph: {error}") from error
+        self.source = model if isinstance(model, bytes) else str(model)
+        self.weight_map = weight_map
+        self.lora_sessions = lora_sessions
+        self.base_session = self.session = self._session(session_options())
+        self._patched: OrderedDict[str, tuple[ort.InferenceSession, list[ort.OrtValue]]] = OrderedDict()
         names = [item.name for item in self.session.get_inputs()]
         if sorted(names) != sorted(spec.input_names):
             raise BackendUnavailable(f"graph inputs {names} do not match the spec's {spec.input_names}")
+
+    def _session(self, options: ort.SessionOptions) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(self.source, options, providers=providers_for(self.device))
+        except Exception as error:  # onnxruntime raises its own untyped errors for unusable graphs
+            raise BackendUnavailable(f"onnxruntime cannot load the graph: {error}") from error
+
+    def apply_patch(self, patch: WeightPatch | None) -> None:
+        """Switches to a session whose patched initializers are overridden with base + delta
+        (``add_initializer``); sessions are kept per LoRA set, least recently used out."""
+        if patch is None:
+            self.session = self.base_session
+            return
+        cached = self._patched.get(patch.key)
+        if cached is None:
+            cached = self._patched[patch.key] = self._patched_session(patch)
+            while len(self._patched) > self.lora_sessions:
+                self._patched.popitem(last=False)
+        self._patched.move_to_end(patch.key)
+        self.session = cached[0]
+
+    def _patched_session(self, patch: WeightPatch) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
+        if self.weight_map is None:
+            raise BackendUnavailable("the graph has no weight map; export it again to serve LoRAs")
+        unpatchable = self.weight_map.unpatchable(patch.names)
+        if unpatchable:
+            raise BackendUnavailable(f"the graph's weight map cannot patch {', '.join(unpatchable[:3])}")
+        options = session_options()
+        values = []  # the session reads them in place: they live as long as it does
+        for name in patch.names:
+            delta = patch.delta(name, torch.device("cpu"))
+            for weight in self.weight_map.by_parameter.get(name, []):
+                value = ort.OrtValue.ortvalue_from_numpy(self.weight_map.patched_value(weight, delta))
+                options.add_initializer(weight.initializer, value)
+                values.append(value)
+        return self._session(options), values
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.device.type == "cuda":
@@ -90,13 +140,17 @@ class OnnxRuntimeRunner(Runner):
 
 
 def load_onnxruntime_runner(
-    store: Store, spec: ComponentSpec, fingerprint: str, precision: str, device: torch.device
+    store: Store,
+    spec: ComponentSpec,
+    fingerprint: str,
+    precision: str,
+    device: torch.device,
+    lora_sessions: int = 2,
 ) -> OnnxRuntimeRunner:
     """The runner for a component's exported graph, checked against its manifest before use."""
     artifact = store.get(onnx_key(spec, fingerprint, precision))
     if artifact is None:
         raise NotBuilt(f"no {precision} ONNX export in {store.root}")
-    if list(artifact.files) == [ONNX_FILE]:
-        return OnnxRuntimeRunner(spec, artifact.read_verified(ONNX_FILE), precision, device)
-    artifact.verify()  # weights in external data: check every file, then load by path
-    return OnnxRuntimeRunner(spec, artifact.file(ONNX_FILE), precision, device)
+    artifact.verify()  # check every file (the graph, its weights, its weight map), then load by path
+    weight_map = WeightMap.read(artifact.path) if WEIGHT_MAP_FILE in artifact.files else None
+    return OnnxRuntimeRunner(spec, artifact.file(ONNX_FILE), precision, device, weight_map, lora_sessions)

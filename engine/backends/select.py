@@ -267,7 +267,9 @@ def build_chains(
                     runners.append(tensorrt.runners[component])
                 else:
                     runners.append(
-                        load_onnxruntime_runner(store, spec, fingerprint(component), precisions[component], device)
+                        load_onnxruntime_runner(
+                            store, spec, fingerprint(component), precisions[component], device, settings.lora_sessions
+                        )
                     )
             except NotBuilt as error:
                 not_built.setdefault(backend.value, []).append(component)

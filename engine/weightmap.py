@@ -1,0 +1,93 @@
+"""Which ONNX initializer holds which torch parameter: the map a LoRA patch is applied through.
+
+The export writes it beside the graph (``weights.json``), matched by content once, so the
+worker never guesses from names: torch's exporter renames and transposes what it folds
+(a Linear's weight becomes ``onnx::MatMul_123``, transposed). At run time the map gives,
+for each parameter a LoRA changes, the initializers to replace and where their base
+values lie in the graph's data file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.dtypes import BY_NAME
+
+WEIGHT_MAP_FILE = "weights.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class MappedWeight:
+    initializer: str
+    parameter: str
+    """The parameter's name in the component's torch module (``unet.down_blocks.0...to_q.weight``)."""
+    transposed: bool
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    """Where its bytes start in the data file."""
+    length: int
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    data_file: str
+    weights: tuple[MappedWeight, ...]
+    unmapped: tuple[str, ...] = ()
+    """Weights of two or more dimensions the map cannot patch: folded, ambiguous or inline."""
+    folder: Path | None = field(default=None, compare=False)
+    """Where the graph and its data file are, once read from an artifact."""
+
+    @cached_property
+    def by_parameter(self) -> dict[str, list[MappedWeight]]:
+        found: dict[str, list[MappedWeight]] = {}
+        for weight in self.weights:
+            found.setdefault(weight.parameter, []).append(weight)
+        return found
+
+    def unpatchable(self, parameters: Iterable[str]) -> list[str]:
+        """The parameters this graph's weights cannot be patched for. Where every weight is mapped, a
+        parameter the map lacks does not reach the graph's outputs, and needs no patch."""
+        return [] if not self.unmapped else [name for name in parameters if name not in self.by_parameter]
+
+    def write(self, folder: Path) -> None:
+        record = {"format": FORMAT, "data_file": self.data_file, "unmapped": list(self.unmapped)}
+        record["weights"] = [asdict(weight) for weight in self.weights]
+        (folder / WEIGHT_MAP_FILE).write_text(json.dumps(record))
+
+    @classmethod
+    def read(cls, folder: Path) -> WeightMap:
+        record = json.loads((folder / WEIGHT_MAP_FILE).read_text())
+        if record.get("format") != FORMAT:
+            raise ValueError(f"weight map format {record.get('format')}, this worker reads {FORMAT}")
+        weights = tuple(MappedWeight(**{**entry, "shape": tuple(entry["shape"])}) for entry in record["weights"])
+        return cls(record["data_file"], weights, tuple(record["unmapped"]), folder)
+
+    def base_value(self, weight: MappedWeight) -> np.ndarray:
+        """The initializer's bytes as exported, read from the data file."""
+        if self.folder is None:
+            raise ValueError("a weight map not read from an artifact has no data file")
+        dtype = np.dtype(BY_NAME[weight.dtype].numpy)
+        count = weight.length // dtype.itemsize
+        values = np.fromfile(self.folder / self.data_file, dtype=dtype, count=count, offset=weight.offset)
+        return values.reshape(weight.shape)
+
+    def patched_value(self, weight: MappedWeight, delta: torch.Tensor) -> np.ndarray:
+        """base + delta in fp32, in the initializer's layout and element type (fp16 clamped as the export
+        converts it)."""
+        base = self.base_value(weight).astype(np.float32)
+        change = (delta.T if weight.transposed else delta).reshape(base.shape).cpu().numpy()
+        merged = base + change
+        if weight.dtype == "float16":
+            from onnxruntime.transformers.float16 import convert_np_to_float16
+
+            return convert_np_to_float16(merged)
+        return merged

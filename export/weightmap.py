@@ -1,0 +1,97 @@
+"""Matches each initializer of an exported graph to the torch parameter it holds, by content.
+
+NVIDIA's diffusion demo does the same for refitting: hash each parameter (as exported: fp32
+or fp16, and transposed for matrices) and each initializer of the final graph, and pair
+equal hashes. Parameters with the same content (two zero-initialized layers) cannot be told
+apart and stay unmapped. Only tensors of two or more dimensions are mapped: the matrices
+and convolution kernels LoRAs change. A map with nothing unmapped is complete: a parameter
+it does not list does not reach the graph's outputs (SDXL's first text encoder stops at
+its penultimate layer), so a LoRA may change it without changing the graph.
+
+The parameters are hashed where the module is loaded for the trace, the initializers one
+at a time from the data file, so neither side needs the other's weights in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+from engine.dtypes import BY_NAME
+from engine.weightmap import MappedWeight, WeightMap
+from export.weights import data_file_name
+
+Digests = dict[str, tuple[str, bool] | None]
+"""Content hash -> (parameter name, transposed), or None where two parameters share the content."""
+
+
+def content_digest(values: np.ndarray) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{values.dtype.str}{values.shape}".encode())
+    digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()
+
+
+def parameter_digests(module: torch.nn.Module, precision: str) -> Digests:
+    """The hash of every matrix and kernel parameter as the graph may hold it."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    digests: Digests = {}
+    for name, parameter in module.named_parameters():
+        if parameter.ndim < 2:
+            continue
+        values = parameter.detach().float().cpu().numpy()
+        for transposed in (False, True) if values.ndim == 2 else (False,):
+            layout = values.T if transposed else values
+            variants = [layout, convert_np_to_float16(layout)] if precision == "fp16" else [layout]
+            for variant in variants:
+                key = content_digest(variant)
+                digests[key] = None if key in digests and digests[key] != (name, transposed) else (name, transposed)
+    return digests
+
+
+def _initializer_values(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    if not uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    info = ExternalDataInfo(tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    values = np.fromfile(folder / info.location, dtype=dtype, count=count, offset=info.offset or 0)
+    return values.reshape(tuple(tensor.dims))
+
+
+def map_weights(graph_path: Path, digests: Digests) -> WeightMap:
+    """The map of the graph at ``graph_path`` (weights in its one data file), one initializer in memory at a time."""
+    graph = onnx.load(str(graph_path), load_external_data=False)
+    mapped, unmapped = [], []
+    for tensor in graph.graph.initializer:
+        if len(tensor.dims) < 2:
+            continue
+        values = _initializer_values(tensor, graph_path.parent)
+        match = digests.get(content_digest(values))
+        external = uses_external_data(tensor)
+        if match is None and not external:
+            continue  # a constant the passes folded (a mask, a shape), not a weight
+        if match is None or not external:
+            unmapped.append(tensor.name)  # a weight that is folded, ambiguous, or too small to patch in place
+            continue
+        info = ExternalDataInfo(tensor)
+        element = next(e.name for e in BY_NAME.values() if e.numpy is not None and np.dtype(e.numpy) == values.dtype)
+        mapped.append(
+            MappedWeight(
+                initializer=tensor.name,
+                parameter=match[0],
+                transposed=match[1],
+                dtype=element,
+                shape=tuple(int(d) for d in tensor.dims),
+                offset=int(info.offset or 0),
+                length=int(info.length or values.nbytes),
+            )
+        )
+    return WeightMap(data_file_name(graph_path), tuple(mapped), tuple(unmapped))
