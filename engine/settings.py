@@ -38,6 +38,15 @@ class TorchFallback(str, Enum):
     OFF = "off"
 
 
+class EngineRefit(str, Enum):
+    """Which weights engines can refit for LoRAs: matrices (what LoRAs change), also convolution kernels
+    (LoCon), or none (LoRA requests then run the next backend)."""
+
+    LINEAR = "linear"
+    ALL = "all"
+    NONE = "none"
+
+
 class Precision(str, Enum):
     AUTO = "auto"
     FP32 = "fp32"
@@ -116,6 +125,9 @@ class Settings(BaseSettings):
     engine_workspace_gb: float = Field(8.0, gt=0)
     engine_optimization_level: int = Field(3, ge=0, le=5)
     engine_version_compatible: bool = False
+    engine_refit: EngineRefit = Field(
+        EngineRefit.LINEAR, description="weights engines can refit for LoRAs: linear, all (with conv kernels), none"
+    )
     cuda_graphs: bool = Field(True, description="capture each engine's optimum shapes as CUDA graphs at warm-up")
     cuda_graph_shapes: int = Field(
         4, ge=1, description="input shapes per engine kept with their own execution context and buffers (LRU)"

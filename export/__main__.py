@@ -59,6 +59,7 @@ def engine_builder(settings: Settings, exporter: Exporter, skip: bool) -> tuple[
         workspace_bytes=int(settings.engine_workspace_gb * 2**30),
         optimization_level=settings.engine_optimization_level,
         version_compatible=settings.engine_version_compatible,
+        refit=settings.engine_refit.value,
     )
     ranges = parse_ranges(settings.engine_profiles, exporter.model.config.native_size, settings.max_images)
     builder = EngineBuilder.create(

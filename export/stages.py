@@ -33,10 +33,11 @@ from engine.models.spec import ComponentSpec, Dims
 from engine.profiles import Profile, SizeRange, profile_for, profiles_label
 from engine.settings import default_export_work_dir
 from engine.store import Artifact, Staging, Store, scratch_folder
+from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
 from export.onnx import export_dims
 from export.optimize import optimize
 from export.stagelog import StageLog
-from export.tensorrt import BuildOptions, TimingCache, build_engine
+from export.tensorrt import BuildOptions, TimingCache, build_engine, refit_names
 from export.trace import load_module, references_for, trace_component
 from export.validate import Reference, check, compare, validation_dims
 from export.weightmap import map_weights
@@ -144,8 +145,10 @@ class Exporter:
                 del module
             release_memory(self.device)
             plan = staging.path / ENGINE_FILE
+            weight_map = WeightMap.read(onnx.path) if WEIGHT_MAP_FILE in onnx.files else None
+            refittable = refit_names(weight_map, builder.options.refit)
             with stages.stage("build engine"):
-                builder.build(onnx.file(ONNX_FILE), profiles, plan)
+                marked = builder.build(onnx.file(ONNX_FILE), profiles, plan, refittable)
             with stages.stage("validate engine"):
                 candidate = builder.runner(spec, plan.read_bytes(), profiles, precision, self.device)
                 parity = check(spec, "tensorrt", compare(spec, references, candidate, precision))
@@ -155,6 +158,7 @@ class Exporter:
                 profiles=[profile.to_json() for profile in profiles],
                 builder=asdict(builder.options),
                 engine_bytes=plan.stat().st_size,
+                refittable_weights=marked,
                 parity=parity,
                 validation=validation_record("tensorrt", self.device, references),
                 tools=tool_versions(),
@@ -223,8 +227,10 @@ class EngineBuilder:
         tag = compatible if options.version_compatible else version
         return cls(trt, ranges, options, gpu, tag, cache, make_logger(trt))
 
-    def build(self, onnx_path: Path, profiles: list[Profile], plan: Path) -> None:
-        build_engine(self.trt, self.logger, onnx_path, profiles, self.options, self.timing_cache, plan)
+    def build(self, onnx_path: Path, profiles: list[Profile], plan: Path, refittable: list[str]) -> int:
+        return build_engine(
+            self.trt, self.logger, onnx_path, profiles, self.options, self.timing_cache, plan, refittable
+        )
 
     def runner(
         self, spec: ComponentSpec, plan: bytes, profiles: list[Profile], precision: str, device: torch.device

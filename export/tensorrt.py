@@ -3,8 +3,9 @@
 Precision comes from the ONNX file (fp16 weights and casts): TensorRT 11 builds only
 strongly typed networks, and TensorRT 10 is asked for the same with the STRONGLY_TYPED
 flag. One optimization profile per configured size range in one engine, a workspace limit, an optimization level,
-and a timing cache shared through the store so later builds on the same GPU and
-TensorRT version skip the tactic timing already done.
+a timing cache shared through the store so later builds on the same GPU and
+TensorRT version skip the tactic timing already done, and the weights LoRAs change
+marked individually refittable.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from types import ModuleType
 from engine.errors import ArtifactError
 from engine.locking import BuildLock
 from engine.profiles import Profile, profiles_label
+from engine.weightmap import WeightMap
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,25 @@ class BuildOptions:
     workspace_bytes: int
     optimization_level: int
     version_compatible: bool
+    refit: str = "linear"
+    """Which weights a LoRA may refit: ``linear`` (matrices), ``all`` (and convolution kernels), ``none``."""
+
+
+def refit_names(weight_map: WeightMap | None, refit: str) -> list[str]:
+    """The initializers to mark refittable: the mapped weights LoRAs change, and nothing else, so every
+    other layer keeps the fusions that constant weights allow."""
+    if weight_map is None or refit == "none":
+        return []
+    dims = {2} if refit == "linear" else {2, 3, 4, 5}
+    return [weight.initializer for weight in weight_map.weights if len(weight.shape) in dims]
+
+
+def mark_refittable(trt: ModuleType, network, config, names: Sequence[str]) -> int:
+    """Individually refittable weights (``REFIT_INDIVIDUAL``); how many the network has."""
+    if not names:
+        return 0
+    config.set_flag(trt.BuilderFlag.REFIT_INDIVIDUAL)
+    return sum(bool(network.mark_weights_refittable(name)) for name in names)
 
 
 def network_flags(trt: ModuleType) -> int:
@@ -99,12 +120,16 @@ def build_engine(
     options: BuildOptions,
     timing_cache: TimingCache,
     plan_path: Path,
-) -> None:
+    refittable: Sequence[str] = (),
+) -> int:
+    """Builds the plan; returns how many weights it can refit."""
     builder = trt.Builder(logger)
     network, _parser = parse_onnx(trt, builder, logger, onnx_path)
     config = builder_config(trt, builder, profiles, options, timing_cache.read())
+    marked = mark_refittable(trt, network, config, refittable)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ArtifactError(f"TensorRT failed to build {onnx_path.name} for profiles {profiles_label(profiles)}")
     plan_path.write_bytes(bytes(serialized))
     timing_cache.merge(config)
+    return marked

@@ -46,11 +46,19 @@ class ParserError:
 
 
 class INetworkDefinition:
-    __slots__ = ("_flags", "_tensors")
+    __slots__ = ("_flags", "_refittable", "_tensors", "_weights")
 
     def __init__(self, flags: int):
         self._flags = flags
         self._tensors: dict[str, dict] = {}
+        self._weights: dict[str, dict] = {}
+        self._refittable: list[str] = []
+
+    def mark_weights_refittable(self, name: str) -> bool:
+        if name not in self._weights:
+            return False
+        self._refittable.append(name)
+        return True
 
 
 class OnnxParser:
@@ -82,6 +90,8 @@ class OnnxParser:
                     "input": is_input,
                     "dims": dims,
                 }
+        for tensor in graph.initializer:
+            self._network._weights[tensor.name] = {"dtype": ONNX_TO_TRT[tensor.data_type], "dims": list(tensor.dims)}
         return True
 
 
@@ -172,7 +182,9 @@ class Builder:
         cache = config.get_timing_cache()
         cache._entries[f"tactic-{len(cache._entries)}"] = 1
         profiles = [profile._shapes for profile in config._profiles]
-        plan = {"tensors": network._tensors, "profiles": profiles, "flags": network._flags}
+        refit = real.BuilderFlag.REFIT_INDIVIDUAL in config._flags or real.BuilderFlag.REFIT in config._flags
+        refittable = {name: network._weights[name] for name in network._refittable} if refit else {}
+        plan = {"tensors": network._tensors, "profiles": profiles, "flags": network._flags, "weights": refittable}
         return b"FAKEPLAN" + json.dumps(plan).encode()
 
 
@@ -251,10 +263,13 @@ class IExecutionContext:
 
 
 class ICudaEngine:
-    __slots__ = ("_contexts", "_inputs", "_outputs", "_profiles", "_tensors")
+    __slots__ = ("_contexts", "_inputs", "_outputs", "_profiles", "_refits", "_tensors", "_weights")
 
     def __init__(self, plan: dict):
         self._tensors = plan["tensors"]
+        self._weights: dict[str, dict] = plan.get("weights", {})
+        """Refittable weights: dtype, dims and, once refitted, the values TensorRT was given."""
+        self._refits = 0
         self._profiles = [
             {name: tuple(map(tuple, shapes)) for name, shapes in profile.items()} for profile in plan["profiles"]
         ]
@@ -277,6 +292,10 @@ class ICudaEngine:
         return getattr(real.DataType, self._tensors[name]["dtype"])
 
     @property
+    def refittable(self) -> bool:
+        return bool(self._weights)
+
+    @property
     def device_memory_size_v2(self) -> int:
         return 4096 * len(self._tensors)
 
@@ -284,6 +303,39 @@ class ICudaEngine:
         context = IExecutionContext(self, strategy)
         self._contexts.append(context)
         return context
+
+
+class Refitter:
+    """Takes weights as TensorRT does (checked against the prototype's type and size) and keeps a copy
+    of what each refit set, where a test can compare it with torch's patched parameters."""
+
+    __slots__ = ("_engine", "_logger", "_pending")
+
+    def __init__(self, engine: ICudaEngine, logger: object):
+        self._engine = engine
+        self._logger = logger
+        self._pending: dict[str, np.ndarray] = {}
+
+    def get_all_weights(self) -> list[str]:
+        return list(self._engine._weights)
+
+    def get_missing_weights(self) -> list[str]:
+        return []
+
+    def set_named_weights(self, name: str, weights: object, location: object) -> bool:
+        prototype = self._engine._weights.get(name)
+        if prototype is None or weights.dtype.name != prototype["dtype"]:
+            return False
+        if weights.size != int(np.prod(prototype["dims"])) or location != real.TensorLocation.HOST:
+            return False
+        self._pending[name] = weights.numpy().reshape(prototype["dims"]).copy()
+        return True
+
+    def refit_cuda_engine_async(self, stream_handle: int) -> bool:
+        for name, values in self._pending.items():
+            self._engine._weights[name]["values"] = values
+        self._engine._refits += 1
+        return True
 
 
 class Runtime:
@@ -320,6 +372,9 @@ def fake_tensorrt(version: str = "11.4.0.106") -> SimpleNamespace:
         Builder=Builder,
         OnnxParser=OnnxParser,
         Runtime=Runtime,
+        Refitter=Refitter,
+        Weights=real.Weights,
+        TensorLocation=real.TensorLocation,
         ILogger=real.ILogger,
         DataType=real.DataType,
         MemoryPoolType=real.MemoryPoolType,
@@ -339,6 +394,7 @@ FAKE_CLASSES = (
     Builder,
     IExecutionContext,
     ICudaEngine,
+    Refitter,
     Runtime,
 )
 """Each fake has the name of the TensorRT class it stands in for."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.artifacts import onnx_key
 from engine.backends.base import ComponentCall, Runner
 from engine.backends.onnxruntime import load_onnxruntime_runner, onnxruntime_has_cuda
 from engine.backends.tensorrt import TensorRTBackend, gpu_tag, load_tensorrt
@@ -33,6 +34,7 @@ from engine.models.spec import ComponentSpec
 from engine.profiles import parse_ranges
 from engine.settings import Backend, Settings, TorchFallback
 from engine.store import Store
+from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,20 @@ def preferred_backends(backend: Backend, device: torch.device) -> list[Backend]:
     return [Backend.TENSORRT, *([Backend.ONNXRUNTIME] if onnxruntime_has_cuda() else [])]
 
 
+def graph_weight_map(store: Store, spec: ComponentSpec, fingerprint: str, precision: str) -> WeightMap | None:
+    """The weight map of the ONNX export an engine was built from (its data file holds the base weights
+    refits start from), or None where the export has none."""
+    artifact = store.get(onnx_key(spec, fingerprint, precision))
+    if artifact is None or WEIGHT_MAP_FILE not in artifact.files:
+        return None
+    try:
+        artifact.check_sizes()
+        return WeightMap.read(artifact.path)
+    except (ArtifactError, OSError, ValueError) as error:
+        log.warning("%s: no LoRA refits, the weight map is unusable: %s", spec.name, error)
+        return None
+
+
 def build_chains(
     model: Model, settings: Settings, store: Store, device: torch.device, precision: str
 ) -> tuple[dict[str, RunnerChain], TensorRTBackend]:
@@ -251,6 +267,11 @@ def build_chains(
         except Exception as error:  # whatever TensorRT raises, the worker starts on the other backends
             log.exception("TensorRT engines could not be loaded")
             tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, f"{type(error).__name__}: {error}"))
+
+    for component, runner in tensorrt.runners.items():
+        runner.weight_map = graph_weight_map(
+            store, model.specs[component], fingerprint(component), precisions[component]
+        )
 
     export_hint = f"run `python -m export --model {shlex.quote(settings.model)}`"
     not_built: dict[str, list[str]] = {}

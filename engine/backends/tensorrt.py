@@ -16,20 +16,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.artifacts import ENGINE_FILE, exporter_id
 from engine.backends.base import Runner
-from engine.dtypes import BY_TENSORRT
+from engine.dtypes import BY_TENSORRT, BY_TORCH
 from engine.errors import BackendUnavailable
 from engine.models.spec import ComponentSpec, Shape
 from engine.profiles import Profile, choose
 from engine.store import Artifact, Store
+from engine.weightmap import WeightMap
+
+if TYPE_CHECKING:
+    from engine.lora.library import WeightPatch
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +187,62 @@ class LoadedEngine:
                 raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
             return {name: tensor.clone() for name, tensor in slot.outputs.items()}
 
+    def refit(
+        self,
+        weight_map: WeightMap,
+        patch: WeightPatch | None,
+        restore: Iterable[str],
+        stream: torch.cuda.Stream | None,
+    ) -> None:
+        """Sets the patch's weights to base + delta and the ``restore`` parameters back to base, from the
+        base values in the graph's data file every time (refitting on top of an earlier LoRA would keep
+        its trace), then refits on the worker's stream and recaptures the CUDA graphs it had."""
+        if not self.engine.refittable:
+            raise BackendUnavailable(f"{self.name} was built without refit (ENGINE_REFIT=none, or before LoRA support)")
+        refitter = self.trt.Refitter(self.engine, make_logger(self.trt))
+        refittable = set(refitter.get_all_weights())
+        wanted = set(patch.names) if patch is not None else set()
+        targets = [
+            (name, weight) for name in sorted(wanted | set(restore)) for weight in weight_map.by_parameter.get(name, [])
+        ]
+        fixed = sorted({weight.initializer for _, weight in targets} - refittable)
+        if fixed:
+            raise BackendUnavailable(
+                f"{self.name} cannot refit {', '.join(fixed[:3])} "
+                "(ENGINE_REFIT=all also makes convolution kernels refittable)"
+            )
+        location = self.trt.TensorLocation.DEVICE if self.device.type == "cuda" else self.trt.TensorLocation.HOST
+        values = []  # TensorRT reads them during the refit: they live until it is done
+        for name, weight in targets:
+            base = torch.from_numpy(weight_map.base_value(weight)).to(self.device)
+            if name in wanted:
+                assert patch is not None
+                delta = patch.delta(name, self.device)
+                base = (base.float() + (delta.T if weight.transposed else delta).reshape(base.shape)).to(base.dtype)
+            value = base.contiguous()
+            values.append(value)
+            element = getattr(self.trt.DataType, BY_TORCH[value.dtype].tensorrt)
+            if not refitter.set_named_weights(
+                weight.initializer, self.trt.Weights(element, value.data_ptr(), value.numel()), location
+            ):
+                raise BackendUnavailable(f"{self.name}: TensorRT refused the weights for {weight.initializer}")
+        if not refitter.refit_cuda_engine_async(stream.cuda_stream if stream is not None else 0):
+            raise BackendUnavailable(
+                f"{self.name}: TensorRT refused the refit (missing: {refitter.get_missing_weights()})"
+            )
+        if stream is not None:
+            stream.synchronize()
+        self._recapture(stream)
+
+    def _recapture(self, stream: torch.cuda.Stream | None) -> None:
+        """Graphs captured before a refit are replaced by new captures of the same shapes."""
+        captured = [key for key, slot in self.slots.items() if slot.graph is not None]
+        for key in captured:
+            self.slots[key].graph = None
+        if stream is not None:
+            for key in captured:
+                self._capture(key, stream)
+
     def capture_optima(self, stream: torch.cuda.Stream) -> int:
         """CUDA graphs of each profile's optimum shapes (at warm-up, never in a request); how many were kept."""
         captured = 0
@@ -233,6 +293,23 @@ class TensorRTRunner(Runner):
         super().__init__(spec, precision, device)
         self.engines = list(engines)
         self.stream = stream
+        self.weight_map: WeightMap | None = None
+        """The map of the graph the engines were built from, which LoRA refits go through."""
+        self._patched: set[str] = set()
+        """Parameters a refit has changed from their base values."""
+
+    def apply_patch(self, patch: WeightPatch | None) -> None:
+        """Refits every engine of the component (see ``LoadedEngine.refit``)."""
+        if self.weight_map is None:
+            raise BackendUnavailable("the engine's ONNX export has no weight map; export it again to serve LoRAs")
+        wanted = set(patch.names) if patch is not None else set()
+        unpatchable = self.weight_map.unpatchable(wanted)
+        if unpatchable:
+            raise BackendUnavailable(f"the graph's weight map cannot patch {', '.join(unpatchable[:3])}")
+        restore, self._patched = self._patched, self._patched | wanted  # a failed refit leaves both to restore
+        for engine in self.engines:
+            engine.refit(self.weight_map, patch, restore, self.stream)
+        self._patched = wanted
 
     def _profiles(self) -> list[tuple[LoadedEngine, Profile]]:
         return [(engine, profile) for engine in self.engines for profile in engine.profiles]

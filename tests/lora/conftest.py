@@ -1,0 +1,54 @@
+"""LoRA files for the tiny models, written once per module in both layouts."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+
+from engine.models import load_model
+from tests.lora_files import write_lora
+
+TEXT_ENCODERS = {"tiny": ("text_encoder",), "tiny-sdxl": ("text_encoder", "text_encoder_2")}
+PIPELINES = {"tiny": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
+PAYLOAD = {"prompt": "a red fox in the snow", "seed": 5, "num_inference_steps": 4, "width": 64, "height": 64}
+
+
+def reference_pipeline(model: str, cache_dir: Path):
+    folder = load_model(model, cache_dir).folder
+    extra = {"safety_checker": None} if model == "tiny" else {}
+    pipe = PIPELINES[model].from_pretrained(folder, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def write_loras(model: str, cache_dir: Path, folder: Path) -> Path:
+    """a: PEFT layout, rank 4, no alpha; b: kohya layout, rank 2, alpha 1; c: kohya, rank 8, alpha 16,
+    UNet only."""
+    pipe = reference_pipeline(model, cache_dir)
+    encoders = TEXT_ENCODERS[model]
+    write_lora(pipe, folder / "a.safetensors", "peft", seed=1, rank=4, text_encoders=encoders)
+    write_lora(pipe, folder / "styles" / "b.safetensors", "kohya", seed=2, rank=2, alpha=1, text_encoders=encoders)
+    write_lora(pipe, folder / "c.safetensors", "kohya", seed=3, rank=8, alpha=16, text_encoders=())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd_loras(cache_dir, tmp_path_factory) -> Path:
+    return write_loras("tiny", cache_dir, tmp_path_factory.mktemp("loras-sd"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_loras(cache_dir, tmp_path_factory) -> Path:
+    return write_loras("tiny-sdxl", cache_dir, tmp_path_factory.mktemp("loras-sdxl"))
+
+
+def image_of(response: dict) -> np.ndarray:
+    assert response["status"] == "success", response
+    data = base64.b64decode(response["output"][0]["image"])
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
