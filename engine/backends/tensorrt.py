@@ -197,8 +197,6 @@ class LoadedEngine:
         """Sets the patch's weights to base + delta and the ``restore`` parameters back to base, from the
         base values in the graph's data file every time (refitting on top of an earlier LoRA would keep
         its trace), then refits on the worker's stream and recaptures the CUDA graphs it had."""
-        if not self.engine.refittable:
-            raise BackendUnavailable(f"{self.name} was built without refit (ENGINE_REFIT=none, or before LoRA support)")
         refitter = self.trt.Refitter(self.engine, make_logger(self.trt))
         refittable = set(refitter.get_all_weights())
         wanted = set(patch.names) if patch is not None else set()
@@ -306,6 +304,13 @@ class TensorRTRunner(Runner):
         unpatchable = self.weight_map.unpatchable(wanted)
         if unpatchable:
             raise BackendUnavailable(f"the graph's weight map cannot patch {', '.join(unpatchable[:3])}")
+        if not wanted and not self._patched:
+            return  # the engines hold their base weights
+        for engine in self.engines:
+            if not engine.engine.refittable:
+                raise BackendUnavailable(
+                    f"{engine.name} was built without refit (ENGINE_REFIT=none, or before LoRA support)"
+                )
         restore, self._patched = self._patched, self._patched | wanted  # a failed refit leaves both to restore
         for engine in self.engines:
             engine.refit(self.weight_map, patch, restore, self.stream)
