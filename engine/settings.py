@@ -66,13 +66,6 @@ def default_engine_dir() -> Path:
     return default_cache_dir() / "engines"
 
 
-def default_lora_dir() -> Path:
-    """LoRA files on the network volume when mounted (every worker sees the same ones), else the local cache."""
-    if RUNPOD_VOLUME.is_dir():
-        return RUNPOD_VOLUME / "loras"
-    return default_cache_dir() / "loras"
-
-
 def default_export_work_dir() -> Path:
     """Local disk for raw exports: only finished artifacts go to the (network) engine store."""
     return Path(tempfile.gettempdir()) / "trt-diffusion-export"
@@ -108,8 +101,10 @@ class Settings(BaseSettings):
     max_timeout_s: float = Field(600.0, gt=0)
     max_input_image_bytes: int = Field(20_000_000, gt=0, description="largest image-to-image input")
 
-    lora_dir: Path = Field(
-        default_factory=default_lora_dir, description="LoRA files a request names; URL downloads go to its cache/"
+    lora_dir: Path | None = Field(
+        None,
+        description="LoRA files a request names; URL downloads go to its cache/. Default: loras/ on the network "
+        "volume when it is mounted, else under CACHE_DIR",
     )
     max_loras: int = Field(4, ge=0, description="LoRAs per request")
     max_lora_bytes: int = Field(2_000_000_000, gt=0, description="largest LoRA file a request may download")
@@ -166,6 +161,12 @@ class Settings(BaseSettings):
                 raise ValueError("expected 'component=backend' pairs separated by commas")
             return {name.strip(): backend.strip() for name, backend in pairs}
         return value
+
+    @model_validator(mode="after")
+    def _default_lora_dir(self) -> Settings:
+        if self.lora_dir is None:
+            self.lora_dir = RUNPOD_VOLUME / "loras" if RUNPOD_VOLUME.is_dir() else self.cache_dir / "loras"
+        return self
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Settings:

@@ -73,6 +73,7 @@ class Worker:
         self.model.tokenizers  # noqa: B018 - load now, not in the first request
         self.cold_start.mark("runners_load")
         self.pipeline = DiffusionPipeline(self.model, self.device)
+        assert settings.lora_dir is not None  # Settings fills it in
         self.loras = LoraLibrary(LoraFiles(settings.lora_dir, settings.max_lora_bytes), self.model)
         self.delivery = Delivery(settings)
         self.image_limits = ImageLimits(

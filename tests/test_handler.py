@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
+from engine.models import load_model
+from perf.loras import write_lora
 from tests.conftest import ROOT, runsync, serve_api, worker_env
 
 
@@ -81,9 +83,12 @@ def test_test_input_with_a_bad_width_fails_naming_width(subprocess_env):
 
 @pytest.fixture(scope="module")
 def api_server(cache_dir, tmp_path_factory) -> Iterator[str]:
-    """The SDK's local API server (``--rp_serve_api``) running the real handler."""
+    """The SDK's local API server (``--rp_serve_api``) running the real handler, with one LoRA in its folder."""
     engine_dir = tmp_path_factory.mktemp("api") / "engines"
-    with serve_api(worker_env(cache_dir, engine_dir), engine_dir.parent / "server.log") as (url, _):
+    lora_dir = engine_dir.parent / "loras"
+    write_lora(load_model("tiny", cache_dir), lora_dir / "style.safetensors", "kohya", seed=3, rank=4, alpha=2)
+    env = worker_env(cache_dir, engine_dir, LORA_DIR=str(lora_dir), MAX_LORAS="2")
+    with serve_api(env, engine_dir.parent / "server.log") as (url, _):
         yield url
 
 
@@ -109,3 +114,28 @@ def test_api_server_keeps_answering_after_bad_requests(api_server):
     body = runsync(api_server, {"prompt": "still here", "num_inference_steps": 3, "seed": 1}).json()
     assert body["status"] == "COMPLETED"
     assert body["output"]["metrics"]["cold_start"] is False
+
+
+MALFORMED_LORAS = [
+    ([{"name": "../../etc/passwd"}], "loras[0].name: must name a file inside the LoRA folder"),
+    ([{"name": "style"}, {"name": "nope"}], "loras[1].name: no LoRA 'nope' in "),
+    ([{"name": "style", "scale": 9}], "loras[0].scale: Input should be less than or equal to 4"),
+    ([{"name": "style"}] * 3, "loras: at most 2 LoRAs per request, got 3"),
+    ([{"url": "http://169.254.169.254/latest/x.safetensors"}], "loras[0].url: URL not allowed"),
+    ([{"name": "style.ckpt"}], "loras[0].name: .ckpt files are refused"),
+    ([{"name": "style", "weight": 1}], "loras[0].weight: Extra inputs are not permitted"),
+]
+
+
+def test_api_server_serves_loras_and_refuses_malformed_entries(api_server):
+    payload = {"prompt": "a lighthouse", "num_inference_steps": 3, "seed": 2, "width": 64, "height": 64}
+    base = runsync(api_server, payload).json()["output"]
+    for loras, message in MALFORMED_LORAS:
+        body = runsync(api_server, {**payload, "loras": loras}).json()
+        assert body["status"] == "FAILED", body
+        assert message in body["error"] and "Traceback" not in body["error"]
+    styled = runsync(api_server, {**payload, "loras": [{"name": "style", "scale": 0.9}]}).json()["output"]
+    assert styled["metrics"]["loras"][0]["name"] == "style" and styled["metrics"]["lora_ms"] > 0
+    assert styled["output"][0]["image"] != base["output"][0]["image"]
+    again = runsync(api_server, payload).json()["output"]
+    assert again["output"][0]["image"] == base["output"][0]["image"], "the base weights are back, exactly"

@@ -102,3 +102,30 @@ def test_cuda_graphs_alternating_shapes_match_plain_enqueues(gpu_store, make_set
         inputs["timestep"] = torch.full(shapes["timestep"], 500.0, device="cuda")
         got, want = unet(inputs)["noise_pred"], reference(inputs)["noise_pred"]
         assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=0), shapes
+
+
+def test_lora_refits_match_torch_and_leave_no_trace_on_the_gpu(gpu_store, make_settings, cache_dir, tmp_path):
+    """Refitted engines against the torch backend with the same LoRAs, then A -> B -> A and back to base."""
+    from engine.models import load_model
+    from engine.worker import Worker
+    from export.verify import compare_images
+    from perf.loras import write_pair
+
+    write_pair(load_model("tiny", cache_dir), tmp_path, rank=4)
+    base = {"prompt": "a fox", "num_inference_steps": 6, "seed": 4}
+    a = {**base, "loras": [{"name": "a", "scale": 0.9}, {"name": "b", "scale": 0.5}]}
+    b = {**base, "loras": [{"name": "b", "scale": -1.0}]}
+    reference = Worker(make_settings(device="cuda", backend="torch", engine_dir=gpu_store, lora_dir=tmp_path))
+    worker = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store, lora_dir=tmp_path))
+    worker.warmup()  # captures CUDA graphs, which every refit must recapture
+    base_image = images(worker.handle({"id": "0", "input": base}))
+    first_a = worker.handle({"id": "1", "input": a})
+    assert set(first_a["metrics"]["backends"].values()) == {"tensorrt"}, first_a["metrics"]["fallbacks"]
+    expected = images(reference.handle({"id": "r", "input": a}))
+    for candidate, wanted in zip(images(first_a), expected, strict=True):
+        assert compare_images(candidate, wanted).passed
+    worker.handle({"id": "2", "input": b})
+    second_a = images(worker.handle({"id": "3", "input": a}))
+    assert all(np.array_equal(x, y) for x, y in zip(second_a, images(first_a), strict=True))
+    after = images(worker.handle({"id": "4", "input": base}))
+    assert all(np.array_equal(x, y) for x, y in zip(after, base_image, strict=True))

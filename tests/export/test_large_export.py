@@ -25,6 +25,7 @@ from engine.models import load_model
 from engine.models.builtin import TEXT_HIDDEN, build_tiny, byte_tokenizer, clip_text_encoder
 from engine.models.spec import Dims
 from engine.store import Artifact, Store
+from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
 from engine.worker import Worker
 from export.optimize import FP32_OPS
 from export.weights import ALIGNMENT, data_file_name
@@ -75,7 +76,7 @@ def artifact_of(engine_dir: Path, precision: str) -> Artifact:
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_a_graph_over_2gib_is_published_with_its_external_data(large_exports, precision):
     artifact = artifact_of(large_exports["engine_dir"], precision)
-    assert set(artifact.files) == {ONNX_FILE, DATA_FILE}
+    assert set(artifact.files) == {ONNX_FILE, DATA_FILE, WEIGHT_MAP_FILE}
     data = artifact.file(DATA_FILE)
     assert artifact.files[DATA_FILE]["size"] == data.stat().st_size
     weight_bytes = LARGE_BYTES // (2 if precision == "fp16" else 1)
@@ -94,6 +95,10 @@ def test_a_graph_over_2gib_is_published_with_its_external_data(large_exports, pr
     assert list(table.dims) == [LARGE_VOCAB, TEXT_HIDDEN]
     expected_type = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.FLOAT
     assert table.data_type == expected_type
+    [mapped] = WeightMap.read(artifact.path).by_parameter["encoder.embeddings.token_embedding.weight"]
+    assert mapped.initializer == table.name and mapped.offset == int(
+        {entry.key: entry.value for entry in table.external_data}["offset"]
+    )
 
     manifest = artifact.manifest
     assert manifest["graph"]["external_data"] is True

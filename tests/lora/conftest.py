@@ -12,9 +12,8 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from engine.models import load_model
-from tests.lora_files import write_lora
+from perf.loras import write_lora
 
-TEXT_ENCODERS = {"tiny": ("text_encoder",), "tiny-sdxl": ("text_encoder", "text_encoder_2")}
 PIPELINES = {"tiny": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
 PAYLOAD = {"prompt": "a red fox in the snow", "seed": 5, "num_inference_steps": 4, "width": 64, "height": 64}
 
@@ -30,11 +29,11 @@ def reference_pipeline(model: str, cache_dir: Path):
 def write_loras(model: str, cache_dir: Path, folder: Path) -> Path:
     """a: PEFT layout, rank 4, no alpha; b: kohya layout, rank 2, alpha 1; c: kohya, rank 8, alpha 16,
     UNet only."""
-    pipe = reference_pipeline(model, cache_dir)
-    encoders = TEXT_ENCODERS[model]
-    write_lora(pipe, folder / "a.safetensors", "peft", seed=1, rank=4, text_encoders=encoders)
-    write_lora(pipe, folder / "styles" / "b.safetensors", "kohya", seed=2, rank=2, alpha=1, text_encoders=encoders)
-    write_lora(pipe, folder / "c.safetensors", "kohya", seed=3, rank=8, alpha=16, text_encoders=())
+    loaded = load_model(model, cache_dir)
+    every = ["unet", *loaded.family.text_encoders]
+    write_lora(loaded, folder / "a.safetensors", "peft", seed=1, rank=4, components=every)
+    write_lora(loaded, folder / "styles" / "b.safetensors", "kohya", seed=2, rank=2, alpha=1, components=every)
+    write_lora(loaded, folder / "c.safetensors", "kohya", seed=3, rank=8, alpha=16, components=["unet"])
     return folder
 
 

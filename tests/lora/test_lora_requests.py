@@ -17,10 +17,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from engine.models import load_model
 from engine.settings import Settings
 from engine.worker import Worker
-from tests.lora.conftest import PAYLOAD, image_of, reference_pipeline
-from tests.lora_files import write_lora
+from perf.loras import write_lora
+from tests.lora.conftest import PAYLOAD, image_of
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,9 @@ def lora_dir(sd_loras, cache_dir, tmp_path_factory) -> Path:
         target.write_bytes(path.read_bytes())
     (folder / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
     (folder / "old.ckpt").write_bytes(b"pickle")
-    sdxl = reference_pipeline("tiny-sdxl", cache_dir)
-    write_lora(sdxl, folder / "for-sdxl.safetensors", "kohya", seed=4, text_encoders=("text_encoder", "text_encoder_2"))
-    write_lora(sdxl, folder / "sdxl-unet.safetensors", "peft", seed=5, text_encoders=())
+    sdxl = load_model("tiny-sdxl", cache_dir)
+    write_lora(sdxl, folder / "for-sdxl.safetensors", "kohya", seed=4, components=["unet", *sdxl.family.text_encoders])
+    write_lora(sdxl, folder / "sdxl-unet.safetensors", "peft", seed=5, components=["unet"])
     stray = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_z"
     save_file(
         {f"{stray}.lora_A.weight": torch.ones(2, 64), f"{stray}.lora_B.weight": torch.ones(64, 2)},
