@@ -41,8 +41,8 @@ class MappedWeight:
 class WeightMap:
     data_file: str
     weights: tuple[MappedWeight, ...]
-    unmapped: tuple[str, ...] = ()
-    """Weights of two or more dimensions the map cannot patch: folded, ambiguous or inline."""
+    unpatchable: tuple[str, ...] = ()
+    """Parameters the graph holds in a form the map cannot patch: inline, ambiguous, or maybe folded."""
     folder: Path | None = field(default=None, compare=False)
     """Where the graph and its data file are, once read from an artifact."""
 
@@ -53,13 +53,13 @@ class WeightMap:
             found.setdefault(weight.parameter, []).append(weight)
         return found
 
-    def unpatchable(self, parameters: Iterable[str]) -> list[str]:
-        """The parameters this graph's weights cannot be patched for. Where every weight is mapped, a
-        parameter the map lacks does not reach the graph's outputs, and needs no patch."""
-        return [] if not self.unmapped else [name for name in parameters if name not in self.by_parameter]
+    def cannot_patch(self, parameters: Iterable[str]) -> list[str]:
+        """Those of ``parameters`` this graph's weights cannot be patched for. One the map neither maps
+        nor lists as unpatchable does not reach the graph's outputs, and needs no patch."""
+        return [name for name in parameters if name in set(self.unpatchable)]
 
     def write(self, folder: Path) -> None:
-        record = {"format": FORMAT, "data_file": self.data_file, "unmapped": list(self.unmapped)}
+        record = {"format": FORMAT, "data_file": self.data_file, "unpatchable": list(self.unpatchable)}
         record["weights"] = [asdict(weight) for weight in self.weights]
         (folder / WEIGHT_MAP_FILE).write_text(json.dumps(record))
 
@@ -69,7 +69,7 @@ class WeightMap:
         if record.get("format") != FORMAT:
             raise ValueError(f"weight map format {record.get('format')}, this worker reads {FORMAT}")
         weights = tuple(MappedWeight(**{**entry, "shape": tuple(entry["shape"])}) for entry in record["weights"])
-        return cls(record["data_file"], weights, tuple(record["unmapped"]), folder)
+        return cls(record["data_file"], weights, tuple(record["unpatchable"]), folder)
 
     def base_value(self, weight: MappedWeight) -> np.ndarray:
         """The initializer's bytes as exported, read from the data file."""

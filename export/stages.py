@@ -117,7 +117,7 @@ class Exporter:
                 model=self.model.name,
                 traced_size=f"{export_dims(self.model).height}x{export_dims(self.model).width}",
                 graph=asdict(graph),
-                weight_map={"mapped": len(weight_map.weights), "unmapped": len(weight_map.unmapped)},
+                weight_map={"mapped": len(weight_map.weights), "unpatchable": list(weight_map.unpatchable)},
                 parity=parity,
                 validation=validation_record("onnxruntime", device, references),
                 tools=tool_versions(),

@@ -24,7 +24,7 @@ from engine.models.spec import Dims
 from export.onnx import export_dims, export_onnx
 from export.stagelog import StageLog
 from export.validate import Reference, reference_outputs
-from export.weightmap import Digests, parameter_digests
+from export.weightmap import ParameterDigests, parameter_digests
 
 ISOLATE_FROM_BYTES = 2**30
 """Components with at least this many bytes of weights are traced in a child process."""
@@ -50,7 +50,7 @@ def references_for(model: Model, component: str, module: torch.nn.Module, dims: 
 class Traced:
     references: list[Reference]
     stages: StageLog
-    digests: Digests
+    digests: ParameterDigests
     """The parameters' content hashes, for the weight map of the final graph."""
 
 

@@ -3,10 +3,10 @@
 NVIDIA's diffusion demo does the same for refitting: hash each parameter (as exported: fp32
 or fp16, and transposed for matrices) and each initializer of the final graph, and pair
 equal hashes. Parameters with the same content (two zero-initialized layers) cannot be told
-apart and stay unmapped. Only tensors of two or more dimensions are mapped: the matrices
-and convolution kernels LoRAs change. A map with nothing unmapped is complete: a parameter
-it does not list does not reach the graph's outputs (SDXL's first text encoder stops at
-its penultimate layer), so a LoRA may change it without changing the graph.
+apart and are unpatchable. Only tensors of two or more dimensions are mapped: the matrices
+and convolution kernels LoRAs change. A parameter the map neither maps nor lists as
+unpatchable does not reach the graph's outputs (SDXL's first text encoder stops at its
+penultimate layer), so a LoRA may change it without changing the graph.
 
 The parameters are hashed where the module is loaded for the trace, the initializers one
 at a time from the data file, so neither side needs the other's weights in memory.
@@ -15,6 +15,7 @@ at a time from the data file, so neither side needs the other's weights in memor
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,17 @@ from engine.dtypes import BY_NAME
 from engine.weightmap import MappedWeight, WeightMap
 from export.weights import data_file_name
 
-Digests = dict[str, tuple[str, bool] | None]
-"""Content hash -> (parameter name, transposed), or None where two parameters share the content."""
+
+@dataclass
+class ParameterDigests:
+    """What the graph's initializers are matched against."""
+
+    found: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    """Content hash -> (parameter name, transposed)."""
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Parameter name -> element count."""
+    ambiguous: set[str] = field(default_factory=set)
+    """Parameters whose content another parameter shares: no hash tells them apart."""
 
 
 def content_digest(values: np.ndarray) -> str:
@@ -38,21 +48,25 @@ def content_digest(values: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def parameter_digests(module: torch.nn.Module, precision: str) -> Digests:
+def parameter_digests(module: torch.nn.Module, precision: str) -> ParameterDigests:
     """The hash of every matrix and kernel parameter as the graph may hold it."""
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    digests: Digests = {}
+    digests = ParameterDigests()
     for name, parameter in module.named_parameters():
         if parameter.ndim < 2:
             continue
+        digests.sizes[name] = parameter.numel()
         values = parameter.detach().float().cpu().numpy()
         for transposed in (False, True) if values.ndim == 2 else (False,):
             layout = values.T if transposed else values
             variants = [layout, convert_np_to_float16(layout)] if precision == "fp16" else [layout]
             for variant in variants:
                 key = content_digest(variant)
-                digests[key] = None if key in digests and digests[key] != (name, transposed) else (name, transposed)
+                other = digests.found.setdefault(key, (name, transposed))
+                if other[0] != name:
+                    digests.ambiguous |= {name, other[0]}
+    digests.found = {key: match for key, match in digests.found.items() if match[0] not in digests.ambiguous}
     return digests
 
 
@@ -66,20 +80,27 @@ def _initializer_values(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
     return values.reshape(tuple(tensor.dims))
 
 
-def map_weights(graph_path: Path, digests: Digests) -> WeightMap:
-    """The map of the graph at ``graph_path`` (weights in its one data file), one initializer in memory at a time."""
+def map_weights(graph_path: Path, digests: ParameterDigests) -> WeightMap:
+    """The map of the graph at ``graph_path`` (weights in its one data file), one initializer in memory at a time.
+
+    A parameter is unpatchable where the graph holds it inline (too small to be external data),
+    where its content is ambiguous, or where an initializer of its size matched nothing (it may
+    be folded into that one). One that is neither mapped nor unpatchable does not reach the graph.
+    """
     graph = onnx.load(str(graph_path), load_external_data=False)
-    mapped, unmapped = [], []
+    mapped, unpatchable, unmatched_sizes = [], set(digests.ambiguous), set()
     for tensor in graph.graph.initializer:
         if len(tensor.dims) < 2:
             continue
         values = _initializer_values(tensor, graph_path.parent)
-        match = digests.get(content_digest(values))
+        match = digests.found.get(content_digest(values))
         external = uses_external_data(tensor)
-        if match is None and not external:
-            continue  # a constant the passes folded (a mask, a shape), not a weight
-        if match is None or not external:
-            unmapped.append(tensor.name)  # a weight that is folded, ambiguous, or too small to patch in place
+        if match is None:
+            if external:
+                unmatched_sizes.add(values.size)
+            continue
+        if not external:
+            unpatchable.add(match[0])
             continue
         info = ExternalDataInfo(tensor)
         element = next(e.name for e in BY_NAME.values() if e.numpy is not None and np.dtype(e.numpy) == values.dtype)
@@ -94,4 +115,6 @@ def map_weights(graph_path: Path, digests: Digests) -> WeightMap:
                 length=int(info.length or values.nbytes),
             )
         )
-    return WeightMap(data_file_name(graph_path), tuple(mapped), tuple(unmapped))
+    found = {weight.parameter for weight in mapped}
+    unpatchable |= {name for name, size in digests.sizes.items() if name not in found and size in unmatched_sizes}
+    return WeightMap(data_file_name(graph_path), tuple(mapped), tuple(sorted(unpatchable - found)))

@@ -99,7 +99,7 @@ class OnnxRuntimeRunner(Runner):
     def _patched_session(self, patch: WeightPatch) -> tuple[ort.InferenceSession, list[ort.OrtValue]]:
         if self.weight_map is None:
             raise BackendUnavailable("the graph has no weight map; export it again to serve LoRAs")
-        unpatchable = self.weight_map.unpatchable(patch.names)
+        unpatchable = self.weight_map.cannot_patch(patch.names)
         if unpatchable:
             raise BackendUnavailable(f"the graph's weight map cannot patch {', '.join(unpatchable[:3])}")
         names, values = [], []  # the session reads the values in place: they live as long as it does

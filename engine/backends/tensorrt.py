@@ -301,7 +301,7 @@ class TensorRTRunner(Runner):
         if self.weight_map is None:
             raise BackendUnavailable("the engine's ONNX export has no weight map; export it again to serve LoRAs")
         wanted = set(patch.names) if patch is not None else set()
-        unpatchable = self.weight_map.unpatchable(wanted)
+        unpatchable = self.weight_map.cannot_patch(wanted)
         if unpatchable:
             raise BackendUnavailable(f"the graph's weight map cannot patch {', '.join(unpatchable[:3])}")
         if not wanted and not self._patched:
