@@ -65,11 +65,15 @@ class WeightMap:
 
     @classmethod
     def read(cls, folder: Path) -> WeightMap:
-        record = json.loads((folder / WEIGHT_MAP_FILE).read_text())
-        if record.get("format") != FORMAT:
-            raise ValueError(f"weight map format {record.get('format')}, this worker reads {FORMAT}")
-        weights = tuple(MappedWeight(**{**entry, "shape": tuple(entry["shape"])}) for entry in record["weights"])
-        return cls(record["data_file"], weights, tuple(record["unpatchable"]), folder)
+        """The map of the artifact in ``folder``; ValueError when it is not one this worker reads."""
+        try:
+            record = json.loads((folder / WEIGHT_MAP_FILE).read_text())
+            if record.get("format") != FORMAT:
+                raise ValueError(f"format {record.get('format')}, this worker reads {FORMAT}")
+            weights = tuple(MappedWeight(**{**entry, "shape": tuple(entry["shape"])}) for entry in record["weights"])
+            return cls(record["data_file"], weights, tuple(record["unpatchable"]), folder)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{folder.name}/{WEIGHT_MAP_FILE} is unreadable: {error}") from None
 
     def base_value(self, weight: MappedWeight) -> np.ndarray:
         """The initializer's bytes as exported, read from the data file."""

@@ -6,6 +6,7 @@ writes in place, so a step copies nothing between host and device.
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,8 @@ from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
 
 if TYPE_CHECKING:
     from engine.lora.library import WeightPatch
+
+log = logging.getLogger(__name__)
 
 
 def session_options() -> ort.SessionOptions:
@@ -155,5 +158,10 @@ def load_onnxruntime_runner(
     if artifact is None:
         raise NotBuilt(f"no {precision} ONNX export in {store.root}")
     artifact.verify()  # check every file (the graph, its weights, its weight map), then load by path
-    weight_map = WeightMap.read(artifact.path) if WEIGHT_MAP_FILE in artifact.files else None
+    weight_map = None
+    if WEIGHT_MAP_FILE in artifact.files:
+        try:
+            weight_map = WeightMap.read(artifact.path)
+        except ValueError as error:  # the graph still serves, only not with LoRAs
+            log.warning("%s: no LoRAs on onnxruntime: %s", spec.name, error)
     return OnnxRuntimeRunner(spec, artifact.file(ONNX_FILE), precision, device, weight_map, lora_sessions)

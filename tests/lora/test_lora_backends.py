@@ -171,3 +171,14 @@ def test_an_engine_built_without_refit_hands_lora_requests_to_the_next_backend(
     assert any("tensorrt: cannot apply the LoRAs:" in reason and "built without refit" in reason for reason in reasons)
     _, ran = chain.run(inputs, reasons.append)
     assert ran is runner, "without LoRAs the engine serves again"
+
+
+def test_an_unreadable_weight_map_is_a_value_error_naming_the_file(tmp_path):
+    from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
+
+    (tmp_path / WEIGHT_MAP_FILE).write_text('{"format": 1, "data_file": "model.onnx.data", "weights": []}')
+    with pytest.raises(ValueError, match=f"{WEIGHT_MAP_FILE} is unreadable: 'unpatchable'"):
+        WeightMap.read(tmp_path)
+    (tmp_path / WEIGHT_MAP_FILE).write_text('{"format": 0}')
+    with pytest.raises(ValueError, match="format 0, this worker reads 1"):
+        WeightMap.read(tmp_path)

@@ -1,0 +1,78 @@
+"""`python -m perf.coldstart`: process start to first job done, against `python -c "import torch"`.
+
+    python -m perf.coldstart --model tiny --backends torch onnxruntime --runs 5
+
+Each run starts fresh processes, as a RunPod cold start does: first ``import torch`` alone
+(the floor any PyTorch worker pays), then ``handler.py --test_input`` with one small job,
+per backend. onnxruntime runs from cached artifacts: they are exported first (untimed)
+when the store lacks them. Prints the median wall time of each, its ratio to
+``import torch``, and the worker's own ``init_ms`` phases from the job's metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.cli import run_command
+from engine.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = {"input": {"prompt": "a lighthouse at dusk", "num_inference_steps": 4, "seed": 0}}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m perf.coldstart", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="overrides MODEL")
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"], choices=["torch", "onnxruntime"])
+    parser.add_argument("--runs", type=int, default=5)
+    return parser.parse_args(argv)
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} failed: {done.stderr[-2000:]}")
+    return seconds, done.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings(**({"model": args.model} if args.model else {}))
+    env = dict(os.environ, MODEL=settings.model, DEVICE="cpu", WARMUP="0")
+    if "onnxruntime" in args.backends:
+        export = [sys.executable, "-m", "export", "--model", settings.model, "--skip-engines"]
+        subprocess.run(export, cwd=ROOT, env=env, capture_output=True, check=True)
+    floor: list[float] = []
+    walls: dict[str, list[float]] = {backend: [] for backend in args.backends}
+    phases: dict[str, dict[str, float]] = {}
+    for _ in range(args.runs):
+        floor.append(timed([sys.executable, "-c", "import torch"], env)[0])
+        for backend in args.backends:
+            command = [sys.executable, "handler.py", "--test_input", json.dumps(JOB)]
+            seconds, stdout = timed(command, {**env, "BACKEND": backend, "TORCH_FALLBACK": "lazy"})
+            walls[backend].append(seconds)
+            response = json.loads(stdout.strip().splitlines()[-1])
+            phases[backend] = response["metrics"]["init_ms"]
+    base = statistics.median(floor)
+    print(f"model {settings.model}, {args.runs} runs, median wall time of a fresh process to its first job done")
+    print("| process | seconds | ratio to import torch | init_ms phases (last run) |")
+    print("|---|---|---|---|")
+    print(f"| python -c 'import torch' | {base:.2f} | 1.0 | |")
+    for backend, values in walls.items():
+        median = statistics.median(values)
+        detail = ", ".join(f"{k} {v:.0f}" for k, v in phases[backend].items() if not k.startswith("store_read"))
+        print(f"| handler.py --test_input, {backend} | {median:.2f} | {median / base:.1f} | {detail} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))
