@@ -7,9 +7,11 @@ by the first request; ``handler(job)`` only validates, generates and answers.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 LOCAL_TEST = "--test_input" in sys.argv
@@ -18,7 +20,10 @@ if LOCAL_TEST:
     # The SDK logs to stdout and echoes each result three times; keep stdout to the one response line.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "WARN")
 
-import runpod  # noqa: E402 - after the log level it reads at import
+# The SDK's import waits about a second on a subprocess (py-cpuinfo, for its debugger): let it
+# wait in the background while the worker's own imports and loading run.
+runpod_import = threading.Thread(target=importlib.import_module, args=("runpod",), daemon=True)
+runpod_import.start()
 
 from engine.metrics import ColdStart  # noqa: E402
 from engine.startup import start  # noqa: E402
@@ -28,6 +33,9 @@ ON_RUNPOD = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
 cold_start = ColdStart()
 cold_start.mark("import")
 startup = start(cold_start)
+runpod_import.join()
+import runpod  # noqa: E402 - imported by the thread above; this only binds the name (or raises its error)
+
 for check in startup.fitness_checks():
     runpod.serverless.register_fitness_check(check)
 

@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -147,6 +146,9 @@ class DiffusionPipeline:
         The random draws come in diffusers' order: one latent sample per image, then the
         noise for all, so the same seed gives diffusers' image.
         """
+        # diffusers' model package costs seconds to import (and pulls in peft): only image-to-image needs it
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         distribution = DiagonalGaussianDistribution(moments)
         samples = torch.cat([distribution.sample(generator=generator) for generator in generators])
         latents = self._scale_latents(samples)

@@ -139,7 +139,8 @@ class Settings(BaseSettings):
     ready_file: Path = Field(Path("/tmp/worker-ready"), description="written with the pid once the worker serves")
     progress_every: int = Field(5, ge=1, description="denoising steps between progress updates")
     min_free_disk_gb: float = Field(1.0, ge=0)
-    min_free_memory_gb: float = Field(1.0, ge=0)
+    min_free_memory_gb: float = Field(1.0, ge=0, description="fitness threshold, and headroom the memory guard keeps")
+    memory_guard: bool = Field(True, description="refuse a request whose estimated peak does not fit free memory")
 
     bucket_endpoint_url: str | None = None
     bucket_access_key_id: str | None = None

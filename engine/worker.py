@@ -19,13 +19,14 @@ from PIL import Image
 
 from engine.backends.select import ChainCalls, LazyTorchRunner, RunnerChain, build_chains
 from engine.delivery import Delivery, EncodedImage
-from engine.errors import DeadlineExceeded, WorkerError
+from engine.errors import DeadlineExceeded, RequestError, WorkerError
 from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.images import encode_image
 from engine.inputs import ImageLimits, load_image
 from engine.logs import request_context
 from engine.lora.files import LoraFiles
 from engine.lora.library import LoraLibrary
+from engine.memory import available_bytes, estimates
 from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
 from engine.pipeline import DiffusionPipeline, StepCallback
@@ -151,6 +152,7 @@ class Worker:
     def _generate(self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None) -> dict[str, Any]:
         timer = StageTimer(self.device)
         request, image = self.resolve(payload)
+        self._check_memory(request)
         with timer.stage("lora_load") if request.loras else contextlib.nullcontext():
             loras = self.loras.select(request.loras)  # every entry checked before any weight changes
         init_image = self.pipeline.preprocess(image, request.height, request.width) if image is not None else None
@@ -177,6 +179,32 @@ class Worker:
         metrics["delivery"] = delivery
         log.info("job done", extra={"fields": {"process_time": metrics["process_time"], "delivery": delivery}})
         return {"status": "success", "output": output, "metrics": metrics}
+
+    def _check_memory(self, request: ResolvedRequest) -> None:
+        """Refuses a request whose activations cannot fit the memory left (see ``engine.memory``)."""
+        if not self.settings.memory_guard:
+            return
+        outside_engines = {
+            component
+            for component in ("unet", "vae_decoder")
+            if self.device.type != "cuda"
+            or any(runner.backend != "tensorrt" for runner in self.chains[component].runners[:1])
+        }
+        guidance = request.guidance_scale > 1.0
+        config = self.model.config
+        found = estimates(config, request.num_images, request.height, request.width, guidance, self.precision)
+        relevant = [estimate for estimate in found if estimate.stage in outside_engines]
+        if not relevant:
+            return
+        room = available_bytes(self.device) - int(self.settings.min_free_memory_gb * 2**30)
+        if relevant[0].bytes > room:
+            where = "GPU" if self.device.type == "cuda" else "memory"
+            raise RequestError(
+                f"width, height, num_images: {request.width}x{request.height} with {request.num_images} image(s) "
+                f"needs about {relevant[0].bytes / 2**30:.1f} GiB of {where} in {relevant[0].stage}, and "
+                f"{max(room, 0) / 2**30:.1f} GiB is free (MIN_FREE_MEMORY_GB={self.settings.min_free_memory_gb:g} "
+                "kept aside); ask for a smaller size or fewer images"
+            )
 
     def resolve(self, payload: Any) -> tuple[ResolvedRequest, Image.Image | None]:
         """A valid request with its defaults, and its input image when it has one (its size is the default)."""

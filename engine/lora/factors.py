@@ -4,13 +4,14 @@ diffusers reads every format it knows (its PEFT layout, kohya/A1111 ``lora_unet_
 with ``alpha``, SDXL's ``lora_te1_``/``lora_te2_``) into one layout with ``lora_state_dict``,
 and turns it into PEFT's with its converters. The rank and alpha of each module come
 from diffusers' ``get_peft_kwargs`` (or the file's own adapter metadata) and PEFT's
-pattern matching, so the scaling is exactly what ``load_lora_weights`` would use. The
+pattern rule, so the scaling is exactly what ``load_lora_weights`` would use. The
 factors stay low-rank until a backend asks for a dense delta.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,16 @@ class LoraWeights:
     components: dict[str, dict[str, LowRank]]
 
 
+def pattern_key(patterns: Mapping[str, Any], module: str) -> str:
+    """The first of ``patterns`` that names ``module``, by PEFT's rule (``peft.utils.other.get_pattern_key``:
+    the pattern matches the module's full name or a dotted suffix of it, as a regular expression).
+
+    PEFT itself is not imported: once installed, diffusers imports it with its model classes,
+    which adds more than a second to every cold start; tests check the rule against PEFT's.
+    """
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), module)
+
+
 def read_lora(
     path: Path,
     label: str,
@@ -122,7 +133,6 @@ def _component_factors(
         convert_unet_state_dict_to_peft,
     )
     from diffusers.utils.peft_utils import get_peft_kwargs
-    from peft.utils.other import get_pattern_key
 
     prefix = f"{target.prefix}."
     own = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
@@ -155,8 +165,8 @@ def _component_factors(
         up = own.get(f"{module}{LORA_B}")
         if up is None:
             raise RequestError(f"{field}: {target.prefix}.{module} has lora_A without lora_B")
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["lora_alpha"])
+        r = rank_pattern.get(pattern_key(rank_pattern, module), config["r"])
+        alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), config["lora_alpha"])
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         low_rank = LowRank(own[key], up, float(scaling))
         name = f"{target.module_prefix}{module}.weight"

@@ -182,3 +182,21 @@ def test_an_unreadable_weight_map_is_a_value_error_naming_the_file(tmp_path):
     (tmp_path / WEIGHT_MAP_FILE).write_text('{"format": 0}')
     with pytest.raises(ValueError, match="format 0, this worker reads 1"):
         WeightMap.read(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "module"),
+    [
+        ({"^down_blocks.0.attentions.0.proj_in": 8, "to_q": 2}, "down_blocks.0.attentions.0.proj_in"),
+        ({"^down_blocks.0.attentions.0.proj_in": 8}, "up_blocks.0.down_blocks.0.attentions.0.proj_in"),
+        ({"attn1.to_q": 4, "to_q": 2}, "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"),
+        ({"self_attn": 4}, "encoder.layers.0.self_attn.q_proj"),
+        ({}, "encoder.layers.0.self_attn.q_proj"),
+    ],
+)
+def test_pattern_lookup_follows_peft(patterns, module):
+    from peft.utils.other import get_pattern_key
+
+    from engine.lora.factors import pattern_key
+
+    assert pattern_key(patterns, module) == get_pattern_key(patterns.keys(), module)
