@@ -84,14 +84,15 @@ class WeightMap:
         values = np.fromfile(self.folder / self.data_file, dtype=dtype, count=count, offset=weight.offset)
         return values.reshape(weight.shape)
 
-    def patched_value(self, weight: MappedWeight, delta: torch.Tensor) -> np.ndarray:
-        """base + delta in fp32, in the initializer's layout and element type (fp16 clamped as the export
-        converts it)."""
-        base = self.base_value(weight).astype(np.float32)
-        change = (delta.T if weight.transposed else delta).reshape(base.shape).cpu().numpy()
-        merged = base + change
-        if weight.dtype == "float16":
-            from onnxruntime.transformers.float16 import convert_np_to_float16
-
-            return convert_np_to_float16(merged)
-        return merged
+    def patched_value(self, weight: MappedWeight, delta: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """The initializer's value for a patch, on ``device``: base + delta computed in fp32 and cast back
+        to the initializer's type (saturating in fp16, as the export converts), or the base value when
+        ``delta`` is None. Every backend that patches through the map computes it here."""
+        base = torch.from_numpy(self.base_value(weight)).to(device)
+        if delta is None:
+            return base.contiguous()
+        merged = base.float() + (delta.T if weight.transposed else delta).reshape(base.shape).to(device)
+        if base.dtype == torch.float16:
+            limit = torch.finfo(torch.float16).max
+            merged = merged.clamp(-limit, limit)
+        return merged.to(base.dtype).contiguous()

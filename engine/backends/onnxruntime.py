@@ -110,7 +110,8 @@ class OnnxRuntimeRunner(Runner):
             delta = patch.delta(name, torch.device("cpu"))
             for weight in self.weight_map.by_parameter.get(name, []):
                 names.append(weight.initializer)
-                values.append(ort.OrtValue.ortvalue_from_numpy(self.weight_map.patched_value(weight, delta)))
+                value = self.weight_map.patched_value(weight, delta, torch.device("cpu"))
+                values.append(ort.OrtValue.ortvalue_from_numpy(value.numpy()))
         options = session_options()
         # The patched weights are all external data, and are given as such: with ``add_initializer``,
         # onnxruntime 1.32 at ORT_ENABLE_ALL keeps an fp16 graph's original weights on the CPU

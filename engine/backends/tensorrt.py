@@ -212,12 +212,8 @@ class LoadedEngine:
         location = self.trt.TensorLocation.DEVICE if self.device.type == "cuda" else self.trt.TensorLocation.HOST
         values = []  # TensorRT reads them during the refit: they live until it is done
         for name, weight in targets:
-            base = torch.from_numpy(weight_map.base_value(weight)).to(self.device)
-            if name in wanted:
-                assert patch is not None
-                delta = patch.delta(name, self.device)
-                base = (base.float() + (delta.T if weight.transposed else delta).reshape(base.shape)).to(base.dtype)
-            value = base.contiguous()
+            delta = patch.delta(name, self.device) if patch is not None and name in wanted else None
+            value = weight_map.patched_value(weight, delta, self.device)
             values.append(value)
             element = getattr(self.trt.DataType, BY_TORCH[value.dtype].tensorrt)
             if not refitter.set_named_weights(
