@@ -17,8 +17,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 1
-"""Bumped when a recipe changes, so a cached folder from an older recipe is never reused."""
+RECIPE_VERSION = 2
+"""Bumped when a recipe changes, so a cached folder from an older recipe is never reused
+(2: text encoders' final LayerNorm has a bias, as trained ones do)."""
 
 SEED = 0
 TEXT_HIDDEN = 32
@@ -55,7 +56,12 @@ def clip_text_encoder(
         hidden_act="gelu",
     )
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(config)
+    encoder = cls(config)
+    # A trained final LayerNorm has a bias, so its embeddings do not average to zero; prompt
+    # weighting keeps that average, which an untrained (zero) bias would leave undefined.
+    bias = next(value for name, value in encoder.named_parameters() if name.endswith("final_layer_norm.bias"))
+    torch.nn.init.normal_(bias, mean=0.3, std=0.5)
+    return encoder
 
 
 def _vae(**overrides):
