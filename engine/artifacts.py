@@ -13,9 +13,10 @@ from engine.models.spec import ComponentSpec
 from engine.store import ArtifactKey
 
 ONNX_OPSET = 19
-EXPORT_VERSION = 4
+EXPORT_VERSION = 5
 """Bumped whenever export, cleanup or fp16 conversion changes what a graph computes, or what an
-artifact holds (4: the weight map, and TensorRT engines refittable)."""
+artifact holds (4: the weight map, and TensorRT engines refittable; 5: the UNet's prompt
+sequence axis dynamic, for prompts past 77 tokens)."""
 
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "engine.plan"

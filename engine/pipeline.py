@@ -68,6 +68,7 @@ class DiffusionPipeline:
             guidance=guidance,
             height=request.height,
             width=request.width,
+            syntax=request.prompt_syntax,
         )
         with timer.stage("text_encoder"):
             conditioning = model.family.encode_prompt(encode, model.tokenizers, batch, model.config)

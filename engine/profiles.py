@@ -3,8 +3,9 @@
 A configured range is written in request terms, ``MIN-MAX@OPTxBATCH`` (image sides in
 pixels, images per request), or ``SIZExBATCH`` for a static profile. Each component's
 spec turns it into per-input min/opt/max shapes, in latent units for the UNet and VAE
-and with the classifier-free-guidance doubling where the component batches it. Pure
-logic: it runs and is tested without TensorRT.
+and with the classifier-free-guidance doubling where the component batches it. Text
+encoders and the UNet also cover prompts from one chunk of 77 tokens (the optimum) to
+``MAX_PROMPT_CHUNKS`` chunks. Pure logic: it runs and is tested without TensorRT.
 """
 
 from __future__ import annotations
@@ -121,20 +122,32 @@ class Profile:
         return cls(label=data["label"], inputs=inputs)
 
 
-def profile_for(spec: ComponentSpec, size_range: SizeRange) -> Profile:
+def profile_for(spec: ComponentSpec, size_range: SizeRange, max_prompt_chunks: int = 1) -> Profile:
     """The component's input shapes at the range's minimum, optimum and maximum.
 
     The minimum runs without guidance (one row per image); optimum and maximum with it.
+    Prompts run from one chunk (the minimum and the optimum) to ``max_prompt_chunks``; a
+    component whose shapes follow the prompt's length says its token range in the label.
     A static range gives one shape, the optimum with guidance.
     """
     optimum = spec.input_shapes(Dims(1, size_range.opt_size, size_range.opt_size), guidance=True)
-    if size_range.static:
+    if size_range.static and max_prompt_chunks == 1:
         minimum = maximum = optimum
     else:
-        minimum = spec.input_shapes(Dims(1, size_range.min_size, size_range.min_size), guidance=False)
-        maximum = spec.input_shapes(Dims(size_range.max_batch, size_range.max_size, size_range.max_size), guidance=True)
+        low = size_range.opt_size if size_range.static else size_range.min_size
+        minimum = spec.input_shapes(Dims(1, low, low), guidance=size_range.static)
+        most = Dims(size_range.max_batch, size_range.max_size, size_range.max_size, max_prompt_chunks)
+        maximum = spec.input_shapes(most, guidance=True)
     inputs = tuple((name, ShapeRange(minimum[name], optimum[name], maximum[name])) for name in spec.input_names)
-    return Profile(label=size_range.label, inputs=inputs)
+    label = size_range.label
+    if spec.follows_prompt_length:
+        label += f"+{max_prompt_chunks * spec.tokens_per_chunk}tok"
+    return Profile(label=label, inputs=inputs)
+
+
+def component_profiles(spec: ComponentSpec, ranges: Sequence[SizeRange], max_prompt_chunks: int) -> list[Profile]:
+    """One profile per configured size range: the profiles one engine of the component is built with."""
+    return [profile_for(spec, size_range, max_prompt_chunks) for size_range in ranges]
 
 
 def profiles_label(profiles: Sequence[Profile]) -> str:

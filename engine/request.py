@@ -23,6 +23,8 @@ from pydantic_core import PydanticCustomError
 
 from engine.errors import RequestError
 from engine.lora.library import LoraRequest
+from engine.prompts.syntax import weight_problems
+from engine.prompts.tokens import PromptSyntax
 from engine.schedulers import SCHEDULER_NAMES
 from engine.settings import Settings
 
@@ -47,6 +49,7 @@ class Limits:
     max_prompts: int
     max_timeout_s: float
     max_loras: int = 4
+    max_prompt_weight: float = 3.0
 
     @classmethod
     def from_settings(cls, settings: Settings, native_size: int, default_guidance_scale: float) -> Limits:
@@ -62,6 +65,7 @@ class Limits:
             max_prompts=settings.max_prompts,
             max_timeout_s=settings.max_timeout_s,
             max_loras=settings.max_loras,
+            max_prompt_weight=settings.max_prompt_weight,
         )
 
 
@@ -115,6 +119,9 @@ class GenerateRequest(BaseModel):
 
     prompt: TextList
     negative_prompt: TextList | None = None
+    prompt_syntax: PromptSyntax = Field(
+        "a1111", description="a1111: (weights), [less] and BREAK as AUTOMATIC1111 reads them; plain: text as is"
+    )
     width: int | None = None
     height: int | None = None
     num_inference_steps: int | None = None
@@ -224,6 +231,7 @@ class GenerateRequest(BaseModel):
             image=self.image,
             strength=self.strength_or_default,
             loras=tuple(entry.to_request() for entry in self.loras or ()),
+            prompt_syntax=self.prompt_syntax,
         )
 
 
@@ -246,6 +254,11 @@ class ResolvedRequest:
     image: str | None = None
     strength: float = 1.0
     loras: tuple[LoraRequest, ...] = ()
+    prompt_syntax: PromptSyntax = "a1111"
+    prompt_tokens: tuple[int, ...] = ()
+    """Tokens in each prompt after parsing, once the worker has counted them."""
+    prompt_chunks: int = 1
+    """Chunks of the text encoder's length each prompt and negative prompt is padded to."""
 
     @property
     def num_images(self) -> int:
@@ -258,6 +271,9 @@ def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
     problems = []
     prompts = values.get("prompt")
     negatives = values.get("negative_prompt")
+    if values.get("prompt_syntax", "a1111") == "a1111":
+        problems += prompt_weight_problems("prompt", prompts, limits.max_prompt_weight)
+        problems += prompt_weight_problems("negative_prompt", negatives, limits.max_prompt_weight)
     if prompts is not None and negatives is not None and len(negatives) not in (1, len(prompts)):
         problems.append("negative_prompt: must be one string or one per prompt")
     width, height = values.get("width") or limits.native_size, values.get("height") or limits.native_size
@@ -276,6 +292,15 @@ def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
     effective = DEFAULT_STRENGTH if strength is None else strength
     if image is not None and "strength" in values and int(steps * effective) < 1:
         problems.append(f"strength: with {steps} steps it must be at least {1 / steps:.3g} to denoise at all")
+    return problems
+
+
+def prompt_weight_problems(field: str, texts: list[str] | None, max_weight: float) -> list[str]:
+    """Weights that are not numbers or are out of range, under the field (and position) they are in."""
+    problems = []
+    for index, text in enumerate(texts or ()):
+        where = field if len(texts or ()) == 1 else f"{field}[{index}]"
+        problems += [f"{where}: {problem}" for problem in weight_problems(text, max_weight)]
     return problems
 
 

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     max_prompts: int = Field(4, ge=1)
     max_timeout_s: float = Field(600.0, gt=0)
     max_input_image_bytes: int = Field(20_000_000, gt=0, description="largest image-to-image input")
+    max_prompt_chunks: int = Field(
+        3, ge=1, le=16, description="chunks of 75 tokens a prompt may use; engines are built to cover them"
+    )
+    max_prompt_weight: float = Field(3.0, gt=0, description="largest weight a prompt's (text:weight) may give, ±")
 
     lora_dir: Path | None = Field(
         None,

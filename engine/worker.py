@@ -12,6 +12,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from engine.memory import available_bytes, estimates
 from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
 from engine.pipeline import DiffusionPipeline, StepCallback
+from engine.prompts.tokens import prompt_lengths
 from engine.request import Limits, ResolvedRequest, parse_request, validate_request
 from engine.settings import Precision, Settings, TorchFallback
 from engine.store import READS, Store
@@ -210,7 +212,33 @@ class Worker:
         """A valid request with its defaults, and its input image when it has one (its size is the default)."""
         draft = validate_request(payload, self.limits)
         image = load_image(draft.image, self.image_limits) if draft.image is not None else None
-        return draft.resolved(self.limits, image.size if image is not None else None), image
+        request = draft.resolved(self.limits, image.size if image is not None else None)
+        return self._measure_prompts(request), image
+
+    def _measure_prompts(self, request: ResolvedRequest) -> ResolvedRequest:
+        """The request with its prompts' token and chunk counts; refuses a prompt past MAX_PROMPT_CHUNKS."""
+        fields = {"prompt": request.prompts}
+        if request.negative_prompts is not None and request.guidance_scale > 1.0:
+            fields["negative_prompt"] = request.negative_prompts
+        limit = self.settings.max_prompt_chunks
+        lengths = {
+            field: prompt_lengths(self.model.family.tokenize(self.model.tokenizers, texts, request.prompt_syntax))
+            for field, texts in fields.items()
+        }
+        problems = [
+            f"{field if len(found) == 1 else f'{field}[{index}]'}: {length.tokens} tokens make {length.chunks} "
+            f"chunks of 75; at most {limit} ({limit * 75} tokens, MAX_PROMPT_CHUNKS)"
+            for field, found in lengths.items()
+            for index, length in enumerate(found)
+            if length.chunks > limit
+        ]
+        if problems:
+            raise RequestError("; ".join(problems))
+        return replace(
+            request,
+            prompt_tokens=tuple(length.tokens for length in lengths["prompt"]),
+            prompt_chunks=max(length.chunks for found in lengths.values() for length in found),
+        )
 
     def warmup(self) -> None:
         """One small generation at the native size, so the first request pays no first-run costs,
@@ -234,6 +262,8 @@ class Worker:
         metrics: dict[str, Any] = {
             "process_time": round(time.perf_counter() - started, 4),
             "num_samples": request.num_images,
+            "prompt_tokens": list(request.prompt_tokens),
+            "prompt_chunks": request.prompt_chunks,
             "image_size": f"{request.width}x{request.height}",
             "mode": "img2img" if request.image is not None else "txt2img",
             "request_id": job_id,

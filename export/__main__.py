@@ -63,9 +63,19 @@ def engine_builder(settings: Settings, exporter: Exporter, skip: bool) -> tuple[
     )
     ranges = parse_ranges(settings.engine_profiles, exporter.model.config.native_size, settings.max_images)
     builder = EngineBuilder.create(
-        exporter.store, gpu_tag(exporter.device), ranges, options, settings.lock_stale_s, settings.lock_heartbeat_s
+        exporter.store,
+        gpu_tag(exporter.device),
+        ranges,
+        options,
+        settings.lock_stale_s,
+        settings.lock_heartbeat_s,
+        max_prompt_chunks=settings.max_prompt_chunks,
     )
-    return builder, f"engines for {builder.gpu}, TensorRT {builder.tag}, profiles {[r.label for r in ranges]}"
+    tokens = settings.max_prompt_chunks * 75
+    return builder, (
+        f"engines for {builder.gpu}, TensorRT {builder.tag}, profiles {[r.label for r in ranges]}, "
+        f"prompts up to {tokens} tokens"
+    )
 
 
 def stage_summary(stages: StageLog) -> str:

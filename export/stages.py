@@ -30,7 +30,7 @@ from engine.errors import BackendUnavailable
 from engine.fingerprint import component_fingerprint
 from engine.models import Model
 from engine.models.spec import ComponentSpec, Dims
-from engine.profiles import Profile, SizeRange, profile_for, profiles_label
+from engine.profiles import Profile, SizeRange, component_profiles, profiles_label
 from engine.settings import default_export_work_dir
 from engine.store import Artifact, Staging, Store, scratch_folder
 from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
@@ -131,7 +131,7 @@ class Exporter:
         once), validated against torch through the TensorRT runner at sizes each profile covers."""
         spec = self.model.specs[component]
         precision = self.component_precision(component)
-        profiles = [profile_for(spec, size_range) for size_range in builder.ranges]
+        profiles = component_profiles(spec, builder.ranges, builder.max_prompt_chunks)
         label = profiles_label(profiles)
         key = engine_key(spec, onnx.key.fingerprint, precision, builder.gpu, builder.tag, label)
 
@@ -207,6 +207,7 @@ class EngineBuilder:
     tag: str
     timing_cache: TimingCache
     logger: object = None
+    max_prompt_chunks: int = 1
 
     @classmethod
     def create(
@@ -218,6 +219,7 @@ class EngineBuilder:
         lock_stale_s: float,
         lock_heartbeat_s: float,
         trt: ModuleType | None = None,
+        max_prompt_chunks: int = 1,
     ) -> EngineBuilder:
         trt = trt or tensorrt_module()
         if not hasattr(trt, "Builder"):
@@ -225,7 +227,7 @@ class EngineBuilder:
         version, compatible = version_tags(trt)
         cache = TimingCache(store.root / "timing-cache" / f"{gpu}-trt{version}.cache", lock_stale_s, lock_heartbeat_s)
         tag = compatible if options.version_compatible else version
-        return cls(trt, ranges, options, gpu, tag, cache, make_logger(trt))
+        return cls(trt, ranges, options, gpu, tag, cache, make_logger(trt), max_prompt_chunks)
 
     def build(self, onnx_path: Path, profiles: list[Profile], plan: Path, refittable: list[str]) -> int:
         return build_engine(

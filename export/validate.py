@@ -64,11 +64,13 @@ class Reference:
 
     @property
     def shape(self) -> str:
-        return f"{self.dims.batch}x{self.dims.height}x{self.dims.width}"
+        shape = f"{self.dims.batch}x{self.dims.height}x{self.dims.width}"
+        return shape if self.dims.prompt_chunks == 1 else f"{shape}, {self.dims.prompt_chunks} prompt chunks"
 
 
 def validation_dims(model: Model, device: torch.device) -> list[Dims]:
-    """A size the UNet cannot halve evenly (like the traced one), a batch of two, and a non-square size.
+    """A size the UNet cannot halve evenly (like the traced one), a batch of two with a prompt of two
+    chunks (the graph is traced at one), and a non-square size.
 
     At the native size on a GPU; on the CPU, at most ``CPU_VALIDATION_SIDE`` pixels a side.
     """
@@ -80,7 +82,7 @@ def validation_dims(model: Model, device: torch.device) -> list[Dims]:
     if model.config.unet_down_factor == 1:
         odd = Dims(1, side, side)
     wide = side + side // 2 - (side // 2) % factor
-    return [odd, Dims(2, side, side), Dims(1, side, wide)]
+    return [odd, Dims(2, side, side, prompt_chunks=2), Dims(1, side, wide)]
 
 
 def reference_outputs(

@@ -139,3 +139,28 @@ def test_api_server_serves_loras_and_refuses_malformed_entries(api_server):
     assert styled["output"][0]["image"] != base["output"][0]["image"]
     again = runsync(api_server, payload).json()["output"]
     assert again["output"][0]["image"] == base["output"][0]["image"], "the base weights are back, exactly"
+
+
+MALFORMED_PROMPTS = [
+    ({"prompt": "a (fox:high) in snow"}, "prompt: the weight in '(…:high)' is not a number"),
+    ({"prompt": "a fox", "negative_prompt": "(blur:5)"}, "negative_prompt: the weight of 'blur' is 5, outside ±3"),
+    ({"prompt": ["a fox", "a (cat:-4)"]}, "prompt[1]: the weight of 'cat' is -4, outside ±3"),
+    ({"prompt": "a fox " * 60}, "prompt: 240 tokens make 4 chunks of 75; at most 3 (225 tokens, MAX_PROMPT_CHUNKS)"),
+    ({"prompt": "a BREAK b BREAK c BREAK d"}, "prompt: 4 tokens make 4 chunks of 75; at most 3"),
+    ({"prompt": "a fox", "prompt_syntax": "compel"}, "prompt_syntax: Input should be 'a1111' or 'plain'"),
+]
+
+
+def test_api_server_reads_weighted_and_long_prompts_and_names_malformed_ones(api_server):
+    base = {"num_inference_steps": 2, "seed": 3, "width": 64, "height": 64}
+    for payload, message in MALFORMED_PROMPTS:
+        body = runsync(api_server, {**base, **payload}).json()
+        assert body["status"] == "FAILED", body
+        assert message in body["error"] and "Traceback" not in body["error"], body["error"]
+    for unbalanced in ("a ((fox in [snow", "a fox) in] snow:", "\\\\(literal\\\\)"):
+        body = runsync(api_server, {**base, "prompt": unbalanced}).json()
+        assert body["status"] == "COMPLETED", body
+    long = runsync(api_server, {**base, "prompt": "a (red:1.2) fox BREAK in the [snow], " + "x " * 100}).json()
+    assert long["status"] == "COMPLETED", long
+    assert long["output"]["metrics"]["prompt_chunks"] == 3
+    assert long["output"]["metrics"]["prompt_tokens"] == [117]

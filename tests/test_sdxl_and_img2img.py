@@ -1,4 +1,5 @@
-"""The worker serves tiny-sdxl and image-to-image on PyTorch and, after export, on ONNX Runtime."""
+"""The worker serves tiny-sdxl, image-to-image and long weighted prompts on PyTorch and, after export,
+on ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ IMAGE = {
     "num_inference_steps": 6,
     "seed": 4,
 }
+LONG_WEIGHTED = {  # 201 tokens in three chunks, weighted, with a BREAK
+    "prompt": "(a watercolor painting:1.3) of a ((lighthouse)) on a rocky coast at dusk, [seagulls] over the waves, "
+    "warm light in the windows, (fishing boats:0.7) in the harbor, seen from a cliff path BREAK clouds lit orange "
+    "and violet, (fine detail:1.2), soft brush strokes on rough paper",
+    "negative_prompt": "(blurry:1.2), [cropped]",
+    "width": 64,
+    "height": 64,
+    "num_inference_steps": 4,
+    "seed": 5,
+}
 
 
 def images(response: dict) -> list[np.ndarray]:
@@ -38,7 +49,7 @@ def test_onnxruntime_after_export_matches_torch_for_both_tasks(request, model, m
     store = request.getfixturevalue("exported" if model == "tiny" else "exported_sdxl")
     torch_worker = Worker(make_settings(model=model, backend="torch", engine_dir=store))
     ort_worker = Worker(make_settings(model=model, backend="onnxruntime", engine_dir=store))
-    for payload, components in ((TEXT, ()), (IMAGE, ("vae_encoder",))):
+    for payload, components in ((TEXT, ()), (LONG_WEIGHTED, ()), (IMAGE, ("vae_encoder",))):
         expected = torch_worker.handle({"id": "t", "input": payload})
         actual = ort_worker.handle({"id": "o", "input": payload})
         encoders = SDXL_COMPONENTS if model == "tiny-sdxl" else ("text_encoder", "unet", "vae_decoder")
@@ -48,6 +59,9 @@ def test_onnxruntime_after_export_matches_torch_for_both_tasks(request, model, m
             assert np.abs(mine - reference).max() <= 2
         mode = "img2img" if components else "txt2img"
         assert actual["metrics"]["mode"] == expected["metrics"]["mode"] == mode
+        if payload is LONG_WEIGHTED:
+            assert actual["metrics"]["prompt_tokens"] == [201]
+            assert actual["metrics"]["prompt_chunks"] == 3
     assert "vae_encode" in actual["metrics"]["stages_ms"]
     assert actual["metrics"]["image_size"] == "72x96"
 

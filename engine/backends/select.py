@@ -31,7 +31,7 @@ from engine.fingerprint import component_fingerprint
 from engine.lora.library import WeightPatch
 from engine.models import Model
 from engine.models.spec import ComponentSpec
-from engine.profiles import parse_ranges
+from engine.profiles import component_profiles, parse_ranges, profiles_label
 from engine.settings import Backend, Settings, TorchFallback
 from engine.store import Store
 from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
@@ -251,7 +251,7 @@ def build_chains(
         return fingerprints[component]
 
     tensorrt_components = [c for c, backends in wanted.items() if Backend.TENSORRT in backends]
-    native = model.config.native_size
+    ranges = parse_ranges(settings.engine_profiles, model.config.native_size, settings.max_images)
     tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, "TensorRT needs a CUDA device"))
     if tensorrt_components and device.type == "cuda":
         try:
@@ -262,7 +262,10 @@ def build_chains(
                 gpu_tag(device),
                 settings.cuda_graphs,
                 max_shapes=settings.cuda_graph_shapes,
-                profiles=",".join(r.label for r in parse_ranges(settings.engine_profiles, native, settings.max_images)),
+                profile_labels={
+                    c: profiles_label(component_profiles(model.specs[c], ranges, settings.max_prompt_chunks))
+                    for c in tensorrt_components
+                },
             )
         except Exception as error:  # whatever TensorRT raises, the worker starts on the other backends
             log.exception("TensorRT engines could not be loaded")

@@ -431,12 +431,13 @@ def load_tensorrt(
     use_cuda_graphs: bool,
     trt: ModuleType | None = None,
     max_shapes: int = 4,
-    profiles: str | None = None,
+    profile_labels: Mapping[str, str] | None = None,
 ) -> TensorRTBackend:
     """Engines for each component (spec, fingerprint, precision); a plan that does not load is skipped.
 
-    Where the store has an engine with the configured ``profiles`` label, only that one is loaded
-    (one set of weights per component); otherwise every engine it has for this GPU.
+    Where the store has an engine with the component's configured profiles (``profile_labels``),
+    only that one is loaded (one set of weights per component); otherwise every engine it has
+    for this GPU.
     """
     trt = trt or tensorrt_module()
     runtime = make_runtime(trt)
@@ -451,9 +452,10 @@ def load_tensorrt(
         if for_gpu:
             built_for_gpu[component] = sorted({str(artifact.key.tensorrt) for artifact in for_gpu})
         candidates = [a for a in for_gpu if runnable(a, spec, tags)]
-        configured = [a for a in candidates if a.key.profile == profiles]
-        if candidates and profiles is not None and not configured:
-            log.warning("%s: no engine built for ENGINE_PROFILES %s, loading the store's others", component, profiles)
+        wanted = (profile_labels or {}).get(component)
+        configured = [a for a in candidates if a.key.profile == wanted]
+        if candidates and wanted is not None and not configured:
+            log.warning("%s: no engine built for profiles %s, loading the store's others", component, wanted)
         for artifact in configured or candidates:
             try:
                 plan = artifact.read_verified(ENGINE_FILE)

@@ -20,6 +20,7 @@ import torch
 from engine.lora.factors import LoraTarget
 from engine.models.modules import weights_variant
 from engine.models.spec import ComponentSpec
+from engine.prompts.tokens import PromptSyntax, WeightedTokens, tokenize_prompt
 
 Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """Runs one component by name on named inputs; how the family reaches its text encoders."""
@@ -35,6 +36,14 @@ class PromptBatch:
     guidance: bool
     height: int
     width: int
+    syntax: PromptSyntax = "a1111"
+
+    def texts(self, with_negatives: bool) -> list[str]:
+        """The texts to encode: with classifier-free guidance, the negatives ("" where none) first."""
+        prompts = list(self.prompts)
+        if not with_negatives:
+            return prompts
+        return list(self.negative_prompts or [""] * len(prompts)) + prompts
 
 
 @dataclass
@@ -106,6 +115,12 @@ class ModelFamily(ABC):
         """The diffusers LoRA loader mixin whose ``lora_state_dict`` reads this family's LoRA files."""
         raise NotImplementedError(f"{self.name} has no LoRA support")
 
+    def tokenize(
+        self, tokenizers: Mapping[str, Any], texts: Sequence[str], syntax: PromptSyntax
+    ) -> dict[str, list[WeightedTokens]]:
+        """Each text in chunks of tokens with their weights, by each of the family's tokenizers."""
+        return {name: [tokenize_prompt(tokenizers[name], text, syntax) for text in texts] for name in self.tokenizers}
+
     @abstractmethod
     def encode_prompt(
         self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig
@@ -119,17 +134,6 @@ class ModelFamily(ABC):
     def weight_folder(self, component: str) -> str:
         """Model subfolder whose weights and config a component is built from."""
         return "vae" if component.startswith("vae") else component
-
-
-def tokenize(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
-    """Token ids padded and truncated to the tokenizer's length, as diffusers tokenizes prompts."""
-    return tokenizer(
-        list(texts),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 def repeat_for_images(embeddings: torch.Tensor, images_per_prompt: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ from engine.models.family import (
     PromptBatch,
     load_pretrained,
     repeat_for_images,
-    tokenize,
 )
 from engine.models.modules import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule
 from engine.models.spec import ComponentSpec, TensorSpec
+from engine.prompts.tokens import apply_weights, chunk_count, chunked_inputs, joined
 
 TIMESTEP = TensorSpec("timestep", (1,), value_range=(0, 1000), keep_fp32=True)
 
@@ -36,6 +36,7 @@ def unet_spec(config: ModelConfig, conditioning: tuple[TensorSpec, ...]) -> Comp
         outputs=(TensorSpec("noise_pred", ("batch", unet["out_channels"], "latent_height", "latent_width")),),
         latent_factor=config.vae_scale_factor,
         batch_multiplier=2,
+        tokens_per_chunk=config.configs["text_encoder"]["max_position_embeddings"],
     )
 
 
@@ -64,7 +65,7 @@ def token_ids(config: ModelConfig, encoder: str) -> TensorSpec:
     text = config.configs[encoder]
     return TensorSpec(
         "input_ids",
-        ("batch", text["max_position_embeddings"]),
+        ("text_batch", text["max_position_embeddings"]),
         dtype="int64",
         value_range=(0, text["vocab_size"]),
     )
@@ -85,15 +86,18 @@ class StableDiffusion(ModelFamily):
 
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
         text = config.configs["text_encoder"]
-        embeddings = ("batch", text["max_position_embeddings"], text["hidden_size"])
         return {
             "text_encoder": ComponentSpec(
                 name="text_encoder",
                 inputs=(token_ids(config, "text_encoder"),),
-                outputs=(TensorSpec("text_embeddings", embeddings),),
+                outputs=(
+                    TensorSpec("text_embeddings", ("text_batch", text["max_position_embeddings"], text["hidden_size"])),
+                ),
                 batch_multiplier=2,
             ),
-            "unet": unet_spec(config, (TensorSpec("encoder_hidden_states", embeddings),)),
+            "unet": unet_spec(
+                config, (TensorSpec("encoder_hidden_states", ("batch", "prompt_tokens", text["hidden_size"])),)
+            ),
             **vae_specs(config),
         }
 
@@ -118,10 +122,10 @@ class StableDiffusion(ModelFamily):
     def encode_prompt(
         self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig
     ) -> dict[str, torch.Tensor]:
-        texts = list(batch.prompts)
-        if batch.guidance:
-            texts = list(batch.negative_prompts or [""] * len(texts)) + texts
-        ids = tokenize(tokenizers["tokenizer"], texts)
-        embeddings = encode("text_encoder", {"input_ids": ids})["text_embeddings"]
+        texts = batch.texts(with_negatives=batch.guidance)
+        rows = self.tokenize(tokenizers, texts, batch.syntax)["tokenizer"]
+        ids, weights = chunked_inputs(tokenizers["tokenizer"], rows, chunk_count(rows))
+        chunks = encode("text_encoder", {"input_ids": ids})["text_embeddings"]
+        embeddings = apply_weights(joined(chunks, len(texts)), weights)
         # Rows are [negatives..., prompts...]; repeating each row keeps that order per image.
         return {"encoder_hidden_states": repeat_for_images(embeddings, batch.images_per_prompt)}

@@ -16,11 +16,11 @@ from engine.models.family import (
     PromptBatch,
     load_pretrained,
     repeat_for_images,
-    tokenize,
 )
 from engine.models.modules import TextEncoderModule, UNetModule
 from engine.models.sd import token_ids, unet_spec, vae_module, vae_specs
 from engine.models.spec import ComponentSpec, TensorSpec
+from engine.prompts.tokens import WeightedTokens, apply_weights, chunk_count, chunked_inputs, joined
 
 PENULTIMATE = -2
 """SDXL conditions on the second-to-last hidden state of both text encoders."""
@@ -39,19 +39,20 @@ class StableDiffusionXL(ModelFamily):
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
         first, second = config.configs["text_encoder"], config.configs["text_encoder_2"]
         length = first["max_position_embeddings"]
-        joint = ("batch", length, first["hidden_size"] + second["hidden_size"])
+        joint = ("batch", "prompt_tokens", first["hidden_size"] + second["hidden_size"])
         pooled = TensorSpec("text_embeds", ("batch", second["projection_dim"]))
+        chunk_pooled = TensorSpec("text_embeds", ("text_batch", second["projection_dim"]))
         return {
             "text_encoder": ComponentSpec(
                 name="text_encoder",
                 inputs=(token_ids(config, "text_encoder"),),
-                outputs=(TensorSpec("hidden_states", ("batch", length, first["hidden_size"])),),
+                outputs=(TensorSpec("hidden_states", ("text_batch", length, first["hidden_size"])),),
                 batch_multiplier=2,
             ),
             "text_encoder_2": ComponentSpec(
                 name="text_encoder_2",
                 inputs=(token_ids(config, "text_encoder_2"),),
-                outputs=(TensorSpec("hidden_states", ("batch", length, second["hidden_size"])), pooled),
+                outputs=(TensorSpec("hidden_states", ("text_batch", length, second["hidden_size"])), chunk_pooled),
                 batch_multiplier=2,
             ),
             "unet": unet_spec(
@@ -95,27 +96,39 @@ class StableDiffusionXL(ModelFamily):
     def encode_prompt(
         self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig
     ) -> dict[str, torch.Tensor]:
-        prompts = list(batch.prompts)
         zero_negative = batch.negative_prompts is None and config.pipeline_config.get(
             "force_zeros_for_empty_prompt", True
         )
-        encode_negatives = batch.guidance and not zero_negative
-        texts = (list(batch.negative_prompts or [""] * len(prompts)) + prompts) if encode_negatives else prompts
+        texts = batch.texts(with_negatives=batch.guidance and not zero_negative)
+        tokenized = self.tokenize(tokenizers, texts, batch.syntax)
+        chunks = max(chunk_count(rows) for rows in tokenized.values())  # both encoders chunk alike
         hidden, pooled = [], None
         for encoder, tokenizer in zip(self.text_encoders, self.tokenizers, strict=True):
-            outputs = encode(encoder, {"input_ids": tokenize(tokenizers[tokenizer], texts)})
-            hidden.append(outputs["hidden_states"])
-            pooled = outputs.get("text_embeds", pooled)
+            rows = tokenized[tokenizer]
+            ids, weights = chunked_inputs(tokenizers[tokenizer], rows, chunks)
+            outputs = encode(encoder, {"input_ids": ids})
+            hidden.append(apply_weights(joined(outputs["hidden_states"], len(texts)), weights))
+            if "text_embeds" in outputs:
+                pooled = last_chunk_pooled(outputs["text_embeds"], rows, chunks)
         assert pooled is not None
         embeddings = torch.cat(hidden, dim=-1)
         if batch.guidance and zero_negative:
             embeddings = torch.cat([torch.zeros_like(embeddings), embeddings])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
-        rows = embeddings.shape[0] * batch.images_per_prompt
+        image_rows = embeddings.shape[0] * batch.images_per_prompt
         size = [batch.height, batch.width]
-        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=torch.float32).repeat(rows, 1)
+        time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=torch.float32).repeat(image_rows, 1)
         return {
             "encoder_hidden_states": repeat_for_images(embeddings, batch.images_per_prompt),
             "text_embeds": repeat_for_images(pooled, batch.images_per_prompt),
             "time_ids": time_ids.to(embeddings.device),
         }
+
+
+def last_chunk_pooled(pooled: torch.Tensor, rows: list[WeightedTokens], chunks: int) -> torch.Tensor:
+    """Each prompt's pooled embedding from the last chunk of its own text, as lpw_stable_diffusion_xl
+    takes it (AUTOMATIC1111 takes the first chunk's). Empty chunks that only pad a prompt to the
+    batch's count are not its own: lpw would pool one of those when the negative prompt is longer."""
+    per_row = pooled.reshape(len(rows), chunks, -1)
+    last = torch.tensor([len(row.chunks) - 1 for row in rows], device=pooled.device)
+    return per_row[torch.arange(len(rows), device=pooled.device), last]

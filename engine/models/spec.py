@@ -20,19 +20,23 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class Dims:
-    """What one call asks of a component: images in the batch and the image size in pixels."""
+    """What one call asks of a component: images in the batch, the image size in pixels, and the
+    prompt's length in chunks of the text encoder's length (77 tokens for CLIP)."""
 
     batch: int
     height: int
     width: int
+    prompt_chunks: int = 1
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     """A named tensor whose shape mixes fixed sizes and named dimensions.
 
-    Named dimensions: ``batch``, ``height``, ``width`` (pixels) and ``latent_height``,
-    ``latent_width`` (pixels divided by the VAE's scale factor).
+    Named dimensions: ``batch``, ``height``, ``width`` (pixels), ``latent_height``,
+    ``latent_width`` (pixels divided by the VAE's scale factor), ``text_batch`` (a text
+    encoder's rows: one per prompt chunk) and ``prompt_tokens`` (the UNet's conditioning
+    sequence: every chunk's tokens joined).
     """
 
     name: str
@@ -66,16 +70,25 @@ class ComponentSpec:
     batch_multiplier: int = 1
     """The component sees this many rows per image: 2 where classifier-free guidance batches
     the unconditional and the conditional inputs into one call."""
+    tokens_per_chunk: int = 77
+    """The text encoder's sequence length, which one prompt chunk fills."""
 
     def sizes(self, dims: Dims, guidance: bool = True) -> dict[str, int]:
         multiplier = self.batch_multiplier if guidance else 1
         return {
             "batch": dims.batch * multiplier,
+            "text_batch": dims.batch * multiplier * dims.prompt_chunks,
+            "prompt_tokens": dims.prompt_chunks * self.tokens_per_chunk,
             "height": dims.height,
             "width": dims.width,
             "latent_height": dims.height // self.latent_factor,
             "latent_width": dims.width // self.latent_factor,
         }
+
+    @property
+    def follows_prompt_length(self) -> bool:
+        """Whether a longer prompt changes the component's input shapes (text encoders and the UNet)."""
+        return any(dim in ("text_batch", "prompt_tokens") for tensor in self.inputs for dim in tensor.shape)
 
     def input_shapes(self, dims: Dims, guidance: bool = True) -> dict[str, Shape]:
         sizes = self.sizes(dims, guidance)

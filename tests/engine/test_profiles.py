@@ -54,10 +54,33 @@ def test_the_default_profiles_cover_every_batch_the_default_limits_accept(make_s
     model = load_model("tiny", cache_dir)
     [size_range] = parse_ranges(settings.engine_profiles, model.config.native_size, settings.max_images)
     native = model.config.native_size
+    chunks = settings.max_prompt_chunks
     for component, rows in (("unet", settings.max_images), ("text_encoder", settings.max_prompts)):
         spec = model.specs[component]
-        shapes = spec.input_shapes(Dims(rows, native, native), guidance=True)
-        assert profile_for(spec, size_range).unsupported_reason(shapes) is None, component
+        profile = profile_for(spec, size_range, chunks)
+        for prompt_chunks in range(1, chunks + 1):
+            shapes = spec.input_shapes(Dims(rows, native, native, prompt_chunks), guidance=True)
+            assert profile.unsupported_reason(shapes) is None, (component, prompt_chunks)
+    unet = model.specs["unet"]
+    longer = unet.input_shapes(Dims(1, native, native, chunks + 1), guidance=False)
+    assert "encoder_hidden_states axis 1" in profile_for(unet, size_range, chunks).unsupported_reason(longer)
+
+
+def test_prompt_length_sets_the_text_encoders_rows_and_the_unets_sequence(cache_dir):
+    from engine.models import load_model
+
+    specs = load_model("tiny-sdxl", cache_dir).specs
+    dims = Dims(2, 64, 64, prompt_chunks=3)
+    assert specs["text_encoder"].input_shapes(dims)["input_ids"] == (2 * 2 * 3, 77)
+    assert specs["text_encoder_2"].output_shapes(dims)["text_embeds"][0] == 2 * 2 * 3
+    unet = specs["unet"].input_shapes(dims)
+    assert unet["encoder_hidden_states"][:2] == (4, 231)
+    assert unet["text_embeds"][0] == unet["time_ids"][0] == 4
+    profile = profile_for(specs["unet"], SizeRange(64, 64, 96, 2), max_prompt_chunks=3)
+    assert profile.label == "64-96@64x2+231tok"
+    hidden = profile.shapes()["encoder_hidden_states"]
+    assert (hidden.minimum[1], hidden.optimum[1], hidden.maximum[1]) == (77, 77, 231)
+    assert profile_for(specs["vae_decoder"], SizeRange(64, 64, 96, 2), max_prompt_chunks=3).label == "64-96@64x2"
 
 
 def test_unet_profile_is_in_latent_units_with_guidance_doubling():

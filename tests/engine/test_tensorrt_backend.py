@@ -97,7 +97,7 @@ def test_each_call_runs_the_covering_profile_tuned_closest_in_one_engine(store, 
     backend = load(store, model, ["unet"])
     runner = backend.runners["unet"]
     [engine] = runner.engines
-    assert [profile.label for profile in engine.profiles] == ["64-96@64x2", "64x1"]
+    assert [profile.label for profile in engine.profiles] == ["64-96@64x2+77tok", "64x1+77tok"]
     runner(unet_inputs(model, batch=2))
     runner(unet_inputs(model, batch=4))
     profiles = {key[0][0]: slot.context._profile for key, slot in engine.slots.items()}
@@ -106,7 +106,9 @@ def test_each_call_runs_the_covering_profile_tuned_closest_in_one_engine(store, 
     reason = runner.unsupported_reason(
         {"sample": (2, 4, 16, 16), "timestep": (1,), "encoder_hidden_states": (2, 77, 32)}
     )
-    assert "64-96@64x2: sample axis 2 is 16, the engine covers 8..12" in reason
+    assert "64-96@64x2+77tok: sample axis 2 is 16, the engine covers 8..12" in reason
+    long_prompt = {"sample": (2, 4, 8, 8), "timestep": (1,), "encoder_hidden_states": (2, 154, 32)}
+    assert "encoder_hidden_states axis 1 is 154, the engine covers 77..77" in runner.unsupported_reason(long_prompt)
 
 
 def test_engines_that_cannot_be_used_are_skipped_with_a_reason(store, model, monkeypatch):
@@ -170,8 +172,16 @@ def test_the_worker_falls_back_per_request_and_says_why(store, model, monkeypatc
     assert missed["status"] == "success"
     assert missed["metrics"]["backends"]["unet"] == "torch"
     assert (
-        "tensorrt: profile 64x1: sample axis 3 is 12, the engine covers 8..8" in missed["metrics"]["fallbacks"]["unet"]
+        "tensorrt: profile 64x1+77tok: sample axis 3 is 12, the engine covers 8..8"
+        in missed["metrics"]["fallbacks"]["unet"]
     )
+
+    long_prompt = {"prompt": "a fox " * 20, "num_inference_steps": 2, "seed": 1}  # 120 tokens: two chunks
+    longer = worker.handle({"id": "c", "input": long_prompt})
+    assert longer["status"] == "success"
+    assert longer["metrics"]["prompt_chunks"] == 2
+    assert longer["metrics"]["backends"]["unet"] == "torch"
+    assert "encoder_hidden_states axis 1 is 154, the engine covers 77..77" in longer["metrics"]["fallbacks"]["unet"]
 
 
 def test_without_a_gpu_tensorrt_is_unavailable_and_every_request_is_still_served(exported, make_settings):

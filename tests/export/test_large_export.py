@@ -106,7 +106,7 @@ def test_a_graph_over_2gib_is_published_with_its_external_data(large_exports, pr
     assert manifest["validation"] == {
         "backend": "onnxruntime",
         "device": "cpu",
-        "shapes": ["1x72x56", "2x64x64", "1x64x96"],
+        "shapes": ["1x72x56", "2x64x64, 2 prompt chunks", "1x64x96"],
     }
 
 

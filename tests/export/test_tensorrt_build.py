@@ -73,7 +73,8 @@ def test_parse_and_build_failures_are_reported(store, model, tmp_path):
 
 def make_builder(store: Store, ranges: list[SizeRange], version_compatible: bool = False) -> EngineBuilder:
     options = BuildOptions(2**30, 3, version_compatible)
-    return EngineBuilder.create(store, "sm90", ranges, options, 30, 1, trt=fake_tensorrt.fake_tensorrt())
+    trt = fake_tensorrt.fake_tensorrt()
+    return EngineBuilder.create(store, "sm90", ranges, options, 30, 1, trt=trt, max_prompt_chunks=3)
 
 
 def test_one_engine_holds_a_profile_per_range_and_is_published_once(store, model, monkeypatch):
@@ -83,12 +84,21 @@ def test_one_engine_holds_a_profile_per_range_and_is_published_once(store, model
     log = StageLog()
     engine = exporter.engine("unet", onnx_artifact(store, "unet"), builder, log)
     engine.verify()
-    assert engine.key.profile == "64-128@64x2,64x1"
+    assert engine.key.profile == "64-128@64x2+231tok,64x1+231tok"
     assert (engine.key.kind, engine.key.gpu, engine.key.tensorrt) == ("tensorrt", "sm90", "11.4.0.106")
     assert engine.key.fingerprint == onnx_artifact(store, "unet").key.fingerprint
     assert engine.manifest["builder"]["optimization_level"] == 3
     assert engine.manifest["engine_bytes"] > 0
-    assert [profile["label"] for profile in engine.manifest["profiles"]] == ["64-128@64x2", "64x1"]
+    dynamic, static = engine.manifest["profiles"]
+    assert [dynamic["label"], static["label"]] == ["64-128@64x2+231tok", "64x1+231tok"]
+    hidden = model.config.configs["text_encoder"]["hidden_size"]
+    assert dynamic["inputs"]["encoder_hidden_states"] == {
+        "min": [1, 77, hidden],
+        "opt": [2, 77, hidden],
+        "max": [4, 231, hidden],
+    }, "prompts from one chunk (the optimum) to MAX_PROMPT_CHUNKS, with and without guidance"
+    assert static["inputs"]["sample"]["min"] == static["inputs"]["sample"]["max"] == [2, 4, 8, 8]
+    assert static["inputs"]["encoder_hidden_states"]["max"] == [2, 231, hidden]
     assert {"reference engine", "build engine", "validate engine"} <= set(log.seconds)
     again = StageLog()
     assert exporter.engine("unet", onnx_artifact(store, "unet"), builder, again).path == engine.path
