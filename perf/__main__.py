@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(**({"model": args.model} if args.model else {}))
     configure_logging("ERROR")
     model = load_model(settings.model, settings.cache_dir, settings.model_revision)
-    scenarios = default_scenarios(model.config.native_size, args.steps)
+    scenarios = default_scenarios(model.config.native_size, args.steps, model.tokenizers["tokenizer"])
     device = resolve_device(settings.device)
     results: list[BackendResult] = []
     for backend in args.backends:

@@ -111,7 +111,7 @@ def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, 
     on_gpu = worker.device.type == "cuda"
     result = BackendResult("diffusers")
     try:
-        for scenario in scenarios:
+        for scenario in (s for s in scenarios if s.diffusers_comparable):
             request, image = worker.resolve(scenario.payload)
             pipe = image_to_image if image else text_to_image
             pipe.scheduler = make_scheduler(request.scheduler, worker.model.scheduler_config)

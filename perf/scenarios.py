@@ -10,14 +10,40 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from engine.prompts.tokens import content_length, tokenize_prompt
+
 PROMPT = "a photograph of a red fox in the snow, golden hour, highly detailed"
 NEGATIVE = "blurry, low quality"
+LONG_PHRASES = (
+    "(a photograph of a red fox:1.2)",
+    "in the snow at golden hour",
+    "frost on its whiskers",
+    "breath steaming in the cold air",
+    "pine forest behind",
+    "soft bokeh",
+    "[muted colors]",
+    "shot on a telephoto lens",
+    "shallow depth of field",
+    "((highly detailed fur))",
+    "award winning wildlife photography",
+    "national geographic",
+)
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
     payload: dict[str, Any]
+    diffusers_comparable: bool = True
+    """False where diffusers' pipelines would do less: they cut prompts at 77 tokens and read brackets as text."""
+
+
+def long_prompt(tokenizer: Any) -> str:
+    """A weighted prompt of two chunks for this tokenizer, as prompts written for AUTOMATIC1111 often are."""
+    phrases: list[str] = []
+    while tokenize_prompt(tokenizer, ", ".join(phrases)).count <= content_length(tokenizer):
+        phrases.append(LONG_PHRASES[len(phrases) % len(LONG_PHRASES)])
+    return ", ".join(phrases)
 
 
 def input_image(width: int, height: int) -> str:
@@ -30,7 +56,7 @@ def input_image(width: int, height: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def default_scenarios(native_size: int, steps: int) -> list[Scenario]:
+def default_scenarios(native_size: int, steps: int, tokenizer: Any) -> list[Scenario]:
     base = {
         "prompt": PROMPT,
         "negative_prompt": NEGATIVE,
@@ -46,6 +72,11 @@ def default_scenarios(native_size: int, steps: int) -> list[Scenario]:
             {**base, "width": native_size, "height": native_size, "num_images": 2},
         ),
         Scenario(f"txt2img {wide}x{native_size}", {**base, "width": wide, "height": native_size}),
+        Scenario(
+            f"txt2img {native_size}x{native_size} weighted prompt, 2 chunks",
+            {**base, "prompt": long_prompt(tokenizer), "width": native_size, "height": native_size},
+            diffusers_comparable=False,
+        ),
         Scenario(
             f"img2img {native_size}x{native_size} strength 0.6",
             {**base, "image": input_image(native_size, native_size), "strength": 0.6},
