@@ -26,7 +26,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from engine.dtypes import BY_NAME
 from engine.weightmap import MappedWeight, WeightMap
-from export.weights import data_file_name
+from export.weights import data_file_name, saturating_fp16
 
 
 @dataclass
@@ -50,8 +50,6 @@ def content_digest(values: np.ndarray) -> str:
 
 def parameter_digests(module: torch.nn.Module, precision: str) -> ParameterDigests:
     """The hash of every matrix and kernel parameter as the graph may hold it."""
-    from onnxruntime.transformers.float16 import convert_np_to_float16
-
     digests = ParameterDigests()
     for name, parameter in module.named_parameters():
         if parameter.ndim < 2:
@@ -60,7 +58,7 @@ def parameter_digests(module: torch.nn.Module, precision: str) -> ParameterDiges
         values = parameter.detach().float().cpu().numpy()
         for transposed in (False, True) if values.ndim == 2 else (False,):
             layout = values.T if transposed else values
-            variants = [layout, convert_np_to_float16(layout)] if precision == "fp16" else [layout]
+            variants = [layout, saturating_fp16(layout)] if precision == "fp16" else [layout]
             for variant in variants:
                 key = content_digest(variant)
                 other = digests.found.setdefault(key, (name, transposed))
