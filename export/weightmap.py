@@ -56,11 +56,10 @@ def parameter_digests(module: torch.nn.Module, precision: str) -> ParameterDiges
             continue
         digests.sizes[name] = parameter.numel()
         values = parameter.detach().float().cpu().numpy()
-        for transposed in (False, True) if values.ndim == 2 else (False,):
-            layout = values.T if transposed else values
-            variants = [layout, saturating_fp16(layout)] if precision == "fp16" else [layout]
-            for variant in variants:
-                key = content_digest(variant)
+        stored = [values, saturating_fp16(values)] if precision == "fp16" else [values]
+        for variant in stored:  # the conversion is elementwise: a transposed copy converts alike
+            for transposed in (False, True) if variant.ndim == 2 else (False,):
+                key = content_digest(variant.T if transposed else variant)
                 other = digests.found.setdefault(key, (name, transposed))
                 if other[0] != name:
                     digests.ambiguous |= {name, other[0]}
