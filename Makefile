@@ -12,10 +12,11 @@ MODEL ?= tiny
 HAS_GPU := $(shell command -v nvidia-smi 2>/dev/null)
 ENGINE_EXTRAS := $(if $(HAS_GPU),gpu,dev)
 PROMPT ?= a red fox in the snow, golden hour
-# make run IMAGE=photo.jpg STRENGTH=0.6 for image-to-image
+# make run IMAGE=photo.jpg STRENGTH=0.6 for image-to-image; add MASK=mask.png to inpaint
 IMAGE ?=
 STRENGTH ?=
-RUN_ARGS := $(if $(IMAGE),--image "$(IMAGE)") $(if $(STRENGTH),--strength $(STRENGTH))
+MASK ?=
+RUN_ARGS := $(if $(IMAGE),--image "$(IMAGE)") $(if $(STRENGTH),--strength $(STRENGTH)) $(if $(MASK),--mask "$(MASK)")
 
 .PHONY: install install-gpu run test lint engines perf verify-gpu clean
 

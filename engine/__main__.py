@@ -2,6 +2,7 @@
 
     python -m engine --prompt "a red fox" --steps 20 --out outputs
     python -m engine --prompt "a watercolor fox" --image photo.jpg --strength 0.6
+    python -m engine --prompt "a red hat" --image photo.jpg --mask mask.png
 
 Writes the images (named by time and seed, so earlier ones are kept) and prints their
 paths and the response's metrics as JSON.
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", dest="output_format", default="png", choices=["png", "jpeg", "webp"])
     parser.add_argument("--image", help="image-to-image input: a local file or an http(s) URL")
     parser.add_argument("--strength", type=float, help="with --image: how much of it is re-noised (0-1]")
+    parser.add_argument("--mask", help="with --image, inpainting: a local file or URL, white repaints, black keeps")
     parser.add_argument("--input", help="a whole job input as JSON; overrides the options above")
     parser.add_argument("--out", type=Path, default=Path("outputs"))
     return parser.parse_args(argv)
@@ -50,9 +52,11 @@ def job_input(args: argparse.Namespace) -> dict:
     payload.update(num_images=args.num_images, output_format=args.output_format)
     if args.scheduler:
         payload["scheduler"] = args.scheduler
-    if args.image:
-        local = Path(args.image)
-        payload["image"] = base64.b64encode(local.read_bytes()).decode() if local.is_file() else args.image
+    for field in ("image", "mask"):
+        value = getattr(args, field)
+        if value:
+            local = Path(value)
+            payload[field] = base64.b64encode(local.read_bytes()).decode() if local.is_file() else value
     if args.strength is not None:
         payload["strength"] = args.strength
     return payload

@@ -2,13 +2,17 @@
 
 Every component call goes through a Runner, so the same loop runs on torch, ONNX
 Runtime or TensorRT, per component. The loop keeps latents and scheduler math in
-fp32 whatever precision the UNet runs at.
+fp32 whatever precision the UNet runs at. Text-to-image, image-to-image and inpainting
+(diffusers' ``StableDiffusionInpaintPipeline``: a 9-channel UNet takes the mask and the
+masked image's latents as extra channels, a 4-channel one has the kept region blended
+back after every step) share it.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -27,6 +31,25 @@ StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, steps in all); may raise to stop."""
 
 
+@dataclass(frozen=True)
+class ImageInputs:
+    """A request's input image, and its mask when it asks for inpainting (white repaints)."""
+
+    image: Image.Image
+    mask: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """The input image as the VAE takes it, and for inpainting the binarized mask at image size
+    (1 repaints), with what the ``padding_mask_crop`` overlay needs."""
+
+    image: torch.Tensor
+    mask: torch.Tensor | None = None
+    inputs: ImageInputs | None = None
+    crop: tuple[int, int, int, int] | None = None
+
+
 def _accepts(function: Callable, name: str) -> bool:
     return name in inspect.signature(function).parameters
 
@@ -37,7 +60,11 @@ class DiffusionPipeline:
     def __init__(self, model: Model, device: torch.device):
         self.model = model
         self.device = device
-        self.image_processor = VaeImageProcessor(vae_scale_factor=model.config.vae_scale_factor)
+        factor = model.config.vae_scale_factor
+        self.image_processor = VaeImageProcessor(vae_scale_factor=factor)
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
+        )
 
     def __call__(
         self,
@@ -46,12 +73,13 @@ class DiffusionPipeline:
         runners: Mapping[str, ComponentCall],
         timer: StageTimer,
         on_step: StepCallback | None = None,
-        init_image: torch.Tensor | None = None,
+        prepared: PreparedImages | None = None,
     ) -> list[Image.Image]:
         """One image per seed, in prompt order (each prompt's images together).
 
-        With ``init_image`` (from ``preprocess``) it is image-to-image: the image is encoded,
-        noised to the timestep ``request.strength`` starts from, and denoised from there.
+        With ``prepared`` (from ``prepare_images``) it is image-to-image: the image is encoded,
+        noised to the timestep ``request.strength`` starts from, and denoised from there; or,
+        with a mask, inpainting.
         """
         model = self.model
         guidance = request.guidance_scale > 1.0
@@ -73,29 +101,29 @@ class DiffusionPipeline:
         with timer.stage("text_encoder"):
             conditioning = model.family.encode_prompt(encode, model.tokenizers, batch, model.config)
 
-        # 2. Prepare timesteps on a fresh scheduler; image-to-image starts part-way.
+        # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
         scheduler = make_scheduler(request.scheduler, model.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
-        if init_image is not None:
+        if prepared is not None:
             timesteps = self._truncate_timesteps(scheduler, request.steps, request.strength)
 
         # 3. Prepare latents: one generator per image, drawn on the CPU so a seed gives the
         #    same image on every device.
-        if init_image is None:
-            factor = model.config.vae_scale_factor
-            shape = (
-                request.num_images,
-                model.config.configs["unet"]["in_channels"],
-                request.height // factor,
-                request.width // factor,
-            )
+        factor = model.config.vae_scale_factor
+        shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
+        inpaint: Inpainting | None = None
+        if prepared is None:
             latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
             latents = latents * scheduler.init_noise_sigma
+        elif prepared.mask is None:
+            with timer.stage("vae_encode"):
+                moments = runners["vae_encoder"]({"images": prepared.image})["latent_moments"].float()
+            latents = self._noised_image_latents(moments, generators, scheduler, timesteps[:1])
         else:
             with timer.stage("vae_encode"):
-                moments = runners["vae_encoder"]({"images": init_image})["latent_moments"].float()
-            latents = self._noised_image_latents(moments, generators, scheduler, timesteps[:1])
+                inpaint = self._inpainting(prepared, shape, generators, runners, scheduler, timesteps, request)
+            latents = inpaint.latents
 
         # 4. Denoising loop.
         step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
@@ -105,6 +133,9 @@ class DiffusionPipeline:
                 with timer.step():
                     model_input = torch.cat([latents] * 2) if guidance else latents
                     model_input = scheduler.scale_model_input(model_input, timestep)
+                    if inpaint is not None and inpaint.channels is not None:
+                        channels = torch.cat([inpaint.channels] * 2) if guidance else inpaint.channels
+                        model_input = torch.cat([model_input, channels], dim=1)
                     noise_pred = unet({"sample": model_input, "timestep": timestep.reshape(1), **conditioning})[
                         "noise_pred"
                     ].to(latents.dtype)
@@ -112,6 +143,8 @@ class DiffusionPipeline:
                         noise_uncond, noise_text = noise_pred.chunk(2)
                         noise_pred = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
                     latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
+                    if inpaint is not None and inpaint.channels is None:
+                        latents = inpaint.blend(latents, scheduler, timesteps, index)
                 if on_step is not None:
                     on_step(index + 1, len(timesteps))
 
@@ -119,9 +152,83 @@ class DiffusionPipeline:
         with timer.stage("vae_decode"):
             images = runners["vae_decoder"]({"latent": self._unscale_latents(latents)})["images"]
 
-        # 6. Postprocess to PIL.
+        # 6. Postprocess to PIL; an inpainted crop is pasted back into the original image.
         with timer.stage("postprocess"):
-            return self.image_processor.postprocess(images.float(), output_type="pil")
+            pictures = self.image_processor.postprocess(images.float(), output_type="pil")
+            if prepared is not None and prepared.crop is not None and prepared.inputs is not None:
+                inputs = prepared.inputs
+                pictures = [
+                    self.image_processor.apply_overlay(inputs.mask, inputs.image, picture, prepared.crop)
+                    for picture in pictures
+                ]
+            return pictures
+
+    def prepare_images(self, inputs: ImageInputs, request: ResolvedRequest) -> PreparedImages:
+        """The input image resized and normalized to [-1, 1] (and the mask binarized), as diffusers'
+        img2img and inpaint pipelines prepare them; with ``padding_mask_crop``, both are cut to the
+        mask's region first."""
+        height, width = request.height, request.width
+        if inputs.mask is None:
+            return PreparedImages(self.preprocess(inputs.image, height, width))
+        crop, resize_mode = None, "default"
+        if request.padding_mask_crop is not None:
+            crop = self.mask_processor.get_crop_region(inputs.mask, width, height, pad=request.padding_mask_crop)
+            resize_mode = "fill"
+        image = self.image_processor.preprocess(
+            inputs.image, height=height, width=width, crops_coords=crop, resize_mode=resize_mode
+        )
+        mask = self.mask_processor.preprocess(
+            inputs.mask, height=height, width=width, crops_coords=crop, resize_mode=resize_mode
+        )
+        return PreparedImages(image.to(self.device), mask.to(self.device), inputs, crop)
+
+    def _inpainting(
+        self,
+        prepared: PreparedImages,
+        shape: tuple[int, ...],
+        generators: list[torch.Generator],
+        runners: Mapping[str, ComponentCall],
+        scheduler: SchedulerMixin,
+        timesteps: torch.Tensor,
+        request: ResolvedRequest,
+    ) -> Inpainting:
+        """Starting latents, and the mask and masked-image latents, with diffusers' random draws.
+
+        diffusers encodes the one input image with the first generator only, then draws each image's
+        noise, then encodes the masked image with the first generator again. A 4-channel UNet never
+        uses those masked-image latents: the draw is made all the same, without the encode, so the
+        first generator's later draws (ancestral schedulers) stay diffusers'.
+        """
+        assert prepared.mask is not None
+        images, latent_size = shape[0], shape[2:]
+        unet_channels = self.model.config.configs["unet"]["in_channels"]
+        blends = unet_channels == self.model.config.latent_channels
+        full_strength = request.strength == 1.0
+        image_latents = None
+        if blends or not full_strength:
+            image_latents = self._encoded(prepared.image, generators[0], runners).repeat(images, 1, 1, 1)
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+        if full_strength:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            assert image_latents is not None
+            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(images))
+        mask = torch.nn.functional.interpolate(prepared.mask, size=latent_size).repeat(images, 1, 1, 1)
+        masked_image = prepared.image * (prepared.mask < 0.5)
+        if blends:
+            randn_tensor((1, *shape[1:]), generator=generators[0], device=self.device)  # the masked image's draw
+            return Inpainting(latents, None, mask, image_latents, noise)
+        masked_latents = self._encoded(masked_image, generators[0], runners).repeat(images, 1, 1, 1)
+        return Inpainting(latents, torch.cat([mask, masked_latents], dim=1), mask, image_latents, noise)
+
+    def _encoded(
+        self, image: torch.Tensor, generator: torch.Generator, runners: Mapping[str, ComponentCall]
+    ) -> torch.Tensor:
+        """One image's latent, sampled with ``generator`` and scaled, as diffusers' ``_encode_vae_image``."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        moments = runners["vae_encoder"]({"images": image})["latent_moments"].float()
+        return self._scale_latents(DiagonalGaussianDistribution(moments).sample(generator=generator))
 
     def preprocess(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
         """The input image resized and normalized to [-1, 1], as diffusers' img2img pipelines do."""
@@ -181,3 +288,25 @@ class DiffusionPipeline:
             return latents / scaling
         mean, std = statistics
         return latents * std / scaling + mean
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """What an inpainting loop carries besides its latents."""
+
+    latents: torch.Tensor
+    channels: torch.Tensor | None
+    """Mask and masked-image latents, the extra input channels of a 9-channel UNet; None for 4 channels."""
+    mask: torch.Tensor
+    image_latents: torch.Tensor | None
+    noise: torch.Tensor
+
+    def blend(
+        self, latents: torch.Tensor, scheduler: SchedulerMixin, timesteps: torch.Tensor, index: int
+    ) -> torch.Tensor:
+        """A 4-channel UNet's step: the kept region goes back to the image, noised to the next timestep."""
+        assert self.image_latents is not None
+        known = self.image_latents
+        if index < len(timesteps) - 1:
+            known = scheduler.add_noise(known, self.noise, timesteps[index + 1 : index + 2])
+        return (1 - self.mask) * known + self.mask * latents

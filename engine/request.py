@@ -50,9 +50,16 @@ class Limits:
     max_timeout_s: float
     max_loras: int = 4
     max_prompt_weight: float = 3.0
+    inpaint_strength: float = 1.0
+    """The family's inpainting default, as its diffusers pipeline has it."""
+
+    def default_strength(self, inpainting: bool) -> float:
+        return self.inpaint_strength if inpainting else DEFAULT_STRENGTH
 
     @classmethod
-    def from_settings(cls, settings: Settings, native_size: int, default_guidance_scale: float) -> Limits:
+    def from_settings(
+        cls, settings: Settings, native_size: int, default_guidance_scale: float, inpaint_strength: float = 1.0
+    ) -> Limits:
         return cls(
             native_size=native_size,
             default_steps=settings.default_steps,
@@ -66,6 +73,7 @@ class Limits:
             max_timeout_s=settings.max_timeout_s,
             max_loras=settings.max_loras,
             max_prompt_weight=settings.max_prompt_weight,
+            inpaint_strength=inpaint_strength,
         )
 
 
@@ -134,6 +142,12 @@ class GenerateRequest(BaseModel):
     timeout_s: float | None = Field(None, gt=0)
     image: str | None = Field(None, min_length=1, description="image-to-image input: base64 or an http(s) URL")
     strength: float | None = Field(None, gt=0.0, le=1.0, description="how much of the image is re-noised")
+    mask: str | None = Field(
+        None, min_length=1, description="inpainting: white repaints, black keeps; base64 or an http(s) URL"
+    )
+    padding_mask_crop: int | None = Field(
+        None, ge=0, description="inpaint a crop around the mask, this many pixels wider, and paste it back"
+    )
     loras: list[LoraEntry] | None = Field(None, description="LoRAs applied for this request, each with its scale")
 
     @field_validator("prompt", "negative_prompt")
@@ -200,10 +214,6 @@ class GenerateRequest(BaseModel):
             raise RequestError("; ".join(problems))
         return self
 
-    @property
-    def strength_or_default(self) -> float:
-        return DEFAULT_STRENGTH if self.strength is None else self.strength
-
     def resolved(self, limits: Limits, image_size: tuple[int, int] | None = None) -> ResolvedRequest:
         """Every default filled in; an input image's size (rounded down to a multiple of 8) is the default size."""
         width = self.width or (image_size[0] // 8 * 8 if image_size else limits.native_size)
@@ -229,9 +239,11 @@ class GenerateRequest(BaseModel):
             quality=self.quality,
             timeout_s=min(self.timeout_s or limits.max_timeout_s, limits.max_timeout_s),
             image=self.image,
-            strength=self.strength_or_default,
+            strength=limits.default_strength(self.mask is not None) if self.strength is None else self.strength,
             loras=tuple(entry.to_request() for entry in self.loras or ()),
             prompt_syntax=self.prompt_syntax,
+            mask=self.mask,
+            padding_mask_crop=self.padding_mask_crop,
         )
 
 
@@ -259,6 +271,12 @@ class ResolvedRequest:
     """Tokens in each prompt after parsing, once the worker has counted them."""
     prompt_chunks: int = 1
     """Chunks of the text encoder's length each prompt and negative prompt is padded to."""
+    mask: str | None = None
+    padding_mask_crop: int | None = None
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
 
     @property
     def num_images(self) -> int:
@@ -288,8 +306,13 @@ def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
     image, strength = values.get("image"), values.get("strength")
     if strength is not None and image is None and "image" in values:
         problems.append("strength: only applies with an image")
+    mask = values.get("mask")
+    if mask is not None and image is None and "image" in values:
+        problems.append("mask: needs an image, the picture to inpaint")
+    if values.get("padding_mask_crop") is not None and mask is None and "mask" in values:
+        problems.append("padding_mask_crop: only applies with a mask")
     steps = values.get("num_inference_steps") or limits.default_steps
-    effective = DEFAULT_STRENGTH if strength is None else strength
+    effective = limits.default_strength(mask is not None) if strength is None else strength
     if image is not None and "strength" in values and int(steps * effective) < 1:
         problems.append(f"strength: with {steps} steps it must be at least {1 / steps:.3g} to denoise at all")
     return problems

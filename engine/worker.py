@@ -30,7 +30,7 @@ from engine.lora.library import LoraLibrary
 from engine.memory import available_bytes, estimates
 from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
-from engine.pipeline import DiffusionPipeline, StepCallback
+from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
 from engine.prompts.tokens import prompt_lengths
 from engine.request import Limits, ResolvedRequest, parse_request, validate_request
 from engine.settings import Precision, Settings, TorchFallback
@@ -82,8 +82,9 @@ class Worker:
         self.image_limits = ImageLimits(
             settings.max_input_image_bytes, settings.max_image_side, settings.min_image_side
         )
+        family = self.model.family
         self.limits = Limits.from_settings(
-            settings, self.model.config.native_size, self.model.family.default_guidance_scale
+            settings, self.model.config.native_size, family.default_guidance_scale, family.default_inpaint_strength
         )
         log.info(
             "worker ready",
@@ -153,17 +154,17 @@ class Worker:
 
     def _generate(self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None) -> dict[str, Any]:
         timer = StageTimer(self.device)
-        request, image = self.resolve(payload)
+        request, inputs = self.resolve(payload)
         self._check_memory(request)
         with timer.stage("lora_load") if request.loras else contextlib.nullcontext():
             loras = self.loras.select(request.loras)  # every entry checked before any weight changes
-        init_image = self.pipeline.preprocess(image, request.height, request.width) if image is not None else None
+        prepared = self.pipeline.prepare_images(inputs, request) if inputs is not None else None
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         seeds = [base_seed + index for index in range(request.num_images)]
         calls = ChainCalls(self.chains, loras.patches)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)
-        images = self.pipeline(request, seeds, calls, timer, on_step, init_image)
+        images = self.pipeline(request, seeds, calls, timer, on_step, prepared)
         with timer.stage("output_encode"):
             encoded = [
                 EncodedImage(
@@ -208,12 +209,25 @@ class Worker:
                 "kept aside); ask for a smaller size or fewer images"
             )
 
-    def resolve(self, payload: Any) -> tuple[ResolvedRequest, Image.Image | None]:
-        """A valid request with its defaults, and its input image when it has one (its size is the default)."""
+    def resolve(self, payload: Any) -> tuple[ResolvedRequest, ImageInputs | None]:
+        """A valid request with its defaults, and its input image (and mask) when it has one: the image's
+        size is the default size."""
         draft = validate_request(payload, self.limits)
+        if self.inpainting_only and draft.mask is None:
+            raise RequestError(
+                "mask: this is an inpainting model (its UNet takes the mask and the masked image as extra "
+                "channels); send image and mask"
+            )
         image = load_image(draft.image, self.image_limits) if draft.image is not None else None
+        mask = load_image(draft.mask, self.image_limits, "mask") if draft.mask is not None else None
         request = draft.resolved(self.limits, image.size if image is not None else None)
-        return self._measure_prompts(request), image
+        inputs = ImageInputs(image, mask) if image is not None else None
+        return self._measure_prompts(request), inputs
+
+    @property
+    def inpainting_only(self) -> bool:
+        """An inpainting UNet takes the mask and the masked image's latents besides the latents."""
+        return self.model.config.configs["unet"]["in_channels"] != self.model.config.latent_channels
 
     def _measure_prompts(self, request: ResolvedRequest) -> ResolvedRequest:
         """The request with its prompts' token and chunk counts; refuses a prompt past MAX_PROMPT_CHUNKS."""
@@ -244,7 +258,13 @@ class Worker:
         """One small generation at the native size, so the first request pays no first-run costs,
         then a CUDA graph of each engine's optimum shapes, so requests at those shapes replay it."""
         request = parse_request({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, self.limits)
-        self.pipeline(request, [0], ChainCalls(self.chains), StageTimer(self.device))
+        prepared = None
+        if self.inpainting_only:  # an inpainting UNet warms up on an inpainting call: gray, all masked
+            size = (request.width, request.height)
+            request = replace(request, mask="warm-up", strength=self.limits.default_strength(True))
+            inputs = ImageInputs(Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255))
+            prepared = self.pipeline.prepare_images(inputs, request)
+        self.pipeline(request, [0], ChainCalls(self.chains), StageTimer(self.device), None, prepared)
         if self.settings.cuda_graphs:
             captured = self.tensorrt.capture_graphs()
             log.info("captured %d CUDA graphs", captured)
@@ -265,7 +285,7 @@ class Worker:
             "prompt_tokens": list(request.prompt_tokens),
             "prompt_chunks": request.prompt_chunks,
             "image_size": f"{request.width}x{request.height}",
-            "mode": "img2img" if request.image is not None else "txt2img",
+            "mode": request.mode,
             "request_id": job_id,
             "backends": calls.backends,
             "fallbacks": calls.fallbacks,

@@ -112,7 +112,8 @@ def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, 
     result = BackendResult("diffusers")
     try:
         for scenario in (s for s in scenarios if s.diffusers_comparable):
-            request, image = worker.resolve(scenario.payload)
+            request, inputs = worker.resolve(scenario.payload)
+            image = inputs.image if inputs is not None else None
             pipe = image_to_image if image else text_to_image
             pipe.scheduler = make_scheduler(request.scheduler, worker.model.scheduler_config)
             inputs = (

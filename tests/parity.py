@@ -51,22 +51,25 @@ def to_base64(image: Image.Image, fmt: str = "PNG") -> str:
 
 
 def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
-    request, image = worker.resolve(payload)
-    init = worker.pipeline.preprocess(image, request.height, request.width) if image else None
+    request, inputs = worker.resolve(payload)
+    prepared = worker.pipeline.prepare_images(inputs, request) if inputs else None
     seeds = [payload["seed"] + i for i in range(request.num_images)]
     calls = ChainCalls(worker.chains)
-    return [as_array(i) for i in worker.pipeline(request, seeds, calls, StageTimer(worker.device), None, init)]
+    return [as_array(i) for i in worker.pipeline(request, seeds, calls, StageTimer(worker.device), None, prepared)]
 
 
 def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
-    """diffusers' pipeline (text-to-image or image-to-image, as the payload asks) with the same inputs."""
-    request, image = worker.resolve(payload)
+    """diffusers' pipeline (text-to-image, image-to-image or inpainting, as the payload asks) with the same inputs."""
+    request, images = worker.resolve(payload)
     folder_config = diffusers.DDIMScheduler.load_config(worker.model.folder, subfolder="scheduler")
     class_name, overrides = DIFFUSERS_SCHEDULERS.get(request.scheduler, (folder_config["_class_name"], {}))
     pipe.scheduler = getattr(diffusers, class_name).from_config(folder_config, **overrides)
-    inputs = (
-        {"image": image, "strength": request.strength} if image else {"height": request.height, "width": request.width}
-    )
+    inputs: dict = {"height": request.height, "width": request.width}
+    if images is not None and images.mask is None:
+        inputs = {"image": images.image, "strength": request.strength}
+    elif images is not None:
+        inputs |= {"image": images.image, "mask_image": images.mask, "strength": request.strength}
+        inputs["padding_mask_crop"] = request.padding_mask_crop
     result = pipe(
         prompt=request.prompts,
         negative_prompt=request.negative_prompts,

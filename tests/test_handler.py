@@ -164,3 +164,25 @@ def test_api_server_reads_weighted_and_long_prompts_and_names_malformed_ones(api
     assert long["status"] == "COMPLETED", long
     assert long["output"]["metrics"]["prompt_chunks"] == 3
     assert long["output"]["metrics"]["prompt_tokens"] == [117]
+
+
+def test_api_server_inpaints_and_names_malformed_masks(api_server):
+    from tests.parity import picture, to_base64
+
+    image = to_base64(picture(64, 64))
+    base = {"prompt": "a red hat", "num_inference_steps": 2, "seed": 4, "image": image}
+    for payload, message in (
+        ({"prompt": "x", "mask": image}, "mask: needs an image, the picture to inpaint"),
+        ({**base, "mask": "bm90IGFuIGltYWdl"}, "mask: not a PNG, JPEG or WebP image"),
+        ({**base, "padding_mask_crop": 4}, "padding_mask_crop: only applies with a mask"),
+    ):
+        body = runsync(api_server, payload).json()
+        assert body["status"] == "FAILED", body
+        assert message in body["error"] and "Traceback" not in body["error"], body["error"]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 40))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    body = runsync(api_server, {**base, "mask": base64.b64encode(buffer.getvalue()).decode()}).json()
+    assert body["status"] == "COMPLETED", body
+    assert body["output"]["metrics"]["mode"] == "inpaint"

@@ -78,6 +78,11 @@ class ModelConfig:
         return int(sample_size) * self.vae_scale_factor
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latents: the UNet takes more only when it is an inpainting UNet."""
+        return int(self.configs["vae"]["latent_channels"])
+
+    @property
     def unet_down_factor(self) -> int:
         """How many times the UNet halves the latent; latent sizes it handles without resizing."""
         return 2 ** (len(self.configs["unet"]["block_out_channels"]) - 1)
@@ -91,6 +96,7 @@ class ModelFamily(ABC):
     text_encoders: tuple[str, ...]
     tokenizers: tuple[str, ...]
     default_guidance_scale: float
+    default_inpaint_strength: float
 
     components: tuple[str, ...] = ()
     """Components that are exported and run by a backend, in pipeline order."""

@@ -78,11 +78,12 @@ def vae_module(component: str, folder: Path, dtype: torch.dtype, weights: bool =
 
 class StableDiffusion(ModelFamily):
     name = "sd"
-    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
     components = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
     default_guidance_scale = 7.5
+    default_inpaint_strength = 1.0
 
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
         text = config.configs["text_encoder"]

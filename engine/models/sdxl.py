@@ -30,11 +30,17 @@ TIME_IDS = 6
 
 class StableDiffusionXL(ModelFamily):
     name = "sdxl"
-    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    pipeline_classes = (
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    )
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
     components = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
     default_guidance_scale = 5.0
+    default_inpaint_strength = 0.9999
+    """StableDiffusionXLInpaintPipeline's default: the image's latents still seed the masked region, barely."""
 
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
         first, second = config.configs["text_encoder"], config.configs["text_encoder_2"]
