@@ -1,6 +1,7 @@
 """Full-size architectures with random weights: real sizes without downloading a checkpoint.
 
     python -m perf.models sd15 /tmp/sd15-random
+    python -m perf.models sd15-inpaint /tmp/sd15-inpaint-random
 
 Tiny models hide what real ones hit (graphs over 2 GiB, fp16 overflow, memory), so the
 export and the worker are measured on these. The configs are those of the released
@@ -12,6 +13,7 @@ are noise.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +21,10 @@ from pathlib import Path
 import torch
 
 
-def build_sd15(folder: Path) -> None:
-    """Stable Diffusion 1.5: a 3.4 GB UNet, a 0.5 GB text encoder, a 0.3 GB VAE (fp32)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+def build_sd15(folder: Path, inpainting: bool = False) -> None:
+    """Stable Diffusion 1.5: a 3.4 GB UNet, a 0.5 GB text encoder, a 0.3 GB VAE (fp32). With
+    ``inpainting``, SD 1.5 inpainting's UNet: 9 input channels (latents, mask, masked-image latents)."""
+    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from engine.models.builtin import byte_tokenizer, sd_scheduler
@@ -44,6 +47,7 @@ def build_sd15(folder: Path) -> None:
     )
     unet = UNet2DConditionModel(
         sample_size=64,
+        in_channels=9 if inpainting else 4,
         block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2,
         cross_attention_dim=768,
@@ -58,7 +62,8 @@ def build_sd15(folder: Path) -> None:
         norm_num_groups=32,
         sample_size=512,
     )
-    StableDiffusionPipeline(
+    pipeline = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -70,7 +75,10 @@ def build_sd15(folder: Path) -> None:
     ).save_pretrained(folder)
 
 
-ARCHITECTURES: dict[str, Callable[[Path], None]] = {"sd15": build_sd15}
+ARCHITECTURES: dict[str, Callable[[Path], None]] = {
+    "sd15": build_sd15,
+    "sd15-inpaint": functools.partial(build_sd15, inpainting=True),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
