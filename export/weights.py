@@ -99,12 +99,15 @@ FP16_MAX_FINITE = 65504.0
 
 def saturating_fp16(values: np.ndarray) -> np.ndarray:
     """fp32 values as onnxruntime's fp16 converter writes them, bit for bit: tiny values keep their
-    sign at the smallest subnormal, huge finite ones saturate, zero, inf and NaN stay. One torch pass;
-    the converter's own function makes several numpy passes, minutes over a UNet's weights."""
-    tensor = torch.from_numpy(np.require(values, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
-    magnitude, sign = tensor.abs(), torch.sign(tensor)
-    tensor = torch.where((magnitude > 0) & (magnitude < FP16_MIN_POSITIVE), sign * FP16_MIN_POSITIVE, tensor)
-    tensor = torch.where((magnitude > FP16_MAX_FINITE) & torch.isfinite(tensor), sign * FP16_MAX_FINITE, tensor)
+    sign at the smallest subnormal, huge finite ones saturate, zero, inf and NaN stay. Edited in place
+    on one copy (the converter makes several full-size passes: minutes over a UNet, and more memory)."""
+    tensor = torch.from_numpy(np.array(values, dtype=np.float32))
+    magnitude = tensor.abs()
+    tiny = (magnitude > 0) & (magnitude < FP16_MIN_POSITIVE)
+    huge = (magnitude > FP16_MAX_FINITE) & (magnitude < float("inf"))
+    del magnitude
+    tensor[tiny] = torch.copysign(torch.tensor(FP16_MIN_POSITIVE), tensor[tiny])
+    tensor[huge] = torch.copysign(torch.tensor(FP16_MAX_FINITE), tensor[huge])
     return tensor.half().numpy()
 
 

@@ -26,7 +26,7 @@ from engine.store import Store
 from export.trace import weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("fingerprint", "load", "reference", "export", "optimize", "validate")
+STAGES = ("fingerprint", "load", "reference", "export", "hash weights", "optimize", "weight map", "validate")
 """In the order they run (a large component's load, reference and export run in a child process)."""
 
 
