@@ -261,7 +261,7 @@ class Worker:
         prepared = None
         if self.inpainting_only:  # an inpainting UNet warms up on an inpainting call: gray, all masked
             size = (request.width, request.height)
-            request = replace(request, mask="warm-up", strength=self.limits.default_strength(True))
+            request = replace(request, strength=self.limits.default_strength(True))
             inputs = ImageInputs(Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255))
             prepared = self.pipeline.prepare_images(inputs, request)
         self.pipeline(request, [0], ChainCalls(self.chains), StageTimer(self.device), None, prepared)
