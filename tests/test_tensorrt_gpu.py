@@ -129,3 +129,19 @@ def test_lora_refits_match_torch_and_leave_no_trace_on_the_gpu(gpu_store, make_s
     assert all(np.array_equal(x, y) for x, y in zip(second_a, images(first_a), strict=True))
     after = images(worker.handle({"id": "4", "input": base}))
     assert all(np.array_equal(x, y) for x, y in zip(after, base_image, strict=True))
+
+
+def test_long_weighted_prompts_run_on_the_engines_prompt_axis(gpu_store, make_settings):
+    """A 3-chunk prompt (231 tokens in the UNet) runs on the engines' dynamic prompt axis, as torch does."""
+    from engine.worker import Worker
+    from export.verify import compare_images
+
+    prompt = "(a watercolor fox:1.2) in the snow, " * 5 + "BREAK [pine forest], dusk light, fine detail"
+    payload = {"prompt": prompt, "negative_prompt": "(blurry:1.3)", "num_inference_steps": 6, "seed": 5}
+    request = {"id": "l", "input": payload}
+    reference = Worker(make_settings(device="cuda", backend="torch", engine_dir=gpu_store)).handle(request)
+    response = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store)).handle(request)
+    assert response["metrics"]["prompt_chunks"] == 3
+    assert set(response["metrics"]["backends"].values()) == {"tensorrt"}, response["metrics"]["fallbacks"]
+    for candidate, expected in zip(images(response), images(reference), strict=True):
+        assert compare_images(candidate, expected).passed
