@@ -39,10 +39,6 @@ class WeightedTokens:
     def count(self) -> int:
         return sum(len(chunk) for chunk in self.chunks)
 
-    @property
-    def weighted(self) -> bool:
-        return any(weight != 1.0 for chunk in self.weights for weight in chunk)
-
 
 def content_length(tokenizer: Any) -> int:
     """Tokens a chunk holds between its BOS and EOS: 75 for CLIP."""

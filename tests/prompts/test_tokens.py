@@ -39,7 +39,7 @@ def test_weights_follow_their_tokens_across_chunks(tokenizer):
     tokens = tokenize_prompt(tokenizer, "x" * 74 + " (abc:1.5) de")
     assert tokens.weights[0][-1] == 1.5 and tokens.weights[1][:2] == (1.5, 1.5)
     assert tokens.weights[1][2:] == (1.0, 1.0)
-    assert tokens.count == 79 and tokens.weighted
+    assert tokens.count == 79
 
 
 def test_rows_are_padded_with_empty_chunks_in_diffusers_layout(tokenizer):
