@@ -107,9 +107,11 @@ def test_sdxl_inpainting_matches_diffusers(cache_dir, tmp_path, extra):
     assert_same_images(generate(worker, inpaint(**extra)), reference_images(pipe, worker, inpaint(**extra)))
 
 
-def test_onnxruntime_inpaints_as_torch_does(exported, cache_dir):
-    torch_worker = worker_for("tiny", cache_dir, exported)
-    ort_worker = worker_for("tiny", cache_dir, exported, backend="onnxruntime")
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+def test_onnxruntime_inpaints_as_torch_does(request, cache_dir, model):
+    store = request.getfixturevalue("exported" if model == "tiny" else "exported_sdxl")
+    torch_worker = worker_for(model, cache_dir, store)
+    ort_worker = worker_for(model, cache_dir, store, backend="onnxruntime")
     for extra in ({}, {"strength": 0.6, "padding_mask_crop": 8}):
         expected = torch_worker.handle({"id": "t", "input": inpaint(**extra)})
         actual = ort_worker.handle({"id": "o", "input": inpaint(**extra)})
