@@ -201,8 +201,7 @@ class DiffusionPipeline:
         """
         assert prepared.mask is not None
         images, latent_size = shape[0], shape[2:]
-        unet_channels = self.model.config.configs["unet"]["in_channels"]
-        blends = unet_channels == self.model.config.latent_channels
+        blends = not self.model.config.inpainting_unet
         full_strength = request.strength == 1.0
         image_latents = None
         if blends or not full_strength:
@@ -225,10 +224,16 @@ class DiffusionPipeline:
         self, image: torch.Tensor, generator: torch.Generator, runners: Mapping[str, ComponentCall]
     ) -> torch.Tensor:
         """One image's latent, sampled with ``generator`` and scaled, as diffusers' ``_encode_vae_image``."""
+        moments = runners["vae_encoder"]({"images": image})["latent_moments"].float()
+        return self._sampled_latents(moments, [generator])
+
+    def _sampled_latents(self, moments: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """A latent sampled from the VAE's moments with each generator in turn, scaled for the UNet."""
+        # diffusers' model package costs seconds to import (and pulls in peft): only image inputs need it
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        moments = runners["vae_encoder"]({"images": image})["latent_moments"].float()
-        return self._scale_latents(DiagonalGaussianDistribution(moments).sample(generator=generator))
+        distribution = DiagonalGaussianDistribution(moments)
+        return self._scale_latents(torch.cat([distribution.sample(generator=generator) for generator in generators]))
 
     def preprocess(self, image: Image.Image, height: int, width: int) -> torch.Tensor:
         """The input image resized and normalized to [-1, 1], as diffusers' img2img pipelines do."""
@@ -254,12 +259,7 @@ class DiffusionPipeline:
         The random draws come in diffusers' order: one latent sample per image, then the
         noise for all, so the same seed gives diffusers' image.
         """
-        # diffusers' model package costs seconds to import (and pulls in peft): only image-to-image needs it
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        distribution = DiagonalGaussianDistribution(moments)
-        samples = torch.cat([distribution.sample(generator=generator) for generator in generators])
-        latents = self._scale_latents(samples)
+        latents = self._sampled_latents(moments, generators)
         noise = randn_tensor(latents.shape, generator=generators, device=self.device, dtype=latents.dtype)
         return scheduler.add_noise(latents, noise, first_timestep.repeat(latents.shape[0]))
 

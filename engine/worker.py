@@ -213,7 +213,7 @@ class Worker:
         """A valid request with its defaults, and its input image (and mask) when it has one: the image's
         size is the default size."""
         draft = validate_request(payload, self.limits)
-        if self.inpainting_only and draft.mask is None:
+        if self.model.config.inpainting_unet and draft.mask is None:
             raise RequestError(
                 "mask: this is an inpainting model (its UNet takes the mask and the masked image as extra "
                 "channels); send image and mask"
@@ -223,11 +223,6 @@ class Worker:
         request = draft.resolved(self.limits, image.size if image is not None else None)
         inputs = ImageInputs(image, mask) if image is not None else None
         return self._measure_prompts(request), inputs
-
-    @property
-    def inpainting_only(self) -> bool:
-        """An inpainting UNet takes the mask and the masked image's latents besides the latents."""
-        return self.model.config.configs["unet"]["in_channels"] != self.model.config.latent_channels
 
     def _measure_prompts(self, request: ResolvedRequest) -> ResolvedRequest:
         """The request with its prompts' token and chunk counts; refuses a prompt past MAX_PROMPT_CHUNKS."""
@@ -259,7 +254,7 @@ class Worker:
         then a CUDA graph of each engine's optimum shapes, so requests at those shapes replay it."""
         request = parse_request({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, self.limits)
         prepared = None
-        if self.inpainting_only:  # an inpainting UNet warms up on an inpainting call: gray, all masked
+        if self.model.config.inpainting_unet:  # an inpainting UNet warms up on an inpainting call: gray, all masked
             size = (request.width, request.height)
             request = replace(request, strength=self.limits.default_strength(True))
             inputs = ImageInputs(Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255))

@@ -83,6 +83,11 @@ class ModelConfig:
         return int(self.configs["vae"]["latent_channels"])
 
     @property
+    def inpainting_unet(self) -> bool:
+        """An inpainting UNet takes the mask and the masked image's latents besides the latents."""
+        return int(self.configs["unet"]["in_channels"]) != self.latent_channels
+
+    @property
     def unet_down_factor(self) -> int:
         """How many times the UNet halves the latent; latent sizes it handles without resizing."""
         return 2 ** (len(self.configs["unet"]["block_out_channels"]) - 1)
