@@ -23,5 +23,4 @@ def folder_fingerprint(folder: Path, file_digest: Callable[[Path], str], salt: s
 
 
 def component_fingerprint(model: Model, component: str, file_digest: Callable[[Path], str]) -> str:
-    subfolder = model.family.weight_folder(component)
-    return folder_fingerprint(model.folder / subfolder, file_digest, salt=f"{model.family.name}/{component}")
+    return folder_fingerprint(model.component_folder(component), file_digest, salt=f"{model.family.name}/{component}")

@@ -90,6 +90,12 @@ class StageTimer:
             name: round(sum(end.ms_since(start) for start, end in pairs), 3) for name, pairs in self._stages.items()
         }
 
+    def stage_total(self, name: str) -> tuple[float, int]:
+        """A stage's milliseconds over the request, and how many times it ran."""
+        self._synchronize()
+        pairs = self._stages.get(name, [])
+        return sum(end.ms_since(start) for start, end in pairs), len(pairs)
+
     def step_stats_ms(self) -> dict[str, float]:
         self._synchronize()
         steps = [end.ms_since(start) for start, end in self._steps]

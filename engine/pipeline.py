@@ -23,6 +23,7 @@ from PIL import Image
 from engine.backends.base import ComponentCall
 from engine.metrics import StageTimer
 from engine.models import Model
+from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.family import PromptBatch
 from engine.request import ResolvedRequest
 from engine.schedulers import make_scheduler
@@ -32,22 +33,53 @@ StepCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
-class ImageInputs:
-    """A request's input image, and its mask when it asks for inpainting (white repaints)."""
+class ControlImage:
+    """One ControlNet of a request: its component, its control image, and its scale from ``start`` to
+    ``end`` (fractions of the denoising steps)."""
 
+    component: str
     image: Image.Image
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """A request's input image, its mask when it asks for inpainting (white repaints), and its
+    ControlNets' control images."""
+
+    image: Image.Image | None = None
     mask: Image.Image | None = None
+    controls: tuple[ControlImage, ...] = ()
+
+
+@dataclass(frozen=True)
+class Control:
+    """A ControlNet's control image as it takes it: in [0, 1], one row per UNet row."""
+
+    component: str
+    image: torch.Tensor
+    scale: float
+    start: float
+    end: float
+
+    def scale_at(self, index: int, steps: int) -> float:
+        """The scale at step ``index`` of ``steps``: 0 outside [start, end], as diffusers' ``controlnet_keep``."""
+        return 0.0 if index / steps < self.start or (index + 1) / steps > self.end else self.scale
 
 
 @dataclass(frozen=True)
 class PreparedImages:
-    """The input image as the VAE takes it, and for inpainting the binarized mask at image size
-    (1 repaints), with what the ``padding_mask_crop`` overlay needs."""
+    """The input image as the VAE takes it (None for text-to-image), for inpainting the binarized mask
+    at image size (1 repaints) with what the ``padding_mask_crop`` overlay needs, and the ControlNets'
+    images."""
 
-    image: torch.Tensor
+    image: torch.Tensor | None
     mask: torch.Tensor | None = None
     inputs: ImageInputs | None = None
     crop: tuple[int, int, int, int] | None = None
+    controls: tuple[Control, ...] = ()
 
 
 def _accepts(function: Callable, name: str) -> bool:
@@ -65,6 +97,7 @@ class DiffusionPipeline:
         self.mask_processor = VaeImageProcessor(
             vae_scale_factor=factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
+        self.control_processor = VaeImageProcessor(vae_scale_factor=factor, do_convert_rgb=True, do_normalize=False)
 
     def __call__(
         self,
@@ -77,9 +110,10 @@ class DiffusionPipeline:
     ) -> list[Image.Image]:
         """One image per seed, in prompt order (each prompt's images together).
 
-        With ``prepared`` (from ``prepare_images``) it is image-to-image: the image is encoded,
-        noised to the timestep ``request.strength`` starts from, and denoised from there; or,
-        with a mask, inpainting.
+        With ``prepared`` (from ``prepare_images``) holding an image, it is image-to-image: the image
+        is encoded, noised to the timestep ``request.strength`` starts from, and denoised from there;
+        or, with a mask, inpainting. Its ControlNets add their residuals to the UNet's, each scaled,
+        at the steps between its start and end.
         """
         model = self.model
         guidance = request.guidance_scale > 1.0
@@ -105,7 +139,7 @@ class DiffusionPipeline:
         scheduler = make_scheduler(request.scheduler, model.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
-        if prepared is not None:
+        if prepared is not None and prepared.image is not None:
             timesteps = self._truncate_timesteps(scheduler, request.steps, request.strength)
 
         # 3. Prepare latents: one generator per image, drawn on the CPU so a seed gives the
@@ -113,7 +147,7 @@ class DiffusionPipeline:
         factor = model.config.vae_scale_factor
         shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
         inpaint: Inpainting | None = None
-        if prepared is None:
+        if prepared is None or prepared.image is None:
             latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
             latents = latents * scheduler.init_noise_sigma
         elif prepared.mask is None:
@@ -127,18 +161,19 @@ class DiffusionPipeline:
 
         # 4. Denoising loop.
         step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
-        unet = runners["unet"]
+        controls = prepared.controls if prepared is not None else ()
         with timer.stage("denoise"):
             for index, timestep in enumerate(timesteps):
                 with timer.step():
                     model_input = torch.cat([latents] * 2) if guidance else latents
                     model_input = scheduler.scale_model_input(model_input, timestep)
+                    inputs = {"sample": model_input, "timestep": timestep.reshape(1), **conditioning}
+                    residuals = self._residuals(controls, inputs, index, len(timesteps), runners, timer)
                     if inpaint is not None and inpaint.channels is not None:
                         channels = torch.cat([inpaint.channels] * 2) if guidance else inpaint.channels
-                        model_input = torch.cat([model_input, channels], dim=1)
-                    noise_pred = unet({"sample": model_input, "timestep": timestep.reshape(1), **conditioning})[
-                        "noise_pred"
-                    ].to(latents.dtype)
+                        inputs["sample"] = torch.cat([model_input, channels], dim=1)
+                    unet = runners["unet"] if residuals is None else runners[CONTROLLED_UNET]
+                    noise_pred = unet({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
                     if guidance:
                         noise_uncond, noise_text = noise_pred.chunk(2)
                         noise_pred = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
@@ -156,31 +191,74 @@ class DiffusionPipeline:
         with timer.stage("postprocess"):
             pictures = self.image_processor.postprocess(images.float(), output_type="pil")
             if prepared is not None and prepared.crop is not None and prepared.inputs is not None:
-                inputs = prepared.inputs
+                original = prepared.inputs
                 pictures = [
-                    self.image_processor.apply_overlay(inputs.mask, inputs.image, picture, prepared.crop)
+                    self.image_processor.apply_overlay(original.mask, original.image, picture, prepared.crop)
                     for picture in pictures
                 ]
             return pictures
 
+    @staticmethod
+    def _residuals(
+        controls: Sequence[Control],
+        inputs: Mapping[str, torch.Tensor],
+        index: int,
+        steps: int,
+        runners: Mapping[str, ComponentCall],
+        timer: StageTimer,
+    ) -> dict[str, torch.Tensor] | None:
+        """The ControlNets' residuals for one step, each scaled and then summed in request order, as
+        diffusers' ``MultiControlNetModel``; None when none acts at this step. A ControlNet whose
+        scale is 0 here is not run: its residuals would add exact zeros."""
+        total: dict[str, torch.Tensor] | None = None
+        for control in controls:
+            scale = control.scale_at(index, steps)
+            if scale == 0.0:
+                continue
+            with timer.stage(control.component):
+                outputs = runners[control.component]({**inputs, "controlnet_cond": control.image})
+            scaled = {name: value * scale for name, value in outputs.items()}
+            total = scaled if total is None else {name: total[name] + scaled[name] for name in total}
+        return total
+
     def prepare_images(self, inputs: ImageInputs, request: ResolvedRequest) -> PreparedImages:
         """The input image resized and normalized to [-1, 1] (and the mask binarized), as diffusers'
-        img2img and inpaint pipelines prepare them; with ``padding_mask_crop``, both are cut to the
-        mask's region first."""
+        img2img and inpaint pipelines prepare them, and the control images as its ControlNet pipelines
+        do; with ``padding_mask_crop``, all are cut to the mask's region first."""
         height, width = request.height, request.width
-        if inputs.mask is None:
-            return PreparedImages(self.preprocess(inputs.image, height, width))
         crop, resize_mode = None, "default"
-        if request.padding_mask_crop is not None:
+        if inputs.mask is not None and request.padding_mask_crop is not None:
             crop = self.mask_processor.get_crop_region(inputs.mask, width, height, pad=request.padding_mask_crop)
             resize_mode = "fill"
+        controls = tuple(self._control(control, request, crop, resize_mode) for control in inputs.controls)
+        if inputs.image is None:
+            return PreparedImages(None, controls=controls)
+        if inputs.mask is None:
+            return PreparedImages(self.preprocess(inputs.image, height, width), controls=controls)
         image = self.image_processor.preprocess(
             inputs.image, height=height, width=width, crops_coords=crop, resize_mode=resize_mode
         )
         mask = self.mask_processor.preprocess(
             inputs.mask, height=height, width=width, crops_coords=crop, resize_mode=resize_mode
         )
-        return PreparedImages(image.to(self.device), mask.to(self.device), inputs, crop)
+        return PreparedImages(image.to(self.device), mask.to(self.device), inputs, crop, controls)
+
+    def _control(
+        self,
+        control: ControlImage,
+        request: ResolvedRequest,
+        crop: tuple[int, int, int, int] | None,
+        resize_mode: str,
+    ) -> Control:
+        """A control image resized (and cropped with the mask) as diffusers' ControlNet pipelines
+        prepare it, repeated per image and doubled for classifier-free guidance."""
+        image = self.control_processor.preprocess(
+            control.image, height=request.height, width=request.width, crops_coords=crop, resize_mode=resize_mode
+        ).to(device=self.device, dtype=torch.float32)
+        image = image.repeat_interleave(request.num_images, dim=0)
+        if request.guidance_scale > 1.0:
+            image = torch.cat([image] * 2)
+        return Control(control.component, image, control.scale, control.start, control.end)
 
     def _inpainting(
         self,
@@ -199,7 +277,7 @@ class DiffusionPipeline:
         uses those masked-image latents: the draw is made all the same, without the encode, so the
         first generator's later draws (ancestral schedulers) stay diffusers'.
         """
-        assert prepared.mask is not None
+        assert prepared.mask is not None and prepared.image is not None
         images, latent_size = shape[0], shape[2:]
         blends = not self.model.config.inpainting_unet
         full_strength = request.strength == 1.0

@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from engine.controls import CANNY_THRESHOLDS, ControlNetRequest
 from engine.errors import RequestError
 from engine.lora.library import LoraRequest
 from engine.prompts.syntax import weight_problems
@@ -30,6 +31,8 @@ from engine.settings import Settings
 
 MAX_SEED = 2**63 - 1
 MAX_LORA_SCALE = 4.0
+MAX_CONTROLNET_SCALE = 4.0
+MAX_CANNY_THRESHOLD = 2000.0
 MAX_PROMPT_CHARS = 10_000
 DEFAULT_STRENGTH = 0.8
 
@@ -49,6 +52,7 @@ class Limits:
     max_prompts: int
     max_timeout_s: float
     max_loras: int = 4
+    max_controlnets: int = 2
     max_prompt_weight: float = 3.0
     inpaint_strength: float = 1.0
     """The family's inpainting default, as its diffusers pipeline has it."""
@@ -72,6 +76,7 @@ class Limits:
             max_prompts=settings.max_prompts,
             max_timeout_s=settings.max_timeout_s,
             max_loras=settings.max_loras,
+            max_controlnets=settings.max_controlnets,
             max_prompt_weight=settings.max_prompt_weight,
             inpaint_strength=inpaint_strength,
         )
@@ -120,6 +125,43 @@ class LoraEntry(BaseModel):
         return LoraRequest(self.name, self.url, self.scale)
 
 
+class ControlNetEntry(BaseModel):
+    """One ControlNet of a request: a folder in CONTROLNET_DIR, its control image, and when it acts."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: str = Field(min_length=1, description="a ControlNet folder in CONTROLNET_DIR")
+    image: str = Field(
+        min_length=1, description="the control image, or with preprocess the photo it is made from: base64 or a URL"
+    )
+    scale: float = Field(1.0, ge=0.0, le=MAX_CONTROLNET_SCALE, allow_inf_nan=False)
+    start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps before the ControlNet acts")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps after which it stops")
+    preprocess: Literal["canny"] | None = Field(None, description="canny: OpenCV's edge map of the image")
+    low: float | None = Field(None, ge=0.0, le=MAX_CANNY_THRESHOLD, description="Canny's lower threshold")
+    high: float | None = Field(None, ge=0.0, le=MAX_CANNY_THRESHOLD, description="Canny's upper threshold")
+
+    @model_validator(mode="after")
+    def _check_together(self) -> ControlNetEntry:
+        if self.start >= self.end:
+            raise _rule("order", "start must be below end, got start {s} and end {e}", s=self.start, e=self.end)
+        if self.preprocess is None and (self.low is not None or self.high is not None):
+            raise _rule("preprocess", "low and high only apply with preprocess 'canny'")
+        low, high = self.thresholds
+        if low >= high:
+            raise _rule("order", "low must be below high, got low {lo} and high {hi}", lo=low, hi=high)
+        return self
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        defaults = CANNY_THRESHOLDS
+        return (defaults[0] if self.low is None else self.low, defaults[1] if self.high is None else self.high)
+
+    def to_request(self) -> ControlNetRequest:
+        thresholds = self.thresholds if self.preprocess is not None else None
+        return ControlNetRequest(self.name, self.image, self.scale, self.start, self.end, self.preprocess, thresholds)
+
+
 class GenerateRequest(BaseModel):
     """One generation job's input, as sent in RunPod's ``job["input"]``."""
 
@@ -149,6 +191,9 @@ class GenerateRequest(BaseModel):
         None, ge=0, description="inpaint a crop around the mask, this many pixels wider, and paste it back"
     )
     loras: list[LoraEntry] | None = Field(None, description="LoRAs applied for this request, each with its scale")
+    controlnets: list[ControlNetEntry] | None = Field(
+        None, description="ControlNets steering this request, each with its control image"
+    )
 
     @field_validator("prompt", "negative_prompt")
     @classmethod
@@ -199,6 +244,16 @@ class GenerateRequest(BaseModel):
             raise _rule("too_many", "at most {n} LoRAs per request, got {v}", n=_limits(info).max_loras, v=len(loras))
         return loras
 
+    @field_validator("controlnets")
+    @classmethod
+    def _check_controlnets(
+        cls, entries: list[ControlNetEntry] | None, info: ValidationInfo
+    ) -> list[ControlNetEntry] | None:
+        limit = _limits(info).max_controlnets
+        if entries is not None and len(entries) > limit:
+            raise _rule("too_many", "at most {n} per request (MAX_CONTROLNETS), got {v}", n=limit, v=len(entries))
+        return entries
+
     @field_validator("timeout_s")
     @classmethod
     def _check_timeout(cls, timeout: float | None, info: ValidationInfo) -> float | None:
@@ -244,6 +299,7 @@ class GenerateRequest(BaseModel):
             prompt_syntax=self.prompt_syntax,
             mask=self.mask,
             padding_mask_crop=self.padding_mask_crop,
+            controlnets=tuple(entry.to_request() for entry in self.controlnets or ()),
         )
 
 
@@ -273,10 +329,13 @@ class ResolvedRequest:
     """Chunks of the text encoder's length each prompt and negative prompt is padded to."""
     mask: str | None = None
     padding_mask_crop: int | None = None
+    controlnets: tuple[ControlNetRequest, ...] = ()
 
     @property
     def mode(self) -> str:
-        return "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
+        """txt2img, img2img or inpaint, with '+controlnet' when ControlNets steer it."""
+        base = "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
+        return f"{base}+controlnet" if self.controlnets else base
 
     @property
     def num_images(self) -> int:

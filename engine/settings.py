@@ -116,6 +116,13 @@ class Settings(BaseSettings):
         2, ge=1, description="onnxruntime sessions with LoRA weights kept per component (least recently used out)"
     )
 
+    controlnet_dir: Path | None = Field(
+        None,
+        description="ControlNet folders (diffusers' layout) a request names. Default: controlnets/ on the network "
+        "volume when it is mounted, else under CACHE_DIR",
+    )
+    max_controlnets: int = Field(2, ge=0, description="ControlNets per request")
+
     engine_profiles: str | None = Field(
         None,
         description="size ranges engines cover, 'MIN-MAX@OPTxBATCH' or static 'SIZExBATCH', comma-separated; "
@@ -168,9 +175,12 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _default_lora_dir(self) -> Settings:
+    def _default_folders(self) -> Settings:
         if self.lora_dir is None:
             self.lora_dir = RUNPOD_VOLUME / "loras" if RUNPOD_VOLUME.is_dir() else self.cache_dir / "loras"
+        if self.controlnet_dir is None:
+            on_volume = RUNPOD_VOLUME.is_dir()
+            self.controlnet_dir = (RUNPOD_VOLUME if on_volume else self.cache_dir) / "controlnets"
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,7 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.backends.select import ChainCalls, LazyTorchRunner, RunnerChain, build_chains
+from engine.backends.select import ChainCalls, LazyTorchRunner, RunnerChain, build_chains, share_torch_weights
+from engine.backends.tensorrt import TensorRTBackend
+from engine.controls import ControlNetFolders, ControlNetRequest, canny
 from engine.delivery import Delivery, EncodedImage
 from engine.errors import DeadlineExceeded, RequestError, WorkerError
 from engine.faults import is_out_of_memory, is_unrecoverable
@@ -30,7 +33,8 @@ from engine.lora.library import LoraLibrary
 from engine.memory import available_bytes, estimates
 from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
-from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
+from engine.models.controlnet import CONTROLLED_UNET, ControlledUNetModule
+from engine.pipeline import ControlImage, DiffusionPipeline, ImageInputs, StepCallback
 from engine.prompts.tokens import prompt_lengths
 from engine.request import Limits, ResolvedRequest, parse_request, validate_request
 from engine.settings import Precision, Settings, TorchFallback
@@ -71,6 +75,8 @@ class Worker:
         self.store = Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s)
         self.cold_start.mark("model_resolve")
         read_before = (READS.bytes, READS.seconds)
+        self.controlnet_engines: list[TensorRTBackend] = []
+        self._chains_lock = threading.Lock()
         self.chains = self._build_chains()
         self.cold_start.record_store_read(READS.bytes - read_before[0], READS.seconds - read_before[1])
         self.model.tokenizers  # noqa: B018 - load now, not in the first request
@@ -78,6 +84,8 @@ class Worker:
         self.pipeline = DiffusionPipeline(self.model, self.device)
         assert settings.lora_dir is not None  # Settings fills it in
         self.loras = LoraLibrary(LoraFiles(settings.lora_dir, settings.max_lora_bytes), self.model)
+        assert settings.controlnet_dir is not None  # Settings fills it in
+        self.controlnets = ControlNetFolders(settings.controlnet_dir, self.model)
         self.delivery = Delivery(settings)
         self.image_limits = ImageLimits(
             settings.max_input_image_bytes, settings.max_image_side, settings.min_image_side
@@ -102,6 +110,24 @@ class Worker:
                 if isinstance(runner, LazyTorchRunner) and (eager or (position == 0 and component in needed)):
                     runner.ensure_loaded()
         return chains
+
+    def _add_controlnet_chains(self, components: list[str]) -> None:
+        """Runner chains for ControlNets a request is the first to use, and for the controlled UNet; its
+        torch fallback runs the UNet's own torch module, so the weights are not loaded twice."""
+        with self._chains_lock:
+            missing = [c for c in (*components, CONTROLLED_UNET) if c not in self.chains]
+            if not missing:
+                return
+            chains, engines = build_chains(
+                self.model, self.settings, self.store, self.device, self.precision, components=missing
+            )
+            if CONTROLLED_UNET in chains:
+                added = self.model.added_cond_names
+                share_torch_weights(
+                    chains[CONTROLLED_UNET], self.chains["unet"], lambda unet: ControlledUNetModule(unet.unet, added)
+                )
+            self.chains.update(chains)
+            self.controlnet_engines.append(engines)
 
     def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         """A RunPod job in, a response dict out; never raises for a bad job."""
@@ -161,7 +187,10 @@ class Worker:
         prepared = self.pipeline.prepare_images(inputs, request) if inputs is not None else None
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         seeds = [base_seed + index for index in range(request.num_images)]
-        calls = ChainCalls(self.chains, loras.patches)
+        patches = dict(loras.patches)
+        if "unet" in patches:  # the controlled UNet has the UNet's weights, LoRAs included
+            patches[CONTROLLED_UNET] = patches["unet"]
+        calls = ChainCalls(self.chains, patches)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)
         images = self.pipeline(request, seeds, calls, timer, on_step, prepared)
@@ -179,6 +208,8 @@ class Worker:
             output, delivery = self.delivery.deliver(job_id, encoded)
         metrics = self._metrics(request, job_id, started, timer, calls)
         metrics["loras"] = loras.metrics()
+        if request.controlnets and inputs is not None:
+            metrics["controlnets"] = controlnet_metrics(request.controlnets, inputs.controls, timer)
         metrics["delivery"] = delivery
         log.info("job done", extra={"fields": {"process_time": metrics["process_time"], "delivery": delivery}})
         return {"status": "success", "output": output, "metrics": metrics}
@@ -210,8 +241,8 @@ class Worker:
             )
 
     def resolve(self, payload: Any) -> tuple[ResolvedRequest, ImageInputs | None]:
-        """A valid request with its defaults, and its input image (and mask) when it has one: the image's
-        size is the default size."""
+        """A valid request with its defaults, and its input image (and mask) and control images when it
+        has them: the input image's size is the default size, else the first control image's."""
         draft = validate_request(payload, self.limits)
         if self.model.config.inpainting_unet and draft.mask is None:
             raise RequestError(
@@ -220,9 +251,25 @@ class Worker:
             )
         image = load_image(draft.image, self.image_limits) if draft.image is not None else None
         mask = load_image(draft.mask, self.image_limits, "mask") if draft.mask is not None else None
-        request = draft.resolved(self.limits, image.size if image is not None else None)
-        inputs = ImageInputs(image, mask) if image is not None else None
-        return self._measure_prompts(request), inputs
+        controls = tuple(
+            self._control_image(control.to_request(), f"controlnets[{index}]")
+            for index, control in enumerate(draft.controlnets or ())
+        )
+        size_from = image if image is not None else controls[0].image if controls else None
+        request = draft.resolved(self.limits, size_from.size if size_from is not None else None)
+        inputs = ImageInputs(image, mask, controls) if image is not None or controls else None
+        request = self._measure_prompts(request)
+        if controls:
+            self._add_controlnet_chains([control.component for control in controls])
+        return request, inputs
+
+    def _control_image(self, control: ControlNetRequest, field: str) -> ControlImage:
+        """A ``controlnets`` entry's component and control image (its edge map, with preprocess canny)."""
+        component = self.controlnets.component(control.name, f"{field}.name")
+        image = load_image(control.image, self.image_limits, f"{field}.image")
+        if control.thresholds is not None:
+            image = canny(image, *control.thresholds)
+        return ControlImage(component, image, control.scale, control.start, control.end)
 
     def _measure_prompts(self, request: ResolvedRequest) -> ResolvedRequest:
         """The request with its prompts' token and chunk counts; refuses a prompt past MAX_PROMPT_CHUNKS."""
@@ -299,3 +346,23 @@ class Worker:
         if init_ms is not None:
             metrics["init_ms"] = init_ms
         return metrics
+
+
+def controlnet_metrics(
+    requests: tuple[ControlNetRequest, ...], controls: tuple[ControlImage, ...], timer: StageTimer
+) -> list[dict[str, Any]]:
+    """Each ControlNet's name, scale and span, and the steps it ran with the time each took on average."""
+    found = []
+    for request, control in zip(requests, controls, strict=True):
+        total_ms, steps = timer.stage_total(control.component)
+        found.append(
+            {
+                "name": request.name,
+                "scale": request.scale,
+                "start": request.start,
+                "end": request.end,
+                "steps": steps,
+                "step_ms": round(total_ms / steps, 3) if steps else 0.0,
+            }
+        )
+    return found

@@ -2,6 +2,10 @@
 
     python -m export --model tiny
     MODEL=/models/sd15 ENGINE_DIR=/runpod-volume/engines python -m export
+    python -m export --controlnets canny depth
+
+ControlNets in CONTROLNET_DIR that fit the model are exported too, with the controlled UNet
+they feed.
 
 Safe to run from many processes or hosts at once: each artifact is built once, under
 a lock, and published atomically; artifacts already in the store are checked and kept.
@@ -18,9 +22,11 @@ from tqdm import tqdm
 
 from engine.backends.tensorrt import gpu_tag
 from engine.cli import run_command
-from engine.errors import WorkerError
+from engine.controls import ControlNetFolders, found_controlnets
+from engine.errors import RequestError, WorkerError
 from engine.logs import configure_logging
-from engine.models import load_model
+from engine.models import Model, load_model
+from engine.models.controlnet import CONTROLLED_UNET
 from engine.profiles import parse_ranges
 from engine.settings import Precision, Settings, load_settings
 from engine.store import Artifact, Store
@@ -46,7 +52,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="overrides DEVICE")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16"], help="overrides PRECISION")
     parser.add_argument("--skip-engines", action="store_true", help="ONNX only, even on a GPU")
+    parser.add_argument(
+        "--controlnets",
+        nargs="*",
+        metavar="NAME",
+        help="ControlNet folders in CONTROLNET_DIR to export, with the controlled UNet (no names: all that fit); "
+        "default: all that fit, unless --components is given",
+    )
     return parser.parse_args(argv)
+
+
+def add_controlnets(model: Model, settings: Settings, names: list[str] | None) -> tuple[list[str], list[str]]:
+    """The ControlNet components to export, made part of the model, and a line for each one left out.
+
+    Named ControlNets must fit the model; of the ones found, those that do not are left out."""
+    assert settings.controlnet_dir is not None  # Settings fills it in
+    folders = ControlNetFolders(settings.controlnet_dir, model)
+    if names:
+        return [folders.component(name, "--controlnets") for name in names], []
+    components, skipped = [], []
+    for name in found_controlnets(settings.controlnet_dir):
+        try:
+            components.append(folders.component(name, "CONTROLNET_DIR"))
+        except RequestError as error:
+            skipped.append(f"skipped {error}")
+    return components, skipped
 
 
 def engine_builder(settings: Settings, exporter: Exporter, skip: bool) -> tuple[EngineBuilder | None, str]:
@@ -113,10 +143,16 @@ def export(args: argparse.Namespace) -> int:
         precision=export_precision(settings.precision, device),
         work_dir=settings.export_work_dir,
     )
-    components = args.components or list(exporter.model.components)
-    unknown = set(components) - set(exporter.model.components)
+    model = exporter.model
+    components = args.components or list(model.components)
+    unknown = set(components) - set(model.components)
     if unknown:
-        raise WorkerError(f"unknown components {sorted(unknown)}; the model has {exporter.model.components}")
+        raise WorkerError(f"unknown components {sorted(unknown)}; the model has {model.components}")
+    controlnets, skipped = [], []
+    if args.controlnets is not None or args.components is None:
+        controlnets, skipped = add_controlnets(model, settings, args.controlnets)
+    if controlnets:
+        components += [*controlnets, CONTROLLED_UNET]
     builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
     summary = []
     with tqdm(components, desc="export", unit="component") as bar:
@@ -126,6 +162,8 @@ def export(args: argparse.Namespace) -> int:
             engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
             summary.append((component, [onnx, *engines], stages))
     print(f"engine store: {settings.engine_dir}\n{engines_note}")
+    for line in skipped:
+        print(f"  {line}")
     for component, artifacts, stages in summary:
         print(f"  {component:<14} ({stage_summary(stages)})")
         for artifact in artifacts:

@@ -32,12 +32,12 @@ ISOLATE_FROM_BYTES = 2**30
 
 def weight_bytes(model: Model, component: str) -> int:
     """Bytes of the weight files a component is loaded from."""
-    folder = model.folder / model.family.weight_folder(component)
+    folder = model.component_folder(component)
     return sum(path.stat().st_size for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES)
 
 
 def load_module(model: Model, component: str, device: torch.device) -> torch.nn.Module:
-    return model.family.torch_module(component, model.folder, torch.float32).to(device)
+    return model.torch_module(component, torch.float32).to(device)
 
 
 def references_for(model: Model, component: str, module: torch.nn.Module, dims: list[Dims]) -> list[Reference]:

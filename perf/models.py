@@ -2,6 +2,7 @@
 
     python -m perf.models sd15 /tmp/sd15-random
     python -m perf.models sd15-inpaint /tmp/sd15-inpaint-random
+    python -m perf.models sd15-controlnet /tmp/controlnets/sd15-random
 
 Tiny models hide what real ones hit (graphs over 2 GiB, fp16 overflow, memory), so the
 export and the worker are measured on these. The configs are those of the released
@@ -75,7 +76,28 @@ def build_sd15(folder: Path, inpainting: bool = False) -> None:
     ).save_pretrained(folder)
 
 
+def build_sd15_controlnet(folder: Path) -> None:
+    """An SD 1.5 ControlNet (1.4 GB fp32), as lllyasviel's control_v11 checkpoints are configured. diffusers
+    starts its output convolutions at zero, which would make every residual zero: they are drawn at
+    random too, at the small scale trained ones have."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        conditioning_embedding_out_channels=(16, 32, 96, 256),
+    )
+    with torch.no_grad():
+        for parameter in controlnet.parameters():
+            if not parameter.any():
+                parameter.normal_(0.0, 0.02)
+    controlnet.save_pretrained(folder)
+
+
 ARCHITECTURES: dict[str, Callable[[Path], None]] = {
+    "sd15-controlnet": build_sd15_controlnet,
     "sd15": build_sd15,
     "sd15-inpaint": functools.partial(build_sd15, inpainting=True),
 }

@@ -97,6 +97,32 @@ def exported_sdxl(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> 
     return engine_dir
 
 
+@pytest.fixture(scope="session")
+def inpainting_model(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A held-out tiny SD inpainting model: a 9-channel UNet (latents, mask, masked-image latents)."""
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    from engine.models.builtin import builtin_model_folder
+
+    folder = tmp_path_factory.mktemp("tiny-inpaint")
+    base = StableDiffusionPipeline.from_pretrained(builtin_model_folder("tiny", cache_dir))
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9, "attention_head_dim": 4})
+    StableDiffusionInpaintPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet,
+        scheduler=base.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

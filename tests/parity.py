@@ -50,6 +50,12 @@ def to_base64(image: Image.Image, fmt: str = "PNG") -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def decoded(response: dict) -> list[np.ndarray]:
+    """A successful response's images, as arrays."""
+    assert response["status"] == "success", response
+    return [as_array(Image.open(io.BytesIO(base64.b64decode(item["image"])))) for item in response["output"]]
+
+
 def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
     request, inputs = worker.resolve(payload)
     prepared = worker.pipeline.prepare_images(inputs, request) if inputs else None
@@ -59,17 +65,29 @@ def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
 
 
 def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
-    """diffusers' pipeline (text-to-image, image-to-image or inpainting, as the payload asks) with the same inputs."""
+    """diffusers' pipeline (text-to-image, image-to-image or inpainting, with ControlNets where the payload
+    has them, as it asks) with the same inputs."""
     request, images = worker.resolve(payload)
     folder_config = diffusers.DDIMScheduler.load_config(worker.model.folder, subfolder="scheduler")
     class_name, overrides = DIFFUSERS_SCHEDULERS.get(request.scheduler, (folder_config["_class_name"], {}))
     pipe.scheduler = getattr(diffusers, class_name).from_config(folder_config, **overrides)
     inputs: dict = {"height": request.height, "width": request.width}
-    if images is not None and images.mask is None:
+    if images is not None and images.image is not None and images.mask is None:
         inputs = {"image": images.image, "strength": request.strength}
-    elif images is not None:
+    elif images is not None and images.image is not None:
         inputs |= {"image": images.image, "mask_image": images.mask, "strength": request.strength}
         inputs["padding_mask_crop"] = request.padding_mask_crop
+    if images is not None and images.controls:
+        # diffusers' ControlNet pipelines take lists for several ControlNets, plain values for one
+        def per_controlnet(values: list) -> object:
+            return values if len(values) > 1 else values[0]
+
+        controls = images.controls
+        inputs["image" if images.image is None else "control_image"] = per_controlnet([c.image for c in controls])
+        inputs["controlnet_conditioning_scale"] = per_controlnet([c.scale for c in controls])
+        inputs["control_guidance_start"] = per_controlnet([c.start for c in controls])
+        inputs["control_guidance_end"] = per_controlnet([c.end for c in controls])
+        inputs |= {"height": request.height, "width": request.width}
     result = pipe(
         prompt=request.prompts,
         negative_prompt=request.negative_prompts,

@@ -83,11 +83,17 @@ def test_test_input_with_a_bad_width_fails_naming_width(subprocess_env):
 
 @pytest.fixture(scope="module")
 def api_server(cache_dir, tmp_path_factory) -> Iterator[str]:
-    """The SDK's local API server (``--rp_serve_api``) running the real handler, with one LoRA in its folder."""
+    """The SDK's local API server (``--rp_serve_api``) running the real handler, with one LoRA and one
+    ControlNet in their folders."""
+    from tests.test_controlnet import make_controlnet
+
     engine_dir = tmp_path_factory.mktemp("api") / "engines"
     lora_dir = engine_dir.parent / "loras"
-    write_lora(load_model("tiny", cache_dir), lora_dir / "style.safetensors", "kohya", seed=3, rank=4, alpha=2)
-    env = worker_env(cache_dir, engine_dir, LORA_DIR=str(lora_dir), MAX_LORAS="2")
+    controlnet_dir = engine_dir.parent / "controlnets"
+    model = load_model("tiny", cache_dir)
+    write_lora(model, lora_dir / "style.safetensors", "kohya", seed=3, rank=4, alpha=2)
+    make_controlnet(model.folder, controlnet_dir / "edges", seed=1)
+    env = worker_env(cache_dir, engine_dir, LORA_DIR=str(lora_dir), MAX_LORAS="2", CONTROLNET_DIR=str(controlnet_dir))
     with serve_api(env, engine_dir.parent / "server.log") as (url, _):
         yield url
 
@@ -186,3 +192,27 @@ def test_api_server_inpaints_and_names_malformed_masks(api_server):
     body = runsync(api_server, {**base, "mask": base64.b64encode(buffer.getvalue()).decode()}).json()
     assert body["status"] == "COMPLETED", body
     assert body["output"]["metrics"]["mode"] == "inpaint"
+
+
+def test_api_server_serves_controlnets_and_names_malformed_entries(api_server):
+    from tests.parity import picture, to_base64
+
+    photo = to_base64(picture(64, 64))
+    base = {"prompt": "a red hat", "num_inference_steps": 2, "seed": 4}
+    edges = {"name": "edges", "image": photo}
+    for controlnets, message in (
+        ([{**edges, "name": "pose"}], "controlnets[0].name: no ControlNet 'pose' in CONTROLNET_DIR"),
+        ([{**edges, "image": "bm90IGFuIGltYWdl"}], "controlnets[0].image: not a PNG, JPEG or WebP image"),
+        ([{**edges, "start": 0.5, "end": 0.5}], "controlnets[0]: start must be below end"),
+        ([edges, edges, edges], "controlnets: at most 2 per request (MAX_CONTROLNETS), got 3"),
+        ([{**edges, "preprocess": "sobel"}], "controlnets[0].preprocess:"),
+        ([{"image": photo}], "controlnets[0].name: Field required"),
+    ):
+        body = runsync(api_server, {**base, "controlnets": controlnets}).json()
+        assert body["status"] == "FAILED", body
+        assert message in body["error"] and "Traceback" not in body["error"], body["error"]
+    body = runsync(api_server, {**base, "controlnets": [{**edges, "preprocess": "canny", "end": 0.5}]}).json()
+    assert body["status"] == "COMPLETED", body
+    metrics = body["output"]["metrics"]
+    assert metrics["mode"] == "txt2img+controlnet"
+    assert metrics["controlnets"][0]["name"] == "edges" and metrics["controlnets"][0]["steps"] >= 1

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from diffusers import (
     StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
     StableDiffusionXLInpaintPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image
 
-from engine.models.builtin import builtin_model_folder
 from engine.settings import Settings
 from engine.worker import Worker
 from tests.conftest import run_export
-from tests.parity import assert_same_images, generate, picture, reference_images, to_base64
+from tests.parity import assert_same_images, decoded, generate, picture, reference_images, to_base64
 
 
 def mask_image(width: int = 64, height: int = 64, box: tuple[int, int, int, int] = (16, 16, 48, 40)) -> Image.Image:
@@ -50,27 +46,6 @@ def reference(cls, worker: Worker):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-@pytest.fixture(scope="module")
-def inpainting_model(cache_dir, tmp_path_factory):
-    """A held-out tiny SD inpainting model: a 9-channel UNet (latents, mask, masked-image latents)."""
-    folder = tmp_path_factory.mktemp("tiny-inpaint")
-    base = StableDiffusionPipeline.from_pretrained(builtin_model_folder("tiny", cache_dir))
-    with torch.random.fork_rng():
-        torch.manual_seed(7)
-        unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9, "attention_head_dim": 4})
-    StableDiffusionInpaintPipeline(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=unet,
-        scheduler=base.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder)
-    return folder
 
 
 SD_CASES = [
@@ -141,17 +116,6 @@ def test_a_9_channel_unet_exports_and_inpaints_on_onnxruntime(inpainting_model, 
     assert actual["metrics"]["backends"]["unet"] == "onnxruntime"
     for mine, theirs in zip(decoded(actual), decoded(expected), strict=True):
         assert np.abs(mine - theirs).max() <= 2
-
-
-def decoded(response: dict) -> list[np.ndarray]:
-    import base64
-    import io
-
-    assert response["status"] == "success", response
-    return [
-        np.asarray(Image.open(io.BytesIO(base64.b64decode(item["image"]))), dtype=np.int16)
-        for item in response["output"]
-    ]
 
 
 @pytest.mark.parametrize(

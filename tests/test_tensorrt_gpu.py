@@ -145,3 +145,31 @@ def test_long_weighted_prompts_run_on_the_engines_prompt_axis(gpu_store, make_se
     assert set(response["metrics"]["backends"].values()) == {"tensorrt"}, response["metrics"]["fallbacks"]
     for candidate, expected in zip(images(response), images(reference), strict=True):
         assert compare_images(candidate, expected).passed
+
+
+def test_controlnets_run_on_their_own_engines_and_the_controlled_unets(tmp_path, cache_dir, make_settings):
+    """Two ControlNets, each built into its own engine with the controlled UNet, against torch on the GPU;
+    the last steps, where neither acts, run the plain UNet's engine."""
+    from engine.models import load_model
+    from engine.worker import Worker
+    from export.verify import compare_images
+    from tests.parity import picture, to_base64
+    from tests.test_controlnet import make_controlnet
+
+    controlnet_dir, store = tmp_path / "controlnets", tmp_path / "engines"
+    folder = load_model("tiny", cache_dir).folder
+    make_controlnet(folder, controlnet_dir / "edges", seed=1)
+    make_controlnet(folder, controlnet_dir / "depth", seed=2)
+    done = run_export(store, cache_dir, "--device", "cuda", "--controlnets", "edges", "depth", "--components", "unet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    image = to_base64(picture(64, 64))
+    controlnets = [{"name": "edges", "image": image, "end": 0.5}, {"name": "depth", "image": image, "scale": 0.6, "end": 0.75}]
+    request = {"id": "c", "input": {"prompt": "a fox", "num_inference_steps": 6, "seed": 2, "controlnets": controlnets}}
+    settings = {"device": "cuda", "engine_dir": store, "controlnet_dir": controlnet_dir}
+    reference = Worker(make_settings(backend="torch", **settings)).handle(request)
+    response = Worker(make_settings(backend="tensorrt", **settings)).handle(request)
+    backends = response["metrics"]["backends"]
+    for component in ("controlnet.edges", "controlnet.depth", "unet_controlled", "unet"):
+        assert backends[component] == "tensorrt", response["metrics"]["fallbacks"]
+    for candidate, expected in zip(images(response), images(reference), strict=True):
+        assert compare_images(candidate, expected).passed

@@ -15,7 +15,7 @@ import logging
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +64,48 @@ class LazyTorchRunner(Runner):
         if patch is None and self._runner is None:
             return  # not loaded yet: it will load the base weights
         self.ensure_loaded().apply_patch(patch)
+
+
+class SharedTorchRunner(Runner):
+    """A torch runner on another torch runner's module: the controlled UNet runs the UNet's own
+    weights, so torch holds one copy, and one LoRA state, whose key it reads from that runner."""
+
+    backend = "torch"
+
+    def __init__(self, spec: ComponentSpec, owner: LazyTorchRunner, wrap: Callable[[torch.nn.Module], torch.nn.Module]):
+        # not Runner.__init__: setting weights_key there would reset the owner's
+        self.spec, self.precision, self.device = spec, owner.precision, owner.device
+        self.owner = owner
+        self._wrap = wrap
+        self._module: torch.nn.Module | None = None
+
+    @property
+    def weights_key(self) -> str | None:  # type: ignore[override]
+        return self.owner.weights_key
+
+    @weights_key.setter
+    def weights_key(self, key: str | None) -> None:
+        self.owner.weights_key = key
+
+    def apply_patch(self, patch: WeightPatch | None) -> None:
+        self.owner.apply_patch(patch)
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._module is None:
+            self._module = self._wrap(self.owner.ensure_loaded().module)
+        with torch.inference_mode():
+            outputs = self._module(*(inputs[name] for name in self.spec.input_names))
+        return dict(zip(self.spec.output_names, outputs, strict=True))
+
+
+def share_torch_weights(
+    chain: RunnerChain, owner: RunnerChain, wrap: Callable[[torch.nn.Module], torch.nn.Module]
+) -> None:
+    """Replaces ``chain``'s torch runner by one on ``owner``'s torch module, wrapped, where both have one."""
+    owners = [runner for runner in owner.runners if isinstance(runner, LazyTorchRunner)]
+    for position, runner in enumerate(chain.runners):
+        if isinstance(runner, LazyTorchRunner) and owners:
+            chain.runners[position] = SharedTorchRunner(runner.spec, owners[0], wrap)
 
 
 FAILURES_BEFORE_REMOVAL = 3
@@ -238,11 +280,18 @@ def graph_weight_map(store: Store, spec: ComponentSpec, fingerprint: str, precis
 
 
 def build_chains(
-    model: Model, settings: Settings, store: Store, device: torch.device, precision: str
+    model: Model,
+    settings: Settings,
+    store: Store,
+    device: torch.device,
+    precision: str,
+    components: Sequence[str] | None = None,
 ) -> tuple[dict[str, RunnerChain], TensorRTBackend]:
-    """A runner chain per component, and the TensorRT engines behind them (which share memory)."""
-    wanted = {c: preferred_backends(settings.backend_for(c), device) for c in model.components}
-    precisions = {c: model.family.component_precision(c, precision, model.config) for c in model.components}
+    """A runner chain per component (default: the family's), and the TensorRT engines behind them
+    (which share memory)."""
+    components = model.components if components is None else components
+    wanted = {c: preferred_backends(settings.backend_for(c), device) for c in components}
+    precisions = {c: model.family.component_precision(c, precision, model.config) for c in components}
     fingerprints: dict[str, str] = {}
 
     def fingerprint(component: str) -> str:
@@ -302,9 +351,7 @@ def build_chains(
                 log.warning("%s: %s unavailable: %s", component, backend.value, error)
                 unavailable[backend.value] = str(error)
         if not backends or settings.torch_fallback is not TorchFallback.OFF:
-            load = functools.partial(
-                model.family.torch_module, component, model.folder, torch_dtype(precisions[component])
-            )
+            load = functools.partial(model.torch_module, component, torch_dtype(precisions[component]))
             runners.append(LazyTorchRunner(spec, load, precisions[component], device))
         else:
             unavailable["torch"] = "TORCH_FALLBACK=off"

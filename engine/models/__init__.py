@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from engine.errors import ModelError
 from engine.models.builtin import BUILTIN_MODELS, builtin_model_folder
+from engine.models.controlnet import (
+    CONTROLLED_UNET,
+    ControlledUNetModule,
+    controlled_unet_spec,
+    controlnet_component,
+    controlnet_spec,
+    load_controlnet,
+    mismatches,
+    read_controlnet_config,
+)
 from engine.models.family import ModelConfig, ModelFamily
 from engine.models.sd import StableDiffusion
 from engine.models.sdxl import StableDiffusionXL
@@ -66,10 +78,47 @@ class Model:
     folder: Path
     family: ModelFamily
     config: ModelConfig
+    controlnets: dict[str, Path] = field(default_factory=dict)
+    """Components added for ControlNets (``controlnet.<name>``), each with its folder."""
 
     @cached_property
     def specs(self) -> dict[str, ComponentSpec]:
+        """The family's components, then any ControlNets added and the controlled UNet they feed."""
         return self.family.specs(self.config)
+
+    def controlnet_mismatches(self, folder: Path) -> list[str]:
+        """Why the ControlNet in ``folder`` cannot drive this model's UNet; empty when it can."""
+        return mismatches(self.config.configs["unet"], read_controlnet_config(folder), self.config.latent_channels)
+
+    def add_controlnet(self, name: str, folder: Path) -> str:
+        """Makes a ControlNet folder (checked with ``controlnet_mismatches``) one of the model's
+        components, with the controlled UNet; returns the component's name."""
+        component = controlnet_component(name)
+        unet = self.specs["unet"]
+        self.specs[component] = controlnet_spec(component, unet, read_controlnet_config(folder))
+        self.specs.setdefault(CONTROLLED_UNET, controlled_unet_spec(unet, self.config.configs["unet"]))
+        self.controlnets[component] = folder
+        return component
+
+    @property
+    def added_cond_names(self) -> tuple[str, ...]:
+        """The UNet's conditioning inputs after the text embeddings (SDXL's pooled embeds and time ids)."""
+        return tuple(self.specs["unet"].input_names[3:])
+
+    def component_folder(self, component: str) -> Path:
+        """The folder whose files (config and weights) a component is built from."""
+        if component in self.controlnets:
+            return self.controlnets[component]
+        return self.folder / self.family.weight_folder("unet" if component == CONTROLLED_UNET else component)
+
+    def torch_module(self, component: str, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+        """The module export traces and the torch backend runs, for any component the model has."""
+        if component in self.controlnets:
+            return load_controlnet(self.controlnets[component], dtype, self.added_cond_names)
+        if component == CONTROLLED_UNET:
+            unet = self.family.torch_module("unet", self.folder, dtype, weights)
+            return ControlledUNetModule(unet.unet, self.added_cond_names)
+        return self.family.torch_module(component, self.folder, dtype, weights)
 
     @cached_property
     def tokenizers(self) -> dict[str, Any]:
@@ -80,11 +129,9 @@ class Model:
     @cached_property
     def parameter_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
         """Each LoRA-targetable component's parameter names and shapes, from its config (nothing loaded)."""
-        import torch
-
         shapes = {}
         for component in self.family.lora_targets:
-            module = self.family.torch_module(component, self.folder, torch.float32, weights=False)
+            module = self.torch_module(component, torch.float32, weights=False)
             shapes[component] = {name: tuple(p.shape) for name, p in module.named_parameters()}
         return shapes
 

@@ -35,8 +35,9 @@ class TensorSpec:
 
     Named dimensions: ``batch``, ``height``, ``width`` (pixels), ``latent_height``,
     ``latent_width`` (pixels divided by the VAE's scale factor), ``text_batch`` (a text
-    encoder's rows: one per prompt chunk) and ``prompt_tokens`` (the UNet's conditioning
-    sequence: every chunk's tokens joined).
+    encoder's rows: one per prompt chunk), ``prompt_tokens`` (the UNet's conditioning
+    sequence: every chunk's tokens joined) and ``latent_height/2``, ``latent_width/4``...
+    (a latent side after the UNet's stride-2 downsamplers, which round up: ControlNet residuals).
     """
 
     name: str
@@ -59,6 +60,22 @@ class TensorSpec:
         return tuple(sizes[dim] if isinstance(dim, str) else dim for dim in self.shape)
 
 
+DOWNSAMPLINGS = (2, 4, 8, 16, 32)
+
+
+def downsampled(dim: str, factor: int) -> str:
+    """The named dimension of a latent side after ``log2(factor)`` stride-2 downsamplers."""
+    return dim if factor == 1 else f"{dim}/{factor}"
+
+
+def with_downsampled(sizes: dict[str, int]) -> dict[str, int]:
+    """The sizes with every downsampled latent side added: each stride-2 convolution rounds up."""
+    for dim in ("latent_height", "latent_width"):
+        for factor in DOWNSAMPLINGS:
+            sizes[downsampled(dim, factor)] = -(-sizes[dim] // factor)
+    return sizes
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     """Everything every stage needs to know about one exported component."""
@@ -75,15 +92,17 @@ class ComponentSpec:
 
     def sizes(self, dims: Dims, guidance: bool = True) -> dict[str, int]:
         multiplier = self.batch_multiplier if guidance else 1
-        return {
-            "batch": dims.batch * multiplier,
-            "text_batch": dims.batch * multiplier * dims.prompt_chunks,
-            "prompt_tokens": dims.prompt_chunks * self.tokens_per_chunk,
-            "height": dims.height,
-            "width": dims.width,
-            "latent_height": dims.height // self.latent_factor,
-            "latent_width": dims.width // self.latent_factor,
-        }
+        return with_downsampled(
+            {
+                "batch": dims.batch * multiplier,
+                "text_batch": dims.batch * multiplier * dims.prompt_chunks,
+                "prompt_tokens": dims.prompt_chunks * self.tokens_per_chunk,
+                "height": dims.height,
+                "width": dims.width,
+                "latent_height": dims.height // self.latent_factor,
+                "latent_width": dims.width // self.latent_factor,
+            }
+        )
 
     @property
     def follows_prompt_length(self) -> bool:
@@ -111,6 +130,8 @@ class ComponentSpec:
         if "height" in sizes and "latent_height" not in sizes:
             sizes["latent_height"] = sizes["height"] // self.latent_factor
             sizes["latent_width"] = sizes["width"] // self.latent_factor
+        if "latent_height" in sizes:
+            sizes = with_downsampled(sizes)
         return {tensor.name: tensor.resolve(sizes) for tensor in self.outputs}
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.models.controlnet import ResidualLayout, controlled_unet_spec
 from engine.models.spec import ComponentSpec, Dims, TensorSpec
 from engine.profiles import Profile, SizeRange, choose, default_ranges, parse_ranges, profile_for
 
@@ -126,3 +127,23 @@ def test_the_covering_engine_tuned_closest_is_chosen():
 def test_profiles_survive_the_manifest():
     profile = profile_for(UNET, SizeRange(256, 512, 1024, 4))
     assert Profile.from_json(profile.to_json()) == profile
+
+
+SD15_UNET_CONFIG = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}
+
+
+def test_controlnet_residuals_follow_the_unets_downsamplers_which_round_up():
+    """SD 1.5's 12 down residuals and mid residual; a 72x56 latent (576x448 pixels) halves to 36x28,
+    18x14, then 9x7: the shapes diffusers' UNet produces, so the controlled UNet's profile covers them."""
+    layout = ResidualLayout.of(SD15_UNET_CONFIG)
+    assert len(layout.down) == 12
+    assert layout.down[-1] == (1280, 8) and layout.mid == (1280, 8)
+    controlled = controlled_unet_spec(UNET, SD15_UNET_CONFIG)
+    shapes = controlled.input_shapes(Dims(1, 576, 440))
+    assert shapes["down_residual_0"] == (2, 320, 72, 55)
+    assert shapes["down_residual_3"] == (2, 320, 36, 28)
+    assert shapes["mid_residual"] == (2, 1280, 9, 7)
+    profile = profile_for(controlled, SizeRange(256, 512, 768, 2))
+    mid = profile.shapes()["mid_residual"]
+    assert (mid.minimum, mid.optimum, mid.maximum) == ((1, 1280, 4, 4), (2, 1280, 8, 8), (4, 1280, 12, 12))
+    assert profile.unsupported_reason(shapes) is None

@@ -1,0 +1,82 @@
+"""ControlNets a request names: folders in CONTROLNET_DIR, checked against the model, and control images.
+
+A name becomes a component of the model (``controlnet.<name>``) the first time a request
+uses it, once its config shows that its residuals fit the model's UNet; from then on it
+is served like any component, through its own runner chain.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from engine.errors import RequestError
+from engine.models import WEIGHT_SUFFIXES, Model
+from engine.models.controlnet import controlnet_component
+
+CANNY_THRESHOLDS = (100.0, 200.0)
+"""OpenCV Canny's lower and upper thresholds when a request gives none, as diffusers' examples use."""
+
+
+@dataclass(frozen=True)
+class ControlNetRequest:
+    """One ``controlnets`` entry, validated."""
+
+    name: str
+    image: str
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    preprocess: str | None = None
+    thresholds: tuple[float, float] | None = None
+
+
+def canny(image: Image.Image, low: float, high: float) -> Image.Image:
+    """OpenCV's Canny edges of the image, white on black, as the RGB control image Canny ControlNets take."""
+    import cv2
+
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
+
+
+def found_controlnets(root: Path) -> list[str]:
+    """The ControlNet folders in ``root``: each holds a config.json."""
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir() if (path / "config.json").is_file())
+
+
+class ControlNetFolders:
+    """The ControlNets in CONTROLNET_DIR, each checked against the model once and added to it."""
+
+    def __init__(self, root: Path, model: Model):
+        self.root = root
+        self.model = model
+        self._lock = threading.Lock()
+
+    def component(self, name: str, field: str) -> str:
+        """The model's component for ControlNet ``name``; a RequestError under ``field`` when there is no
+        such folder or it does not fit the model's UNet."""
+        if name in (".", "..") or any(separator in name for separator in "/\\"):
+            raise RequestError(f"{field}: must be the name of a folder in CONTROLNET_DIR, got {name!r}")
+        component = controlnet_component(name)
+        with self._lock:
+            if component in self.model.controlnets:
+                return component
+            folder = self.root / name
+            if not (folder / "config.json").is_file():
+                found = ", ".join(found_controlnets(self.root)) or "none"
+                raise RequestError(f"{field}: no ControlNet {name!r} in CONTROLNET_DIR ({self.root}); found: {found}")
+            if not any(path.suffix in WEIGHT_SUFFIXES for path in folder.iterdir()):
+                raise RequestError(f"{field}: ControlNet {name!r} has a config.json but no weights")
+            problems = self.model.controlnet_mismatches(folder)
+            if problems:
+                raise RequestError(
+                    f"{field}: ControlNet {name!r} was made for another model than this "
+                    f"{self.model.family.name} one: {'; '.join(problems)}"
+                )
+            return self.model.add_controlnet(name, folder)
