@@ -341,8 +341,9 @@ class Worker:
             "cold_start": init_ms is not None,
             "peak_memory_mb": timer.peak_memory_mb(),
         }
-        if self.tensorrt.runners:
-            metrics["engine_memory_mb"] = round(self.tensorrt.memory_bytes / 2**20, 1)
+        engines = [self.tensorrt, *self.controlnet_engines]
+        if any(backend.runners for backend in engines):
+            metrics["engine_memory_mb"] = round(sum(backend.memory_bytes for backend in engines) / 2**20, 1)
         if init_ms is not None:
             metrics["init_ms"] = init_ms
         return metrics

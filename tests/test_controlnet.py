@@ -156,7 +156,9 @@ def test_inpainting_with_a_9_channel_unet_matches_diffusers(inpainting_model, ca
 def test_loras_change_the_controlled_unet_as_they_change_the_unet(cache_dir, tmp_path, controlnet_dir):
     """The controlled UNet shares the UNet's torch weights: a LoRA set through either is the other's,
     and the base weights come back for both."""
-    write_lora(load_model("tiny", cache_dir), tmp_path / "loras" / "style.safetensors", "kohya", seed=3, rank=8)
+    write_lora(
+        load_model("tiny", cache_dir), tmp_path / "loras" / "style.safetensors", "kohya", seed=3, rank=8, alpha=16
+    )
     worker = worker_for("tiny", cache_dir, tmp_path / "engines", controlnet_dir, lora_dir=tmp_path / "loras")
     payload = controlled(entry(), loras=[{"name": "style", "scale": 0.8}])
     before = decoded(worker.handle({"input": controlled(entry())}))

@@ -163,7 +163,10 @@ def test_controlnets_run_on_their_own_engines_and_the_controlled_unets(tmp_path,
     done = run_export(store, cache_dir, "--device", "cuda", "--controlnets", "edges", "depth", "--components", "unet")
     assert done.returncode == 0, done.stderr[-3000:]
     image = to_base64(picture(64, 64))
-    controlnets = [{"name": "edges", "image": image, "end": 0.5}, {"name": "depth", "image": image, "scale": 0.6, "end": 0.75}]
+    controlnets = [
+        {"name": "edges", "image": image, "end": 0.5},
+        {"name": "depth", "image": image, "scale": 0.6, "end": 0.75},
+    ]
     request = {"id": "c", "input": {"prompt": "a fox", "num_inference_steps": 6, "seed": 2, "controlnets": controlnets}}
     settings = {"device": "cuda", "engine_dir": store, "controlnet_dir": controlnet_dir}
     reference = Worker(make_settings(backend="torch", **settings)).handle(request)
