@@ -5,7 +5,9 @@ Runtime or TensorRT, per component. The loop keeps latents and scheduler math in
 fp32 whatever precision the UNet runs at. Text-to-image, image-to-image and inpainting
 (diffusers' ``StableDiffusionInpaintPipeline``: a 9-channel UNet takes the mask and the
 masked image's latents as extra channels, a 4-channel one has the kept region blended
-back after every step) share it.
+back after every step) share it, each steered by ControlNets when a request names them
+(diffusers' ControlNet pipelines: their residuals feed a controlled UNet at the steps where
+they act).
 """
 
 from __future__ import annotations

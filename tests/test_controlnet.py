@@ -235,15 +235,21 @@ def test_bad_controlnet_entries_get_a_named_error(cache_dir, tmp_path, controlne
     assert worker.handle({"id": "ok", "input": controlled(entry())})["status"] == "success"
 
 
+def export_with_controlnets(store: Path, cache_dir: Path, controlnet_dir: Path, *extra: str) -> str:
+    """`python -m export` (ONNX only) with ``CONTROLNET_DIR`` set; its output."""
+    command, env = export_command(store, cache_dir, "--skip-engines", *extra)
+    env["CONTROLNET_DIR"] = str(controlnet_dir)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 @pytest.fixture(scope="module")
 def controlnet_store(cache_dir: Path, controlnet_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model exported with its ControlNets (the ones that fit it) and the controlled UNet."""
     store = tmp_path_factory.mktemp("controlnet-store")
-    command, env = export_command(store, cache_dir, "--skip-engines")
-    env["CONTROLNET_DIR"] = str(controlnet_dir)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "edges-xl" in done.stdout and "skipped" in done.stdout, done.stdout
+    output = export_with_controlnets(store, cache_dir, controlnet_dir)
+    assert "skipped CONTROLNET_DIR: ControlNet 'edges-xl' was made for another model" in output, output
     return store
 
 
@@ -259,20 +265,41 @@ def test_export_validates_each_controlnet_and_the_controlled_unet(controlnet_sto
     assert outputs == {"down_residual_0", "down_residual_1", "down_residual_2", "down_residual_3", "mid_residual"}
 
 
-def test_onnxruntime_matches_torch(cache_dir, controlnet_dir, controlnet_store, tmp_path):
-    torch_worker = worker_for("tiny", cache_dir, controlnet_store, controlnet_dir)
-    ort_worker = worker_for("tiny", cache_dir, controlnet_store, controlnet_dir, backend="onnxruntime")
-    cases = (
-        controlled(entry(scale=1.2, end=0.75), entry("depth", scale=0.5)),
-        controlled(entry(), image=to_base64(picture(64, 64)), mask=to_base64(mask_image()), strength=0.8),
-    )
-    for payload in cases:
+def test_export_refuses_a_named_controlnet_for_another_model(cache_dir, controlnet_dir, tmp_path):
+    command, env = export_command(tmp_path, cache_dir, "--skip-engines", "--controlnets", "edges-xl")
+    env["CONTROLNET_DIR"] = str(controlnet_dir)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "--controlnets: ControlNet 'edges-xl' was made for another model than this sd one" in done.stderr
+
+
+def assert_onnxruntime_matches_torch(model: str, store: Path, cache_dir: Path, controlnet_dir: Path, *payloads):
+    torch_worker = worker_for(model, cache_dir, store, controlnet_dir)
+    ort_worker = worker_for(model, cache_dir, store, controlnet_dir, backend="onnxruntime")
+    for payload in payloads:
         expected = torch_worker.handle({"id": "t", "input": payload})
         actual = ort_worker.handle({"id": "o", "input": payload})
         assert actual["status"] == "success", actual
         assert set(actual["metrics"]["backends"].values()) == {"onnxruntime"}, actual["metrics"]["fallbacks"]
         for ours, theirs in zip(decoded(actual), decoded(expected), strict=True):
             assert np.abs(ours - theirs).max() <= 2
+
+
+def test_onnxruntime_matches_torch(cache_dir, controlnet_dir, controlnet_store):
+    assert_onnxruntime_matches_torch(
+        "tiny",
+        controlnet_store,
+        cache_dir,
+        controlnet_dir,
+        controlled(entry(scale=1.2, end=0.75), entry("depth", scale=0.5)),
+        controlled(entry(), image=to_base64(picture(64, 64)), mask=to_base64(mask_image()), strength=0.8),
+    )
+
+
+def test_onnxruntime_matches_torch_for_sdxl(cache_dir, controlnet_dir, tmp_path):
+    export_with_controlnets(tmp_path, cache_dir, controlnet_dir, "--model", "tiny-sdxl", "--controlnets", "edges-xl")
+    payload = controlled(entry("edges-xl", scale=0.7), image=to_base64(picture(64, 64)), strength=0.75)
+    assert_onnxruntime_matches_torch("tiny-sdxl", tmp_path, cache_dir, controlnet_dir, payload)
 
 
 def test_a_controlnet_folder_without_weights_is_refused(cache_dir, tmp_path, controlnet_dir):
