@@ -27,6 +27,8 @@ from engine.models.family import ModelConfig
 UNET_LIVE_TENSORS = 36
 VAE_LIVE_TENSORS = 8
 """Measured 32 and 7 (see above), rounded up."""
+TEXT_TOKENS_BOUND = 512
+"""At least as many text tokens as a transformer family joins to the image's (SD3: 77 + 256)."""
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -48,13 +50,27 @@ def estimates(
     factor = config.vae_scale_factor
     rows = images * (2 if guidance else 1)
     latent_pixels = (height // factor) * (width // factor)
-    unet_channels = config.configs["unet"]["block_out_channels"][0]
     vae_channels = config.configs["vae"]["block_out_channels"][0]
     found = [
-        Estimate("unet", rows * latent_pixels * unet_channels * size * UNET_LIVE_TENSORS),
+        denoiser_estimate(config, rows, latent_pixels, size),
         Estimate("vae_decoder", images * height * width * vae_channels * size * VAE_LIVE_TENSORS),
     ]
     return sorted(found, key=lambda estimate: estimate.bytes, reverse=True)
+
+
+def denoiser_estimate(config: ModelConfig, rows: int, latent_pixels: int, size: int) -> Estimate:
+    """The UNet's peak (measured, see above), or a transformer's: its token sequence at its width, as
+    many tensors alive as the UNet's, plus one attention map per head, which the CPU's attention
+    materializes. The transformer's figure is a model, not a measurement."""
+    if "unet" in config.configs:
+        channels = config.configs["unet"]["block_out_channels"][0]
+        return Estimate("unet", rows * latent_pixels * channels * size * UNET_LIVE_TENSORS)
+    transformer = config.configs["transformer"]
+    tokens = latent_pixels // config.patch_size**2 + TEXT_TOKENS_BOUND
+    heads = transformer["num_attention_heads"]
+    width = heads * transformer["attention_head_dim"]
+    activations = rows * tokens * width * size * UNET_LIVE_TENSORS
+    return Estimate("transformer", activations + rows * heads * tokens * tokens * size)
 
 
 def _cgroup_room() -> int | None:

@@ -138,20 +138,21 @@ class DiffusionPipeline:
             conditioning = model.family.encode_prompt(encode, model.tokenizers, batch, model.config)
 
         # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
+        factor = model.config.vae_scale_factor
+        shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
         scheduler = make_scheduler(request.scheduler, model.scheduler_config)
-        scheduler.set_timesteps(request.steps, device=self.device)
+        options = model.family.timestep_options(model.config, scheduler, shape)
+        scheduler.set_timesteps(request.steps, device=self.device, **options)
         timesteps = scheduler.timesteps
         if prepared is not None and prepared.image is not None:
-            timesteps = self._truncate_timesteps(scheduler, request.steps, request.strength)
+            timesteps = self._truncate_timesteps(scheduler, model.family.first_step(request.steps, request.strength))
 
         # 3. Prepare latents: one generator per image, drawn on the CPU so a seed gives the
         #    same image on every device.
-        factor = model.config.vae_scale_factor
-        shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
         inpaint: Inpainting | None = None
         if prepared is None or prepared.image is None:
             latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
-            latents = latents * scheduler.init_noise_sigma
+            latents = latents * initial_sigma(scheduler)
         elif prepared.mask is None:
             with timer.stage("vae_encode"):
                 moments = runners["vae_encoder"]({"images": prepared.image})["latent_moments"].float()
@@ -168,14 +169,15 @@ class DiffusionPipeline:
             for index, timestep in enumerate(timesteps):
                 with timer.step():
                     model_input = torch.cat([latents] * 2) if guidance else latents
-                    model_input = scheduler.scale_model_input(model_input, timestep)
+                    if hasattr(scheduler, "scale_model_input"):  # flow matching feeds latents as they are
+                        model_input = scheduler.scale_model_input(model_input, timestep)
                     inputs = {"sample": model_input, "timestep": timestep.reshape(1), **conditioning}
                     residuals = self._residuals(controls, inputs, index, len(timesteps), runners, timer)
                     if inpaint is not None and inpaint.channels is not None:
                         channels = torch.cat([inpaint.channels] * 2) if guidance else inpaint.channels
                         inputs["sample"] = torch.cat([model_input, channels], dim=1)
-                    unet = runners["unet"] if residuals is None else runners[CONTROLLED_UNET]
-                    noise_pred = unet({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
+                    denoiser = runners[model.family.denoiser] if residuals is None else runners[CONTROLLED_UNET]
+                    noise_pred = denoiser({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
                     if guidance:
                         noise_uncond, noise_text = noise_pred.chunk(2)
                         noise_pred = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
@@ -288,10 +290,10 @@ class DiffusionPipeline:
             image_latents = self._encoded(prepared.image, generators[0], runners).repeat(images, 1, 1, 1)
         noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
         if full_strength:
-            latents = noise * scheduler.init_noise_sigma
+            latents = noise * initial_sigma(scheduler)
         else:
             assert image_latents is not None
-            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(images))
+            latents = noised(scheduler, image_latents, noise, timesteps[:1].repeat(images))
         mask = torch.nn.functional.interpolate(prepared.mask, size=latent_size).repeat(images, 1, 1, 1)
         masked_image = prepared.image * (prepared.mask < 0.5)
         if blends:
@@ -320,9 +322,8 @@ class DiffusionPipeline:
         return self.image_processor.preprocess(image, height=height, width=width).to(self.device)
 
     @staticmethod
-    def _truncate_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
-        """The last ``strength`` of the schedule (diffusers' ``get_timesteps``)."""
-        start = steps - min(int(steps * strength), steps)
+    def _truncate_timesteps(scheduler: SchedulerMixin, start: int) -> torch.Tensor:
+        """The schedule from step ``start`` on (diffusers' ``get_timesteps``)."""
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start * scheduler.order)
         return scheduler.timesteps[start * scheduler.order :]
@@ -341,7 +342,7 @@ class DiffusionPipeline:
         """
         latents = self._sampled_latents(moments, generators)
         noise = randn_tensor(latents.shape, generator=generators, device=self.device, dtype=latents.dtype)
-        return scheduler.add_noise(latents, noise, first_timestep.repeat(latents.shape[0]))
+        return noised(scheduler, latents, noise, first_timestep.repeat(latents.shape[0]))
 
     def _latent_statistics(self, channels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         vae = self.model.config.configs["vae"]
@@ -352,22 +353,40 @@ class DiffusionPipeline:
         return mean, std
 
     def _scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Image latents into the UNet's latent space (the inverse of ``_unscale_latents``)."""
+        """Image latents into the denoiser's latent space (the inverse of ``_unscale_latents``)."""
         scaling = self.model.config.configs["vae"]["scaling_factor"]
+        shift = self.model.config.configs["vae"].get("shift_factor")
         statistics = self._latent_statistics(latents.shape[1])
         if statistics is None:
-            return latents * scaling
+            return latents * scaling if shift is None else (latents - shift) * scaling
         mean, std = statistics
         return (latents - mean) * scaling / std
 
     def _unscale_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Undo the VAE's latent scaling (and shift, for VAEs that declare latent statistics)."""
+        """Undo the VAE's latent scaling, and its shift (SD3's and Flux's ``shift_factor``, or per-channel
+        latent statistics)."""
         scaling = self.model.config.configs["vae"]["scaling_factor"]
+        shift = self.model.config.configs["vae"].get("shift_factor")
         statistics = self._latent_statistics(latents.shape[1])
         if statistics is None:
-            return latents / scaling
+            return latents / scaling if shift is None else latents / scaling + shift
         mean, std = statistics
         return latents * std / scaling + mean
+
+
+def initial_sigma(scheduler: SchedulerMixin) -> float:
+    """How much the starting noise is scaled: flow-matching schedulers start from plain noise."""
+    return getattr(scheduler, "init_noise_sigma", 1.0)
+
+
+def noised(
+    scheduler: SchedulerMixin, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Latents noised to ``timesteps``: ``add_noise``, or for flow matching ``scale_noise`` (a blend
+    towards the noise, as SD3's and Flux's img2img pipelines do)."""
+    if hasattr(scheduler, "scale_noise"):
+        return scheduler.scale_noise(latents, timesteps, noise)
+    return scheduler.add_noise(latents, noise, timesteps)
 
 
 @dataclass(frozen=True)

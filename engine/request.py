@@ -56,20 +56,26 @@ class Limits:
     max_prompt_weight: float = 3.0
     inpaint_strength: float = 1.0
     """The family's inpainting default, as its diffusers pipeline has it."""
+    schedulers: tuple[str, ...] = SCHEDULER_NAMES
+    """The scheduler names the model's family takes."""
+    size_multiple: int = 8
+    """Width and height are multiples of this: the VAE's factor, times a transformer's patch size."""
+    prompt_syntaxes: tuple[PromptSyntax, ...] = ("a1111", "plain")
+    """How the family reads prompts; the first is the default."""
 
     def default_strength(self, inpainting: bool) -> float:
         return self.inpaint_strength if inpainting else DEFAULT_STRENGTH
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, native_size: int, default_guidance_scale: float, inpaint_strength: float = 1.0
-    ) -> Limits:
+    def from_settings(cls, settings: Settings, native_size: int, default_guidance_scale: float, **model: Any) -> Limits:
+        """The deployment's limits from ``settings``; the model's (``inpaint_strength``, ``schedulers``,
+        ``size_multiple``, ``prompt_syntaxes``, and a ``max_side`` below the settings') as keywords."""
         return cls(
             native_size=native_size,
             default_steps=settings.default_steps,
             default_guidance_scale=default_guidance_scale,
             min_side=settings.min_image_side,
-            max_side=settings.max_image_side,
+            max_side=min(settings.max_image_side, model.pop("max_side", None) or settings.max_image_side),
             max_pixels=settings.max_image_pixels,
             max_steps=settings.max_steps,
             max_images=settings.max_images,
@@ -78,7 +84,7 @@ class Limits:
             max_loras=settings.max_loras,
             max_controlnets=settings.max_controlnets,
             max_prompt_weight=settings.max_prompt_weight,
-            inpaint_strength=inpaint_strength,
+            **model,
         )
 
 
@@ -169,8 +175,10 @@ class GenerateRequest(BaseModel):
 
     prompt: TextList
     negative_prompt: TextList | None = None
-    prompt_syntax: PromptSyntax = Field(
-        "a1111", description="a1111: (weights), [less] and BREAK as AUTOMATIC1111 reads them; plain: text as is"
+    prompt_syntax: PromptSyntax | None = Field(
+        None,
+        description="a1111: (weights), [less] and BREAK as AUTOMATIC1111 reads them; plain: text as is. "
+        "Default: a1111 where the model's family reads it, else plain",
     )
     width: int | None = None
     height: int | None = None
@@ -210,8 +218,8 @@ class GenerateRequest(BaseModel):
         limits = _limits(info)
         if side is None:
             return side
-        if side % 8:
-            raise _rule("multiple_of", "must be a multiple of 8, got {v}", v=side)
+        if side % limits.size_multiple:
+            raise _rule("multiple_of", "must be a multiple of {n}, got {v}", n=limits.size_multiple, v=side)
         if not limits.min_side <= side <= limits.max_side:
             raise _rule("range", "must be {lo} to {hi}, got {v}", lo=limits.min_side, hi=limits.max_side, v=side)
         return side
@@ -232,10 +240,19 @@ class GenerateRequest(BaseModel):
 
     @field_validator("scheduler")
     @classmethod
-    def _check_scheduler(cls, name: str | None) -> str | None:
-        if name is not None and name not in SCHEDULER_NAMES:
-            raise _rule("unknown", "must be one of {names}, got '{v}'", names=", ".join(SCHEDULER_NAMES), v=name)
+    def _check_scheduler(cls, name: str | None, info: ValidationInfo) -> str | None:
+        names = _limits(info).schedulers
+        if name is not None and name not in names:
+            raise _rule("unknown", "must be one of {names} for this model, got '{v}'", names=", ".join(names), v=name)
         return name
+
+    @field_validator("prompt_syntax")
+    @classmethod
+    def _check_syntax(cls, syntax: PromptSyntax | None, info: ValidationInfo) -> PromptSyntax | None:
+        syntaxes = _limits(info).prompt_syntaxes
+        if syntax is not None and syntax not in syntaxes:
+            raise _rule("unsupported", "this model reads prompts as {names} only", names=" or ".join(syntaxes))
+        return syntax
 
     @field_validator("loras")
     @classmethod
@@ -271,8 +288,9 @@ class GenerateRequest(BaseModel):
 
     def resolved(self, limits: Limits, image_size: tuple[int, int] | None = None) -> ResolvedRequest:
         """Every default filled in; an input image's size (rounded down to a multiple of 8) is the default size."""
-        width = self.width or (image_size[0] // 8 * 8 if image_size else limits.native_size)
-        height = self.height or (image_size[1] // 8 * 8 if image_size else limits.native_size)
+        step = limits.size_multiple
+        width = self.width or (image_size[0] // step * step if image_size else limits.native_size)
+        height = self.height or (image_size[1] // step * step if image_size else limits.native_size)
         if width * height > limits.max_pixels:
             field = "image" if image_size and not (self.width and self.height) else "width"
             raise RequestError(f"{field}: {width}x{height} is more than {limits.max_pixels} pixels")
@@ -296,7 +314,7 @@ class GenerateRequest(BaseModel):
             image=self.image,
             strength=limits.default_strength(self.mask is not None) if self.strength is None else self.strength,
             loras=tuple(entry.to_request() for entry in self.loras or ()),
-            prompt_syntax=self.prompt_syntax,
+            prompt_syntax=self.prompt_syntax or limits.prompt_syntaxes[0],
             mask=self.mask,
             padding_mask_crop=self.padding_mask_crop,
             controlnets=tuple(entry.to_request() for entry in self.controlnets or ()),
@@ -348,7 +366,7 @@ def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
     problems = []
     prompts = values.get("prompt")
     negatives = values.get("negative_prompt")
-    if values.get("prompt_syntax", "a1111") == "a1111":
+    if (values.get("prompt_syntax") or limits.prompt_syntaxes[0]) == "a1111":
         problems += prompt_weight_problems("prompt", prompts, limits.max_prompt_weight)
         problems += prompt_weight_problems("negative_prompt", negatives, limits.max_prompt_weight)
     if prompts is not None and negatives is not None and len(negatives) not in (1, len(prompts)):

@@ -15,6 +15,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -32,8 +33,13 @@ SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "flow_euler": (FlowMatchEulerDiscreteScheduler, {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
+CLASSIC_SCHEDULERS: tuple[str, ...] = tuple(name for name in SCHEDULERS if not name.startswith("flow_"))
+"""The noise-prediction schedulers of Stable Diffusion 1.x/2.x and SDXL."""
+FLOW_SCHEDULERS: tuple[str, ...] = ("flow_euler",)
+"""Flow-matching schedulers (SD3, Flux)."""
 
 
 def make_scheduler(name: str | None, model_config: dict[str, Any]) -> SchedulerMixin:

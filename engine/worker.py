@@ -35,14 +35,12 @@ from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
 from engine.models.controlnet import CONTROLLED_UNET, ControlledUNetModule
 from engine.pipeline import ControlImage, DiffusionPipeline, ImageInputs, StepCallback
-from engine.prompts.tokens import prompt_lengths
-from engine.request import Limits, ResolvedRequest, parse_request, validate_request
+from engine.request import GenerateRequest, Limits, ResolvedRequest, parse_request, validate_request
 from engine.settings import Precision, Settings, TorchFallback
 from engine.store import READS, Store
 
 log = logging.getLogger(__name__)
 
-TEXT_TO_IMAGE = ("unet", "vae_decoder")
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
@@ -90,9 +88,16 @@ class Worker:
         self.image_limits = ImageLimits(
             settings.max_input_image_bytes, settings.max_image_side, settings.min_image_side
         )
-        family = self.model.family
+        family, config = self.model.family, self.model.config
         self.limits = Limits.from_settings(
-            settings, self.model.config.native_size, family.default_guidance_scale, family.default_inpaint_strength
+            settings,
+            config.native_size,
+            family.default_guidance_scale,
+            inpaint_strength=family.default_inpaint_strength,
+            schedulers=family.scheduler_names,
+            size_multiple=config.size_multiple,
+            max_side=config.max_side,
+            prompt_syntaxes=family.prompt_syntaxes,
         )
         log.info(
             "worker ready",
@@ -104,7 +109,7 @@ class Worker:
         (torch is the first choice) or where ``TORCH_FALLBACK=eager`` asks for it."""
         chains, self.tensorrt = build_chains(self.model, self.settings, self.store, self.device, self.precision)
         eager = self.settings.torch_fallback is TorchFallback.EAGER
-        needed = (*self.model.family.text_encoders, *TEXT_TO_IMAGE)
+        needed = (*self.model.family.text_encoders, self.model.family.denoiser, "vae_decoder")
         for component, chain in chains.items():
             for position, runner in enumerate(chain.runners):
                 if isinstance(runner, LazyTorchRunner) and (eager or (position == 0 and component in needed)):
@@ -220,7 +225,7 @@ class Worker:
             return
         outside_engines = {
             component
-            for component in ("unet", "vae_decoder")
+            for component in (self.model.family.denoiser, "vae_decoder")
             if self.device.type != "cuda"
             or any(runner.backend != "tensorrt" for runner in self.chains[component].runners[:1])
         }
@@ -244,6 +249,7 @@ class Worker:
         """A valid request with its defaults, and its input image (and mask) and control images when it
         has them: the input image's size is the default size, else the first control image's."""
         draft = validate_request(payload, self.limits)
+        self._check_family_features(draft)
         if self.model.config.inpainting_unet and draft.mask is None:
             raise RequestError(
                 "mask: this is an inpainting model (its UNet takes the mask and the masked image as extra "
@@ -263,6 +269,18 @@ class Worker:
             self._add_controlnet_chains([control.component for control in controls])
         return request, inputs
 
+    def _check_family_features(self, draft: GenerateRequest) -> None:
+        """Refuses what the model's family does not offer yet, naming the field."""
+        family = self.model.family
+        unsupported = {
+            "mask": draft.mask is not None and not family.inpainting,
+            "controlnets": bool(draft.controlnets) and not family.controlnets,
+            "loras": bool(draft.loras) and not family.lora_targets,
+        }
+        problems = [f"{field}: not supported for {family.name} models yet" for field, bad in unsupported.items() if bad]
+        if problems:
+            raise RequestError("; ".join(problems))
+
     def _control_image(self, control: ControlNetRequest, field: str) -> ControlImage:
         """A ``controlnets`` entry's component and control image (its edge map, with preprocess canny)."""
         component = self.controlnets.component(control.name, f"{field}.name")
@@ -278,7 +296,7 @@ class Worker:
             fields["negative_prompt"] = request.negative_prompts
         limit = self.settings.max_prompt_chunks
         lengths = {
-            field: prompt_lengths(self.model.family.tokenize(self.model.tokenizers, texts, request.prompt_syntax))
+            field: self.model.family.measure_prompts(self.model.tokenizers, texts, request.prompt_syntax)
             for field, texts in fields.items()
         }
         problems = [

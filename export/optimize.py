@@ -81,6 +81,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     view.graph.ClearField("initializer")
     view.graph.initializer.extend(inline)
     view.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights)
+    # Its "cannot determine if ... < 0" warnings (a transformer's position-embedding crop) are unknowns it merges
+    logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
     try:
         inferred = SymbolicShapeInference.infer_shapes(view, auto_merge=True)
     except Exception as error:  # its failures are untyped; onnx's inference still gives most shapes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 
 import diffusers
@@ -87,6 +88,7 @@ def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
         inputs["controlnet_conditioning_scale"] = per_controlnet([c.scale for c in controls])
         inputs["control_guidance_start"] = per_controlnet([c.start for c in controls])
         inputs["control_guidance_end"] = per_controlnet([c.end for c in controls])
+    if "height" in inspect.signature(pipe.__call__).parameters:  # SD's img2img pipeline takes the image's size
         inputs |= {"height": request.height, "width": request.width}
     result = pipe(
         prompt=request.prompts,

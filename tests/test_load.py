@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from engine.schedulers import SCHEDULER_NAMES
+from engine.schedulers import CLASSIC_SCHEDULERS
 from tests.conftest import runsync, serve_api, worker_env
 
 FIELDS = [
@@ -52,7 +52,7 @@ VALID = st.fixed_dictionaries(
         "height": st.sampled_from([64, 80]),
         "num_inference_steps": st.integers(1, 3),
         "seed": st.integers(0, 2**40),
-        "scheduler": st.sampled_from(SCHEDULER_NAMES),
+        "scheduler": st.sampled_from(CLASSIC_SCHEDULERS),
         "output_format": st.sampled_from(["png", "jpeg", "webp"]),
         "guidance_scale": st.floats(0, 12),
     },

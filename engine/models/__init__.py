@@ -25,12 +25,13 @@ from engine.models.controlnet import (
 )
 from engine.models.family import ModelConfig, ModelFamily
 from engine.models.sd import StableDiffusion
+from engine.models.sd3 import StableDiffusion3
 from engine.models.sdxl import StableDiffusionXL
 from engine.models.spec import ComponentSpec
 
 log = logging.getLogger(__name__)
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL())
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 

@@ -71,11 +71,10 @@ def _vae(**overrides):
         block_out_channels=(16, 32, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
         layers_per_block=1,
         norm_num_groups=16,
         sample_size=64,
-        **overrides,
+        **{"latent_channels": 4, **overrides},
     )
 
 
@@ -165,7 +164,98 @@ def build_tiny_sdxl(folder: Path) -> None:
     pipeline.save_pretrained(folder)
 
 
-BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {"tiny": build_tiny, "tiny-sdxl": build_tiny_sdxl}
+def t5_tokenizer(max_length: int = 256):
+    """A T5 tokenizer (SentencePiece-style unigram: ``▁`` marks a word's start, ``</s>`` ends the text)
+    over printable characters, built offline with the tokenizers library."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = sorted(set(string.printable) - set(string.whitespace))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in chars] + [(f"▁{c}", -2.5) for c in chars]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_length,
+    )
+
+
+def t5_encoder(tokenizer, hidden: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=hidden,
+        d_kv=hidden // 4,
+        d_ff=2 * hidden,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def build_tiny_sd3(folder: Path) -> None:
+    """Stable Diffusion 3 architecture: CLIP-L and CLIP-G (with projections) and T5, an MMDiT
+    transformer over 2x2 latent patches, a 16-channel VAE with a shift, flow matching; 128x128 native."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = byte_tokenizer(), byte_tokenizer()
+    tokenizer_2.pad_token = "!"  # as SD3's CLIP-G tokenizer pads
+    tokenizer_3 = t5_tokenizer()
+    t5_hidden = 4 * TEXT_HIDDEN  # wider than both CLIP widths joined, as 4096 is wider than 768 + 1280
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_hidden,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        out_channels=16,
+        pos_embed_max_size=48,
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=clip_text_encoder(tokenizer, with_projection=True),
+        tokenizer=tokenizer,
+        text_encoder_2=clip_text_encoder(tokenizer_2, with_projection=True),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=t5_encoder(tokenizer_3, t5_hidden),
+        tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(folder)
+
+
+BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
+    "tiny": build_tiny,
+    "tiny-sdxl": build_tiny_sdxl,
+    "tiny-sd3": build_tiny_sd3,
+}
 
 
 def builtin_model_folder(name: str, cache_dir: Path) -> Path:

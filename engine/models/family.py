@@ -20,7 +20,8 @@ import torch
 from engine.lora.factors import LoraTarget
 from engine.models.modules import weights_variant
 from engine.models.spec import ComponentSpec
-from engine.prompts.tokens import PromptSyntax, WeightedTokens, tokenize_prompt
+from engine.prompts.tokens import PromptLength, PromptSyntax, WeightedTokens, prompt_lengths, tokenize_prompt
+from engine.schedulers import CLASSIC_SCHEDULERS
 
 Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """Runs one component by name on named inputs; how the family reaches its text encoders."""
@@ -71,8 +72,29 @@ class ModelConfig:
         return 2 ** (len(self.configs["vae"]["block_out_channels"]) - 1)
 
     @property
+    def denoiser_config(self) -> dict[str, Any]:
+        """The UNet's config, or the transformer's for the families that denoise with one."""
+        return self.configs["unet"] if "unet" in self.configs else self.configs["transformer"]
+
+    @property
+    def patch_size(self) -> int:
+        """A transformer's latent patch side; 1 for a UNet."""
+        return int(self.denoiser_config.get("patch_size") or 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor, times a transformer's patch side."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def max_side(self) -> int | None:
+        """The largest image side the denoiser takes, where it has one (SD3's position embedding)."""
+        patches = self.denoiser_config.get("pos_embed_max_size")
+        return int(patches) * self.size_multiple if patches else None
+
+    @property
     def native_size(self) -> int:
-        sample_size = self.configs["unet"]["sample_size"]
+        sample_size = self.denoiser_config["sample_size"]
         if isinstance(sample_size, list | tuple):
             sample_size = sample_size[0]
         return int(sample_size) * self.vae_scale_factor
@@ -85,11 +107,14 @@ class ModelConfig:
     @property
     def inpainting_unet(self) -> bool:
         """An inpainting UNet takes the mask and the masked image's latents besides the latents."""
-        return int(self.configs["unet"]["in_channels"]) != self.latent_channels
+        return "unet" in self.configs and int(self.configs["unet"]["in_channels"]) != self.latent_channels
 
     @property
     def unet_down_factor(self) -> int:
-        """How many times the UNet halves the latent; latent sizes it handles without resizing."""
+        """How many times the UNet halves the latent; latent sizes it handles without resizing. 1 for a
+        transformer, which never halves (it cuts the latent into patches)."""
+        if "unet" not in self.configs:
+            return 1
         return 2 ** (len(self.configs["unet"]["block_out_channels"]) - 1)
 
 
@@ -105,6 +130,23 @@ class ModelFamily(ABC):
 
     components: tuple[str, ...] = ()
     """Components that are exported and run by a backend, in pipeline order."""
+    denoiser: str = "unet"
+    """The component each denoising step runs."""
+    scheduler_names: tuple[str, ...] = CLASSIC_SCHEDULERS
+    """Names a request's ``scheduler`` may take for this family."""
+    prompt_syntaxes: tuple[PromptSyntax, ...] = ("a1111", "plain")
+    """How the family can read a prompt; the first is the default."""
+    inpainting: bool = True
+    controlnets: bool = True
+
+    def first_step(self, steps: int, strength: float) -> int:
+        """The step image-to-image starts from: the last ``strength`` of the schedule, rounded as the
+        family's img2img pipeline rounds it (SD's: the steps run are ``int(steps * strength)``)."""
+        return steps - min(int(steps * strength), steps)
+
+    def timestep_options(self, config: ModelConfig, scheduler: Any, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """Extra arguments of the scheduler's ``set_timesteps`` for an image of this latent shape."""
+        return {}
 
     @abstractmethod
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
@@ -131,6 +173,12 @@ class ModelFamily(ABC):
     ) -> dict[str, list[WeightedTokens]]:
         """Each text in chunks of tokens with their weights, by each of the family's tokenizers."""
         return {name: [tokenize_prompt(tokenizers[name], text, syntax) for text in texts] for name in self.tokenizers}
+
+    def measure_prompts(
+        self, tokenizers: Mapping[str, Any], texts: Sequence[str], syntax: PromptSyntax
+    ) -> list[PromptLength]:
+        """Each text's tokens and chunks; raises RequestError for one the family cannot read."""
+        return prompt_lengths(self.tokenize(tokenizers, texts, syntax))
 
     @abstractmethod
     def encode_prompt(

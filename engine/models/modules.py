@@ -85,3 +85,39 @@ class VaeEncoderModule(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.vae.encode(images).latent_dist.parameters,)
+
+
+class T5Module(nn.Module):
+    """A T5 encoder's last hidden state: SD3's and Flux's long text conditioning."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.encoder(input_ids)[0],)
+
+
+class SD3TransformerModule(nn.Module):
+    """SD3's MMDiT: latents, the timestep (sigma x 1000), the joint text sequence and the pooled text
+    embeddings in; the velocity out."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        velocity = self.transformer(
+            hidden_states=sample,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            return_dict=False,
+        )[0]
+        return (velocity,)

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 @pytest.mark.parametrize(
     ("env", "code", "message"),
     [
-        ({"MODEL": "/models/nope"}, 1, "error: MODEL=/models/nope: not a built-in model (tiny, tiny-sdxl)"),
+        ({"MODEL": "/models/nope"}, 1, "error: MODEL=/models/nope: not a built-in model (tiny, tiny-sdxl, tiny-sd3)"),
         (
             {"BACKEND": "foo"},
             2,
