@@ -1,5 +1,5 @@
-"""ControlNet against diffusers' ControlNet pipelines (SD and SDXL; text-to-image, image-to-image and
-inpainting; one and two ControlNets), on onnxruntime against torch, and its request errors.
+"""ControlNet against diffusers' ControlNet pipelines (SD and SDXL, each in text-to-image, image-to-image and
+inpainting; one and two ControlNets; with a LoRA), on onnxruntime against torch, and its request errors.
 
 The ControlNets are held-out tiny ones made here from the tiny models' UNets. diffusers starts a
 ControlNet with its output convolutions at zero (its residuals would then change nothing), so
@@ -21,6 +21,8 @@ from diffusers import (
     StableDiffusionControlNetImg2ImgPipeline,
     StableDiffusionControlNetInpaintPipeline,
     StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     UNet2DConditionModel,
 )
@@ -173,10 +175,25 @@ def test_loras_change_the_controlled_unet_as_they_change_the_unet(cache_dir, tmp
     assert_same_images(with_lora, reference)
 
 
-def test_sdxl_text_to_image_matches_diffusers(cache_dir, tmp_path, controlnet_dir):
+SDXL_CASES = {
+    "text-to-image": (StableDiffusionXLControlNetPipeline, {"width": 80, "height": 64}),
+    "image-to-image": (
+        StableDiffusionXLControlNetImg2ImgPipeline,
+        {"image": to_base64(picture(64, 64)), "strength": 0.7},
+    ),
+    "inpainting": (
+        StableDiffusionXLControlNetInpaintPipeline,
+        {"image": to_base64(picture(64, 64)), "mask": to_base64(mask_image())},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SDXL_CASES)
+def test_sdxl_matches_diffusers(cache_dir, tmp_path, controlnet_dir, case):
     worker = worker_for("tiny-sdxl", cache_dir, tmp_path, controlnet_dir)
-    payload = controlled(entry("edges-xl", scale=0.9, end=0.75), width=80, height=64)
-    pipe = reference_pipe(StableDiffusionXLControlNetPipeline, worker, controlnet_dir, ["edges-xl"])
+    cls, extra = SDXL_CASES[case]
+    payload = controlled(entry("edges-xl", scale=0.9, end=0.75), **extra)
+    pipe = reference_pipe(cls, worker, controlnet_dir, ["edges-xl"])
     assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
 
 
