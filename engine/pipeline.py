@@ -118,7 +118,8 @@ class DiffusionPipeline:
         at the steps between its start and end.
         """
         model = self.model
-        guidance = request.guidance_scale > 1.0
+        cfg_scale = model.family.classifier_free_scale(request)
+        guidance = cfg_scale is not None
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
         # 1. Encode the prompts; classifier-free guidance batches negatives first.
@@ -136,12 +137,13 @@ class DiffusionPipeline:
         )
         with timer.stage("text_encoder"):
             conditioning = model.family.encode_prompt(encode, model.tokenizers, batch, model.config)
+        conditioning |= model.family.denoiser_inputs(model.config, request.guidance_scale)
 
         # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
         factor = model.config.vae_scale_factor
         shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
         scheduler = make_scheduler(request.scheduler, model.scheduler_config)
-        options = model.family.timestep_options(model.config, scheduler, shape)
+        options = model.family.timestep_options(model.config, scheduler, request.steps, shape)
         scheduler.set_timesteps(request.steps, device=self.device, **options)
         timesteps = scheduler.timesteps
         if prepared is not None and prepared.image is not None:
@@ -180,7 +182,7 @@ class DiffusionPipeline:
                     noise_pred = denoiser({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
                     if guidance:
                         noise_uncond, noise_text = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
+                        noise_pred = noise_uncond + cfg_scale * (noise_text - noise_uncond)
                     latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
                     if inpaint is not None and inpaint.channels is None:
                         latents = inpaint.blend(latents, scheduler, timesteps, index)
@@ -260,7 +262,7 @@ class DiffusionPipeline:
             control.image, height=request.height, width=request.width, crops_coords=crop, resize_mode=resize_mode
         ).to(device=self.device, dtype=torch.float32)
         image = image.repeat_interleave(request.num_images, dim=0)
-        if request.guidance_scale > 1.0:
+        if self.model.family.classifier_free_scale(request) is not None:
             image = torch.cat([image] * 2)
         return Control(control.component, image, control.scale, control.start, control.end)
 
@@ -337,10 +339,13 @@ class DiffusionPipeline:
     ) -> torch.Tensor:
         """Each image's latent sampled with its own generator, then noised to the first timestep.
 
-        The random draws come in diffusers' order: one latent sample per image, then the
-        noise for all, so the same seed gives diffusers' image.
+        The random draws come in diffusers' order: one latent sample per image (Flux's img2img: one,
+        with the first generator, for all), then the noise for all, so the same seed gives diffusers' image.
         """
-        latents = self._sampled_latents(moments, generators)
+        if self.model.family.samples_image_once:
+            latents = self._sampled_latents(moments, generators[:1]).repeat(len(generators), 1, 1, 1)
+        else:
+            latents = self._sampled_latents(moments, generators)
         noise = randn_tensor(latents.shape, generator=generators, device=self.device, dtype=latents.dtype)
         return noised(scheduler, latents, noise, first_timestep.repeat(latents.shape[0]))
 

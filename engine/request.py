@@ -184,6 +184,9 @@ class GenerateRequest(BaseModel):
     height: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
+    true_cfg_scale: float | None = Field(
+        None, ge=1.0, le=50.0, description="Flux: classifier-free guidance with negative_prompt, above 1"
+    )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_images: int = Field(1, ge=1)
     scheduler: str | None = None
@@ -306,6 +309,7 @@ class GenerateRequest(BaseModel):
             height=height,
             steps=self.num_inference_steps or limits.default_steps,
             guidance_scale=limits.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
+            true_cfg_scale=self.true_cfg_scale,
             seed=self.seed,
             scheduler=self.scheduler,
             output_format=self.output_format,
@@ -348,6 +352,7 @@ class ResolvedRequest:
     mask: str | None = None
     padding_mask_crop: int | None = None
     controlnets: tuple[ControlNetRequest, ...] = ()
+    true_cfg_scale: float | None = None
 
     @property
     def mode(self) -> str:

@@ -89,10 +89,13 @@ class Worker:
             settings.max_input_image_bytes, settings.max_image_side, settings.min_image_side
         )
         family, config = self.model.family, self.model.config
+        steps = family.steps_default(config)
+        if steps is not None and "default_steps" not in settings.model_fields_set:
+            settings = settings.model_copy(update={"default_steps": steps})
         self.limits = Limits.from_settings(
             settings,
             config.native_size,
-            family.default_guidance_scale,
+            family.guidance_default(config),
             inpaint_strength=family.default_inpaint_strength,
             schedulers=family.scheduler_names,
             size_multiple=config.size_multiple,
@@ -229,8 +232,8 @@ class Worker:
             if self.device.type != "cuda"
             or any(runner.backend != "tensorrt" for runner in self.chains[component].runners[:1])
         }
-        guidance = request.guidance_scale > 1.0
-        config = self.model.config
+        family, config = self.model.family, self.model.config
+        guidance = family.classifier_free_scale(request) is not None
         found = estimates(config, request.num_images, request.height, request.width, guidance, self.precision)
         relevant = [estimate for estimate in found if estimate.stage in outside_engines]
         if not relevant:
@@ -278,6 +281,10 @@ class Worker:
             "loras": bool(draft.loras) and not family.lora_targets,
         }
         problems = [f"{field}: not supported for {family.name} models yet" for field, bad in unsupported.items() if bad]
+        if draft.true_cfg_scale is not None and not family.true_cfg:
+            problems.append(f"true_cfg_scale: only for models with distilled guidance, not {family.name}")
+        if family.true_cfg and draft.negative_prompt is not None and (draft.true_cfg_scale or 1.0) <= 1.0:
+            problems.append(f"negative_prompt: {family.name} models use one only with true_cfg_scale above 1")
         if problems:
             raise RequestError("; ".join(problems))
 
@@ -292,7 +299,8 @@ class Worker:
     def _measure_prompts(self, request: ResolvedRequest) -> ResolvedRequest:
         """The request with its prompts' token and chunk counts; refuses a prompt past MAX_PROMPT_CHUNKS."""
         fields = {"prompt": request.prompts}
-        if request.negative_prompts is not None and request.guidance_scale > 1.0:
+        guided = self.model.family.classifier_free_scale(request)
+        if request.negative_prompts is not None and guided is not None:
             fields["negative_prompt"] = request.negative_prompts
         limit = self.settings.max_prompt_chunks
         lengths = {

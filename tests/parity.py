@@ -65,7 +65,7 @@ def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
     return [as_array(i) for i in worker.pipeline(request, seeds, calls, StageTimer(worker.device), None, prepared)]
 
 
-def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
+def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.ndarray]:
     """diffusers' pipeline (text-to-image, image-to-image or inpainting, with ControlNets where the payload
     has them, as it asks) with the same inputs."""
     request, images = worker.resolve(payload)
@@ -88,6 +88,8 @@ def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
         inputs["controlnet_conditioning_scale"] = per_controlnet([c.scale for c in controls])
         inputs["control_guidance_start"] = per_controlnet([c.start for c in controls])
         inputs["control_guidance_end"] = per_controlnet([c.end for c in controls])
+    if request.true_cfg_scale is not None:
+        inputs["true_cfg_scale"] = request.true_cfg_scale
     if "height" in inspect.signature(pipe.__call__).parameters:  # SD's img2img pipeline takes the image's size
         inputs |= {"height": request.height, "width": request.width}
     result = pipe(
@@ -98,6 +100,7 @@ def reference_images(pipe, worker: Worker, payload: dict) -> list[np.ndarray]:
         num_images_per_prompt=request.images_per_prompt,
         generator=[torch.Generator().manual_seed(payload["seed"] + i) for i in range(request.num_images)],
         **inputs,
+        **extra,
     )
     return [as_array(image) for image in result.images]
 

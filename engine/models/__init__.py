@@ -24,6 +24,7 @@ from engine.models.controlnet import (
     read_controlnet_config,
 )
 from engine.models.family import ModelConfig, ModelFamily
+from engine.models.flux import Flux
 from engine.models.sd import StableDiffusion
 from engine.models.sd3 import StableDiffusion3
 from engine.models.sdxl import StableDiffusionXL
@@ -31,7 +32,7 @@ from engine.models.spec import ComponentSpec
 
 log = logging.getLogger(__name__)
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3())
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 

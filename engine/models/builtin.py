@@ -251,10 +251,57 @@ def build_tiny_sd3(folder: Path) -> None:
     pipeline.save_pretrained(folder)
 
 
+def build_tiny_flux(folder: Path) -> None:
+    """Flux.1 dev architecture: CLIP-L (pooled) and T5, a transformer with one double-stream and one
+    single-stream block and embedded guidance, 2x2-packed 16-channel latents, flow matching with a
+    resolution-dependent shift; 1024x1024 native, as diffusers' FluxPipeline has it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = byte_tokenizer(), t5_tokenizer(max_length=512)
+    t5_hidden = 2 * TEXT_HIDDEN
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_hidden,
+        pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    pipeline = FluxPipeline(
+        scheduler=scheduler,
+        vae=_vae(
+            latent_channels=16,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=clip_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        text_encoder_2=t5_encoder(tokenizer_2, t5_hidden),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(folder)
+
+
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "tiny": build_tiny,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-sd3": build_tiny_sd3,
+    "tiny-flux": build_tiny_flux,
 }
 
 

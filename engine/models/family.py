@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -23,8 +23,15 @@ from engine.models.spec import ComponentSpec
 from engine.prompts.tokens import PromptLength, PromptSyntax, WeightedTokens, prompt_lengths, tokenize_prompt
 from engine.schedulers import CLASSIC_SCHEDULERS
 
+if TYPE_CHECKING:
+    from engine.request import ResolvedRequest
+
 Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """Runs one component by name on named inputs; how the family reaches its text encoders."""
+
+
+TRANSFORMER_SAMPLE_SIZE = 128
+"""Latent side of a transformer whose config has none (Flux's): diffusers' FluxPipeline default, 1024 px."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,12 @@ class ModelConfig:
 
     @property
     def patch_size(self) -> int:
-        """A transformer's latent patch side; 1 for a UNet."""
+        """A transformer's latent patch side (2 where the pipeline packs 2x2 latents into one token, as
+        Flux's does: its transformer then takes 4 times the VAE's channels); 1 for a UNet."""
+        if "unet" in self.configs:
+            return 1
+        if int(self.denoiser_config["in_channels"]) == 4 * self.latent_channels:
+            return 2
         return int(self.denoiser_config.get("patch_size") or 1)
 
     @property
@@ -94,7 +106,7 @@ class ModelConfig:
 
     @property
     def native_size(self) -> int:
-        sample_size = self.denoiser_config["sample_size"]
+        sample_size = self.denoiser_config.get("sample_size", TRANSFORMER_SAMPLE_SIZE)
         if isinstance(sample_size, list | tuple):
             sample_size = sample_size[0]
         return int(sample_size) * self.vae_scale_factor
@@ -144,8 +156,31 @@ class ModelFamily(ABC):
         family's img2img pipeline rounds it (SD's: the steps run are ``int(steps * strength)``)."""
         return steps - min(int(steps * strength), steps)
 
-    def timestep_options(self, config: ModelConfig, scheduler: Any, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+    samples_image_once = False
+    """Whether img2img samples the image's latent once, with the first generator, for every image."""
+    true_cfg = False
+    """Whether guidance is distilled into the model, and classifier-free guidance is ``true_cfg_scale``."""
+
+    def timestep_options(
+        self, config: ModelConfig, scheduler: Any, steps: int, latent_shape: tuple[int, ...]
+    ) -> dict[str, Any]:
         """Extra arguments of the scheduler's ``set_timesteps`` for an image of this latent shape."""
+        return {}
+
+    def guidance_default(self, config: ModelConfig) -> float:
+        """The default ``guidance_scale``, which can depend on the checkpoint (Flux dev or schnell)."""
+        return self.default_guidance_scale
+
+    def steps_default(self, config: ModelConfig) -> int | None:
+        """The checkpoint's own default step count where it has one (Flux schnell: 4)."""
+        return None
+
+    def classifier_free_scale(self, request: ResolvedRequest) -> float | None:
+        """The scale of classifier-free guidance (negatives batched with the prompts), or None without it."""
+        return request.guidance_scale if request.guidance_scale > 1.0 else None
+
+    def denoiser_inputs(self, config: ModelConfig, guidance_scale: float) -> dict[str, torch.Tensor]:
+        """Inputs of the denoiser besides latents, timestep and text (Flux dev's embedded guidance)."""
         return {}
 
     @abstractmethod

@@ -121,3 +121,52 @@ class SD3TransformerModule(nn.Module):
             return_dict=False,
         )[0]
         return (velocity,)
+
+
+class PooledTextModule(nn.Module):
+    """A CLIP text encoder's pooled output (the end token's state after the final norm), Flux's only use of CLIP."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.encoder(input_ids, output_hidden_states=False).pooler_output,)
+
+
+class FluxTransformerModule(nn.Module):
+    """Flux's transformer on unpacked latents: the 2x2 packing, the image and text position ids and the
+    timestep's scaling to [0, 1] happen in the graph, as diffusers' FluxPipeline does them around it, so
+    the loop steps the same latents as for every other family."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        *guidance: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        batch, channels, height, width = sample.shape
+        packed = sample.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        packed = packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
+        image_ids = torch.zeros(height // 2, width // 2, 3, device=sample.device, dtype=sample.dtype)
+        image_ids[..., 1] = image_ids[..., 1] + torch.arange(height // 2, device=sample.device)[:, None]
+        image_ids[..., 2] = image_ids[..., 2] + torch.arange(width // 2, device=sample.device)[None, :]
+        text_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=sample.device, dtype=sample.dtype)
+        velocity = self.transformer(
+            hidden_states=packed,
+            timestep=timestep / 1000,
+            guidance=guidance[0] if guidance else None,
+            pooled_projections=pooled_projections,
+            encoder_hidden_states=encoder_hidden_states,
+            txt_ids=text_ids,
+            img_ids=image_ids.reshape(-1, 3),
+            return_dict=False,
+        )[0]
+        velocity = velocity.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return (velocity.reshape(batch, channels, height, width),)

@@ -9,18 +9,17 @@ are read as plain text, CLIP's cut at 77 tokens and T5's at ``T5_TOKENS``, as di
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engine.models.family import Encode, ModelConfig, ModelFamily, PromptBatch, load_pretrained, repeat_for_images
+from engine.models.family import Encode, ModelConfig, PromptBatch, load_pretrained, repeat_for_images
+from engine.models.flow import FlowMatchingFamily, flow_shift
 from engine.models.modules import SD3TransformerModule, T5Module, TextEncoderModule
 from engine.models.sd import TIMESTEP, token_ids, vae_module, vae_specs
 from engine.models.spec import ComponentSpec, TensorSpec
-from engine.prompts.tokens import PromptLength, PromptSyntax
-from engine.schedulers import FLOW_SCHEDULERS
 
 PENULTIMATE = -2
 T5_TOKENS = 256
@@ -28,19 +27,14 @@ T5_TOKENS = 256
 CLIP_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 
 
-class StableDiffusion3(ModelFamily):
+class StableDiffusion3(FlowMatchingFamily):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizers = ("tokenizer", "tokenizer_2", "tokenizer_3")
     components = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder", "vae_encoder")
-    denoiser = "transformer"
-    scheduler_names = FLOW_SCHEDULERS
-    prompt_syntaxes = ("plain",)
-    inpainting = False
-    controlnets = False
+    t5 = ("text_encoder_3", "tokenizer_3")
     default_guidance_scale = 7.0
-    default_inpaint_strength = 1.0
 
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
         transformer, t5 = config.configs["transformer"], config.configs["text_encoder_3"]
@@ -93,37 +87,14 @@ class StableDiffusion3(ModelFamily):
             return SD3TransformerModule(load_pretrained(folder, component, dtype, weights))
         return vae_module(component, folder, dtype, weights)
 
-    def component_precision(self, component: str, precision: str, config: ModelConfig) -> str:
-        """T5's activations overflow fp16, so it stays in fp32."""
-        return "fp32" if component == "text_encoder_3" else precision
-
-    def first_step(self, steps: int, strength: float) -> int:
-        """SD3's img2img pipeline rounds the skipped steps down (SD's rounds the steps run down)."""
-        return int(max(steps - min(steps * strength, steps), 0))
-
-    def timestep_options(self, config: ModelConfig, scheduler: Any, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+    def timestep_options(
+        self, config: ModelConfig, scheduler: Any, steps: int, latent_shape: tuple[int, ...]
+    ) -> dict[str, Any]:
         """A scheduler config with dynamic shifting shifts by the image's patch count, as diffusers does."""
         if not scheduler.config.get("use_dynamic_shifting"):
             return {}
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
         patches = (latent_shape[2] // config.patch_size) * (latent_shape[3] // config.patch_size)
-        settings = scheduler.config
-        mu = calculate_shift(
-            patches,
-            settings.get("base_image_seq_len", 256),
-            settings.get("max_image_seq_len", 4096),
-            settings.get("base_shift", 0.5),
-            settings.get("max_shift", 1.16),
-        )
-        return {"mu": mu}
-
-    def measure_prompts(
-        self, tokenizers: Mapping[str, Any], texts: Sequence[str], syntax: PromptSyntax
-    ) -> list[PromptLength]:
-        """T5's token count: the longest reading of the prompt."""
-        t5 = tokenizers["tokenizer_3"]
-        return [PromptLength(len(t5(text, add_special_tokens=False).input_ids), 1) for text in texts]
+        return {"mu": flow_shift(scheduler, patches)}
 
     def encode_prompt(
         self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig

@@ -1,0 +1,51 @@
+"""What the flow-matching transformer families (SD3, Flux) share: a T5 encoder kept in fp32, plain-text
+prompts measured in T5 tokens, the flow-matching scheduler, and img2img's rounding of ``strength``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from engine.models.family import ModelConfig, ModelFamily
+from engine.prompts.tokens import PromptLength, PromptSyntax
+from engine.schedulers import FLOW_SCHEDULERS
+
+
+class FlowMatchingFamily(ModelFamily):
+    denoiser = "transformer"
+    scheduler_names = FLOW_SCHEDULERS
+    prompt_syntaxes: tuple[PromptSyntax, ...] = ("plain",)
+    inpainting = False
+    controlnets = False
+    default_inpaint_strength = 1.0
+    t5: tuple[str, str]
+    """The T5 encoder's component and tokenizer."""
+
+    def component_precision(self, component: str, precision: str, config: ModelConfig) -> str:
+        """T5's activations overflow fp16, so it stays in fp32."""
+        return "fp32" if component == self.t5[0] else precision
+
+    def first_step(self, steps: int, strength: float) -> int:
+        """SD3's and Flux's img2img pipelines round the skipped steps down (SD's rounds the steps run down)."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
+    def measure_prompts(
+        self, tokenizers: Mapping[str, Any], texts: Sequence[str], syntax: PromptSyntax
+    ) -> list[PromptLength]:
+        """T5's token count, the longest reading of the prompt; CLIP's reading is cut at 77 tokens."""
+        t5 = tokenizers[self.t5[1]]
+        return [PromptLength(len(t5(text, add_special_tokens=False).input_ids), 1) for text in texts]
+
+
+def flow_shift(scheduler: Any, patches: int) -> float:
+    """The resolution-dependent shift (``mu``) for an image of ``patches`` tokens, from the scheduler's config."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    settings = scheduler.config
+    return calculate_shift(
+        patches,
+        settings.get("base_image_seq_len", 256),
+        settings.get("max_image_seq_len", 4096),
+        settings.get("base_shift", 0.5),
+        settings.get("max_shift", 1.15),
+    )
