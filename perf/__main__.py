@@ -1,6 +1,7 @@
 """`python -m perf`: the same requests through each available backend, against the PyTorch baseline.
 
     python -m perf --model tiny
+    python -m perf --model tiny-flux --backends torch onnxruntime diffusers
     python -m perf --backends torch tensorrt diffusers --runs 10
 
 Prints a Markdown table (p50/p95 end to end and per stage, speedup against torch) and
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(**({"model": args.model} if args.model else {}))
     configure_logging("ERROR")
     model = load_model(settings.model, settings.cache_dir, settings.model_revision)
-    scenarios = default_scenarios(model.config.native_size, args.steps, model.tokenizers["tokenizer"])
+    scenarios = default_scenarios(model, args.steps)
     device = resolve_device(settings.device)
     results: list[BackendResult] = []
     for backend in args.backends:

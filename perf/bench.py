@@ -103,7 +103,8 @@ def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, 
 
     worker = Worker(settings.model_copy(update={"backend": Backend.TORCH}))
     dtype = torch.float16 if worker.precision == "fp16" else torch.float32
-    text_to_image = DiffusionPipeline.from_pretrained(worker.model.folder, torch_dtype=dtype, safety_checker=None)
+    extra = {"safety_checker": None} if worker.model.family.name == "sd" else {}
+    text_to_image = DiffusionPipeline.from_pretrained(worker.model.folder, torch_dtype=dtype, **extra)
     text_to_image = text_to_image.to(worker.device)
     image_to_image = AutoPipelineForImage2Image.from_pipe(text_to_image)
     for pipe in (text_to_image, image_to_image):

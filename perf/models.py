@@ -3,6 +3,7 @@
     python -m perf.models sd15 /tmp/sd15-random
     python -m perf.models sd15-inpaint /tmp/sd15-inpaint-random
     python -m perf.models sd15-controlnet /tmp/controlnets/sd15-random
+    python -m perf.models flux-wide /tmp/flux-wide-random
 
 Tiny models hide what real ones hit (graphs over 2 GiB, fp16 overflow, memory), so the
 export and the worker are measured on these. The configs are those of the released
@@ -96,7 +97,81 @@ def build_sd15_controlnet(folder: Path) -> None:
     controlnet.save_pretrained(folder)
 
 
+def build_flux_wide(folder: Path, double_blocks: int = 2, single_blocks: int = 2, t5_layers: int = 2) -> None:
+    """Flux.1 dev at its real widths with few blocks: the transformer (3072 wide, 24 heads of 128, the
+    guidance embedding) with 2 double-stream and 2 single-stream blocks of its 19 and 38 (3.4 GB fp32),
+    T5-XXL's width (4096, feed-forward 10240, 64 heads) with 2 of its 24 layers and its 32128-token
+    table, CLIP-L, and Flux's 16-channel VAE. Large enough for the large-graph export path and fp16's
+    range at real widths, small enough for a CPU; the full transformer is 12B parameters."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from engine.models.builtin import byte_tokenizer, t5_tokenizer
+
+    tokenizer, tokenizer_2 = byte_tokenizer(), t5_tokenizer(max_length=512)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=32128,
+            d_model=4096,
+            d_kv=64,
+            d_ff=10240,
+            num_layers=t5_layers,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=tokenizer_2.pad_token_id,
+            eos_token_id=tokenizer_2.eos_token_id,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        in_channels=64,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16,
+        layers_per_block=2,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, max_shift=1.15)
+    FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    ).save_pretrained(folder)
+
+
 ARCHITECTURES: dict[str, Callable[[Path], None]] = {
+    "flux-wide": build_flux_wide,
     "sd15-controlnet": build_sd15_controlnet,
     "sd15": build_sd15,
     "sd15-inpaint": functools.partial(build_sd15, inpainting=True),

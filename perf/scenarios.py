@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from engine.models import Model
 from engine.prompts.tokens import content_length, tokenize_prompt
 
 PROMPT = "a photograph of a red fox in the snow, golden hour, highly detailed"
@@ -56,29 +57,33 @@ def input_image(width: int, height: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def default_scenarios(native_size: int, steps: int, tokenizer: Any) -> list[Scenario]:
-    base = {
-        "prompt": PROMPT,
-        "negative_prompt": NEGATIVE,
-        "num_inference_steps": steps,
-        "seed": 0,
-        "scheduler": "euler",
-    }
-    wide = native_size + native_size // 2
-    return [
-        Scenario(f"txt2img {native_size}x{native_size}", {**base, "width": native_size, "height": native_size}),
-        Scenario(
-            f"txt2img {native_size}x{native_size} x2",
-            {**base, "width": native_size, "height": native_size, "num_images": 2},
-        ),
+def default_scenarios(model: Model, steps: int) -> list[Scenario]:
+    """The requests for this model, in what its family takes: SD and SDXL with Euler, a negative prompt
+    and a weighted two-chunk prompt; SD3 and Flux with their flow-matching default, Flux without a
+    negative prompt (it would need true_cfg_scale), and plain prompts."""
+    family, native_size = model.family, model.config.native_size
+    base: dict[str, Any] = {"prompt": PROMPT, "num_inference_steps": steps, "seed": 0}
+    if "euler" in family.scheduler_names:
+        base["scheduler"] = "euler"
+    if not family.true_cfg:
+        base["negative_prompt"] = NEGATIVE
+    wide = (native_size + native_size // 2) // model.config.size_multiple * model.config.size_multiple
+    square = {"width": native_size, "height": native_size}
+    scenarios = [
+        Scenario(f"txt2img {native_size}x{native_size}", {**base, **square}),
+        Scenario(f"txt2img {native_size}x{native_size} x2", {**base, **square, "num_images": 2}),
         Scenario(f"txt2img {wide}x{native_size}", {**base, "width": wide, "height": native_size}),
-        Scenario(
-            f"txt2img {native_size}x{native_size} weighted prompt, 2 chunks",
-            {**base, "prompt": long_prompt(tokenizer), "width": native_size, "height": native_size},
-            diffusers_comparable=False,
-        ),
-        Scenario(
-            f"img2img {native_size}x{native_size} strength 0.6",
-            {**base, "image": input_image(native_size, native_size), "strength": 0.6},
-        ),
     ]
+    if "a1111" in family.prompt_syntaxes:
+        scenarios.append(
+            Scenario(
+                f"txt2img {native_size}x{native_size} weighted prompt, 2 chunks",
+                {**base, **square, "prompt": long_prompt(model.tokenizers["tokenizer"])},
+                diffusers_comparable=False,
+            )
+        )
+    image = input_image(native_size, native_size)
+    scenarios.append(
+        Scenario(f"img2img {native_size}x{native_size} strength 0.6", {**base, "image": image, "strength": 0.6})
+    )
+    return scenarios

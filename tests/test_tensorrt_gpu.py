@@ -176,3 +176,22 @@ def test_controlnets_run_on_their_own_engines_and_the_controlled_unets(tmp_path,
         assert backends[component] == "tensorrt", response["metrics"]["fallbacks"]
     for candidate, expected in zip(images(response), images(reference), strict=True):
         assert compare_images(candidate, expected).passed
+
+
+@pytest.mark.parametrize(("model", "size"), [("tiny-sd3", 128), ("tiny-flux", 512)])
+def test_transformer_families_run_on_their_engines(tmp_path, cache_dir, make_settings, model, size):
+    """SD3's and Flux's transformers, T5 and CLIP encoders built into engines (T5 in fp32), against torch."""
+    from engine.worker import Worker
+    from export.verify import compare_images
+
+    done = run_export(tmp_path, cache_dir, "--device", "cuda", "--model", model)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = {"prompt": "a fox", "num_inference_steps": 6, "seed": 2, "width": size, "height": size}
+    request = {"id": "f", "input": payload}
+    reference = Worker(make_settings(model=model, device="cuda", backend="torch", engine_dir=tmp_path)).handle(request)
+    response = Worker(make_settings(model=model, device="cuda", backend="tensorrt", engine_dir=tmp_path)).handle(
+        request
+    )
+    assert set(response["metrics"]["backends"].values()) == {"tensorrt"}, response["metrics"]["fallbacks"]
+    for candidate, expected in zip(images(response), images(reference), strict=True):
+        assert compare_images(candidate, expected).passed
