@@ -13,7 +13,11 @@ from tests.conftest import ROOT
 @pytest.mark.parametrize(
     ("env", "code", "message"),
     [
-        ({"MODEL": "/models/nope"}, 1, "error: MODEL=/models/nope: not a built-in model (tiny, tiny-sdxl, tiny-sd3)"),
+        (
+            {"MODEL": "/models/nope"},
+            1,
+            "error: MODEL=/models/nope: not a built-in model (tiny, tiny-sdxl, tiny-sd3, tiny-flux)",
+        ),
         (
             {"BACKEND": "foo"},
             2,
