@@ -19,34 +19,40 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+
+
+def clip_vit_l(tokenizer: Any) -> torch.nn.Module:
+    """CLIP ViT-L/14's text encoder (SD 1.5's, and Flux's first), random, over the given tokenizer's ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
 
 
 def build_sd15(folder: Path, inpainting: bool = False) -> None:
     """Stable Diffusion 1.5: a 3.4 GB UNet, a 0.5 GB text encoder, a 0.3 GB VAE (fp32). With
     ``inpainting``, SD 1.5 inpainting's UNet: 9 input channels (latents, mask, masked-image latents)."""
     from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from engine.models.builtin import byte_tokenizer, sd_scheduler
 
     tokenizer = byte_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = clip_vit_l(tokenizer)
     unet = UNet2DConditionModel(
         sample_size=64,
         in_channels=9 if inpainting else 4,
@@ -104,25 +110,12 @@ def build_flux_wide(folder: Path, double_blocks: int = 2, single_blocks: int = 2
     table, CLIP-L, and Flux's 16-channel VAE. Large enough for the large-graph export path and fp16's
     range at real widths, small enough for a CPU; the full transformer is 12B parameters."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     from engine.models.builtin import byte_tokenizer, t5_tokenizer
 
     tokenizer, tokenizer_2 = byte_tokenizer(), t5_tokenizer(max_length=512)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = clip_vit_l(tokenizer)
     text_encoder_2 = T5EncoderModel(
         T5Config(
             vocab_size=32128,

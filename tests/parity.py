@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import inspect
 import io
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -49,6 +50,22 @@ def to_base64(image: Image.Image, fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def cpu_worker(model: str, cache_dir: Path, engine_dir: Path, backend: str = "torch", **settings) -> Worker:
+    """A worker on the CPU for ``model`` with its own engine store."""
+    from engine.settings import Settings
+
+    return Worker(
+        Settings(model=model, cache_dir=cache_dir, engine_dir=engine_dir, device="cpu", backend=backend, **settings)
+    )
+
+
+def diffusers_pipe(cls, worker: Worker, **extra):
+    """diffusers' pipeline ``cls`` on the worker's model folder, quiet."""
+    pipe = cls.from_pretrained(worker.model.folder, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def decoded(response: dict) -> list[np.ndarray]:

@@ -11,10 +11,17 @@ import torch
 from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
 
 from engine.models.builtin import builtin_model_folder
-from engine.settings import Settings
-from engine.worker import Worker
 from tests.conftest import run_export
-from tests.parity import assert_same_images, decoded, generate, picture, reference_images, to_base64
+from tests.parity import (
+    assert_same_images,
+    cpu_worker,
+    decoded,
+    diffusers_pipe,
+    generate,
+    picture,
+    reference_images,
+    to_base64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +47,6 @@ def held_out_schnell(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return folder
 
 
-def worker_for(model: str, cache_dir: Path, engine_dir: Path, backend: str = "torch") -> Worker:
-    return Worker(Settings(model=model, cache_dir=cache_dir, engine_dir=engine_dir, device="cpu", backend=backend))
-
-
-def pipe_for(cls, worker: Worker):
-    pipe = cls.from_pretrained(worker.model.folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 TEXT_TO_IMAGE = {
     "square": {"width": 128, "height": 128},
     "non-square, two images, another guidance": {"width": 96, "height": 160, "num_images": 2, "guidance_scale": 5.0},
@@ -59,9 +56,11 @@ TEXT_TO_IMAGE = {
 
 @pytest.mark.parametrize("case", TEXT_TO_IMAGE)
 def test_dev_text_to_image_matches_diffusers(cache_dir, tmp_path, case):
-    worker = worker_for("tiny-flux", cache_dir, tmp_path)
+    worker = cpu_worker("tiny-flux", cache_dir, tmp_path)
     payload = {"prompt": "a red fox in the snow", "num_inference_steps": 4, "seed": 3, **TEXT_TO_IMAGE[case]}
-    assert_same_images(generate(worker, payload), reference_images(pipe_for(FluxPipeline, worker), worker, payload))
+    assert_same_images(
+        generate(worker, payload), reference_images(diffusers_pipe(FluxPipeline, worker), worker, payload)
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,29 +72,29 @@ def test_dev_text_to_image_matches_diffusers(cache_dir, tmp_path, case):
     ],
 )
 def test_dev_image_to_image_matches_diffusers(cache_dir, tmp_path, extra):
-    worker = worker_for("tiny-flux", cache_dir, tmp_path)
+    worker = cpu_worker("tiny-flux", cache_dir, tmp_path)
     payload = {"prompt": "a watercolor fox", "image": to_base64(picture(128, 128)), "num_inference_steps": 5}
     payload |= {"seed": 4, **extra}
-    pipe = pipe_for(FluxImg2ImgPipeline, worker)
+    pipe = diffusers_pipe(FluxImg2ImgPipeline, worker)
     assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
 
 
 def test_schnell_is_told_apart_by_its_config_and_matches_diffusers(held_out_schnell, cache_dir, tmp_path):
-    worker = worker_for(str(held_out_schnell), cache_dir, tmp_path)
+    worker = cpu_worker(str(held_out_schnell), cache_dir, tmp_path)
     assert "guidance" not in worker.model.specs["transformer"].input_names
     request, _ = worker.resolve({"prompt": "a fox"})
     assert (request.steps, request.guidance_scale) == (4, 0.0), "schnell's defaults"
     assert worker.model.specs["text_encoder_2"].inputs[0].shape == ("text_batch", 256)
     payload = {"prompt": "a red fox", "width": 128, "height": 96, "seed": 2}
-    pipe = pipe_for(FluxPipeline, worker)
+    pipe = diffusers_pipe(FluxPipeline, worker)
     assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload, max_sequence_length=256))
 
 
 def test_onnxruntime_matches_torch(held_out_schnell, cache_dir, tmp_path):
     done = run_export(tmp_path, cache_dir, "--model", str(held_out_schnell))
     assert done.returncode == 0, done.stderr[-3000:]
-    torch_worker = worker_for(str(held_out_schnell), cache_dir, tmp_path)
-    ort_worker = worker_for(str(held_out_schnell), cache_dir, tmp_path, backend="onnxruntime")
+    torch_worker = cpu_worker(str(held_out_schnell), cache_dir, tmp_path)
+    ort_worker = cpu_worker(str(held_out_schnell), cache_dir, tmp_path, backend="onnxruntime")
     for payload in (
         {"prompt": "a red fox", "width": 96, "height": 160, "num_images": 2, "negative_prompt": "fog"},
         {"prompt": "a red fox", "image": to_base64(picture(128, 128)), "strength": 0.7},
@@ -121,7 +120,7 @@ ERRORS = {
 
 @pytest.mark.parametrize("case", ERRORS)
 def test_what_flux_does_not_take_gets_a_named_error(cache_dir, tmp_path, case):
-    worker = worker_for("tiny-flux", cache_dir, tmp_path)
+    worker = cpu_worker("tiny-flux", cache_dir, tmp_path)
     extra, message = ERRORS[case]
     response = worker.handle({"id": "bad", "input": {"prompt": "a fox", "num_inference_steps": 2, **extra}})
     assert response["status"] == "error"
@@ -129,6 +128,6 @@ def test_what_flux_does_not_take_gets_a_named_error(cache_dir, tmp_path, case):
 
 
 def test_true_cfg_scale_is_refused_where_guidance_is_not_distilled(cache_dir, tmp_path):
-    worker = worker_for("tiny", cache_dir, tmp_path)
+    worker = cpu_worker("tiny", cache_dir, tmp_path)
     response = worker.handle({"id": "t", "input": {"prompt": "a fox", "true_cfg_scale": 2.0}})
     assert "true_cfg_scale: only for models with distilled guidance, not sd" in response["error"]

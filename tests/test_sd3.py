@@ -11,10 +11,17 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 
 from engine.models.builtin import builtin_model_folder
-from engine.settings import Settings
-from engine.worker import Worker
 from tests.conftest import run_export
-from tests.parity import assert_same_images, decoded, generate, picture, reference_images, to_base64
+from tests.parity import (
+    assert_same_images,
+    cpu_worker,
+    decoded,
+    diffusers_pipe,
+    generate,
+    picture,
+    reference_images,
+    to_base64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +50,6 @@ def held_out_sd35(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return folder
 
 
-def worker_for(model: str, cache_dir: Path, engine_dir: Path, backend: str = "torch") -> Worker:
-    return Worker(Settings(model=model, cache_dir=cache_dir, engine_dir=engine_dir, device="cpu", backend=backend))
-
-
-def pipe_for(cls, worker: Worker):
-    pipe = cls.from_pretrained(worker.model.folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 TEXT_TO_IMAGE = {
     "square, guided, a negative prompt, two images": {
         "negative_prompt": "fog",
@@ -69,9 +66,9 @@ TEXT_TO_IMAGE = {
 @pytest.mark.parametrize("case", TEXT_TO_IMAGE)
 def test_text_to_image_matches_diffusers(request, cache_dir, tmp_path, model, case):
     name = str(request.getfixturevalue("held_out_sd35")) if model == "held-out" else model
-    worker = worker_for(name, cache_dir, tmp_path)
+    worker = cpu_worker(name, cache_dir, tmp_path)
     payload = {"prompt": "a red fox in the snow", "num_inference_steps": 4, "seed": 3, **TEXT_TO_IMAGE[case]}
-    pipe = pipe_for(StableDiffusion3Pipeline, worker)
+    pipe = diffusers_pipe(StableDiffusion3Pipeline, worker)
     assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
 
 
@@ -83,18 +80,18 @@ def test_text_to_image_matches_diffusers(request, cache_dir, tmp_path, model, ca
     ],
 )
 def test_image_to_image_matches_diffusers(cache_dir, tmp_path, extra):
-    worker = worker_for("tiny-sd3", cache_dir, tmp_path)
+    worker = cpu_worker("tiny-sd3", cache_dir, tmp_path)
     payload = {"prompt": "a watercolor fox", "image": to_base64(picture(128, 128)), "num_inference_steps": 4}
     payload |= {"seed": 5, **extra}
-    pipe = pipe_for(StableDiffusion3Img2ImgPipeline, worker)
+    pipe = diffusers_pipe(StableDiffusion3Img2ImgPipeline, worker)
     assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
 
 
 def test_onnxruntime_matches_torch(held_out_sd35, cache_dir, tmp_path):
     done = run_export(tmp_path, cache_dir, "--model", str(held_out_sd35))
     assert done.returncode == 0, done.stderr[-3000:]
-    torch_worker = worker_for(str(held_out_sd35), cache_dir, tmp_path)
-    ort_worker = worker_for(str(held_out_sd35), cache_dir, tmp_path, backend="onnxruntime")
+    torch_worker = cpu_worker(str(held_out_sd35), cache_dir, tmp_path)
+    ort_worker = cpu_worker(str(held_out_sd35), cache_dir, tmp_path, backend="onnxruntime")
     for payload in (
         {"prompt": "a red fox", "width": 96, "height": 160, "num_images": 2, "seed": 2},
         {"prompt": "a red fox", "image": to_base64(picture(128, 128)), "strength": 0.7, "seed": 2},
@@ -121,7 +118,7 @@ ERRORS = {
 
 @pytest.mark.parametrize("case", ERRORS)
 def test_what_sd3_does_not_take_gets_a_named_error(cache_dir, tmp_path, case):
-    worker = worker_for("tiny-sd3", cache_dir, tmp_path)
+    worker = cpu_worker("tiny-sd3", cache_dir, tmp_path)
     extra, message = ERRORS[case]
     response = worker.handle({"id": "bad", "input": {"prompt": "a fox", "num_inference_steps": 2, **extra}})
     assert response["status"] == "error"
@@ -129,7 +126,7 @@ def test_what_sd3_does_not_take_gets_a_named_error(cache_dir, tmp_path, case):
 
 
 def test_prompts_are_plain_text_and_metrics_count_t5_tokens(cache_dir, tmp_path):
-    worker = worker_for("tiny-sd3", cache_dir, tmp_path)
+    worker = cpu_worker("tiny-sd3", cache_dir, tmp_path)
     response = worker.handle({"id": "p", "input": {"prompt": "(a fox:1.5)", "num_inference_steps": 2, "seed": 1}})
     metrics = response["metrics"]
     assert metrics["prompt_tokens"] == [len(worker.model.tokenizers["tokenizer_3"]("(a fox:1.5)").input_ids) - 1]
