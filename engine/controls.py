@@ -61,6 +61,9 @@ class ControlNetFolders:
     def component(self, name: str, field: str) -> str:
         """The model's component for ControlNet ``name``; a RequestError under ``field`` when there is no
         such folder or it does not fit the model's UNet."""
+        family = self.model.family
+        if not family.controlnets:
+            raise RequestError(f"{field}: ControlNets are not supported for {family.name} models yet")
         if name in (".", "..") or any(separator in name for separator in "/\\"):
             raise RequestError(f"{field}: must be the name of a folder in CONTROLNET_DIR, got {name!r}")
         component = controlnet_component(name)
@@ -77,6 +80,6 @@ class ControlNetFolders:
             if problems:
                 raise RequestError(
                     f"{field}: ControlNet {name!r} was made for another model than this "
-                    f"{self.model.family.name} one: {'; '.join(problems)}"
+                    f"{family.name} one: {'; '.join(problems)}"
                 )
             return self.model.add_controlnet(name, folder)

@@ -33,7 +33,7 @@ from engine.lora.library import LoraLibrary
 from engine.memory import available_bytes, estimates
 from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
-from engine.models.controlnet import CONTROLLED_UNET, ControlledUNetModule
+from engine.models.controlnet import CONTROLLED_UNET
 from engine.pipeline import ControlImage, DiffusionPipeline, ImageInputs, StepCallback
 from engine.request import GenerateRequest, Limits, ResolvedRequest, parse_request, validate_request
 from engine.settings import Precision, Settings, TorchFallback
@@ -130,10 +130,7 @@ class Worker:
                 self.model, self.settings, self.store, self.device, self.precision, components=missing
             )
             if CONTROLLED_UNET in chains:
-                added = self.model.added_cond_names
-                share_torch_weights(
-                    chains[CONTROLLED_UNET], self.chains["unet"], lambda unet: ControlledUNetModule(unet.unet, added)
-                )
+                share_torch_weights(chains[CONTROLLED_UNET], self.chains["unet"], self.model.controlled_unet)
             self.chains.update(chains)
             self.controlnet_engines.append(engines)
 

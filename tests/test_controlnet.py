@@ -326,3 +326,11 @@ def test_a_controlnet_folder_without_weights_is_refused(cache_dir, tmp_path, con
     worker = worker_for("tiny", cache_dir, tmp_path / "engines", root)
     response = worker.handle({"id": "e", "input": controlled(entry("empty"))})
     assert "controlnets[0].name: ControlNet 'empty' has a config.json but no weights" in response["error"]
+
+
+def test_export_of_a_family_without_controlnets_skips_them(cache_dir, controlnet_dir, tmp_path):
+    """An SD3 model exported with SD ControlNets in CONTROLNET_DIR: its own components, and each
+    ControlNet listed as skipped."""
+    output = export_with_controlnets(tmp_path, cache_dir, controlnet_dir, "--model", "tiny-sd3")
+    assert "skipped CONTROLNET_DIR: ControlNets are not supported for sd3 models yet" in output, output
+    assert "transformer-onnx" in output

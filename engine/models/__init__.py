@@ -118,9 +118,12 @@ class Model:
         if component in self.controlnets:
             return load_controlnet(self.controlnets[component], dtype, self.added_cond_names)
         if component == CONTROLLED_UNET:
-            unet = self.family.torch_module("unet", self.folder, dtype, weights)
-            return ControlledUNetModule(unet.unet, self.added_cond_names)
+            return self.controlled_unet(self.family.torch_module("unet", self.folder, dtype, weights))
         return self.family.torch_module(component, self.folder, dtype, weights)
+
+    def controlled_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The controlled UNet on the weights of a UNet module (a fresh one, or the torch runner's own)."""
+        return ControlledUNetModule(unet.unet, self.added_cond_names)
 
     @cached_property
     def tokenizers(self) -> dict[str, Any]:
