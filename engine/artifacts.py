@@ -13,10 +13,11 @@ from engine.models.spec import ComponentSpec
 from engine.store import ArtifactKey
 
 ONNX_OPSET = 19
-EXPORT_VERSION = 5
+EXPORT_VERSION = 6
 """Bumped whenever export, cleanup or fp16 conversion changes what a graph computes, or what an
 artifact holds (4: the weight map, and TensorRT engines refittable; 5: the UNet's prompt
-sequence axis dynamic, for prompts past 77 tokens)."""
+sequence axis dynamic, for prompts past 77 tokens; 6: fp32 inputs, sinusoidal angles and RMS
+norms kept fp32 throughout in half graphs)."""
 
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "engine.plan"

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="overrides MODEL")
     parser.add_argument("--components", nargs="+", help="default: every component of the model's family")
     parser.add_argument("--device", help="overrides DEVICE")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16"], help="overrides PRECISION")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], help="overrides PRECISION")
     parser.add_argument("--skip-engines", action="store_true", help="ONNX only, even on a GPU")
     parser.add_argument(
         "--controlnets",

@@ -1,12 +1,9 @@
-"""Graph cleanup and precision: constant folding, dead nodes, topological order, fp16.
-
-TensorRT 11 takes precision from the ONNX file, so an fp16 graph is made here: weights
-and activations in fp16, with normalizations and softmax kept in fp32 behind casts,
-where fp16 overflows or loses the accuracy the image depends on.
+"""Graph cleanup and precision: constant folding, dead nodes, topological order, then fp16 or
+bf16 (``export.precision``).
 
 Every pass works on the graph without the weights that the exporter put in external
 data (all of them, for a graph over 2 GiB): folding leaves nodes on those weights alone,
-shape inference and the fp16 retyping read only their types and shapes, and the weights
+shape inference and the half-precision retyping read only their types and shapes, and the weights
 are then streamed into the artifact (``export.weights``). A small graph and a 10 GB one
 take the same passes, so they get the same fp32 islands, and memory stays bounded by
 the graph's structure rather than its weights.
@@ -15,11 +12,8 @@ the graph's structure rather than its weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -27,21 +21,11 @@ from onnx.external_data_helper import uses_external_data
 from polygraphy.logger import G_LOGGER
 
 from engine.models.spec import ComponentSpec
+from export.precision import HALF_TYPES, to_half
 from export.weights import external_tensors, externalize, stream_external_weights, tensor_bytes
 
 log = logging.getLogger(__name__)
 G_LOGGER.module_severity = G_LOGGER.ERROR
-
-FP32_OPS = [
-    "InstanceNormalization",
-    "GroupNormalization",
-    "LayerNormalization",
-    "Softmax",
-    "ReduceMean",
-    "Pow",
-    "Sqrt",
-]
-"""Ops an fp16 graph keeps in fp32 (with casts around them), on top of onnxruntime's own list."""
 
 
 @dataclass(frozen=True)
@@ -110,45 +94,6 @@ def fold_and_clean(model: onnx.ModelProto, max_passes: int = 8) -> onnx.ModelPro
     return model
 
 
-@contextmanager
-def _value_info_from_declared_shapes(float16: ModuleType) -> Iterator[None]:
-    """onnxruntime's converter reads a converted initializer's whole data just to learn its shape,
-    which fails (and would cost the model's size in memory) for weights in external data. For the
-    conversion, it learns the shape from the tensor's declared dims instead: the same value info."""
-    original = getattr(float16, "make_value_info_from_tensor", None)
-    if original is None:
-        raise RuntimeError("onnxruntime's fp16 converter changed: make_value_info_from_tensor is gone")
-    float16.make_value_info_from_tensor = lambda tensor: onnx.helper.make_tensor_value_info(
-        tensor.name, tensor.data_type, list(tensor.dims)
-    )
-    try:
-        yield
-    finally:
-        float16.make_value_info_from_tensor = original
-
-
-def to_fp16(model: onnx.ModelProto, keep_fp32_io: list[str]) -> set[str]:
-    """Retypes the graph to fp16 in place; returns the external initializers whose data must be converted.
-
-    onnxruntime's converter places its casts from the graph's value types, so shapes are
-    inferred first, on the structure alone; for external tensors it only changes the
-    declared type, and their bytes are converted when they are streamed.
-    """
-    from onnxruntime.transformers import float16
-
-    model.graph.ClearField("value_info")
-    model.graph.value_info.extend(infer_shapes(model).graph.value_info)
-    was_fp32 = {t.name for t in external_tensors(model) if t.data_type == onnx.TensorProto.FLOAT}
-    with _value_info_from_declared_shapes(float16):
-        float16.convert_float_to_float16(
-            model,
-            keep_io_types=keep_fp32_io,
-            op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP32_OPS,
-            disable_shape_infer=True,
-        )
-    return {t.name for t in external_tensors(model) if t.name in was_fp32 and t.data_type == onnx.TensorProto.FLOAT16}
-
-
 def stamp_interface(model: onnx.ModelProto, spec: ComponentSpec) -> None:
     """Declares the graph's inputs and outputs exactly as the spec names them.
 
@@ -180,12 +125,12 @@ def optimize(source: Path, target: Path, spec: ComponentSpec, precision: str) ->
     model = fold_and_clean(model)
     stamp_interface(model, spec)
     to_convert: set[str] = set()
-    if precision == "fp16":
+    if precision in HALF_TYPES:
         keep_fp32 = [t.name for t in (*spec.inputs, *spec.outputs) if t.keep_fp32]
-        to_convert = to_fp16(model, keep_fp32)
+        to_convert = to_half(model, keep_fp32, precision, infer_shapes(model).graph)
     external = any(True for _ in external_tensors(model))
     if external:
-        stream_external_weights(model, source.parent, target, to_convert)
+        stream_external_weights(model, source.parent, target, to_convert, precision)
     onnx.save_model(model, str(target))
     size = initializer_bytes(model)
     log.info(

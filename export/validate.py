@@ -34,7 +34,13 @@ class Tolerance:
     rtol: float
 
 
-TOLERANCES = {"fp32": Tolerance(atol=1e-4, rtol=1e-3), "fp16": Tolerance(atol=1e-2, rtol=2e-2)}
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3),
+    "fp16": Tolerance(atol=1e-2, rtol=2e-2),
+    "bf16": Tolerance(atol=4e-2, rtol=8e-2),
+}
+"""bf16 keeps 8 bits of mantissa to fp16's 11, so it rounds each value 8 times as coarsely; its
+bounds are 4 times fp16's, as the errors of a deep network grow slower than each rounding."""
 
 
 @dataclass(frozen=True)

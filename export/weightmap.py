@@ -1,7 +1,7 @@
 """Matches each initializer of an exported graph to the torch parameter it holds, by content.
 
-NVIDIA's diffusion demo does the same for refitting: hash each parameter (as exported: fp32
-or fp16, and transposed for matrices) and each initializer of the final graph, and pair
+NVIDIA's diffusion demo does the same for refitting: hash each parameter (as exported: fp32,
+fp16 or bf16, and transposed for matrices) and each initializer of the final graph, and pair
 equal hashes. Parameters with the same content (two zero-initialized layers) cannot be told
 apart and are unpatchable. Only tensors of two or more dimensions are mapped: the matrices
 and convolution kernels LoRAs change. A parameter the map neither maps nor lists as
@@ -26,7 +26,10 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from engine.dtypes import BY_NAME
 from engine.weightmap import MappedWeight, WeightMap
-from export.weights import data_file_name, saturating_fp16
+from export.weights import data_file_name, fp32_to_bf16, saturating_fp16
+
+CONVERTED = {"fp16": saturating_fp16, "bf16": fp32_to_bf16}
+"""How a half graph's weights hold an fp32 parameter."""
 
 
 @dataclass
@@ -56,7 +59,7 @@ def parameter_digests(module: torch.nn.Module, precision: str) -> ParameterDiges
             continue
         digests.sizes[name] = parameter.numel()
         values = parameter.detach().float().cpu().numpy()
-        stored = [values, saturating_fp16(values)] if precision == "fp16" else [values]
+        stored = [values, *([CONVERTED[precision](values)] if precision in CONVERTED else [])]
         for variant in stored:  # the conversion is elementwise: a transposed copy converts alike
             for transposed in (False, True) if variant.ndim == 2 else (False,):
                 key = content_digest(variant.T if transposed else variant)
@@ -100,7 +103,7 @@ def map_weights(graph_path: Path, digests: ParameterDigests) -> WeightMap:
             unpatchable.add(match[0])
             continue
         info = ExternalDataInfo(tensor)
-        element = next(e.name for e in BY_NAME.values() if e.numpy is not None and np.dtype(e.numpy) == values.dtype)
+        element = next(e.name for e in BY_NAME.values() if np.dtype(e.numpy) == values.dtype)
         mapped.append(
             MappedWeight(
                 initializer=tensor.name,

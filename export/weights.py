@@ -2,16 +2,17 @@
 
 The raw export of a graph over 2 GiB keeps each weight in a file of its own next to the
 graph. The optimized artifact keeps them all in one data file beside ``model.onnx``,
-written here one tensor at a time, converted to fp16 on the way where the graph's
-fp16 conversion retyped the tensor. Peak memory is one chunk, whatever the model's size.
+written here one tensor at a time, converted to fp16 or bf16 on the way where the graph's
+conversion retyped the tensor. Peak memory is one chunk, whatever the model's size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import ml_dtypes
 import numpy as np
 import onnx
 import torch
@@ -64,9 +65,9 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def _copy(source: Path, offset: int, length: int, out: BinaryIO, convert: bool) -> int:
-    """Copies ``length`` bytes of ``source`` from ``offset`` into ``out`` a chunk at a time, fp32 to fp16
-    when ``convert``; returns the bytes written."""
+def _copy(source: Path, offset: int, length: int, out: BinaryIO, convert: Callable[[bytes], bytes] | None) -> int:
+    """Copies ``length`` bytes of ``source`` from ``offset`` into ``out`` a chunk at a time, converted
+    by ``convert`` where given; returns the bytes written."""
     written = 0
     with source.open("rb") as handle:
         handle.seek(offset)
@@ -76,8 +77,8 @@ def _copy(source: Path, offset: int, length: int, out: BinaryIO, convert: bool) 
             if not chunk:
                 raise OSError(f"{source} ends {remaining} bytes before the {length} the graph expects at {offset}")
             remaining -= len(chunk)
-            if convert:
-                chunk = fp32_bytes_to_fp16(chunk)
+            if convert is not None:
+                chunk = convert(chunk)
             out.write(chunk)
             written += len(chunk)
     return written
@@ -115,11 +116,25 @@ def fp32_bytes_to_fp16(data: bytes) -> bytes:
     return saturating_fp16(np.frombuffer(data, dtype=np.float32)).tobytes()
 
 
+def fp32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """Rounded to the nearest bf16, ties to even, as torch converts: bf16 has fp32's range, so
+    nothing saturates."""
+    return np.asarray(values, dtype=np.float32).astype(ml_dtypes.bfloat16)
+
+
+def fp32_bytes_to_bf16(data: bytes) -> bytes:
+    return fp32_to_bf16(np.frombuffer(data, dtype=np.float32)).tobytes()
+
+
+CONVERSIONS: dict[str, Callable[[bytes], bytes]] = {"fp16": fp32_bytes_to_fp16, "bf16": fp32_bytes_to_bf16}
+
+
 def stream_external_weights(
-    model: onnx.ModelProto, source_dir: Path, target: Path, to_fp16: Collection[str] = ()
+    model: onnx.ModelProto, source_dir: Path, target: Path, convert: Collection[str] = (), precision: str = "fp16"
 ) -> int:
     """Copies every external tensor of ``model`` (read relative to ``source_dir``) into one data file
-    beside ``target``, converting the named ones from fp32 to fp16, and points the graph at it.
+    beside ``target``, converting the ones named in ``convert`` from fp32 to ``precision``, and points
+    the graph at it.
 
     Returns the bytes written.
     """
@@ -133,7 +148,8 @@ def stream_external_weights(
             length = info.length if info.length is not None else source.stat().st_size - offset
             out.write(b"\0" * (-out.tell() % ALIGNMENT))
             start = out.tell()
-            size = _copy(source, offset, length, out, convert=tensor.name in to_fp16)
+            conversion = CONVERSIONS[precision] if tensor.name in convert else None
+            size = _copy(source, offset, length, out, conversion)
             if size != tensor_bytes(tensor):
                 raise ValueError(f"{tensor.name}: {size} bytes of data for a tensor of {tensor_bytes(tensor)}")
             written += size

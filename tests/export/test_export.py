@@ -187,7 +187,9 @@ def test_an_fp16_graph_keeps_sensitive_ops_and_the_timestep_in_fp32(tmp_path, ca
         "timestep": onnx.TensorProto.FLOAT,
         "encoder_hidden_states": onnx.TensorProto.FLOAT16,
     }
-    weights = [init.data_type for init in graph.initializer if len(init.dims) >= 2]
+    types = {init.name: init.data_type for init in graph.initializer}
+    layers = [node for node in graph.node if node.op_type in ("Conv", "MatMul", "Gemm")]
+    weights = [types[name] for node in layers for name in node.input if name in types]
     assert weights and all(dtype == onnx.TensorProto.FLOAT16 for dtype in weights)
     producers = {output: node for node in graph.node for output in node.output}
     norms = [node for node in graph.node if node.op_type == "InstanceNormalization"]

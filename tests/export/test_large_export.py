@@ -27,7 +27,7 @@ from engine.models.spec import Dims
 from engine.store import Artifact, Store
 from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
 from engine.worker import Worker
-from export.optimize import FP32_OPS
+from export.precision import FP32_OPS
 from export.weights import ALIGNMENT, data_file_name
 from tests.conftest import run_export
 from tests.export.test_export import REQUEST, images_of
