@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import torch
 
@@ -13,22 +14,41 @@ class ElementType:
     name: str
     """As component specs write it."""
     torch: torch.dtype
-    numpy: type | None
-    """None where NumPy has no such type (bfloat16)."""
+    numpy: type
+    """bfloat16 is ml_dtypes' type, as onnx reads it (NumPy has none of its own)."""
     tensorrt: str
     """The member name of TensorRT's ``DataType``."""
+    onnx: int
+    """``onnx.TensorProto``'s number (fixed by the ONNX standard), which onnxruntime's bindings also take."""
 
 
 ELEMENT_TYPES = (
-    ElementType("float32", torch.float32, np.float32, "FLOAT"),
-    ElementType("float16", torch.float16, np.float16, "HALF"),
-    ElementType("bfloat16", torch.bfloat16, None, "BF16"),
-    ElementType("int64", torch.int64, np.int64, "INT64"),
-    ElementType("int32", torch.int32, np.int32, "INT32"),
-    ElementType("int8", torch.int8, np.int8, "INT8"),
-    ElementType("uint8", torch.uint8, np.uint8, "UINT8"),
-    ElementType("bool", torch.bool, np.bool_, "BOOL"),
+    ElementType("float32", torch.float32, np.float32, "FLOAT", 1),
+    ElementType("float16", torch.float16, np.float16, "HALF", 10),
+    ElementType("bfloat16", torch.bfloat16, ml_dtypes.bfloat16, "BF16", 16),
+    ElementType("int64", torch.int64, np.int64, "INT64", 7),
+    ElementType("int32", torch.int32, np.int32, "INT32", 6),
+    ElementType("int8", torch.int8, np.int8, "INT8", 3),
+    ElementType("uint8", torch.uint8, np.uint8, "UINT8", 2),
+    ElementType("bool", torch.bool, np.bool_, "BOOL", 9),
 )
 BY_NAME = {element.name: element for element in ELEMENT_TYPES}
 BY_TORCH = {element.torch: element for element in ELEMENT_TYPES}
 BY_TENSORRT = {element.tensorrt: element for element in ELEMENT_TYPES}
+
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""What a component's float tensors and weights are at each precision a graph can have."""
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as NumPy holds them, bfloat16 included (``Tensor.numpy`` refuses it)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def from_numpy(values: np.ndarray) -> torch.Tensor:
+    """The inverse of ``to_numpy``: ``torch.from_numpy`` does not know ml_dtypes' bfloat16."""
+    if values.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)

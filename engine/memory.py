@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from engine.dtypes import PRECISION_DTYPES
 from engine.models.family import ModelConfig
 
 UNET_LIVE_TENSORS = 36
@@ -39,7 +40,7 @@ class Estimate:
 
 
 def element_bytes(precision: str) -> int:
-    return 2 if precision == "fp16" else 4
+    return PRECISION_DTYPES[precision].itemsize
 
 
 def estimates(

@@ -51,6 +51,7 @@ class Precision(str, Enum):
     AUTO = "auto"
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"
 
 
 def default_cache_dir() -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.dtypes import BY_NAME
+from engine.dtypes import BY_NAME, from_numpy
 
 WEIGHT_MAP_FILE = "weights.json"
 FORMAT = 1
@@ -88,7 +88,7 @@ class WeightMap:
         """The initializer's value for a patch, on ``device``: base + delta computed in fp32 and cast back
         to the initializer's type (saturating in fp16, as the export converts), or the base value when
         ``delta`` is None. Every backend that patches through the map computes it here."""
-        base = torch.from_numpy(self.base_value(weight)).to(device)
+        base = from_numpy(self.base_value(weight)).to(device)
         if delta is None:
             return base.contiguous()
         merged = base.float() + (delta.T if weight.transposed else delta).reshape(base.shape).to(device)

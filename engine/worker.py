@@ -54,6 +54,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:
+    """``auto`` is fp16 on a GPU (with bf16 where a checkpoint is bf16: see the families'
+    ``component_precision``) and fp32 on the CPU; bf16 also runs on the CPU, fp16 does not."""
     if precision is Precision.AUTO:
         return "fp16" if device.type == "cuda" else "fp32"
     if precision is Precision.FP16 and device.type != "cuda":
@@ -360,6 +362,7 @@ class Worker:
             "scheduler": request.scheduler or self.model.scheduler_config["_class_name"],
             "device": str(self.device),
             "precision": self.precision,
+            "precisions": calls.precisions,
             "lora_ms": round(calls.lora_seconds * 1000, 1),
             "cold_start": init_ms is not None,
             "peak_memory_mb": timer.peak_memory_mb(),

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.dtypes import PRECISION_DTYPES
 from engine.schedulers import make_scheduler
 from engine.settings import Backend, Settings
 from engine.worker import Worker
@@ -102,7 +103,7 @@ def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, 
     from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
 
     worker = Worker(settings.model_copy(update={"backend": Backend.TORCH}))
-    dtype = torch.float16 if worker.precision == "fp16" else torch.float32
+    dtype = PRECISION_DTYPES[worker.precision]
     extra = {"safety_checker": None} if worker.model.family.name == "sd" else {}
     text_to_image = DiffusionPipeline.from_pretrained(worker.model.folder, torch_dtype=dtype, **extra)
     text_to_image = text_to_image.to(worker.device)

@@ -33,7 +33,7 @@ STAGES = ("fingerprint", "load", "reference", "export", "hash weights", "optimiz
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m perf.export", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="overrides MODEL")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     parser.add_argument("--components", nargs="+", help="default: every component")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
     return parser.parse_args(argv)

@@ -34,6 +34,17 @@ DIFFUSERS_SCHEDULERS = {
 worker's own table so the reference does not inherit its mistakes."""
 
 
+def bf16_flux(cache_dir: Path, target: Path) -> Path:
+    """tiny-flux as Black Forest Labs ship Flux: transformer and T5 stored in bf16, CLIP and the VAE in fp32."""
+    from engine.models.builtin import builtin_model_folder
+
+    pipe = diffusers.FluxPipeline.from_pretrained(builtin_model_folder("tiny-flux", cache_dir))
+    pipe.transformer.to(torch.bfloat16)
+    pipe.text_encoder_2.to(torch.bfloat16)
+    pipe.save_pretrained(target)
+    return target
+
+
 def as_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 

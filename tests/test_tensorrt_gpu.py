@@ -147,6 +147,31 @@ def test_long_weighted_prompts_run_on_the_engines_prompt_axis(gpu_store, make_se
         assert compare_images(candidate, expected).passed
 
 
+def test_a_bf16_checkpoint_runs_bf16_engines(tmp_path, cache_dir, make_settings):
+    """A Flux folder stored in bf16: its transformer and T5 engines are bf16 (strongly typed, from the graph),
+    CLIP and the VAE fp16, and the images match torch running the same precisions."""
+    from engine.worker import Worker
+    from export.verify import compare_images
+    from tests.parity import bf16_flux
+
+    model = str(bf16_flux(cache_dir, tmp_path / "bf16-flux"))
+    done = run_export(tmp_path / "engines", cache_dir, "--device", "cuda", "--model", model)
+    assert done.returncode == 0, done.stderr[-3000:]
+    request = {
+        "id": "b",
+        "input": {"prompt": "a fox", "num_inference_steps": 6, "seed": 2, "width": 512, "height": 512},
+    }
+    common = {"model": model, "device": "cuda", "engine_dir": tmp_path / "engines"}
+    reference = Worker(make_settings(backend="torch", **common)).handle(request)
+    response = Worker(make_settings(backend="tensorrt", **common)).handle(request)
+    assert set(response["metrics"]["backends"].values()) == {"tensorrt"}, response["metrics"]["fallbacks"]
+    precisions = response["metrics"]["precisions"]
+    wanted = {"transformer": "bf16", "text_encoder_2": "bf16", "text_encoder": "fp16"}
+    assert {name: precisions[name] for name in wanted} == wanted
+    for candidate, expected in zip(images(response), images(reference), strict=True):
+        assert compare_images(candidate, expected).passed
+
+
 def test_controlnets_run_on_their_own_engines_and_the_controlled_unets(tmp_path, cache_dir, make_settings):
     """Two ControlNets, each built into its own engine with the controlled UNet, against torch on the GPU;
     the last steps, where neither acts, run the plain UNet's engine."""

@@ -1,7 +1,9 @@
 """ONNX Runtime backend: the CPU provider here, the CUDA provider with IO binding on a GPU.
 
-With IO binding, inputs and outputs stay torch CUDA tensors that ONNX Runtime reads and
-writes in place, so a step copies nothing between host and device.
+With IO binding, inputs and outputs stay torch tensors that ONNX Runtime reads and writes
+in place, so a step on a GPU copies nothing between host and device, and bf16 tensors (which
+NumPy lacks) pass as they are. On the CPU, a bf16 graph runs as its fp32-arithmetic twin
+(``engine.backends.bf16``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from engine.artifacts import ONNX_FILE, onnx_key
 from engine.backends.base import Runner
-from engine.dtypes import BY_TORCH
+from engine.dtypes import BY_TORCH, to_numpy
 from engine.errors import BackendUnavailable, NotBuilt
 from engine.models.spec import ComponentSpec
 from engine.store import Store
@@ -71,6 +73,9 @@ class OnnxRuntimeRunner(Runner):
         ``weight_map`` the runner can serve LoRA sets, keeping ``lora_sessions`` of them."""
         super().__init__(spec, precision, device)
         self.source = model if isinstance(model, bytes) else str(model)
+        self.external_folder = None if isinstance(model, bytes) else model.parent
+        if precision == "bf16" and device.type != "cuda":
+            self._emulate_bf16()
         self.weight_map = weight_map
         self.lora_sessions = lora_sessions
         self.base_session = self.session = self._session(session_options())
@@ -79,7 +84,23 @@ class OnnxRuntimeRunner(Runner):
         if sorted(names) != sorted(spec.input_names):
             raise BackendUnavailable(f"graph inputs {names} do not match the spec's {spec.input_names}")
 
+    def _emulate_bf16(self) -> None:
+        """Swaps a bf16 graph for its twin, which reads the same external weights from their folder."""
+        import onnx
+
+        from engine.backends.bf16 import emulated_bf16, holds_bf16
+
+        graph = onnx.load_from_string(self.source) if isinstance(self.source, bytes) else None
+        if graph is None:
+            graph = onnx.load(self.source, load_external_data=False)
+        if holds_bf16(graph):
+            self.source = emulated_bf16(graph).SerializeToString()
+
     def _session(self, options: ort.SessionOptions) -> ort.InferenceSession:
+        if isinstance(self.source, bytes) and self.external_folder is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(self.external_folder)
+            )
         try:
             return ort.InferenceSession(self.source, options, providers=providers_for(self.device))
         except Exception as error:  # onnxruntime raises its own untyped errors for unusable graphs
@@ -111,7 +132,9 @@ class OnnxRuntimeRunner(Runner):
             for weight in self.weight_map.by_parameter.get(name, []):
                 names.append(weight.initializer)
                 value = self.weight_map.patched_value(weight, delta, torch.device("cpu"))
-                values.append(ort.OrtValue.ortvalue_from_numpy(value.numpy()))
+                values.append(
+                    ort.OrtValue.ortvalue_from_numpy_with_onnx_type(to_numpy(value), BY_TORCH[value.dtype].onnx)
+                )
         options = session_options()
         # The patched weights are all external data, and are given as such: with ``add_initializer``,
         # onnxruntime 1.32 at ORT_ENABLE_ALL keeps an fp16 graph's original weights on the CPU
@@ -120,18 +143,11 @@ class OnnxRuntimeRunner(Runner):
         return self._session(options), values
 
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.device.type == "cuda":
-            return self._run_bound(inputs)
-        feed = {name: tensor.numpy() for name, tensor in inputs.items()}
-        outputs = self.session.run(self.spec.output_names, feed)
-        return {name: torch.from_numpy(value) for name, value in zip(self.spec.output_names, outputs, strict=True)}
-
-    def _run_bound(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         binding = self.session.io_binding()
-        device_id = self.device.index or 0
+        where, device_id = self.device.type, self.device.index or 0
         for name, tensor in inputs.items():
             binding.bind_input(
-                name, "cuda", device_id, BY_TORCH[tensor.dtype].numpy, list(tensor.shape), tensor.data_ptr()
+                name, where, device_id, BY_TORCH[tensor.dtype].onnx, list(tensor.shape), tensor.data_ptr()
             )
         shapes = self.spec.output_shapes_from_inputs({name: tuple(t.shape) for name, t in inputs.items()})
         outputs = {}
@@ -139,7 +155,7 @@ class OnnxRuntimeRunner(Runner):
             dtype = tensor_spec.torch_dtype(self.precision)
             output = torch.empty(shapes[tensor_spec.name], dtype=dtype, device=self.device)
             binding.bind_output(
-                tensor_spec.name, "cuda", device_id, BY_TORCH[dtype].numpy, list(output.shape), output.data_ptr()
+                tensor_spec.name, where, device_id, BY_TORCH[dtype].onnx, list(output.shape), output.data_ptr()
             )
             outputs[tensor_spec.name] = output
         self.session.run_with_iobinding(binding)

@@ -25,6 +25,7 @@ from engine.backends.base import ComponentCall, Runner
 from engine.backends.onnxruntime import load_onnxruntime_runner, onnxruntime_has_cuda
 from engine.backends.tensorrt import TensorRTBackend, gpu_tag, load_tensorrt
 from engine.backends.torch import TorchRunner
+from engine.dtypes import PRECISION_DTYPES
 from engine.errors import ArtifactError, BackendUnavailable, NotBuilt, RequestError
 from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.fingerprint import component_fingerprint
@@ -209,6 +210,7 @@ class ChainCalls(Mapping[str, ComponentCall]):
         self.lora_seconds = 0.0
         """Time spent setting weights to the request's LoRA set (or back to the base)."""
         self._backends: dict[str, list[str]] = {}
+        self._precisions: dict[str, list[str]] = {}
         self._fallbacks: dict[str, list[str]] = {}
 
     def __getitem__(self, component: str) -> ComponentCall:
@@ -225,6 +227,7 @@ class ChainCalls(Mapping[str, ComponentCall]):
             inputs, functools.partial(_add, self._fallbacks, component), self.patches.get(component), self._patched
         )
         _add(self._backends, component, runner.backend)
+        _add(self._precisions, component, runner.precision)
         return outputs
 
     def _patched(self, seconds: float) -> None:
@@ -236,6 +239,11 @@ class ChainCalls(Mapping[str, ComponentCall]):
         return {component: ", ".join(names) for component, names in self._backends.items()}
 
     @property
+    def precisions(self) -> dict[str, str]:
+        """Component -> the precision it ran at (a bf16 checkpoint's components run bf16 under fp16)."""
+        return {component: ", ".join(names) for component, names in self._precisions.items()}
+
+    @property
     def fallbacks(self) -> dict[str, str]:
         return {component: "; ".join(reasons) for component, reasons in self._fallbacks.items()}
 
@@ -244,10 +252,6 @@ def _add(record: dict[str, list[str]], component: str, value: str) -> None:
     values = record.setdefault(component, [])
     if value not in values:
         values.append(value)
-
-
-def torch_dtype(precision: str) -> torch.dtype:
-    return torch.float16 if precision == "fp16" else torch.float32
 
 
 def preferred_backends(backend: Backend, device: torch.device) -> list[Backend]:
@@ -351,7 +355,7 @@ def build_chains(
                 log.warning("%s: %s unavailable: %s", component, backend.value, error)
                 unavailable[backend.value] = str(error)
         if not backends or settings.torch_fallback is not TorchFallback.OFF:
-            load = functools.partial(model.torch_module, component, torch_dtype(precisions[component]))
+            load = functools.partial(model.torch_module, component, PRECISION_DTYPES[precisions[component]])
             runners.append(LazyTorchRunner(spec, load, precisions[component], device))
         else:
             unavailable["torch"] = "TORCH_FALLBACK=off"

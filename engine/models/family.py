@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from engine.lora.factors import LoraTarget
-from engine.models.modules import weights_variant
+from engine.models.modules import stored_dtype, weights_variant
 from engine.models.spec import ComponentSpec
 from engine.prompts.tokens import PromptLength, PromptSyntax, WeightedTokens, prompt_lengths, tokenize_prompt
 from engine.schedulers import CLASSIC_SCHEDULERS
@@ -62,6 +62,14 @@ class ModelConfig:
     pipeline_class: str
     pipeline_config: dict[str, Any]
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _stored_dtypes: dict[str, torch.dtype | None] = field(default_factory=dict, repr=False, compare=False)
+
+    def checkpoint_dtype(self, subfolder: str) -> torch.dtype | None:
+        """The type the subfolder's weights are stored in (read once), or None where it cannot tell."""
+        if subfolder not in self._stored_dtypes:
+            folder = self.folder / subfolder
+            self._stored_dtypes[subfolder] = stored_dtype(folder) if folder.is_dir() else None
+        return self._stored_dtypes[subfolder]
 
     @classmethod
     def read(cls, folder: Path, config_subfolders: Sequence[str]) -> ModelConfig:
@@ -222,7 +230,12 @@ class ModelFamily(ABC):
         """The UNet's conditioning inputs for the whole batch, unconditional rows first."""
 
     def component_precision(self, component: str, precision: str, config: ModelConfig) -> str:
-        """The precision a component runs at; a family can keep an overflow-prone part in fp32."""
+        """The precision a component runs at. A checkpoint stored in bf16 (Flux's, SD 3.5's) runs in bf16
+        where fp16 was asked for: its weights and activations were made for bf16's range, which fp16
+        lacks, and on the GPUs this worker targets the two are equally fast. A family can also keep an
+        overflow-prone part in fp32."""
+        if precision == "fp16" and config.checkpoint_dtype(self.weight_folder(component)) == torch.bfloat16:
+            return "bf16"
         return precision
 
     def weight_folder(self, component: str) -> str:

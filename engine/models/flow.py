@@ -22,8 +22,10 @@ class FlowMatchingFamily(ModelFamily):
     """The T5 encoder's component and tokenizer."""
 
     def component_precision(self, component: str, precision: str, config: ModelConfig) -> str:
-        """T5's activations overflow fp16, so it stays in fp32."""
-        return "fp32" if component == self.t5[0] else precision
+        """T5's activations overflow fp16, so it runs in bf16 (from a bf16 checkpoint, or when bf16 is
+        asked for) or else in fp32."""
+        resolved = super().component_precision(component, precision, config)
+        return "fp32" if component == self.t5[0] and resolved == "fp16" else resolved
 
     def first_step(self, steps: int, strength: float) -> int:
         """SD3's and Flux's img2img pipelines round the skipped steps down (SD's rounds the steps run down)."""

@@ -28,6 +28,30 @@ def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
     return FP16_VARIANT if dtype == torch.float16 or not plain_files else None
 
 
+def stored_dtype(folder: Path) -> torch.dtype | None:
+    """The floating type most of a folder's safetensors weights are stored in (fp16 variants aside),
+    read from the files' headers alone; None where there are none (``.bin`` files say nothing cheaply)."""
+    from safetensors import safe_open
+
+    elements: dict[str, int] = {}
+    for path in folder.glob("*.safetensors"):
+        if f".{FP16_VARIANT}." in path.name:
+            continue
+        with safe_open(str(path), framework="pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensor = weights.get_slice(name)
+                count = 1
+                for size in tensor.get_shape():
+                    count *= size
+                elements[tensor.get_dtype()] = elements.get(tensor.get_dtype(), 0) + count
+    floats = {name: count for name, count in elements.items() if name in SAFETENSORS_FLOATS}
+    return SAFETENSORS_FLOATS[max(floats, key=floats.__getitem__)] if floats else None
+
+
+SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+"""safetensors' names of the floating types checkpoints hold."""
+
+
 class TextEncoderModule(nn.Module):
     """A CLIP text encoder returning one hidden state and, when asked, the pooled projection."""
 

@@ -95,9 +95,10 @@ class StableDiffusionXL(ModelFamily):
 
     def component_precision(self, component: str, precision: str, config: ModelConfig) -> str:
         """SDXL's VAE overflows in fp16 unless it is a fixed one (its config then drops force_upcast)."""
-        if component.startswith("vae") and config.configs["vae"].get("force_upcast", False):
+        resolved = super().component_precision(component, precision, config)
+        if resolved == "fp16" and component.startswith("vae") and config.configs["vae"].get("force_upcast", False):
             return "fp32"
-        return precision
+        return resolved
 
     def encode_prompt(
         self, encode: Encode, tokenizers: Mapping[str, Any], batch: PromptBatch, config: ModelConfig

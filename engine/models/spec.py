@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.dtypes import BY_NAME
+from engine.dtypes import BY_NAME, PRECISION_DTYPES
 
 Shape = tuple[int, ...]
 
@@ -52,8 +52,8 @@ class TensorSpec:
 
     def torch_dtype(self, precision: str) -> torch.dtype:
         """The tensor's dtype in a graph of the given precision; integer tensors never change."""
-        if self.is_float and precision == "fp16" and not self.keep_fp32:
-            return torch.float16
+        if self.is_float and precision != "fp32" and not self.keep_fp32:
+            return PRECISION_DTYPES[precision]
         return BY_NAME[self.dtype].torch
 
     def resolve(self, sizes: Mapping[str, int]) -> Shape:
