@@ -57,9 +57,10 @@ def tool_versions() -> dict[str, str]:
     return found
 
 
-def validation_device(device: torch.device) -> torch.device:
-    """Where ONNX Runtime validates: the GPU with onnxruntime-gpu, else the CPU."""
-    if device.type == "cuda":
+def validation_device(device: torch.device, precision: str) -> torch.device:
+    """Where ONNX Runtime validates: the GPU with onnxruntime-gpu, else the CPU. bf16 graphs are
+    validated on the CPU, as their fp32-arithmetic twin: onnxruntime's CUDA kernels cover bf16 in part."""
+    if device.type == "cuda" and precision != "bf16":
         try:
             providers_for(device)
             return device
@@ -95,7 +96,7 @@ class Exporter:
         key = onnx_key(spec, fingerprint, precision)
 
         def build(staging: Staging) -> None:
-            device = validation_device(self.device)
+            device = validation_device(self.device, precision)
             with scratch_folder(self.work_dir) as raw_dir:
                 raw = raw_dir / ONNX_FILE
                 dims = validation_dims(self.model, device)
