@@ -44,17 +44,24 @@ def element_bytes(precision: str) -> int:
 
 
 def estimates(
-    config: ModelConfig, images: int, height: int, width: int, guidance: bool, precision: str
+    config: ModelConfig,
+    images: int,
+    height: int,
+    width: int,
+    guidance: bool,
+    denoiser_precision: str,
+    vae_precision: str,
 ) -> list[Estimate]:
-    """The activation peak of each stage that grows with the request, largest first."""
-    size = element_bytes(precision)
+    """The activation peak of each stage that grows with the request, largest first, each stage at
+    its own precision (SDXL's VAE runs in fp32 under fp16)."""
     factor = config.vae_scale_factor
     rows = images * (2 if guidance else 1)
     latent_pixels = (height // factor) * (width // factor)
     vae_channels = config.configs["vae"]["block_out_channels"][0]
+    vae_bytes = images * height * width * vae_channels * element_bytes(vae_precision) * VAE_LIVE_TENSORS
     found = [
-        denoiser_estimate(config, rows, latent_pixels, size),
-        Estimate("vae_decoder", images * height * width * vae_channels * size * VAE_LIVE_TENSORS),
+        denoiser_estimate(config, rows, latent_pixels, element_bytes(denoiser_precision)),
+        Estimate("vae_decoder", vae_bytes),
     ]
     return sorted(found, key=lambda estimate: estimate.bytes, reverse=True)
 

@@ -233,7 +233,10 @@ class Worker:
         }
         family, config = self.model.family, self.model.config
         guidance = family.classifier_free_scale(request) is not None
-        found = estimates(config, request.num_images, request.height, request.width, guidance, self.precision)
+        denoiser, vae = (
+            family.component_precision(c, self.precision, config) for c in (family.denoiser, "vae_decoder")
+        )
+        found = estimates(config, request.num_images, request.height, request.width, guidance, denoiser, vae)
         relevant = [estimate for estimate in found if estimate.stage in outside_engines]
         if not relevant:
             return

@@ -42,6 +42,16 @@ def test_estimates_follow_the_measured_sd15_figures(cache_dir):
     config = load_model("tiny", cache_dir).config
     config.configs["unet"]["block_out_channels"] = [320, 640, 1280, 1280]
     config.configs["vae"]["block_out_channels"] = [128, 256, 512, 512]
-    found = {e.stage: e.bytes for e in estimates(config, 1, 768, 768, guidance=True, precision="fp32")}
+    found = {e.stage: e.bytes for e in estimates(config, 1, 768, 768, True, "fp32", "fp32")}
     assert 2.1e9 <= found["vae_decoder"] <= 2.6e9
     assert 0.75e9 <= found["unet"] <= 0.95e9
+
+
+def test_estimates_count_each_stage_at_its_own_precision(cache_dir):
+    """Under fp16, SDXL's VAE runs in fp32 (force_upcast): its activations take twice the bytes per value."""
+    model = load_model("tiny-sdxl", cache_dir)
+    precisions = [model.family.component_precision(c, "fp16", model.config) for c in ("unet", "vae_decoder")]
+    assert precisions == ["fp16", "fp32"]
+    mixed = {e.stage: e.bytes for e in estimates(model.config, 1, 512, 512, True, *precisions)}
+    even = {e.stage: e.bytes for e in estimates(model.config, 1, 512, 512, True, "fp16", "fp16")}
+    assert mixed["vae_decoder"] == 2 * even["vae_decoder"] and mixed["unet"] == even["unet"]
