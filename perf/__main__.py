@@ -3,6 +3,7 @@
     python -m perf --model tiny
     python -m perf --model tiny-flux --backends torch onnxruntime diffusers
     python -m perf --backends torch tensorrt diffusers --runs 10
+    python -m perf --model /models/sd15 --controlnet canny    # adds a ControlNet scenario
 
 Prints a Markdown table (p50/p95 end to end and per stage, speedup against torch) and
 writes results.json, results.md and chart.png under the results folder.
@@ -22,7 +23,7 @@ from engine.settings import load_settings
 from engine.worker import resolve_device, resolve_precision
 from perf import report
 from perf.bench import BackendResult, bench_backend, bench_diffusers
-from perf.scenarios import default_scenarios
+from perf.scenarios import controlnet_scenario, default_scenarios
 
 BACKENDS = ["torch", "onnxruntime", "tensorrt"]
 
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
+    parser.add_argument(
+        "--controlnet", metavar="NAME", help="also time text-to-image steered by this ControlNet of CONTROLNET_DIR"
+    )
     return parser.parse_args(argv)
 
 
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("ERROR")
     model = load_model(settings.model, settings.cache_dir, settings.model_revision)
     scenarios = default_scenarios(model, args.steps)
+    if args.controlnet:
+        scenarios.append(controlnet_scenario(model, args.steps, args.controlnet))
     device = resolve_device(settings.device)
     results: list[BackendResult] = []
     for backend in args.backends:

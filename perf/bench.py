@@ -99,8 +99,9 @@ def release_memory() -> None:
 
 
 def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, runs: int) -> BackendResult:
-    """diffusers' own pipelines on the same model, device, dtype and requests: the outside baseline."""
-    from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
+    """diffusers' own pipelines on the same model, device, dtype and requests: the outside baseline (its
+    ControlNet pipelines where a scenario names a ControlNet, given the same control image)."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, ControlNetModel, DiffusionPipeline
 
     worker = Worker(settings.model_copy(update={"backend": Backend.TORCH}))
     dtype = PRECISION_DTYPES[worker.precision]
@@ -116,13 +117,22 @@ def bench_diffusers(settings: Settings, scenarios: list[Scenario], warmup: int, 
         for scenario in (s for s in scenarios if s.diffusers_comparable):
             request, inputs = worker.resolve(scenario.payload)
             image = inputs.image if inputs is not None else None
+            controls = inputs.controls if inputs is not None else ()
             pipe = image_to_image if image else text_to_image
+            if controls:
+                controlnet = ControlNetModel.from_pretrained(
+                    settings.controlnet_dir / request.controlnets[0].name, torch_dtype=dtype
+                )
+                pipe = AutoPipelineForText2Image.from_pipe(text_to_image, controlnet=controlnet.to(worker.device))
+                pipe.set_progress_bar_config(disable=True)
             pipe.scheduler = make_scheduler(request.scheduler, worker.model.scheduler_config)
             inputs = (
                 {"image": image, "strength": request.strength}
                 if image
                 else {"width": request.width, "height": request.height}
             )
+            if controls:
+                inputs |= {"image": controls[0].image, "controlnet_conditioning_scale": controls[0].scale}
 
             def call(pipe=pipe, request=request, inputs=inputs) -> None:
                 pipe(

@@ -87,3 +87,13 @@ def default_scenarios(model: Model, steps: int) -> list[Scenario]:
         Scenario(f"img2img {native_size}x{native_size} strength 0.6", {**base, "image": image, "strength": 0.6})
     )
     return scenarios
+
+
+def controlnet_scenario(model: Model, steps: int, name: str) -> Scenario:
+    """Text-to-image at the native size steered by the ControlNet ``name`` (from CONTROLNET_DIR) through
+    the edges of the synthetic picture, as a Canny ControlNet is used."""
+    size = model.config.native_size
+    control = {"name": name, "image": input_image(size, size), "preprocess": "canny"}
+    payload = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "num_inference_steps": steps, "seed": 0}
+    payload |= {"scheduler": "euler", "width": size, "height": size, "controlnets": [control]}
+    return Scenario(f"txt2img {size}x{size} + controlnet {name}", payload)

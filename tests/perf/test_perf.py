@@ -71,3 +71,22 @@ def test_perf_export_reports_time_and_peak_memory_per_stage(subprocess_env, tmp_
         assert row["precision"] == "fp16"
         assert set(row["seconds"]) >= {"load", "reference", "export", "optimize", "validate"}
         assert all(peak > 0 for peak in row["peak_rss_mb"].values())
+
+
+def test_perf_times_a_controlnet_scenario_against_diffusers_controlnet_pipeline(subprocess_env, cache_dir, tmp_path):
+    from engine.models.builtin import builtin_model_folder
+    from tests.test_controlnet import make_controlnet
+
+    make_controlnet(builtin_model_folder("tiny", cache_dir), tmp_path / "controlnets" / "edges", seed=1)
+    env = dict(subprocess_env, CONTROLNET_DIR=str(tmp_path / "controlnets"))
+    command = [sys.executable, "-m", "perf", "--model", "tiny", "--controlnet", "edges", "--backends", "torch"]
+    command += ["diffusers", "--steps", "2", "--warmup", "0", "--runs", "1", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if "+ controlnet edges" in line]
+    assert any("| torch |" in row for row in rows) and any("| diffusers |" in row for row in rows), done.stdout
+    [folder] = (tmp_path / "out").iterdir()
+    results = json.loads((folder / "results.json").read_text())
+    torch_result = next(r for r in results["results"] if r["backend"] == "torch")
+    [timing] = [t for t in torch_result["timings"] if t["scenario"].endswith("+ controlnet edges")]
+    assert timing["backends"]["controlnet.edges"] == "torch"
