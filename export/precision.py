@@ -1,7 +1,7 @@
 """Half precision for a traced fp32 graph, fp16 or bf16, with the sensitive parts kept in fp32.
 
 TensorRT 11 takes precision from the ONNX file, so the graph is retyped here: weights and
-activations in the half type, and three kinds of node kept in fp32 behind casts:
+activations in the half type, and these nodes kept in fp32 behind casts:
 
 - normalizations and softmax (``FP32_OPS``), whose reductions overflow fp16 or lose the
   accuracy the image depends on;
@@ -123,18 +123,17 @@ def angle_nodes(model: onnx.ModelProto, keep_fp32_io: list[str]) -> list[str]:
     return list(found)
 
 
-def join_fp32_islands(model: onnx.ModelProto, kept: set[str]) -> int:
+def join_fp32_islands(model: onnx.ModelProto, kept: set[str]) -> None:
     """Removes each cast down to fp16 and straight back up into a kept node, where the value came
     from a kept node or from an input kept in fp32 (the converter casts those down on entry: a
-    timestep of 558.57 would reach the sines as 558.5), so the kept node reads the fp32 value;
-    returns how many round trips went."""
+    timestep of 558.57 would reach the sines as 558.5), so the kept node reads the fp32 value."""
     producers = {output: node for node in model.graph.node for output in node.output}
     consumers = _consumers(model)
     graph_outputs = {value.name for value in model.graph.output}
     fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     fp32_inputs = {value.name for value in model.graph.input if value.type.tensor_type.elem_type == fp32}
     replaced: dict[str, str] = {}
-    dropped: set[int] = set()
+    dropped: set[str] = set()  # node names: every node is named (``name_nodes``, and the converter names its casts)
     for up in model.graph.node:
         down = producers.get(up.input[0]) if up.op_type == "Cast" else None
         if down is None or down.op_type != "Cast" or _cast_target(up) != fp32 or _cast_target(down) != fp16:
@@ -144,15 +143,14 @@ def join_fp32_islands(model: onnx.ModelProto, kept: set[str]) -> int:
         if not from_fp32 or up.output[0] in graph_outputs:
             continue
         replaced[up.output[0]] = down.input[0]
-        dropped.add(id(up))
-        if all(id(node) in dropped for node in consumers[down.output[0]]) and down.output[0] not in graph_outputs:
-            dropped.add(id(down))
+        dropped.add(up.name)
+        if all(node.name in dropped for node in consumers[down.output[0]]) and down.output[0] not in graph_outputs:
+            dropped.add(down.name)
     for node in model.graph.node:
         node.input[:] = [replaced.get(name, name) for name in node.input]
-    kept_nodes = [node for node in model.graph.node if id(node) not in dropped]
+    kept_nodes = [node for node in model.graph.node if node.name not in dropped]
     del model.graph.node[:]
     model.graph.node.extend(kept_nodes)
-    return len(replaced)
 
 
 def _cast_target(node: onnx.NodeProto) -> int | None:

@@ -90,6 +90,8 @@ def test_angles_and_rms_norms_are_fp32_throughout(cache_dir, tmp_path, model_nam
     for node in (node for node in model.graph.node if node.op_type == "Resize"):
         assert types[node.input[0]] == (FP32 if precision == "bf16" else half), "TensorRT has no bf16 Resize"
     assert round_trips(model, half) == []
+    names = [node.name for node in model.graph.node]
+    assert all(names) and len(set(names)) == len(names), "nodes are told apart by name"
     assert {t.data_type for t in model.graph.initializer if t.data_type in (FP16, BF16)} == {half}
 
 
