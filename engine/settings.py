@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         "volume when it is mounted, else under CACHE_DIR",
     )
     max_controlnets: int = Field(2, ge=0, description="ControlNets per request")
+    preload_controlnets: str = Field(
+        "",
+        description="ControlNets of CONTROLNET_DIR (comma-separated names, or 'all' for every one that fits the "
+        "model) whose runners load at start-up, so the first request that names one does not wait for them",
+    )
 
     engine_profiles: str | None = Field(
         None,

@@ -21,9 +21,9 @@ from PIL import Image
 
 from engine.backends.select import ChainCalls, LazyTorchRunner, RunnerChain, build_chains, share_torch_weights
 from engine.backends.tensorrt import TensorRTBackend
-from engine.controls import ControlNetFolders, ControlNetRequest, canny
+from engine.controls import ControlNetFolders, ControlNetRequest, canny, found_controlnets
 from engine.delivery import Delivery, EncodedImage
-from engine.errors import DeadlineExceeded, RequestError, WorkerError
+from engine.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
 from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.images import encode_image
 from engine.inputs import ImageLimits, load_image
@@ -86,6 +86,9 @@ class Worker:
         self.loras = LoraLibrary(LoraFiles(settings.lora_dir, settings.max_lora_bytes), self.model)
         assert settings.controlnet_dir is not None  # Settings fills it in
         self.controlnets = ControlNetFolders(settings.controlnet_dir, self.model)
+        if settings.preload_controlnets:
+            self._preload_controlnets(settings.preload_controlnets)
+            self.cold_start.mark("controlnets_load")
         self.delivery = Delivery(settings)
         self.image_limits = ImageLimits(
             settings.max_input_image_bytes, settings.max_image_side, settings.min_image_side
@@ -120,6 +123,30 @@ class Worker:
                 if isinstance(runner, LazyTorchRunner) and (eager or (position == 0 and component in needed)):
                     runner.ensure_loaded()
         return chains
+
+    def _preload_controlnets(self, names: str) -> None:
+        """The runner chains of the ControlNets PRELOAD_CONTROLNETS names ('all': every one that fits),
+        with their torch weights, as a request naming them would load them."""
+        field = "PRELOAD_CONTROLNETS"
+        if names.strip() == "all":
+            components = []
+            for name in found_controlnets(self.controlnets.root):
+                try:
+                    components.append(self.controlnets.component(name, field))
+                except RequestError as error:
+                    log.info("not preloaded: %s", error)
+        else:
+            try:
+                components = [self.controlnets.component(name.strip(), field) for name in names.split(",")]
+            except RequestError as error:
+                raise ConfigError(str(error)) from None
+        if not components:
+            return
+        self._add_controlnet_chains(components)
+        for component in (*components, CONTROLLED_UNET):
+            for runner in self.chains[component].runners[:1]:
+                if isinstance(runner, LazyTorchRunner):
+                    runner.ensure_loaded()
 
     def _add_controlnet_chains(self, components: list[str]) -> None:
         """Runner chains for ControlNets a request is the first to use, and for the controlled UNet; its

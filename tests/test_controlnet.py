@@ -29,6 +29,7 @@ from diffusers import (
 from PIL import Image, ImageDraw
 
 from engine.controls import canny
+from engine.errors import ConfigError
 from engine.models import load_model
 from engine.models.builtin import builtin_model_folder
 from engine.models.controlnet import CONTROLLED_UNET
@@ -228,6 +229,25 @@ def test_metrics_name_each_controlnet_and_its_steps(cache_dir, tmp_path, control
     assert metrics["backends"]["controlnet.edges"] == "torch"
     assert metrics["backends"][CONTROLLED_UNET] == "torch"
     assert metrics["unet_step_ms"]["count"] == 4
+
+
+def test_preloaded_controlnets_are_loaded_before_the_first_request(cache_dir, tmp_path, controlnet_dir):
+    """PRELOAD_CONTROLNETS=all loads what fits (not the SDXL ControlNet) at start-up, timed in init_ms; the
+    images are those of a worker that loads them on first use."""
+    preloaded = worker_for("tiny", cache_dir, tmp_path, controlnet_dir, preload_controlnets="all")
+    assert {"controlnet.edges", "controlnet.depth", CONTROLLED_UNET} <= set(preloaded.chains)
+    assert "controlnet.edges-xl" not in preloaded.chains
+    assert preloaded.chains["controlnet.edges"].runners[0].loaded
+    payload = controlled(entry())
+    response = preloaded.handle({"id": "p", "input": payload})
+    assert "controlnets_load" in response["metrics"]["init_ms"]
+    on_first_use = worker_for("tiny", cache_dir, tmp_path, controlnet_dir).handle({"id": "l", "input": payload})
+    assert [item["image"] for item in response["output"]] == [item["image"] for item in on_first_use["output"]]
+
+
+def test_a_preloaded_controlnet_that_is_not_there_is_a_configuration_error(cache_dir, tmp_path, controlnet_dir):
+    with pytest.raises(ConfigError, match=r"PRELOAD_CONTROLNETS: no ControlNet 'sketch' in CONTROLNET_DIR"):
+        worker_for("tiny", cache_dir, tmp_path, controlnet_dir, preload_controlnets="edges, sketch")
 
 
 ERRORS = {

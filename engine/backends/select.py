@@ -51,6 +51,11 @@ class LazyTorchRunner(Runner):
         self._runner: TorchRunner | None = None
         self._lock = threading.Lock()
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are in memory already."""
+        return self._runner is not None
+
     def ensure_loaded(self) -> TorchRunner:
         with self._lock:
             if self._runner is None:
