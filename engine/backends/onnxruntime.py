@@ -90,8 +90,9 @@ class OnnxRuntimeRunner(Runner):
 
         from engine.backends.bf16 import emulated_bf16, holds_bf16
 
-        graph = onnx.load_from_string(self.source) if isinstance(self.source, bytes) else None
-        if graph is None:
+        if isinstance(self.source, bytes):
+            graph = onnx.load_from_string(self.source)
+        else:
             graph = onnx.load(self.source, load_external_data=False)
         if holds_bf16(graph):
             self.source = emulated_bf16(graph).SerializeToString()

@@ -6,6 +6,7 @@ reference the exports are checked against is exactly what the fallback runs.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -40,10 +41,7 @@ def stored_dtype(folder: Path) -> torch.dtype | None:
         with safe_open(str(path), framework="pt") as weights:
             for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 tensor = weights.get_slice(name)
-                count = 1
-                for size in tensor.get_shape():
-                    count *= size
-                elements[tensor.get_dtype()] = elements.get(tensor.get_dtype(), 0) + count
+                elements[tensor.get_dtype()] = elements.get(tensor.get_dtype(), 0) + math.prod(tensor.get_shape())
     floats = {name: count for name, count in elements.items() if name in SAFETENSORS_FLOATS}
     return SAFETENSORS_FLOATS[max(floats, key=floats.__getitem__)] if floats else None
 
