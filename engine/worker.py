@@ -12,7 +12,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -113,16 +113,19 @@ class Worker:
         )
 
     def _build_chains(self) -> dict[str, RunnerChain]:
-        """The runner chains, with the torch weights loaded now where a request would load them anyway
-        (torch is the first choice) or where ``TORCH_FALLBACK=eager`` asks for it."""
+        """The runner chains, with the torch weights loaded as ``_load_torch_weights`` says."""
         chains, self.tensorrt = build_chains(self.model, self.settings, self.store, self.device, self.precision)
+        self._load_torch_weights(chains, (*self.model.family.text_encoders, self.model.family.denoiser, "vae_decoder"))
+        return chains
+
+    def _load_torch_weights(self, chains: Mapping[str, RunnerChain], needed: Collection[str]) -> None:
+        """Loads torch weights now where a request would load them anyway (torch is the first choice for a
+        ``needed`` component) or where ``TORCH_FALLBACK=eager`` asks for it."""
         eager = self.settings.torch_fallback is TorchFallback.EAGER
-        needed = (*self.model.family.text_encoders, self.model.family.denoiser, "vae_decoder")
         for component, chain in chains.items():
             for position, runner in enumerate(chain.runners):
                 if isinstance(runner, LazyTorchRunner) and (eager or (position == 0 and component in needed)):
                     runner.ensure_loaded()
-        return chains
 
     def _preload_controlnets(self, names: str) -> None:
         """The runner chains of the ControlNets PRELOAD_CONTROLNETS names ('all': every one that fits),
@@ -140,17 +143,13 @@ class Worker:
                 components = [self.controlnets.component(name.strip(), field) for name in names.split(",")]
             except RequestError as error:
                 raise ConfigError(str(error)) from None
-        if not components:
-            return
-        self._add_controlnet_chains(components)
-        for component in (*components, CONTROLLED_UNET):
-            for runner in self.chains[component].runners[:1]:
-                if isinstance(runner, LazyTorchRunner):
-                    runner.ensure_loaded()
+        if components:
+            self._add_controlnet_chains(components, load_now=True)
 
-    def _add_controlnet_chains(self, components: list[str]) -> None:
-        """Runner chains for ControlNets a request is the first to use, and for the controlled UNet; its
-        torch fallback runs the UNet's own torch module, so the weights are not loaded twice."""
+    def _add_controlnet_chains(self, components: list[str], load_now: bool = False) -> None:
+        """Runner chains for ControlNets a request is the first to use (or ``load_now``, preloaded, with
+        their torch weights), and for the controlled UNet; its torch fallback runs the UNet's own torch
+        module, so the weights are not loaded twice."""
         with self._chains_lock:
             missing = [c for c in (*components, CONTROLLED_UNET) if c not in self.chains]
             if not missing:
@@ -162,6 +161,7 @@ class Worker:
                 share_torch_weights(chains[CONTROLLED_UNET], self.chains["unet"], self.model.controlled_unet)
             self.chains.update(chains)
             self.controlnet_engines.append(engines)
+            self._load_torch_weights(chains, chains if load_now else ())
 
     def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         """A RunPod job in, a response dict out; never raises for a bad job."""
