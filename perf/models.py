@@ -44,10 +44,24 @@ def clip_vit_l(tokenizer: Any) -> torch.nn.Module:
     return CLIPTextModel(config)
 
 
+def kl_vae(**config: Any) -> torch.nn.Module:
+    """The KL VAE at the widths SD 1.5's, SDXL's and Flux's share (128 to 512 channels, four blocks of two
+    layers), random; ``config`` sets the latent channels and what differs."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        **config,
+    )
+
+
 def build_sd15(folder: Path, inpainting: bool = False) -> None:
     """Stable Diffusion 1.5: a 3.4 GB UNet, a 0.5 GB text encoder, a 0.3 GB VAE (fp32). With
     ``inpainting``, SD 1.5 inpainting's UNet: 9 input channels (latents, mask, masked-image latents)."""
-    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
     from engine.models.builtin import byte_tokenizer, sd_scheduler
 
@@ -61,15 +75,7 @@ def build_sd15(folder: Path, inpainting: bool = False) -> None:
         cross_attention_dim=768,
         attention_head_dim=8,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        norm_num_groups=32,
-        sample_size=512,
-    )
+    vae = kl_vae(latent_channels=4, sample_size=512)
     pipeline = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
     pipeline(
         vae=vae,
@@ -109,7 +115,7 @@ def build_flux_wide(folder: Path, double_blocks: int = 2, single_blocks: int = 2
     T5-XXL's width (4096, feed-forward 10240, 64 heads) with 2 of its 24 layers and its 32128-token
     table, CLIP-L, and Flux's 16-channel VAE. Large enough for the large-graph export path and fp16's
     range at real widths, small enough for a CPU; the full transformer is 12B parameters."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     from engine.models.builtin import byte_tokenizer, t5_tokenizer
@@ -140,12 +146,8 @@ def build_flux_wide(folder: Path, double_blocks: int = 2, single_blocks: int = 2
         guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+    vae = kl_vae(
         latent_channels=16,
-        layers_per_block=2,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
