@@ -1,10 +1,11 @@
-"""Structured JSON logs that carry the current request's id on every line."""
+"""Structured JSON logs that carry the current request's id on every line, with URL secrets removed."""
 
 from __future__ import annotations
 
 import contextvars
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,24 +13,42 @@ from contextlib import contextmanager
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 
+URL = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^\s@'\"<>]*@)?(?P<place>[^\s?#'\"<>]*)(?:[?#][^\s'\"<>]*)?"
+)
+"""A URL in free text: its scheme, user info (up to the last @: a password may hold a raw / or ?), host
+and path, then query and fragment."""
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with every URL cut to scheme://host/path: user info (a proxy's password) and query
+    strings (signed links' tokens) are where URLs carry secrets."""
+    return URL.sub(lambda match: match["scheme"] + match["place"], text)
+
+
+def _redacted(value: object) -> object:
+    return redact_urls(value) if isinstance(value, str) else value
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, and extras."""
+    """One JSON object per line: time, level, logger, message, request id, and extras; every URL in the
+    message, the extras and the traceback cut to scheme://host/path (see ``redact_urls``)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": redact_urls(record.getMessage()),
         }
         current = request_id.get()
         if current is not None:
             entry["request_id"] = current
         fields = getattr(record, "fields", None)
         if fields:
-            entry.update(fields)
+            entry.update({key: _redacted(value) for key, value in fields.items()})
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact_urls(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
 
 

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     max_prompts: int = Field(4, ge=1)
     max_timeout_s: float = Field(600.0, gt=0)
     max_input_image_bytes: int = Field(20_000_000, gt=0, description="largest image-to-image input")
+    download_timeout_s: float = Field(
+        60.0, gt=0, description="longest a URL download (image or LoRA) may take; a request's timeout_s can shorten it"
+    )
+    download_min_bytes_per_s: float = Field(
+        50_000.0, ge=0, description="slowest a download's server may send, after its first 5 s; 0: no minimum"
+    )
     max_prompt_chunks: int = Field(
         3, ge=1, le=16, description="chunks of 75 tokens a prompt may use; engines are built to cover them"
     )
