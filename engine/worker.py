@@ -23,8 +23,9 @@ from engine.backends.select import ChainCalls, LazyTorchRunner, RunnerChain, bui
 from engine.backends.tensorrt import TensorRTBackend
 from engine.controls import ControlNetFolders, ControlNetRequest, canny, found_controlnets
 from engine.delivery import Delivery, EncodedImage
+from engine.downloads import download_limits, limit_to_request
 from engine.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
-from engine.faults import is_out_of_memory, is_unrecoverable
+from engine.faults import DeviceFaults, is_out_of_memory
 from engine.images import encode_image
 from engine.inputs import ImageLimits, load_image
 from engine.logs import request_context
@@ -71,6 +72,7 @@ class Worker:
         self.cold_start = cold_start or ColdStart()
         self.device = resolve_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
+        self.faults = DeviceFaults(self.device)
         self.model: Model = load_model(settings.model, settings.cache_dir, settings.model_revision)
         self.store = Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s)
         self.cold_start.mark("model_resolve")
@@ -166,7 +168,8 @@ class Worker:
     def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         """A RunPod job in, a response dict out; never raises for a bad job."""
         job_id = str(job.get("id", "local"))
-        with request_context(job_id):
+        downloads = download_limits(self.settings.download_timeout_s, self.settings.download_min_bytes_per_s)
+        with request_context(job_id), downloads:
             started = time.perf_counter()
             try:
                 return self._generate(job.get("input"), job_id, started, progress)
@@ -180,17 +183,20 @@ class Worker:
         return {"status": "error", "error": message, "request_id": job_id, **extra}
 
     def _fault(self, job_id: str, error: Exception) -> dict[str, Any]:
-        """An exception from the generation itself: free what it held, and say whether the worker can go on."""
+        """An exception from the generation itself: free what it held, and say whether the worker can go on.
+        The caller gets a fixed message per kind of failure; the log has the exception."""
         if is_out_of_memory(error):
             log.error("out of GPU memory: %s", error)
             self._free_memory()
             return self._error(job_id, "out of GPU memory: try fewer images, a smaller size, or a larger GPU")
-        if is_unrecoverable(error):
+        if self.faults.unrecoverable(error):
             log.critical("unrecoverable CUDA error, asking RunPod for a new worker", exc_info=error)
-            return self._error(job_id, f"the GPU failed ({error}); this worker will be replaced", refresh_worker=True)
+            return self._error(
+                job_id, f"the GPU failed; this worker will be replaced (request {job_id})", refresh_worker=True
+            )
         log.error("job failed unexpectedly", exc_info=error)
         self._free_memory()
-        return self._error(job_id, f"internal error: {type(error).__name__}: {error}")
+        return self._error(job_id, f"internal error: the worker logged the details (request {job_id})")
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -281,6 +287,7 @@ class Worker:
         """A valid request with its defaults, and its input image (and mask) and control images when it
         has them: the input image's size is the default size, else the first control image's."""
         draft = validate_request(payload, self.limits)
+        limit_to_request(draft.timeout_s or self.limits.max_timeout_s)  # downloads end by the request's deadline
         self._check_family_features(draft)
         if self.model.config.inpainting_unet and draft.mask is None:
             raise RequestError(

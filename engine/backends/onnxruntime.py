@@ -105,7 +105,8 @@ class OnnxRuntimeRunner(Runner):
         try:
             return ort.InferenceSession(self.source, options, providers=providers_for(self.device))
         except Exception as error:  # onnxruntime raises its own untyped errors for unusable graphs
-            raise BackendUnavailable(f"onnxruntime cannot load the graph: {error}") from error
+            log.warning("onnxruntime cannot load %s: %s", self.spec.name, error)  # its text names the files
+            raise BackendUnavailable("onnxruntime cannot load the graph (the worker logged why)") from error
 
     def apply_patch(self, patch: WeightPatch | None) -> None:
         """Switches to a session whose patched initializers are overridden with base + delta;
@@ -174,7 +175,7 @@ def load_onnxruntime_runner(
     """The runner for a component's exported graph, checked against its manifest before use."""
     artifact = store.get(onnx_key(spec, fingerprint, precision))
     if artifact is None:
-        raise NotBuilt(f"no {precision} ONNX export in {store.root}")
+        raise NotBuilt(f"no {precision} ONNX export in the engine store")
     artifact.verify()  # check every file (the graph, its weights, its weight map), then load by path
     weight_map = None
     if WEIGHT_MAP_FILE in artifact.files:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -116,6 +117,8 @@ def share_torch_weights(
 
 FAILURES_BEFORE_REMOVAL = 3
 """A runner that fails this many calls in a row is taken out of its chain."""
+UNREADABLE = "its files in the engine store could not be read (the worker logged why)"
+"""The reason a backend is unavailable when reading its artifact failed: the OS error names server paths."""
 UNKNOWN_WEIGHTS = "unknown"
 """The weights key of a runner whose patch failed half-way: the next call applies its patch again."""
 
@@ -148,8 +151,9 @@ class RunnerChain:
         The runner's weights are first set to ``patch`` (a LoRA set; None for the base weights)
         unless they already are, and the seconds that took go to ``patched``; a runner that
         cannot take the patch is passed over like one that cannot take the shapes. Why each
-        better runner did not run goes to ``report``. Out-of-memory and fatal CUDA errors are
-        not retried on the next runner: the worker's fault handling takes them.
+        better runner did not run goes to ``report``, in words fit for the caller (the log has the
+        error itself). Out-of-memory and fatal CUDA errors are not retried on the next runner: the
+        worker's fault handling takes them.
         """
         shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
         skipped = [f"{backend}: {reason}" for backend, reason in self.unavailable.items()]
@@ -166,9 +170,9 @@ class RunnerChain:
                 if isinstance(error, BackendUnavailable) and runner.weights_key == UNKNOWN_WEIGHTS:
                     skipped.append(f"{runner.backend}: cannot apply the LoRAs: {error}")
                     continue
-                if position == len(runners) - 1 or is_out_of_memory(error) or is_unrecoverable(error):
+                if position == len(runners) - 1 or is_out_of_memory(error) or is_unrecoverable(error, runner.device):
                     raise
-                skipped.append(f"{runner.backend}: failed: {type(error).__name__}: {error}")
+                skipped.append(f"{runner.backend}: failed while running (the worker logged why)")
                 self._failed(runner, error)
                 continue
             self._failures.pop(id(runner), None)
@@ -201,7 +205,7 @@ class RunnerChain:
             )
             if count >= self.failure_limit and runner in self.runners:
                 self.runners.remove(runner)
-                self.unavailable[runner.backend] = f"taken out after {count} failures in a row, the last: {error}"
+                self.unavailable[runner.backend] = f"taken out after {count} failures in a row"
                 log.error("%s: %s taken out of service for this process: %s", self.component, runner.backend, error)
 
 
@@ -288,6 +292,13 @@ def graph_weight_map(store: Store, spec: ComponentSpec, fingerprint: str, precis
         return None
 
 
+def export_hint(model: str, public: bool = False) -> str:
+    """The command that builds what is missing; ``public`` (for callers) names a local model folder
+    by its setting, not by the server's path."""
+    name = '"$MODEL"' if public and Path(model).exists() else shlex.quote(model)
+    return f"run `python -m export --model {name}`"
+
+
 def build_chains(
     model: Model,
     settings: Settings,
@@ -327,14 +338,14 @@ def build_chains(
             )
         except Exception as error:  # whatever TensorRT raises, the worker starts on the other backends
             log.exception("TensorRT engines could not be loaded")
-            tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, f"{type(error).__name__}: {error}"))
+            reason = f"the engines could not be loaded ({type(error).__name__}; the worker logged why)"
+            tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, reason))
 
     for component, runner in tensorrt.runners.items():
         runner.weight_map = graph_weight_map(
             store, model.specs[component], fingerprint(component), precisions[component]
         )
 
-    export_hint = f"run `python -m export --model {shlex.quote(settings.model)}`"
     not_built: dict[str, list[str]] = {}
     chains = {}
     for component, backends in wanted.items():
@@ -355,10 +366,10 @@ def build_chains(
                     )
             except NotBuilt as error:
                 not_built.setdefault(backend.value, []).append(component)
-                unavailable[backend.value] = f"{error} ({export_hint})"
+                unavailable[backend.value] = f"{error} ({export_hint(settings.model, public=True)})"
             except (ArtifactError, BackendUnavailable, OSError) as error:
                 log.warning("%s: %s unavailable: %s", component, backend.value, error)
-                unavailable[backend.value] = str(error)
+                unavailable[backend.value] = str(error) if not isinstance(error, OSError) else UNREADABLE
         if not backends or settings.torch_fallback is not TorchFallback.OFF:
             load = functools.partial(model.torch_module, component, PRECISION_DTYPES[precisions[component]])
             runners.append(LazyTorchRunner(spec, load, precisions[component], device))
@@ -367,9 +378,10 @@ def build_chains(
         chains[component] = RunnerChain(component, runners, unavailable)
     for backend, components in not_built.items():
         log.info(
-            "nothing built for %s yet (%s): %s; the next backend serves them",
+            "nothing built for %s yet (%s): %s; the next backend serves them (engine store: %s)",
             backend,
             ", ".join(components),
-            export_hint,
+            export_hint(settings.model),
+            store.root,
         )
     return chains, tensorrt

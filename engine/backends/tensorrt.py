@@ -26,7 +26,8 @@ import torch
 from engine.artifacts import ENGINE_FILE, exporter_id
 from engine.backends.base import Runner
 from engine.dtypes import BY_TENSORRT, BY_TORCH
-from engine.errors import BackendUnavailable
+from engine.errors import BackendUnavailable, WorkerError
+from engine.faults import DeviceExecutionError
 from engine.models.spec import ComponentSpec, Shape
 from engine.profiles import Profile, choose
 from engine.store import Artifact, Store
@@ -184,7 +185,7 @@ class LoadedEngine:
             if slot.graph is not None:
                 slot.graph.replay()
             elif not slot.context.execute_async_v3(handle):
-                raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
+                raise DeviceExecutionError(f"{self.spec.name}: TensorRT execution failed")
             return {name: tensor.clone() for name, tensor in slot.outputs.items()}
 
     def refit(
@@ -254,7 +255,7 @@ class LoadedEngine:
             for tensor in slot.inputs.values():
                 tensor.zero_()
             if not slot.context.execute_async_v3(stream.cuda_stream):  # the first run initializes lazily
-                raise RuntimeError(f"{self.spec.name}: TensorRT execution failed")
+                raise DeviceExecutionError(f"{self.spec.name}: TensorRT execution failed")
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=stream):
@@ -466,11 +467,12 @@ def load_tensorrt(
                 loaded.setdefault(component, []).append(engine)
             except Exception as error:  # a plan that does not load is skipped, whatever the cause
                 log.warning("skipping engine %s: %s", artifact.path.name, error)
-                reasons.append(f"{artifact.path.name}: {error}")
+                said = error if isinstance(error, WorkerError) else f"{type(error).__name__} (the worker logged why)"
+                reasons.append(f"{artifact.path.name}: {said}")
         if component not in loaded and reasons:
             unavailable[component] = "; ".join(reasons)
         elif component not in loaded:
-            unavailable[component] = f"no engine for {gpu} and TensorRT {tags[0]} in {store.root}"
+            unavailable[component] = f"no engine for {gpu} and TensorRT {tags[0]} in the engine store"
             missing.append(component)
     unusable = None
     if built_for_gpu and not loaded:

@@ -65,7 +65,8 @@ def test_a_runner_that_fails_mid_request_hands_the_call_to_the_next_one(exported
     response = worker.handle({"id": "during", "input": REQUEST})
     assert response["status"] == "success", response
     assert response["metrics"]["backends"]["unet"] == "onnxruntime"
-    assert "tensorrt: failed: RuntimeError: enqueue failed" in response["metrics"]["fallbacks"]["unet"]
+    assert "tensorrt: failed while running (the worker logged why)" in response["metrics"]["fallbacks"]["unet"]
+    assert "enqueue failed" not in str(response), "the error's own text stays in the log"
     for mine, reference in zip(images_of(response), images_of(expected), strict=True):
         assert np.array_equal(mine, reference)
 
@@ -156,5 +157,21 @@ def test_nothing_exported_yet_is_one_info_line_with_the_command_for_this_model(m
     [line] = [r.getMessage() for r in records if "nothing built" in r.getMessage()]
     assert "nothing built for onnxruntime yet (text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder)" in line
     assert hint in line
+    assert str(tmp_path / "empty") in line, "the log names the engine store"
     response = worker.handle({"id": "a", "input": {**REQUEST, "negative_prompt": None}})
     assert hint in response["metrics"]["fallbacks"]["unet"]
+    assert "no fp32 ONNX export in the engine store" in response["metrics"]["fallbacks"]["unet"]
+    assert str(tmp_path) not in str(response), "no server path reaches the caller"
+
+
+def test_a_local_model_folder_is_named_by_its_setting_in_replies(make_settings, tmp_path, cache_dir):
+    import shutil
+
+    from engine.models import load_model
+
+    folder = tmp_path / "models" / "private-name"
+    shutil.copytree(load_model("tiny", cache_dir).folder, folder)
+    worker = Worker(make_settings(model=str(folder), backend="onnxruntime", engine_dir=tmp_path / "empty"))
+    response = worker.handle({"id": "a", "input": REQUEST})
+    assert 'run `python -m export --model "$MODEL"`' in response["metrics"]["fallbacks"]["unet"]
+    assert "private-name" not in str(response) and str(tmp_path) not in str(response)
