@@ -10,7 +10,6 @@ import datetime
 import http.server
 import io
 import ipaddress
-import json
 import logging
 import socket
 import socketserver
@@ -246,23 +245,6 @@ def test_a_redirect_to_a_url_with_no_host_is_named_without_echoing_it(file_serve
 )
 def test_urls_that_do_not_parse_are_request_errors_that_quote_nothing(url, message):
     assert error_of(url) == message
-
-
-def test_log_lines_cut_every_url_to_scheme_host_and_path():
-    record = logging.LogRecord(
-        "engine.x", logging.WARNING, __file__, 1, "fetching %s", ("https://u:PW@h:8/p?q=TOKEN",), None
-    )
-    record.fields = {"url": "http://h/a#FRAG", "count": 3}
-    try:
-        raise ValueError("proxy http://name:PW@proxy:3128 refused")
-    except ValueError as error:
-        record.exc_info = (type(error), error, error.__traceback__)
-    line = JsonFormatter().format(record)
-    entry = json.loads(line)
-    assert entry["message"] == "fetching https://h:8/p"
-    assert entry["url"] == "http://h/a" and entry["count"] == 3
-    assert "proxy http://proxy:3128 refused" in entry["exception"]
-    assert "PW" not in line and "TOKEN" not in line and "FRAG" not in line
 
 
 def test_loopback_sockets_are_refused_without_the_private_address_switch(drip_server):
