@@ -20,10 +20,15 @@ URL = re.compile(
 and path, then query and fragment."""
 
 
+PATH_QUERY = re.compile(r"(?P<place>(?:^|(?<=[\s'\"(]))/[^\s?#'\"<>]*)[?#][^\s'\"<>]*")
+"""A path with a query or fragment on its own, as in an HTTP request line (urllib3 logs those at DEBUG)."""
+
+
 def redact_urls(text: str) -> str:
-    """``text`` with every URL cut to scheme://host/path: user info (a proxy's password) and query
-    strings (signed links' tokens) are where URLs carry secrets."""
-    return URL.sub(lambda match: match["scheme"] + match["place"], text)
+    """``text`` with every URL cut to scheme://host/path, and every path to itself: user info (a proxy's
+    password) and query strings (signed links' tokens) are where URLs carry secrets."""
+    text = URL.sub(lambda match: match["scheme"] + match["place"], text)
+    return PATH_QUERY.sub(lambda match: match["place"], text)
 
 
 def _redacted(value: object) -> object:

@@ -30,3 +30,8 @@ def test_a_password_holding_a_slash_or_a_question_mark_is_cut_too():
         "proxies {'http': 'http://h:1', 'https': 'http://h:2/x'}"
     )
     assert redact_urls("no URL here: a@b, 12:30") == "no URL here: a@b, 12:30"
+
+
+def test_a_request_line_loses_its_query():
+    line = 'http://h:80 "GET /x.png?token=SECRET&a=1 HTTP/1.1" 200 5'
+    assert redact_urls(line) == 'http://h:80 "GET /x.png HTTP/1.1" 200 5'
