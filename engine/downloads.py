@@ -112,7 +112,6 @@ class _Watch:
 
     def __init__(self, limits: DownloadLimits, field: str):
         now = time.monotonic()
-        self.started = now
         self.limits = limits
         self.field = field
         self.deadline = now + limits.timeout_s
@@ -271,6 +270,8 @@ def _refusal(error: Exception, field: str, max_bytes: int) -> RequestError:
         return RequestError(f"{field}: could not connect to the server within {CONNECT_TIMEOUT_S:g} s")
     if isinstance(error, (requests.Timeout, urllib3.exceptions.ReadTimeoutError)):
         return RequestError(f"{field}: the server sent nothing for {READ_TIMEOUT_S:g} s")
+    if isinstance(error, requests.exceptions.SSLError):
+        return RequestError(f"{field}: the server's TLS connection failed (its certificate, or the handshake)")
     if isinstance(error, requests.ConnectionError):
         return RequestError(f"{field}: could not connect to the server")
     if isinstance(error, requests.RequestException):

@@ -278,3 +278,9 @@ def test_the_worker_holds_its_downloads_to_the_setting_and_to_the_request_timeou
         assert response == {"status": "error", "error": message, "request_id": "slow"}
         assert took < (timeout_s or 1.5) + MARGIN_S
     assert worker.handle({"id": "next", "input": {"prompt": "a fox", "num_inference_steps": 2}})["status"] == "success"
+
+
+def test_a_certificate_the_worker_does_not_trust_is_named(drip_server, allow_loopback, tls, monkeypatch):
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    url = f"https://{drip_server(STATUS, tls)}/fox.png"
+    assert error_of(url) == "image: the server's TLS connection failed (its certificate, or the handshake)"
