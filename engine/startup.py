@@ -70,9 +70,9 @@ def start(cold_start: ColdStart) -> Startup:
     except WorkerError as error:  # expected (a missing model, a bad setting): its message says what to fix
         log.critical("the worker failed to start: %s", error, exc_info=settings.log_level.upper() == "DEBUG")
         return Startup(settings, None, str(error))
-    except Exception as error:
+    except Exception as error:  # its text may name server paths: it stays in the log
         log.critical("the worker failed to start", exc_info=error)
-        return Startup(settings, None, f"{type(error).__name__}: {error}")
+        return Startup(settings, None, f"{type(error).__name__} (the worker's log has the details)")
     log.info("cold start", extra={"fields": {"init_ms": cold_start.summary()}})
     write_ready_file(settings)
     return Startup(settings, worker, None)

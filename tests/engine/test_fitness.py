@@ -64,6 +64,19 @@ def test_a_worker_that_cannot_start_reports_why_and_fails_its_fitness(monkeypatc
     assert not settings.ready_file.exists()
 
 
+def test_an_unexpected_start_up_failure_keeps_its_text_in_the_log(monkeypatch, make_settings, capsys):
+    import engine.startup
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot read /srv/private/weights")
+
+    use_settings_env(monkeypatch, make_settings())
+    monkeypatch.setattr(engine.startup, "Worker", broken)
+    startup = start(ColdStart())
+    assert startup.error == "RuntimeError (the worker's log has the details)"
+    assert "cannot read /srv/private/weights" in capsys.readouterr().err, "the log (JSON on stderr) has it"
+
+
 def test_invalid_configuration_is_reported_not_raised(monkeypatch):
     monkeypatch.setenv("MAX_STEPS", "many")
     startup = start(ColdStart())
