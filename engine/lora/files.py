@@ -92,7 +92,7 @@ def shown(label: str) -> str:
     if not label.startswith(("https://", "http://")):
         return repr(label)
     parts = urlsplit(label)
-    return repr(f"{parts.scheme}://{parts.hostname or ''}{parts.path}")
+    return repr(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}")
 
 
 def parse_header(header: bytes, max_bytes: int | None) -> int:

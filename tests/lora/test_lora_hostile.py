@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -413,3 +414,22 @@ def test_the_download_cache_keeps_to_its_cap_least_recently_used_first(tiny, ser
     Body.requests_seen.clear()
     use(urls[1])
     assert Body.requests_seen == ["/lru-1.safetensors"], "an evicted URL is downloaded again"
+
+
+def test_a_url_whose_lora_fails_the_checks_is_neither_fetched_nor_read_again(
+    tiny, hostile_dir, server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "1")
+    Body.files["/nan.safetensors?token=secret"] = (hostile_dir / "bad-nan.safetensors").read_bytes()
+    Body.requests_seen.clear()
+    reads = counted_reads(monkeypatch)
+    library = LoraLibrary(LoraFiles(tmp_path / "loras", 10**9), tiny)
+    url = f"{server}/nan.safetensors?token=secret"
+    for _ in range(2):
+        with pytest.raises(RequestError) as raised:
+            library.select([LoraRequest(None, url, 1.0)])
+        message = str(raised.value)
+        assert message.startswith(f"loras[0].url: '{server}/nan.safetensors': unet."), message
+        assert "secret" not in message
+        shutil.rmtree(tmp_path / "loras" / "cache", ignore_errors=True)  # even with its download gone
+    assert Body.requests_seen == ["/nan.safetensors?token=secret"] and reads == [url]
