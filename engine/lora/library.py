@@ -1,8 +1,8 @@
 """From a request's ``loras`` to one weight patch per component: base + sum of scale x delta.
 
 Each file is read once (kept within a byte budget, least recently used out) and checked
-against the model before anything is applied, so a bad entry fails the request with its field named and every
-backend keeps the weights it has. A patch is identified by its key: the same files at
+against the model before anything is applied, so a bad entry fails the request with its
+field named and every backend keeps the weights it has. A patch is identified by its key: the same files at
 the same scales give the same key, and a backend whose weights already carry that key
 does nothing. A file refused by those checks is remembered by its sha256 (and a download by
 its URL) for a while, so a client retrying it costs no new read.
@@ -22,7 +22,7 @@ import torch
 
 from engine.errors import RequestError
 from engine.lora.factors import LoraWeights, LowRank, read_lora
-from engine.lora.files import LoraFile, LoraFiles, Refusals
+from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
 from engine.models import Model
 
 
@@ -128,9 +128,10 @@ class LoraLibrary:
             if cached is not None:
                 self._read.move_to_end(file.sha256)
                 return cached[0]
+        named = f"{field}: {shown(file.label)}: "
         rule = self.refused.get(file.sha256)
         if rule is not None:
-            raise RequestError(f"{field}: {rule}")
+            raise RequestError(f"{named}{rule}")
         family = self.model.family
         try:
             weights = read_lora(
@@ -144,10 +145,10 @@ class LoraLibrary:
                 field,
             )
         except RequestError as error:
-            rule = str(error).removeprefix(f"{field}: ")
+            rule = str(error).removeprefix(named)
             self.refused.add(file.sha256, rule)
             if file.from_url:
-                self.files.refuse_url(file.label, rule)
+                self.files.refuse_url(file.label, f"{shown(file.label)}: {rule}")
             raise
         self._keep(file.sha256, weights)
         return weights

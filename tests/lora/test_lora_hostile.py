@@ -254,6 +254,10 @@ def test_a_refused_named_file_is_not_read_again(tiny, hostile_dir, monkeypatch):
         with pytest.raises(RequestError, match=rf"^loras\[{index}\].name: 'bad-nan': unet\..* holds NaN"):
             library.select([*[LoraRequest("a", None, 1.0)] * index, LoraRequest("bad-nan", None, 1.0)])
     assert reads == ["bad-nan", "a"], "each file is read once"
+    (hostile_dir / "copy.safetensors").write_bytes((hostile_dir / "bad-nan.safetensors").read_bytes())
+    with pytest.raises(RequestError, match=r"^loras\[0\].name: 'copy': unet\..* holds NaN"):
+        library.select([LoraRequest("copy", None, 1.0)])
+    assert reads == ["bad-nan", "a"], "the same content is not read again, and the error names this file"
 
 
 def test_read_files_are_kept_within_the_byte_budget(tiny, hostile_dir, monkeypatch):
