@@ -30,7 +30,7 @@ from engine.backends.select import RunnerChain, SharedTorchRunner, weights_lock
 from engine.errors import RequestError
 from engine.lora import library as library_module
 from engine.lora.factors import MAX_WEIGHT_CHANGE, read_lora
-from engine.lora.files import MAX_TENSORS, LoraFiles
+from engine.lora.files import MAX_TENSORS, LoraFiles, Refusals
 from engine.lora.library import LoraLibrary, LoraRequest, WeightPatch
 from engine.models import load_model
 from engine.settings import Settings
@@ -437,3 +437,18 @@ def test_a_url_whose_lora_fails_the_checks_is_neither_fetched_nor_read_again(
         assert "secret" not in message
         shutil.rmtree(tmp_path / "loras" / "cache", ignore_errors=True)  # even with its download gone
     assert Body.requests_seen == ["/nan.safetensors?token=secret"] and reads == [url]
+
+
+def test_refusals_are_kept_for_their_time_and_up_to_their_number():
+    now = [0.0]
+    refusals = Refusals(size=2, ttl_s=60, clock=lambda: now[0])
+    refusals.add("a", "rule a")
+    refusals.add("b", "rule b")
+    now[0] = 59
+    assert (refusals.get("a"), refusals.get("b")) == ("rule a", "rule b")
+    refusals.add("c", "rule c")
+    assert refusals.get("a") is None, "the oldest goes past the limit"
+    now[0] = 100
+    assert refusals.get("b") is None and refusals.get("c") == "rule c"
+    now[0] = 200
+    assert refusals.get("c") is None
