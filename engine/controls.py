@@ -7,6 +7,7 @@ is served like any component, through its own runner chain.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,9 @@ from PIL import Image
 from engine.errors import RequestError
 from engine.models import WEIGHT_SUFFIXES, Model
 from engine.models.controlnet import controlnet_component
+from engine.names import check_name
+
+log = logging.getLogger(__name__)
 
 CANNY_THRESHOLDS = (100.0, 200.0)
 """OpenCV Canny's lower and upper thresholds when a request gives none, as diffusers' examples use."""
@@ -64,7 +68,8 @@ class ControlNetFolders:
         family = self.model.family
         if not family.controlnets:
             raise RequestError(f"{field}: ControlNets are not supported for {family.name} models yet")
-        if name in (".", "..") or any(separator in name for separator in "/\\"):
+        check_name(name, field)
+        if any(separator in name for separator in "/\\"):
             raise RequestError(f"{field}: must be the name of a folder in CONTROLNET_DIR, got {name!r}")
         component = controlnet_component(name)
         with self._lock:
@@ -72,8 +77,8 @@ class ControlNetFolders:
                 return component
             folder = self.root / name
             if not (folder / "config.json").is_file():
-                found = ", ".join(found_controlnets(self.root)) or "none"
-                raise RequestError(f"{field}: no ControlNet {name!r} in CONTROLNET_DIR ({self.root}); found: {found}")
+                log.info("%s: no ControlNet %r under %s", field, name, self.root)
+                raise RequestError(f"{field}: no ControlNet {name!r} in CONTROLNET_DIR")
             if not any(path.suffix in WEIGHT_SUFFIXES for path in folder.iterdir()):
                 raise RequestError(f"{field}: ControlNet {name!r} has a config.json but no weights")
             problems = self.model.controlnet_mismatches(folder)

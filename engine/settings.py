@@ -119,6 +119,10 @@ class Settings(BaseSettings):
     )
     max_loras: int = Field(4, ge=0, description="LoRAs per request")
     max_lora_bytes: int = Field(2_000_000_000, gt=0, description="largest LoRA file a request may download")
+    lora_cache_gb: float = Field(
+        4.0, gt=0, description="size cap of LORA_DIR/cache (URL downloads); least recently used files go first"
+    )
+    lora_memory_gb: float = Field(2.0, gt=0, description="memory the LoRA files read last are kept in, parsed")
     lora_sessions: int = Field(
         2, ge=1, description="onnxruntime sessions with LoRA weights kept per component (least recently used out)"
     )

@@ -85,7 +85,11 @@ class Worker:
         self.cold_start.mark("runners_load")
         self.pipeline = DiffusionPipeline(self.model, self.device)
         assert settings.lora_dir is not None  # Settings fills it in
-        self.loras = LoraLibrary(LoraFiles(settings.lora_dir, settings.max_lora_bytes), self.model)
+        self.loras = LoraLibrary(
+            LoraFiles(settings.lora_dir, settings.max_lora_bytes, int(settings.lora_cache_gb * 1e9)),
+            self.model,
+            int(settings.lora_memory_gb * 1e9),
+        )
         assert settings.controlnet_dir is not None  # Settings fills it in
         self.controlnets = ControlNetFolders(settings.controlnet_dir, self.model)
         if settings.preload_controlnets:

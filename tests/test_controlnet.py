@@ -254,6 +254,9 @@ ERRORS = {
     "unknown": ([entry("sketch")], "controlnets[0].name: no ControlNet 'sketch'"),
     "other family": ([entry("edges-xl")], "controlnets[0].name: ControlNet 'edges-xl' was made for another model"),
     "path": ([entry("../edges")], "controlnets[0].name: must be the name of a folder"),
+    "dot": ([entry(".")], "controlnets[0].name: must name a file or folder, got '.'"),
+    "NUL": ([entry("a\x00b")], "controlnets[0].name: must not contain control characters"),
+    "long": ([entry("e" * 300)], "controlnets[0].name: at most 255 bytes"),
     "not an image": ([entry(image="bm90IGFuIGltYWdl")], "controlnets[0].image:"),
     "start after end": ([entry(start=0.6, end=0.4)], "controlnets[0]: start must be below end, got start 0.6"),
     "too many": ([entry(), entry(), entry()], "controlnets: at most 2 per request (MAX_CONTROLNETS)"),
@@ -269,6 +272,7 @@ def test_bad_controlnet_entries_get_a_named_error(cache_dir, tmp_path, controlne
     response = worker.handle({"id": "bad", "input": controlled(*entries)})
     assert response["status"] == "error"
     assert message in response["error"], response["error"]
+    assert str(controlnet_dir) not in response["error"] and "depth" not in response["error"], "no folder or listing"
     assert worker.handle({"id": "ok", "input": controlled(entry())})["status"] == "success"
 
 

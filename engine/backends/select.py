@@ -15,6 +15,7 @@ import logging
 import shlex
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,22 @@ UNKNOWN_WEIGHTS = "unknown"
 """The weights key of a runner whose patch failed half-way: the next call applies its patch again."""
 
 
+_WEIGHTS_LOCKS: weakref.WeakKeyDictionary[Runner, threading.RLock] = weakref.WeakKeyDictionary()
+_WEIGHTS_LOCKS_GUARD = threading.Lock()
+
+
+def weights_lock(runner: Runner) -> threading.RLock:
+    """The lock of the weights ``runner`` runs (a runner on another's module shares that one's): held
+    from setting a call's LoRA set to the call's end, so concurrent requests with different sets each
+    run their own even where the serverless SDK is set to run several jobs at once."""
+    owner = runner.owner if isinstance(runner, SharedTorchRunner) else runner
+    with _WEIGHTS_LOCKS_GUARD:
+        lock = _WEIGHTS_LOCKS.get(owner)
+        if lock is None:
+            lock = _WEIGHTS_LOCKS[owner] = threading.RLock()
+        return lock
+
+
 class NotCovered(RequestError):
     """No runner left in a chain takes the call's shapes (only possible without the torch fallback)."""
 
@@ -153,7 +170,8 @@ class RunnerChain:
         cannot take the patch is passed over like one that cannot take the shapes. Why each
         better runner did not run goes to ``report``, in words fit for the caller (the log has the
         error itself). Out-of-memory and fatal CUDA errors are not retried on the next runner: the
-        worker's fault handling takes them.
+        worker's fault handling takes them. A RequestError (a LoRA set no check before caught) is
+        the request's: it is raised, and never counts against the runner.
         """
         shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
         skipped = [f"{backend}: {reason}" for backend, reason in self.unavailable.items()]
@@ -164,8 +182,11 @@ class RunnerChain:
                 skipped.append(f"{runner.backend}: {reason}")
                 continue
             try:
-                self._set_weights(runner, patch, patched)
-                outputs = runner(inputs)
+                with weights_lock(runner):
+                    self._set_weights(runner, patch, patched)
+                    outputs = runner(inputs)
+            except RequestError:
+                raise
             except Exception as error:
                 if isinstance(error, BackendUnavailable) and runner.weights_key == UNKNOWN_WEIGHTS:
                     skipped.append(f"{runner.backend}: cannot apply the LoRAs: {error}")

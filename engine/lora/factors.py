@@ -5,11 +5,14 @@ with ``alpha``, SDXL's ``lora_te1_``/``lora_te2_``) into one layout with ``lora_
 and turns it into PEFT's with its converters. The rank and alpha of each module come
 from diffusers' ``get_peft_kwargs`` (or the file's own adapter metadata) and PEFT's
 pattern rule, so the scaling is exactly what ``load_lora_weights`` would use. The
-factors stay low-rank until a backend asks for a dense delta.
+factors stay low-rank until a backend asks for a dense delta; every one is checked first
+(dimensions, ranks, values, alpha, the size of the change it makes), so a file no backend
+could apply is a request error and never a backend's failure.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -20,9 +23,17 @@ from typing import Any
 import torch
 
 from engine.errors import RequestError
+from engine.lora.files import shown
+
+log = logging.getLogger(__name__)
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 TEXT_MODEL = "text_model."
+MAX_WEIGHT_CHANGE = 10.0
+"""The most one file, at scale 1, may change any one weight by (as bounded by ``LowRank.largest_change``).
+Trained LoRAs change weights by well under 1, the tests' random ones (stronger, to be seen on tiny
+images) by under 0.5; factors scaled by 1e20 or a kohya alpha of 1e30 are refused. With a request's
+largest scale (4) on each of up to 4 LoRAs, a weight moves by at most 160: finite in fp16."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,13 @@ class LowRank:
         if self.down.ndim == 2:
             return (self.up.shape[0], self.down.shape[1])
         return (self.up.shape[0], *self.down.shape[1:])
+
+    def largest_change(self) -> float:
+        """A bound on the largest entry of the delta: by Cauchy-Schwarz, each entry is at most |scaling| times
+        a row norm of ``up`` times a column norm of ``down`` (flattened over a kernel's positions)."""
+        rows = self.up.double().flatten(1).norm(dim=1).max()
+        columns = self.down.double().flatten(1).norm(dim=0).max()
+        return float(abs(self.scaling) * rows * columns)
 
     def delta(self, device: torch.device) -> torch.Tensor:
         """fp32, as PEFT's ``get_delta_weight`` computes it."""
@@ -91,29 +109,32 @@ def read_lora(
     field: str,
 ) -> LoraWeights:
     """Reads ``path`` with ``loader`` (the family's diffusers LoRA loader mixin) and checks every factor
-    against the model's parameters (component -> name -> shape); any mismatch is a RequestError."""
+    against the model's parameters (component -> name -> shape), all before any is used; any problem is a
+    RequestError naming ``field``, the file and the key."""
     from diffusers.configuration_utils import FrozenDict
 
+    where = f"{field}: {shown(label)}"
     try:
         state_dict, alphas, metadata = loader.lora_state_dict(
             str(path), unet_config=FrozenDict(unet_config), return_lora_metadata=True
         )
     except Exception as error:  # diffusers raises ValueError, KeyError... for what it cannot read
-        raise RequestError(f"{field}: diffusers cannot read it as a LoRA ({type(error).__name__}: {error})") from None
+        log.info("%s: lora_state_dict failed on %s: %s", field, path, error)
+        raise RequestError(f"{where}: diffusers cannot read it as a LoRA ({type(error).__name__})") from None
     known = tuple(f"{target.prefix}." for target in targets.values())
     foreign = sorted({key.split(".")[0] for key in state_dict if not key.startswith(known)})
     if foreign:
         raise RequestError(
-            f"{field}: it has weights for {', '.join(foreign)}, which this model does not have "
+            f"{where}: it has weights for {', '.join(foreign)}, which this model does not have "
             f"(is it a LoRA for another model family?)"
         )
     components = {}
     for component, target in targets.items():
-        factors = _component_factors(state_dict, alphas, metadata, target, parameters[component], field)
+        factors = _component_factors(state_dict, alphas, metadata, target, parameters[component], where)
         if factors:
             components[component] = factors
     if not components:
-        raise RequestError(f"{field}: it holds no LoRA weights for this model")
+        raise RequestError(f"{where}: it holds no LoRA weights for this model")
     return LoraWeights(label, sha256, components)
 
 
@@ -123,7 +144,7 @@ def _component_factors(
     metadata: Mapping[str, Any] | None,
     target: LoraTarget,
     parameters: Mapping[str, tuple[int, ...]],
-    field: str,
+    where: str,
 ) -> dict[str, LowRank]:
     """The steps of diffusers' ``load_lora_adapter`` (UNet) and ``_load_lora_into_text_encoder``,
     up to the LoRA config, then PEFT's rank and alpha lookup per module."""
@@ -132,7 +153,6 @@ def _component_factors(
         convert_state_dict_to_peft,
         convert_unet_state_dict_to_peft,
     )
-    from diffusers.utils.peft_utils import get_peft_kwargs
 
     prefix = f"{target.prefix}."
     own = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
@@ -143,40 +163,95 @@ def _component_factors(
     if target.is_unet:
         if "lora_A" not in next(iter(own)):
             own = convert_unet_state_dict_to_peft(own)
-        rank = {f"^{key}": value.shape[1] for key, value in own.items() if "lora_B" in key and value.ndim > 1}
     else:
         own = convert_state_dict_to_peft(convert_state_dict_to_diffusers(own))
         if not any(name.startswith(f"{target.module_prefix}{TEXT_MODEL}") for name in parameters):
             own = {key.removeprefix(TEXT_MODEL): value for key, value in own.items()}
-        rank = {key: value.shape[1] for key, value in own.items() if key.endswith(LORA_B)}
     unsupported = sorted({key for key in own if not key.endswith((LORA_A, LORA_B))})
     if unsupported:
         raise RequestError(
-            f"{field}: only plain LoRA weights are supported, it also has {', '.join(unsupported[:3])} "
+            f"{where}: only plain LoRA weights are supported, it also has {', '.join(unsupported[:3])} "
             f"({len(unsupported)} such keys: DoRA, LoKr, biases or full weights)"
         )
-    config = own_metadata or get_peft_kwargs(rank, own_alphas or None, own, is_unet=target.is_unet)
+    for module in sorted({key.removesuffix(LORA_A).removesuffix(LORA_B) for key in own}):
+        _check_pair(own.get(f"{module}{LORA_A}"), own.get(f"{module}{LORA_B}"), f"{target.prefix}.{module}", where)
+    if target.is_unet:
+        rank = {f"^{key}": value.shape[1] for key, value in own.items() if key.endswith(LORA_B)}
+    else:
+        rank = {key: value.shape[1] for key, value in own.items() if key.endswith(LORA_B)}
+    config = own_metadata or _peft_kwargs(rank, own_alphas, own, target, where)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     factors = {}
     for key in sorted(own):
         if not key.endswith(LORA_A):
             continue
         module = key.removesuffix(LORA_A)
-        up = own.get(f"{module}{LORA_B}")
-        if up is None:
-            raise RequestError(f"{field}: {target.prefix}.{module} has lora_A without lora_B")
-        r = rank_pattern.get(pattern_key(rank_pattern, module), config["r"])
-        alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), config["lora_alpha"])
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        low_rank = LowRank(own[key], up, float(scaling))
+        r = rank_pattern.get(pattern_key(rank_pattern, module), config.get("r"))
+        alpha = alpha_pattern.get(pattern_key(alpha_pattern, module), config.get("lora_alpha"))
+        low_rank = LowRank(
+            own[key], own[f"{module}{LORA_B}"], _scaling(r, alpha, config, f"{target.prefix}.{module}", where)
+        )
         name = f"{target.module_prefix}{module}.weight"
         shape = parameters.get(name)
         if shape is None:
-            raise RequestError(f"{field}: it changes {target.prefix}.{module}, which this model does not have")
+            raise RequestError(f"{where}: it changes {target.prefix}.{module}, which this model does not have")
         if tuple(shape) != low_rank.shape:
             raise RequestError(
-                f"{field}: it changes {target.prefix}.{module} to shape {list(low_rank.shape)}, the model's is "
+                f"{where}: it changes {target.prefix}.{module} to shape {list(low_rank.shape)}, the model's is "
                 f"{list(shape)} (is it a LoRA for another model?)"
+            )
+        change = low_rank.largest_change()
+        if not change <= MAX_WEIGHT_CHANGE:
+            raise RequestError(
+                f"{where}: {target.prefix}.{module} can change a weight by up to {change:.3g} (scaling "
+                f"{low_rank.scaling:.3g}); a LoRA may change one by at most {MAX_WEIGHT_CHANGE:g}"
             )
         factors[name] = low_rank
     return factors
+
+
+def _check_pair(down: torch.Tensor | None, up: torch.Tensor | None, module: str, where: str) -> None:
+    """One module's factors, checked before any arithmetic: both there, both matrices (linear) or both
+    4-D with a 1x1 ``lora_B`` (convolution, as PEFT composes them), one rank > 0, every value finite."""
+    if down is None or up is None:
+        have, lack = ("lora_A", "lora_B") if up is None else ("lora_B", "lora_A")
+        raise RequestError(f"{where}: {module} has {have} without {lack}")
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise RequestError(
+            f"{where}: {module} has lora_A of shape {list(down.shape)} and lora_B of shape {list(up.shape)}; "
+            f"a LoRA's are two matrices, or 4-D with a 1x1 lora_B for a convolution"
+        )
+    if down.shape[0] != up.shape[1]:
+        raise RequestError(
+            f"{where}: {module} has lora_A of rank {down.shape[0]} and lora_B of rank {up.shape[1]}; they must agree"
+        )
+    if down.shape[0] == 0:
+        raise RequestError(f"{where}: {module} has rank 0")
+    for suffix, factor in ((LORA_A, down), (LORA_B, up)):
+        if not bool(torch.isfinite(factor).all()):
+            raise RequestError(f"{where}: {module}{suffix} holds NaN or infinite values")
+
+
+def _peft_kwargs(
+    rank: dict[str, int],
+    alphas: Mapping[str, float],
+    own: Mapping[str, torch.Tensor],
+    target: LoraTarget,
+    where: str,
+) -> dict[str, Any]:
+    """diffusers' LoRA config for these factors (rank and alpha per module)."""
+    from diffusers.utils.peft_utils import get_peft_kwargs
+
+    try:
+        return get_peft_kwargs(rank, alphas or None, own, is_unet=target.is_unet)
+    except Exception as error:  # whatever diffusers raises for alphas it cannot match
+        log.info("%s: get_peft_kwargs failed: %s", where, error)
+        raise RequestError(f"{where}: diffusers cannot read its ranks and alphas ({type(error).__name__})") from None
+
+
+def _scaling(r: Any, alpha: Any, config: Mapping[str, Any], module: str, where: str) -> float:
+    """PEFT's scaling, alpha / r (alpha / sqrt(r) with rsLoRA), once both are positive finite numbers."""
+    for what, value in (("rank", r), ("alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise RequestError(f"{where}: {module} has {what} {value!r}; it must be a positive finite number")
+    return float(alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)

@@ -1,32 +1,77 @@
 """Where a request's LoRA files come from: a name under ``LORA_DIR``, or a URL downloaded once.
 
 Only safetensors files are read: pickle formats (``.ckpt``, ``.pt``, ``.bin``) can run code
-when loaded. A download is written to a private file, checked, and renamed to its sha256
-under ``LORA_DIR/cache``, so a crash leaves nothing half-written and the next request for
-the same URL reads it from there.
+when loaded. The header (its length, tensor count and dtypes) is checked before anything
+else reads the file, and for a download as soon as its first bytes arrive, so a file that
+is not a LoRA stops the download at once. A download is written to a private file,
+checked, and renamed to its sha256 under ``LORA_DIR/cache``, so a crash leaves nothing
+half-written and the next request for the same URL reads it from there. That cache is
+shared by every worker on the volume and kept under its size cap by least recently used
+eviction (a use touches the file). A URL refused for its content is remembered for a while,
+so a client retrying it does not make the worker fetch it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
+import math
 import os
+import struct
 import threading
+import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from safetensors import safe_open
 
-from engine.downloads import download_to
+from engine.downloads import download_to, size_text
 from engine.errors import RequestError
+from engine.names import check_name
+
+log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 CACHE = "cache"
+PARTIAL = ".partial-"
+URL_INDEX = "url-"
 HASH_CHUNK = 16 * 2**20
-LISTED_NAMES = 10
+
+LENGTH_BYTES = 8
+MAX_HEADER_BYTES = 8 * 2**20
+"""A header (the JSON table of tensors and metadata) larger than this is refused: an SDXL LoRA with
+every text-encoder layer has a few hundred KB of it, kohya's training metadata adds at most a few
+hundred more; the format allows 100 MB, which takes seconds to parse."""
+MAX_TENSORS = 10_000
+"""Tensors a LoRA file may hold: three per changed module (down, up, alpha) for every layer of an
+SDXL UNet and both text encoders is under 4,000; 100,000 tiny tensors took 4.4 s to read."""
+ITEM_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+}
+"""The dtypes a LoRA's factors (floating point) and alphas (floating point or integer) come in."""
+
+REFUSAL_TTL_S = 600.0
+MAX_REFUSALS = 256
+STALE_PARTIAL_S = 3600.0
+"""A private download file this much older than the newest file in the cache was left by a crash."""
 
 
 @dataclass(frozen=True)
@@ -35,40 +80,164 @@ class LoraFile:
     """The name or URL as the request gave it."""
     path: Path
     sha256: str
+    from_url: bool = False
 
 
-class _HashingWriter:
-    """A file writer that hashes what goes through it."""
+class HeaderError(ValueError):
+    """The bytes are not a safetensors file a LoRA can be; the message is the rule broken."""
 
-    def __init__(self, out: BinaryIO):
+
+def shown(label: str) -> str:
+    """How an error names a file: a name as given, a URL without credentials, query or fragment."""
+    if not label.startswith(("https://", "http://")):
+        return repr(label)
+    parts = urlsplit(label)
+    return repr(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}")
+
+
+def parse_header(header: bytes, max_bytes: int | None) -> int:
+    """Checks a safetensors header (the JSON after the length prefix); returns the bytes of tensor
+    data it declares. ``max_bytes`` caps the whole file, where there is a cap."""
+    try:
+        table = json.loads(header)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise HeaderError("not a safetensors file (its header is not JSON)") from None
+    if not isinstance(table, dict):
+        raise HeaderError("not a safetensors file (its header is not a JSON object)")
+    metadata = table.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderError("not a safetensors file (its __metadata__ is not a table of strings)")
+    if len(table) > MAX_TENSORS:
+        raise HeaderError(f"not a LoRA file (it has {len(table)} tensors, at most {MAX_TENSORS})")
+    end = 0
+    for key, entry in table.items():
+        end = max(end, _tensor_end(key, entry))
+    if max_bytes is not None and LENGTH_BYTES + len(header) + end > max_bytes:
+        raise HeaderError(f"larger than {size_text(max_bytes)} (by its header)")
+    return end
+
+
+def _tensor_end(key: str, entry: Any) -> int:
+    """Where one tensor's data ends, once its dtype, shape and offsets are checked."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise HeaderError(f"not a safetensors file (tensor {key!r} lacks its dtype, shape or data_offsets)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in ITEM_BYTES:
+        raise HeaderError(f"not a LoRA file (tensor {key!r} is {dtype}; a LoRA holds {', '.join(ITEM_BYTES)})")
+    numbers = [*shape, *offsets] if isinstance(shape, list) and isinstance(offsets, list) else None
+    if numbers is None or len(offsets) != 2 or not all(type(n) is int and n >= 0 for n in numbers):
+        raise HeaderError(f"not a safetensors file (tensor {key!r} has no valid shape and data_offsets)")
+    begin, end = offsets
+    if end - begin != math.prod(shape) * ITEM_BYTES[dtype]:
+        raise HeaderError(f"not a safetensors file (tensor {key!r}'s data_offsets do not fit its shape)")
+    return end
+
+
+class HeaderCheck:
+    """Checks a safetensors header as the file's first bytes arrive, and keeps only those bytes."""
+
+    def __init__(self, max_bytes: int | None):
+        self.max_bytes = max_bytes
+        self.done = False
+        self._head = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        """Raises HeaderError as soon as the bytes seen so far break a rule."""
+        if self.done:
+            return
+        self._head += data[: max(0, LENGTH_BYTES + MAX_HEADER_BYTES - len(self._head))]
+        if len(self._head) < LENGTH_BYTES:
+            return
+        (length,) = struct.unpack("<Q", self._head[:LENGTH_BYTES])
+        if length < 2 or length > MAX_HEADER_BYTES:
+            raise HeaderError(f"not a safetensors file (a header of {length} bytes; at most {MAX_HEADER_BYTES})")
+        if len(self._head) >= LENGTH_BYTES + length:
+            parse_header(bytes(self._head[LENGTH_BYTES : LENGTH_BYTES + length]), self.max_bytes)
+            self.done = True
+            self._head = bytearray()
+
+    def finish(self) -> None:
+        """Raises HeaderError when the file ended before its header did."""
+        if not self.done:
+            raise HeaderError("not a safetensors file (it ends inside its header)")
+
+
+def check_safetensors(path: Path, max_bytes: int | None = None) -> None:
+    """Raises HeaderError unless ``path`` is a safetensors file within the header caps whose tensors
+    safetensors itself can open (it checks that the data matches the header)."""
+    check = HeaderCheck(max_bytes)
+    with path.open("rb") as handle:
+        while not check.done and (data := handle.read(1 << 16)):
+            check.feed(data)
+    check.finish()
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except Exception:  # safetensors raises several untyped errors for a bad file
+        raise HeaderError("not a safetensors file (its tensors do not match its header)") from None
+
+
+class _CheckingWriter:
+    """A file writer that hashes what goes through it and checks the header as soon as it arrives:
+    the RequestError it raises stops the download."""
+
+    def __init__(self, out: BinaryIO, check: HeaderCheck, refuse: Callable[[str], RequestError]):
         self.out = out
+        self.check = check
+        self.refuse = refuse
         self.hash = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
+        try:
+            self.check.feed(data)
+        except HeaderError as error:
+            raise self.refuse(str(error)) from None
         self.hash.update(data)
         return self.out.write(data)
 
 
-def is_safetensors(path: Path) -> bool:
-    """The header parses as safetensors (read without touching the tensors)."""
-    try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except Exception:  # safetensors raises several untyped errors for a bad header
-        return False
-    return True
+class Refusals:
+    """Rules broken by what a key (a URL, a file's sha256) named, kept ``ttl_s`` seconds, at most ``size``."""
+
+    def __init__(
+        self, size: int = MAX_REFUSALS, ttl_s: float = REFUSAL_TTL_S, clock: Callable[[], float] = time.monotonic
+    ):
+        self.size = size
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._rules: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            found = self._rules.get(key)
+            if found is None or self.clock() - found[0] > self.ttl_s:
+                self._rules.pop(key, None)
+                return None
+            return found[1]
+
+    def add(self, key: str, rule: str) -> None:
+        with self._lock:
+            self._rules[key] = (self.clock(), rule)
+            self._rules.move_to_end(key)
+            while len(self._rules) > self.size:
+                self._rules.popitem(last=False)
 
 
 class LoraFiles:
-    """Resolves request entries to local safetensors files with their sha256."""
+    """Resolves request entries to local safetensors files with their sha256; URL downloads are kept
+    under ``LORA_DIR/cache`` up to ``cache_bytes``."""
 
-    def __init__(self, root: Path, max_bytes: int):
+    def __init__(self, root: Path, max_bytes: int, cache_bytes: int = 4 * 10**9):
         self.root = root
         self.max_bytes = max_bytes
+        self.cache_bytes = cache_bytes
+        self.refused = Refusals()
         self._digests: dict[tuple[Path, int, int], str] = {}
         self._lock = threading.Lock()
 
     def by_name(self, name: str, field: str) -> LoraFile:
+        check_name(name, field)
         path = Path(name)
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise RequestError(f"{field}: {path.suffix} files are refused (pickle can run code); use .safetensors")
@@ -76,40 +245,102 @@ class LoraFiles:
             path = path.with_name(path.name + SUFFIX)
         root = self.root.resolve()
         target = (root / path).resolve()
-        if path.is_absolute() or not target.is_relative_to(root):
+        if path.is_absolute() or {".", ".."} & set(name.split("/")) or not target.is_relative_to(root):
             raise RequestError(f"{field}: must name a file inside the LoRA folder, got {name!r}")
         if not target.is_file():
-            raise RequestError(f"{field}: no LoRA {name!r} in {self.root}{self._available()}")
-        if not is_safetensors(target):
-            raise RequestError(f"{field}: {name!r} is not a safetensors file")
+            log.info("%s: no LoRA %r under %s", field, name, self.root)
+            raise RequestError(f"{field}: no LoRA named {name!r}")
+        try:
+            check_safetensors(target)
+        except HeaderError as error:
+            raise RequestError(f"{field}: {name!r} is {error}") from None
         return LoraFile(name, target, self._digest(target))
 
-    def by_url(self, url: str, field: str) -> LoraFile:
+    def by_url(self, url: str, field: str, in_use: Collection[Path] = ()) -> LoraFile:
+        """The file at ``url``, from the cache or downloaded into it; ``in_use`` (the request's other
+        files) is never evicted to make room."""
         if not url.startswith(("https://", "http://")):
             raise RequestError(f"{field}: must be an http(s) URL")
+        rule = self.refused.get(url)
+        if rule is not None:
+            raise RequestError(f"{field}: {rule}")
         cache = self.root / CACHE
-        index = cache / f"url-{hashlib.sha256(url.encode()).hexdigest()}"
+        index = cache / f"{URL_INDEX}{hashlib.sha256(url.encode()).hexdigest()}"
         with contextlib.suppress(FileNotFoundError):
             sha256 = index.read_text().strip()
             cached = cache / f"{sha256}{SUFFIX}"
-            if cached.is_file():
-                return LoraFile(url, cached, sha256)
+            os.utime(cached)  # its last use, for eviction; FileNotFoundError once it is evicted
+            os.utime(index)
+            return LoraFile(url, cached, sha256, from_url=True)
+        sha256 = self._download(url, field, cache)
+        stored = cache / f"{sha256}{SUFFIX}"
+        _write_atomically(index, sha256)
+        self._evict({*in_use, stored})
+        return LoraFile(url, stored, sha256, from_url=True)
+
+    def refuse_url(self, url: str, rule: str) -> None:
+        """Remembers that ``url``'s file broke ``rule`` (checked by the caller, e.g. against the model)."""
+        self.refused.add(url, rule)
+
+    def _download(self, url: str, field: str, cache: Path) -> str:
+        """Downloads ``url`` into the cache, checked; its sha256. A file refused for its content is
+        remembered, and stops the download as soon as its header shows it."""
+
+        def refuse(rule: str) -> RequestError:
+            rule = f"the download is {rule}"
+            self.refused.add(url, rule)
+            log.info("%s: refused %s: %s", field, shown(url), rule)
+            return RequestError(f"{field}: {rule}")
+
         cache.mkdir(parents=True, exist_ok=True)
-        partial = cache / f".partial-{uuid.uuid4().hex}"
+        partial = cache / f"{PARTIAL}{uuid.uuid4().hex}"
         try:
             with partial.open("wb") as out:
-                writer = _HashingWriter(out)
+                writer = _CheckingWriter(out, HeaderCheck(self.max_bytes), refuse)
                 download_to(url, writer, self.max_bytes, field)  # type: ignore[arg-type]
                 out.flush()
                 os.fsync(out.fileno())
-            if not is_safetensors(partial):
-                raise RequestError(f"{field}: the download is not a safetensors file")
+            try:
+                check_safetensors(partial, self.max_bytes)
+            except HeaderError as error:
+                raise refuse(str(error)) from None
             sha256 = writer.hash.hexdigest()
             os.replace(partial, cache / f"{sha256}{SUFFIX}")
-            _write_atomically(index, sha256)
         finally:
             partial.unlink(missing_ok=True)
-        return LoraFile(url, cache / f"{sha256}{SUFFIX}", sha256)
+        return sha256
+
+    def _evict(self, keep: Collection[Path]) -> None:
+        """Least recently used downloads out of the cache until it is within ``cache_bytes``, with the
+        URL index entries that led to them; a private download file left by a crash goes too.
+
+        Other workers share the folder: a file one of them is reading stays readable (POSIX keeps
+        an open file until it is closed), and one it is about to read is downloaded again."""
+        cache = self.root / CACHE
+        files = []
+        for path in cache.iterdir():
+            with contextlib.suppress(FileNotFoundError):  # another worker removed it meanwhile
+                files.append((path.stat(), path))
+        newest = max((stat.st_mtime for stat, _ in files), default=0.0)
+        stored = sorted((stat.st_mtime, stat.st_size, path) for stat, path in files if path.suffix == SUFFIX)
+        total = sum(size for _, size, _ in stored)
+        evicted = set()
+        for _, size, path in stored:
+            if total <= self.cache_bytes:
+                break
+            if path not in keep:
+                path.unlink(missing_ok=True)
+                evicted.add(path.name.removesuffix(SUFFIX))
+                total -= size
+        for stat, path in files:
+            if path.name.startswith(PARTIAL) and newest - stat.st_mtime > STALE_PARTIAL_S:
+                path.unlink(missing_ok=True)
+            elif path.name.startswith(URL_INDEX) and evicted:
+                with contextlib.suppress(FileNotFoundError):
+                    if path.read_text().strip() in evicted:
+                        path.unlink(missing_ok=True)
+        if evicted:
+            log.info("LoRA cache: %d least recently used files evicted, %s kept", len(evicted), size_text(total))
 
     def _digest(self, path: Path) -> str:
         """sha256 of a named file, computed once per version of the file."""
@@ -124,21 +355,8 @@ class LoraFiles:
                 self._digests[key] = digest.hexdigest()
             return self._digests[key]
 
-    def _available(self) -> str:
-        if not self.root.is_dir():
-            return " (the folder does not exist)"
-        names = sorted(
-            str(path.relative_to(self.root).with_suffix(""))
-            for path in self.root.rglob(f"*{SUFFIX}")
-            if CACHE not in path.relative_to(self.root).parts
-        )
-        if not names:
-            return " (it holds no .safetensors files)"
-        more = f", and {len(names) - LISTED_NAMES} more" if len(names) > LISTED_NAMES else ""
-        return f" (it has: {', '.join(names[:LISTED_NAMES])}{more})"
-
 
 def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".partial-{uuid.uuid4().hex}")
+    partial = path.with_name(f"{PARTIAL}{uuid.uuid4().hex}")
     partial.write_text(text)
     os.replace(partial, path)

@@ -1,10 +1,11 @@
 """From a request's ``loras`` to one weight patch per component: base + sum of scale x delta.
 
-Each file is read once (least recently used out) and checked against the model before
-anything is applied, so a bad entry fails the request with its field named and every
-backend keeps the weights it has. A patch is identified by its key: the same files at
+Each file is read once (kept within a byte budget, least recently used out) and checked
+against the model before anything is applied, so a bad entry fails the request with its
+field named and every backend keeps the weights it has. A patch is identified by its key: the same files at
 the same scales give the same key, and a backend whose weights already carry that key
-does nothing.
+does nothing. A file refused by those checks is remembered by its sha256 (and a download by
+its URL) for a while, so a client retrying it costs no new read.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from engine.errors import RequestError
 from engine.lora.factors import LoraWeights, LowRank, read_lora
-from engine.lora.files import LoraFile, LoraFiles
+from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
 from engine.models import Model
 
 
@@ -69,14 +70,24 @@ class LoraSelection:
 NO_LORAS = LoraSelection((), {})
 
 
-class LoraLibrary:
-    """Resolves and reads LoRA files for one model, keeping the last ``cache_size`` read."""
+def weights_bytes(weights: LoraWeights) -> int:
+    """The memory a read file's factors hold."""
+    return sum(
+        low_rank.down.nbytes + low_rank.up.nbytes
+        for factors in weights.components.values()
+        for low_rank in factors.values()
+    )
 
-    def __init__(self, files: LoraFiles, model: Model, cache_size: int = 8):
+
+class LoraLibrary:
+    """Resolves and reads LoRA files for one model, keeping those read last within ``cache_bytes``."""
+
+    def __init__(self, files: LoraFiles, model: Model, cache_bytes: int = 2 * 10**9):
         self.files = files
         self.model = model
-        self.cache_size = cache_size
-        self._read: OrderedDict[str, LoraWeights] = OrderedDict()
+        self.cache_bytes = cache_bytes
+        self.refused = Refusals()
+        self._read: OrderedDict[str, tuple[LoraWeights, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def select(self, entries: Sequence[LoraRequest]) -> LoraSelection:
@@ -92,7 +103,7 @@ class LoraLibrary:
             file = (
                 self.files.by_name(entry.name, field)
                 if entry.name is not None
-                else self.files.by_url(entry.url or "", field)
+                else self.files.by_url(entry.url or "", field, [earlier.path for earlier, _ in applied])
             )
             weights.append((entry.scale, self._weights(file, field)))
             applied.append((file, entry.scale))
@@ -116,20 +127,39 @@ class LoraLibrary:
             cached = self._read.get(file.sha256)
             if cached is not None:
                 self._read.move_to_end(file.sha256)
-                return cached
+                return cached[0]
+        named = f"{field}: {shown(file.label)}: "
+        rule = self.refused.get(file.sha256)
+        if rule is not None:
+            raise RequestError(f"{named}{rule}")
         family = self.model.family
-        weights = read_lora(
-            file.path,
-            file.label,
-            file.sha256,
-            family.lora_loader,
-            family.lora_targets,
-            self.model.parameter_shapes,
-            self.model.config.configs["unet"],
-            field,
-        )
-        with self._lock:
-            self._read[file.sha256] = weights
-            while len(self._read) > self.cache_size:
-                self._read.popitem(last=False)
+        try:
+            weights = read_lora(
+                file.path,
+                file.label,
+                file.sha256,
+                family.lora_loader,
+                family.lora_targets,
+                self.model.parameter_shapes,
+                self.model.config.configs["unet"],
+                field,
+            )
+        except RequestError as error:
+            rule = str(error).removeprefix(named)
+            self.refused.add(file.sha256, rule)
+            if file.from_url:
+                self.files.refuse_url(file.label, f"{shown(file.label)}: {rule}")
+            raise
+        self._keep(file.sha256, weights)
         return weights
+
+    def _keep(self, sha256: str, weights: LoraWeights) -> None:
+        """Caches a read file, least recently used out until the cache is within ``cache_bytes``
+        (a file larger than that alone is not kept)."""
+        size = weights_bytes(weights)
+        with self._lock:
+            self._read[sha256] = (weights, size)
+            total = sum(size for _, size in self._read.values())
+            while total > self.cache_bytes:
+                _, (_, evicted) = self._read.popitem(last=False)
+                total -= evicted
