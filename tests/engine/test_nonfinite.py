@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from engine.backends.base import Runner
-from engine.backends.select import LazyTorchRunner, RunnerChain, build_chains
+from engine.backends.select import (
+    LazyTorchRunner,
+    RunnerChain,
+    SharedTorchRunner,
+    build_chains,
+    share_torch_weights,
+)
 from engine.store import Store
 from engine.worker import Worker
 from tests.export.test_export import images_of
@@ -152,6 +158,16 @@ def test_fp16_chains_keep_an_fp32_torch_runner_aside_and_fp32_chains_none(model,
     assert all(chain.fp32_standby is None for chain in full.values())
     off, _ = build_chains(model, make_settings(backend="onnxruntime", torch_fallback="off"), store, cpu, "fp16")
     assert all(chain.fp32_standby is None for chain in off.values()), "TORCH_FALLBACK=off loads no torch weights"
+
+
+def test_the_controlled_unets_fp32_standby_runs_the_unets_fp32_weights(model, make_settings, tmp_path):
+    """As its fp16 torch runner shares the UNet's module, so does its fp32 standby: one copy, one LoRA state."""
+    settings, store, cpu = make_settings(backend="torch"), Store(tmp_path / "engines"), torch.device("cpu")
+    owner = build_chains(model, settings, store, cpu, "fp16", components=["unet"])[0]["unet"]
+    chain = build_chains(model, settings, store, cpu, "fp16", components=["unet"])[0]["unet"]
+    share_torch_weights(chain, owner, lambda module: module)
+    assert isinstance(chain.fp32_standby, SharedTorchRunner) and chain.fp32_standby.owner is owner.fp32_standby
+    assert chain.fp32_standby.precision == "fp32"
 
 
 def test_a_rerun_skips_runners_that_do_not_compute_in_fp32(worker):
