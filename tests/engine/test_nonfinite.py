@@ -23,10 +23,12 @@ from engine.backends.select import (
     build_chains,
     share_torch_weights,
 )
+from engine.models.builtin import builtin_model_folder
 from engine.store import Store
 from engine.worker import Worker
 from tests.export.test_export import images_of
 from tests.parity import picture, to_base64
+from tests.test_controlnet import make_controlnet
 
 REQUEST = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 5, "num_images": 2}
 IMAGE = to_base64(picture(64, 64))
@@ -102,6 +104,22 @@ def test_a_nan_is_rerun_on_the_next_fp32_runner_and_the_image_is_a_sound_runs(wo
     metrics = response["metrics"]
     assert metrics["fallbacks"][component] == "onnxruntime fp32: produced NaN/Inf; reran on torch fp32"
     assert metrics["backends"][component] == "onnxruntime, torch"
+    for mine, reference in zip(images_of(response), images_of(expected), strict=True):
+        assert np.array_equal(mine, reference)
+
+
+def test_a_nan_from_a_controlnet_reruns_the_controlnet(make_settings, cache_dir, tmp_path):
+    """Its residuals make the UNet's output NaN; the ControlNet moves (the UNet has no fp32 runner left
+    on the CPU and stays), and the image is a sound run's."""
+    make_controlnet(builtin_model_folder("tiny", cache_dir), tmp_path / "controlnets" / "edges", seed=1)
+    worker = Worker(make_settings(backend="torch", controlnet_dir=tmp_path / "controlnets"))
+    payload = {**REQUEST, "controlnets": [{"name": "edges", "image": IMAGE}], "scheduler": "euler_a"}
+    expected = worker.handle({"id": "clean", "input": payload})
+    poison(worker, "controlnet.edges")
+    response = worker.handle({"id": "nan", "input": payload})
+    assert response["metrics"]["fallbacks"] == {
+        "controlnet.edges": "onnxruntime fp32: produced NaN/Inf; reran on torch fp32"
+    }
     for mine, reference in zip(images_of(response), images_of(expected), strict=True):
         assert np.array_equal(mine, reference)
 
