@@ -37,3 +37,8 @@ class DeadlineExceeded(WorkerError):
 
 class OutputTooLarge(WorkerError):
     """The response would exceed RunPod's payload limit and no bucket is configured."""
+
+
+class NonFiniteOutput(WorkerError):
+    """A component produced NaN or Inf and no runner left in its chain computes it in finite values: the
+    request's seed, LoRAs or scales push the model out of range. Nothing is wrong with the worker."""

@@ -1,21 +1,34 @@
 """A request's peak memory, estimated before it runs, so one that cannot fit is refused, not killed.
 
 On the CPU an out-of-memory request is killed by the kernel with no error (a 2048x2048
-image died at about 12 GB here), taking the worker with it. The estimate covers the two
-stages whose activations grow with the request: the UNet (two rows per image with
-classifier-free guidance, at latent size, widest at its first block) and the VAE decoder
-(every image at once, at full size, widest at its last block). Each is the stage's widest
-activation times the number of such tensors alive at the peak, measured with the SD 1.5
-architecture in fp32 on the CPU (UNet: 35-41 KB per latent pixel and row at 512-768 px,
-about 32 tensors of 320 channels; VAE decoder: 3.6-3.7 KB per pixel and image, about 7
-tensors of 128 channels), with a margin. The weights are already resident and are not
-counted. On a GPU the same estimate is checked against free device memory for the
-components that run outside TensorRT (whose engines allocate their activations up front).
+image died at about 12 GB here), taking the worker with it. The estimate covers the stages
+whose activations grow with the request: the UNet (two rows per image with classifier-free
+guidance, at latent size, widest at its first block), each ControlNet (the UNet's rows and
+width), the VAE encoder (the one input image, at full size, widest at its first block; image-to-
+image and inpainting only) and the VAE decoder (every image at once, at full size, widest at its
+last block). Each is the stage's widest activation times the number of such tensors alive at the
+peak, measured with the SD 1.5 architecture in fp32 on the CPU, as the peak resident memory
+above the weights (UNet: 35-41 KB per latent pixel and row at 512-768 px, about 32 tensors of
+320 channels; ControlNet: 42-45 KB, about 33-36 tensors of 320 channels, its control image's
+embedding included; VAE decoder: 3.6-3.7 KB per pixel and image, about 7 tensors of 128 channels;
+VAE encoder: 2.6 KB per pixel, about 5 tensors of 128 channels), with a margin. ControlNets'
+residuals, summed, are held while the UNet runs, so they add to its stage. Stages run one after
+another: the request needs the largest.
+
+The weights already resident are not counted; a LoRA set adds what applying it holds
+(``patch_bytes``) on top of the largest stage, for as long as the request runs. Its factors are
+read before that part of the check, so the free memory already counts them.
+
+On a GPU the same estimate is checked against the device memory free for the components that
+run outside TensorRT (whose engines allocate their activations up front): what the driver has
+free plus what torch's allocator holds cached but unused, which the next request reuses.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +41,9 @@ from engine.models.family import ModelConfig
 UNET_LIVE_TENSORS = 36
 VAE_LIVE_TENSORS = 8
 """Measured 32 and 7 (see above), rounded up."""
+CONTROLNET_LIVE_TENSORS = 40
+VAE_ENCODER_LIVE_TENSORS = 6
+"""Measured 33-36 and 5.0-5.1 (see above), rounded up."""
 TEXT_TOKENS_BOUND = 512
 """At least as many text tokens as a transformer family joins to the image's (SD3: 77 + 256)."""
 CGROUP = Path("/sys/fs/cgroup")
@@ -51,19 +67,55 @@ def estimates(
     guidance: bool,
     denoiser_precision: str,
     vae_precision: str,
+    controlnets: Sequence[str] = (),
+    encodes_image: bool = False,
 ) -> list[Estimate]:
     """The activation peak of each stage that grows with the request, largest first, each stage at
-    its own precision (SDXL's VAE runs in fp32 under fp16)."""
+    its own precision (SDXL's VAE runs in fp32 under fp16). ``controlnets`` are the ControlNet
+    components the request runs (at the denoiser's precision); ``encodes_image`` is true for
+    image-to-image and inpainting."""
     factor = config.vae_scale_factor
     rows = images * (2 if guidance else 1)
     latent_pixels = (height // factor) * (width // factor)
     vae_channels = config.configs["vae"]["block_out_channels"][0]
     vae_bytes = images * height * width * vae_channels * element_bytes(vae_precision) * VAE_LIVE_TENSORS
-    found = [
-        denoiser_estimate(config, rows, latent_pixels, element_bytes(denoiser_precision)),
-        Estimate("vae_decoder", vae_bytes),
-    ]
-    return sorted(found, key=lambda estimate: estimate.bytes, reverse=True)
+    size = element_bytes(denoiser_precision)
+    denoiser = denoiser_estimate(config, rows, latent_pixels, size)
+    found = [Estimate("vae_decoder", vae_bytes)]
+    if controlnets and "unet" in config.configs:
+        unet = config.configs["unet"]
+        residuals = rows * residual_elements(unet, height // factor, width // factor) * size
+        denoiser = Estimate(denoiser.stage, denoiser.bytes + residuals)
+        own = rows * latent_pixels * unet["block_out_channels"][0] * size * CONTROLNET_LIVE_TENSORS
+        # every ControlNet after the first runs while the sum of those before it is held
+        found += [Estimate(c, own + (residuals if index else 0)) for index, c in enumerate(controlnets)]
+    if encodes_image:
+        encoder_bytes = height * width * vae_channels * element_bytes(vae_precision) * VAE_ENCODER_LIVE_TENSORS
+        found.append(Estimate("vae_encoder", encoder_bytes))
+    return sorted([denoiser, *found], key=lambda estimate: estimate.bytes, reverse=True)
+
+
+def residual_elements(unet: dict, latent_height: int, latent_width: int) -> int:
+    """Values in one row of a ControlNet's residuals, which take the UNet's down-block shapes: the input
+    convolution's, each down block's resnets' and downsampler's, and the mid block's."""
+    channels, layers = unet["block_out_channels"], unet["layers_per_block"]
+    height, width = latent_height, latent_width
+    total = channels[0] * height * width
+    for index, width_channels in enumerate(channels):
+        total += layers * width_channels * height * width
+        if index < len(channels) - 1:
+            height, width = (height + 1) // 2, (width + 1) // 2
+            total += width_channels * height * width
+    return total + channels[-1] * height * width
+
+
+def patch_bytes(shapes: Iterable[tuple[int, ...]], precision: str) -> int:
+    """What applying a LoRA set to a component holds: a dense copy of each parameter it changes at the
+    component's precision (torch keeps the base values to restore; onnxruntime and TensorRT take the
+    patched values as whole tensors), and while it computes, the largest one's fp32 delta, its base
+    in fp32 and their sum."""
+    sizes = [math.prod(shape) for shape in shapes]
+    return sum(sizes) * element_bytes(precision) + 3 * max(sizes, default=0) * element_bytes("fp32")
 
 
 def denoiser_estimate(config: ModelConfig, rows: int, latent_pixels: int, size: int) -> Estimate:
@@ -91,11 +143,17 @@ def _cgroup_room() -> int | None:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free device memory on a GPU; on the CPU, the smaller of the system's available memory and the
-    container limit's room."""
+    """On a GPU, device memory free for a request (``cuda_room``); on the CPU, the smaller of the
+    system's available memory and the container limit's room."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return cuda_room(int(free), torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device))
     room = _cgroup_room()
     available = int(psutil.virtual_memory().available)
     return min(available, room) if room is not None else available
+
+
+def cuda_room(free: int, reserved: int, allocated: int) -> int:
+    """The driver's free memory plus what torch's caching allocator has reserved but holds no tensor in:
+    a large request leaves its blocks cached, and the next request's tensors reuse them."""
+    return free + max(reserved - allocated, 0)

@@ -8,13 +8,21 @@ masked image's latents as extra channels, a 4-channel one has the kept region bl
 back after every step) share it, each steered by ControlNets when a request names them
 (diffusers' ControlNet pipelines: their residuals feed a controlled UNet at the steps where
 they act).
+
+Each stage's outputs are checked once for NaN and Inf (text embeddings, the VAE encoder's, the final
+latents, the decoded images: one reduction per stage, never per step). Where they are not finite,
+the components that made them move to an fp32 runner (see ``engine.backends.select``) and the stage
+runs again from the same random state, so the image is the one a sound run gives; where no runner
+is left, the request fails with ``NonFiniteOutput`` rather than succeeding with a black image.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from diffusers.image_processor import VaeImageProcessor
@@ -23,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from engine.backends.base import ComponentCall
+from engine.errors import NonFiniteOutput
 from engine.metrics import StageTimer
 from engine.models import Model
 from engine.models.controlnet import CONTROLLED_UNET
@@ -32,6 +41,21 @@ from engine.schedulers import make_scheduler
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, steps in all); may raise to stop."""
+Result = TypeVar("Result")
+
+
+@runtime_checkable
+class FP32Reruns(Protocol):
+    """Component runners that can move components to runners computing in fp32 (``ChainCalls``)."""
+
+    def rerun_in_fp32(self, components: Collection[str]) -> None:
+        """Moves the components' later calls to fp32; raises NonFiniteOutput when none can move."""
+
+
+def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Whether every float value is finite: one reduction per tensor and one device sync for them all."""
+    checks = [torch.isfinite(tensor).all() for tensor in tensors if tensor is not None and tensor.is_floating_point()]
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 @dataclass(frozen=True)
@@ -136,7 +160,13 @@ class DiffusionPipeline:
             syntax=request.prompt_syntax,
         )
         with timer.stage("text_encoder"):
-            conditioning = model.family.encode_prompt(encode, model.tokenizers, batch, model.config)
+            conditioning = self._finite(
+                model.family.text_encoders,
+                runners,
+                [],
+                lambda: model.family.encode_prompt(encode, model.tokenizers, batch, model.config),
+                lambda encoded: encoded.values(),
+            )
         conditioning |= model.family.denoiser_inputs(model.config, request.guidance_scale)
 
         # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
@@ -156,42 +186,62 @@ class DiffusionPipeline:
             latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
             latents = latents * initial_sigma(scheduler)
         elif prepared.mask is None:
+            image = prepared.image
             with timer.stage("vae_encode"):
-                moments = runners["vae_encoder"]({"images": prepared.image})["latent_moments"].float()
+                moments = self._finite(
+                    ("vae_encoder",),
+                    runners,
+                    [],
+                    lambda: runners["vae_encoder"]({"images": image})["latent_moments"].float(),
+                    lambda found: [found],
+                )
             latents = self._noised_image_latents(moments, generators, scheduler, timesteps[:1])
         else:
             with timer.stage("vae_encode"):
-                inpaint = self._inpainting(prepared, shape, generators, runners, scheduler, timesteps, request)
+                inpaint = self._finite(
+                    ("vae_encoder",),
+                    runners,
+                    generators,
+                    lambda: self._inpainting(prepared, shape, generators, runners, scheduler, timesteps, request),
+                    lambda found: (found.latents, found.channels, found.image_latents),
+                )
             latents = inpaint.latents
 
-        # 4. Denoising loop.
-        step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
+        # 4. Denoising loop, from a copy of the scheduler as it is now, so a rerun starts where this run does.
         controls = prepared.controls if prepared is not None else ()
+        start, noisy = copy.deepcopy(scheduler), latents
+        denoising = (model.family.denoiser, CONTROLLED_UNET, *(control.component for control in controls))
         with timer.stage("denoise"):
-            for index, timestep in enumerate(timesteps):
-                with timer.step():
-                    model_input = torch.cat([latents] * 2) if guidance else latents
-                    if hasattr(scheduler, "scale_model_input"):  # flow matching feeds latents as they are
-                        model_input = scheduler.scale_model_input(model_input, timestep)
-                    inputs = {"sample": model_input, "timestep": timestep.reshape(1), **conditioning}
-                    residuals = self._residuals(controls, inputs, index, len(timesteps), runners, timer)
-                    if inpaint is not None and inpaint.channels is not None:
-                        channels = torch.cat([inpaint.channels] * 2) if guidance else inpaint.channels
-                        inputs["sample"] = torch.cat([model_input, channels], dim=1)
-                    denoiser = runners[model.family.denoiser] if residuals is None else runners[CONTROLLED_UNET]
-                    noise_pred = denoiser({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
-                    if guidance:
-                        noise_uncond, noise_text = noise_pred.chunk(2)
-                        noise_pred = noise_uncond + cfg_scale * (noise_text - noise_uncond)
-                    latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
-                    if inpaint is not None and inpaint.channels is None:
-                        latents = inpaint.blend(latents, scheduler, timesteps, index)
-                if on_step is not None:
-                    on_step(index + 1, len(timesteps))
+            latents = self._finite(
+                denoising,
+                runners,
+                generators,
+                lambda: self._denoise(
+                    noisy,
+                    copy.deepcopy(start),
+                    timesteps,
+                    conditioning,
+                    cfg_scale,
+                    generators,
+                    controls,
+                    inpaint,
+                    runners,
+                    timer,
+                    on_step,
+                ),
+                lambda found: [found],
+            )
 
         # 5. Decode.
+        unscaled = self._unscale_latents(latents)
         with timer.stage("vae_decode"):
-            images = runners["vae_decoder"]({"latent": self._unscale_latents(latents)})["images"]
+            images = self._finite(
+                ("vae_decoder",),
+                runners,
+                [],
+                lambda: runners["vae_decoder"]({"latent": unscaled})["images"],
+                lambda found: [found],
+            )
 
         # 6. Postprocess to PIL; an inpainted crop is pasted back into the original image.
         with timer.stage("postprocess"):
@@ -203,6 +253,71 @@ class DiffusionPipeline:
                     for picture in pictures
                 ]
             return pictures
+
+    @staticmethod
+    def _finite(
+        components: Collection[str],
+        runners: Mapping[str, ComponentCall],
+        generators: Sequence[torch.Generator],
+        run: Callable[[], Result],
+        outputs: Callable[[Result], Iterable[torch.Tensor | None]],
+    ) -> Result:
+        """``run()``'s result once its ``outputs`` are finite. While they are not, ``components`` move to
+        runners that compute in fp32 and the stage runs again with ``generators`` as they were before it;
+        NonFiniteOutput when no runner is left to move to."""
+        states = [generator.get_state() for generator in generators]
+        while True:
+            result = run()
+            if all_finite(outputs(result)):
+                return result
+            if not isinstance(runners, FP32Reruns):
+                raise NonFiniteOutput(
+                    f"the model produced NaN/Inf values ({', '.join(components)}); try another seed, LoRA or scale"
+                )
+            runners.rerun_in_fp32(components)
+            for generator, state in zip(generators, states, strict=True):
+                generator.set_state(state)
+
+    def _denoise(
+        self,
+        latents: torch.Tensor,
+        scheduler: SchedulerMixin,
+        timesteps: torch.Tensor,
+        conditioning: Mapping[str, torch.Tensor],
+        cfg_scale: float | None,
+        generators: list[torch.Generator],
+        controls: Sequence[Control],
+        inpaint: Inpainting | None,
+        runners: Mapping[str, ComponentCall],
+        timer: StageTimer,
+        on_step: StepCallback | None,
+    ) -> torch.Tensor:
+        """The latents after every step of ``timesteps``, with classifier-free guidance where
+        ``cfg_scale`` is given."""
+        guidance = cfg_scale is not None
+        denoiser_name = self.model.family.denoiser
+        step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
+        for index, timestep in enumerate(timesteps):
+            with timer.step():
+                model_input = torch.cat([latents] * 2) if guidance else latents
+                if hasattr(scheduler, "scale_model_input"):  # flow matching feeds latents as they are
+                    model_input = scheduler.scale_model_input(model_input, timestep)
+                inputs = {"sample": model_input, "timestep": timestep.reshape(1), **conditioning}
+                residuals = self._residuals(controls, inputs, index, len(timesteps), runners, timer)
+                if inpaint is not None and inpaint.channels is not None:
+                    channels = torch.cat([inpaint.channels] * 2) if guidance else inpaint.channels
+                    inputs["sample"] = torch.cat([model_input, channels], dim=1)
+                denoiser = runners[denoiser_name] if residuals is None else runners[CONTROLLED_UNET]
+                noise_pred = denoiser({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
+                if cfg_scale is not None:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + cfg_scale * (noise_text - noise_uncond)
+                latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
+                if inpaint is not None and inpaint.channels is None:
+                    latents = inpaint.blend(latents, scheduler, timesteps, index)
+            if on_step is not None:
+                on_step(index + 1, len(timesteps))
+        return latents
 
     @staticmethod
     def _residuals(

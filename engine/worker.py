@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.backends.base import Runner
 from engine.backends.select import ChainCalls, LazyTorchRunner, RunnerChain, build_chains, share_torch_weights
 from engine.backends.tensorrt import TensorRTBackend
 from engine.controls import ControlNetFolders, ControlNetRequest, canny, found_controlnets
@@ -30,11 +31,11 @@ from engine.images import encode_image
 from engine.inputs import ImageLimits, load_image
 from engine.logs import request_context
 from engine.lora.files import LoraFiles
-from engine.lora.library import LoraLibrary
-from engine.memory import available_bytes, estimates
+from engine.lora.library import NO_LORAS, LoraLibrary, LoraSelection
+from engine.memory import available_bytes, estimates, patch_bytes
 from engine.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.models import Model, load_model
-from engine.models.controlnet import CONTROLLED_UNET
+from engine.models.controlnet import CONTROLLED_UNET, controlnet_component
 from engine.pipeline import ControlImage, DiffusionPipeline, ImageInputs, StepCallback
 from engine.request import GenerateRequest, Limits, ResolvedRequest, parse_request, validate_request
 from engine.settings import Precision, Settings, TorchFallback
@@ -228,6 +229,8 @@ class Worker:
         self._check_memory(request)
         with timer.stage("lora_load") if request.loras else contextlib.nullcontext():
             loras = self.loras.select(request.loras)  # every entry checked before any weight changes
+        if loras.patches:
+            self._check_memory(request, loras)
         prepared = self.pipeline.prepare_images(inputs, request) if inputs is not None else None
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         seeds = [base_seed + index for index in range(request.num_images)]
@@ -258,31 +261,60 @@ class Worker:
         log.info("job done", extra={"fields": {"process_time": metrics["process_time"], "delivery": delivery}})
         return {"status": "success", "output": output, "metrics": metrics}
 
-    def _check_memory(self, request: ResolvedRequest) -> None:
-        """Refuses a request whose activations cannot fit the memory left (see ``engine.memory``)."""
+    def _check_memory(self, request: ResolvedRequest, loras: LoraSelection = NO_LORAS) -> None:
+        """Refuses a request whose activations, with what applying its LoRA set holds, cannot fit the memory
+        left (see ``engine.memory``). It runs before the LoRAs are read, and again after with them, so a
+        request too large on its own is refused before any LoRA is fetched."""
         if not self.settings.memory_guard:
             return
-        outside_engines = {
-            component
-            for component in (self.model.family.denoiser, "vae_decoder")
-            if self.device.type != "cuda"
-            or any(runner.backend != "tensorrt" for runner in self.chains[component].runners[:1])
-        }
         family, config = self.model.family, self.model.config
+        controlnets = [controlnet_component(control.name) for control in request.controlnets]
+        runs_denoiser = CONTROLLED_UNET if controlnets else family.denoiser
+
+        def first_runner(component: str) -> Runner | None:
+            chain = self.chains.get(runs_denoiser if component == family.denoiser else component)
+            return chain.runners[0] if chain is not None and chain.runners else None
+
+        def outside_engines(component: str) -> bool:
+            runner = first_runner(component)
+            return self.device.type != "cuda" or runner is None or runner.backend != "tensorrt"
+
         guidance = family.classifier_free_scale(request) is not None
         denoiser, vae = (
             family.component_precision(c, self.precision, config) for c in (family.denoiser, "vae_decoder")
         )
-        found = estimates(config, request.num_images, request.height, request.width, guidance, denoiser, vae)
-        relevant = [estimate for estimate in found if estimate.stage in outside_engines]
-        if not relevant:
+        found = estimates(
+            config,
+            request.num_images,
+            request.height,
+            request.width,
+            guidance,
+            denoiser,
+            vae,
+            controlnets,
+            encodes_image=request.image is not None,
+        )
+        relevant = [estimate for estimate in found if outside_engines(estimate.stage)]
+        lora = sum(
+            patch_bytes(
+                (self.model.parameter_shapes[component][name] for name in patch.names),
+                family.component_precision(component, self.precision, config),
+            )
+            for component, patch in loras.patches.items()
+            if outside_engines(component) and getattr(first_runner(component), "weights_key", None) != patch.key
+        )
+        if not relevant and not lora:
             return
+        stage, needed = (relevant[0].stage, relevant[0].bytes + lora) if relevant else ("the LoRAs", lora)
         room = available_bytes(self.device) - int(self.settings.min_free_memory_gb * 2**30)
-        if relevant[0].bytes > room:
+        if needed > room:
             where = "GPU" if self.device.type == "cuda" else "memory"
+            fields, of_which = "width, height, num_images", ""
+            if lora:
+                fields, of_which = f"{fields}, loras", f" ({lora / 2**30:.1f} GiB of it for the LoRAs' patched weights)"
             raise RequestError(
-                f"width, height, num_images: {request.width}x{request.height} with {request.num_images} image(s) "
-                f"needs about {relevant[0].bytes / 2**30:.1f} GiB of {where} in {relevant[0].stage}, and "
+                f"{fields}: {request.width}x{request.height} with {request.num_images} image(s) "
+                f"needs about {needed / 2**30:.1f} GiB of {where} in {stage}{of_which}, and "
                 f"{max(room, 0) / 2**30:.1f} GiB is free (MIN_FREE_MEMORY_GB={self.settings.min_free_memory_gb:g} "
                 "kept aside); ask for a smaller size or fewer images"
             )

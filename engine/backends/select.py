@@ -6,6 +6,15 @@ loaded at start-up is left out of the chain with its reason. Each call goes to t
 first runner that covers its shapes; a runner that raises hands the call to the next
 one, and one that keeps failing leaves the chain for the life of the process. Every
 call is chosen on the shapes it really has, so what the metrics report is what ran.
+
+A component whose outputs the pipeline finds non-finite (NaN or Inf) is run again, for the rest
+of that request only, on the next runner of its chain that computes in fp32; a chain of fp16
+runners keeps an fp32 torch runner aside for this, loaded on first use (``fp32_standby``). bf16
+gets none: it has fp32's range, so what overflows in bf16 overflows in fp32 too. A non-finite
+output is not counted as the runner failing: an overflow is what this request's input, seed,
+LoRA or scale asks of a sound runner, and counting it would let a few such requests take a
+healthy backend out of service for everyone. Each rerun is logged and named in
+``metrics.fallbacks``, so a runner that produces NaN for every request shows there.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import shlex
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +37,7 @@ from engine.backends.onnxruntime import load_onnxruntime_runner, onnxruntime_has
 from engine.backends.tensorrt import TensorRTBackend, gpu_tag, load_tensorrt
 from engine.backends.torch import TorchRunner
 from engine.dtypes import PRECISION_DTYPES
-from engine.errors import ArtifactError, BackendUnavailable, NotBuilt, RequestError
+from engine.errors import ArtifactError, BackendUnavailable, NonFiniteOutput, NotBuilt, RequestError
 from engine.faults import is_out_of_memory, is_unrecoverable
 from engine.fingerprint import component_fingerprint
 from engine.lora.library import WeightPatch
@@ -109,11 +118,14 @@ class SharedTorchRunner(Runner):
 def share_torch_weights(
     chain: RunnerChain, owner: RunnerChain, wrap: Callable[[torch.nn.Module], torch.nn.Module]
 ) -> None:
-    """Replaces ``chain``'s torch runner by one on ``owner``'s torch module, wrapped, where both have one."""
+    """Replaces ``chain``'s torch runner by one on ``owner``'s torch module, wrapped, where both have one;
+    the same for their fp32 standbys."""
     owners = [runner for runner in owner.runners if isinstance(runner, LazyTorchRunner)]
     for position, runner in enumerate(chain.runners):
         if isinstance(runner, LazyTorchRunner) and owners:
             chain.runners[position] = SharedTorchRunner(runner.spec, owners[0], wrap)
+    if isinstance(chain.fp32_standby, LazyTorchRunner) and isinstance(owner.fp32_standby, LazyTorchRunner):
+        chain.fp32_standby = SharedTorchRunner(chain.fp32_standby.spec, owner.fp32_standby, wrap)
 
 
 FAILURES_BEFORE_REMOVAL = 3
@@ -152,6 +164,8 @@ class RunnerChain:
     runners: list[Runner]
     unavailable: dict[str, str] = field(default_factory=dict)
     """Backends that were wanted but are not in the chain, with the reason."""
+    fp32_standby: Runner | None = None
+    """An fp32 runner outside the chain, only for reruns of non-finite outputs (see the module's docstring)."""
     failure_limit: int = FAILURES_BEFORE_REMOVAL
     _failures: dict[int, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -162,8 +176,10 @@ class RunnerChain:
         report: Callable[[str], None],
         patch: WeightPatch | None = None,
         patched: Callable[[float], None] | None = None,
+        candidates: Sequence[Runner] | None = None,
     ) -> tuple[dict[str, torch.Tensor], Runner]:
-        """The outputs of the first runner that covers the inputs' shapes and succeeds, and that runner.
+        """The outputs of the first runner that covers the inputs' shapes and succeeds, and that runner;
+        the runners tried are ``candidates`` when given (a rerun's: see ``fp32_after``), else the chain's.
 
         The runner's weights are first set to ``patch`` (a LoRA set; None for the base weights)
         unless they already are, and the seconds that took go to ``patched``; a runner that
@@ -175,7 +191,7 @@ class RunnerChain:
         """
         shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
         skipped = [f"{backend}: {reason}" for backend, reason in self.unavailable.items()]
-        runners = list(self.runners)
+        runners = list(self.runners if candidates is None else candidates)
         for position, runner in enumerate(runners):
             reason = runner.unsupported_reason(shapes)
             if reason is not None:
@@ -201,6 +217,16 @@ class RunnerChain:
                 report(line)
             return outputs, runner
         raise NotCovered(f"{self.component}: no backend takes shapes {shapes}: {'; '.join(skipped)}")
+
+    def fp32_after(self, runner: Runner) -> list[Runner]:
+        """The runners that may rerun what ``runner`` computed: those after it in the chain that compute in
+        fp32, then the fp32 standby (none after the standby itself)."""
+        if runner is self.fp32_standby:
+            return []
+        runners = list(self.runners)
+        later = runners[runners.index(runner) + 1 :] if runner in runners else []
+        found = [candidate for candidate in later if candidate.precision == "fp32"]
+        return found if self.fp32_standby is None else [*found, self.fp32_standby]
 
     @staticmethod
     def _set_weights(runner: Runner, patch: WeightPatch | None, patched: Callable[[float], None] | None) -> None:
@@ -232,7 +258,8 @@ class RunnerChain:
 
 class ChainCalls(Mapping[str, ComponentCall]):
     """One request's calls into the chains, as the pipeline's component runners: records which
-    backend ran each component and why a preferred one did not."""
+    backend ran each component and why a preferred one did not, and moves a component whose outputs
+    were non-finite to its chain's next fp32 runner for the rest of the request (``rerun_in_fp32``)."""
 
     def __init__(self, chains: Mapping[str, RunnerChain], patches: Mapping[str, WeightPatch] | None = None):
         self.chains = chains
@@ -242,6 +269,10 @@ class ChainCalls(Mapping[str, ComponentCall]):
         self._backends: dict[str, list[str]] = {}
         self._precisions: dict[str, list[str]] = {}
         self._fallbacks: dict[str, list[str]] = {}
+        self._last: dict[str, Runner] = {}
+        """The runner that made each component's latest outputs."""
+        self._reruns: dict[str, list[Runner]] = {}
+        """The runners a component moved to after non-finite outputs."""
 
     def __getitem__(self, component: str) -> ComponentCall:
         return functools.partial(self._call, component)
@@ -254,14 +285,41 @@ class ChainCalls(Mapping[str, ComponentCall]):
 
     def _call(self, component: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         outputs, runner = self.chains[component].run(
-            inputs, functools.partial(_add, self._fallbacks, component), self.patches.get(component), self._patched
+            inputs,
+            functools.partial(_add, self._fallbacks, component),
+            self.patches.get(component),
+            self._patched,
+            self._reruns.get(component),
         )
+        self._last[component] = runner
         _add(self._backends, component, runner.backend)
         _add(self._precisions, component, runner.precision)
         return outputs
 
     def _patched(self, seconds: float) -> None:
         self.lora_seconds += seconds
+
+    def rerun_in_fp32(self, components: Collection[str]) -> None:
+        """Sends the later calls of each of ``components`` that ran to the next runner of its chain that
+        computes in fp32, saying why in the fallbacks; the pipeline then runs its stage again. Raises
+        NonFiniteOutput, naming what ran last, when none of them has such a runner left."""
+        ran = {component: self._last[component] for component in components if component in self._last}
+        moved = {}
+        for component, runner in ran.items():
+            candidates = self.chains[component].fp32_after(runner)
+            if candidates and candidates != self._reruns.get(component):  # never the same runners twice
+                self._reruns[component] = moved[component] = candidates
+        if not moved:
+            last = ", ".join(f"{component} on {r.backend} {r.precision}" for component, r in ran.items())
+            log.warning("non-finite outputs from %s, with no fp32 runner left to rerun them", last)
+            raise NonFiniteOutput(
+                f"the model produced NaN/Inf values ({last or ', '.join(components)}); try another seed, LoRA or scale"
+            )
+        for component, candidates in moved.items():
+            runner, then = ran[component], candidates[0]
+            reason = f"{runner.backend} {runner.precision}: produced NaN/Inf; reran on {then.backend} {then.precision}"
+            log.warning("%s: %s", component, reason)
+            _add(self._fallbacks, component, reason)
 
     @property
     def backends(self) -> dict[str, str]:
@@ -391,12 +449,16 @@ def build_chains(
             except (ArtifactError, BackendUnavailable, OSError) as error:
                 log.warning("%s: %s unavailable: %s", component, backend.value, error)
                 unavailable[backend.value] = str(error) if not isinstance(error, OSError) else UNREADABLE
+        standby = None
         if not backends or settings.torch_fallback is not TorchFallback.OFF:
             load = functools.partial(model.torch_module, component, PRECISION_DTYPES[precisions[component]])
             runners.append(LazyTorchRunner(spec, load, precisions[component], device))
+            if precisions[component] == "fp16":
+                fp32 = functools.partial(model.torch_module, component, torch.float32)
+                standby = LazyTorchRunner(spec, fp32, "fp32", device)
         else:
             unavailable["torch"] = "TORCH_FALLBACK=off"
-        chains[component] = RunnerChain(component, runners, unavailable)
+        chains[component] = RunnerChain(component, runners, unavailable, standby)
     for backend, components in not_built.items():
         log.info(
             "nothing built for %s yet (%s): %s; the next backend serves them (engine store: %s)",
