@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -16,7 +17,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from engine.downloads import download, size_text
 from engine.errors import RequestError
 
-FORMATS = ("PNG", "JPEG", "WEBP")
+FORMATS = ("PNG", "JPEG", "WEBP", "MPO")
+"""What Pillow calls the formats taken; MPO is a JPEG with more frames after it (many phones' photos),
+read as its first frame, the JPEG."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,16 +50,48 @@ def load_image(value: str, limits: ImageLimits, field: str = "image") -> Image.I
         data = _decode_base64(value, limits.max_bytes, field)
     if len(data) > limits.max_bytes:
         raise RequestError(f"{field}: larger than {size_text(limits.max_bytes)}")
+    image = _opened(data, limits, field)
+    width, height = image.size  # read from the header, before decoding any pixels
+    if max(width, height) > limits.max_side:
+        raise RequestError(f"{field}: {width}x{height} is larger than {limits.max_side} pixels per side")
+    if min(width, height) < limits.min_side:
+        raise RequestError(f"{field}: {width}x{height} is smaller than {limits.min_side} pixels per side")
+    return _decoded(image, field)
+
+
+def _opened(data: bytes, limits: ImageLimits, field: str) -> Image.Image:
+    """The image with only its header read."""
     try:
         image = Image.open(io.BytesIO(data))
-        if image.format not in FORMATS:
-            raise RequestError(f"{field}: {image.format} is not supported; send PNG, JPEG or WebP")
-        width, height = image.size  # read from the header, before decoding any pixels
-        if max(width, height) > limits.max_side:
-            raise RequestError(f"{field}: {width}x{height} is larger than {limits.max_side} pixels per side")
-        if min(width, height) < limits.min_side:
-            raise RequestError(f"{field}: {width}x{height} is smaller than {limits.min_side} pixels per side")
+    except Image.DecompressionBombError:
+        raise RequestError(
+            f"{field}: more than {2 * Image.MAX_IMAGE_PIXELS} pixels, past the image decoder's limit; "
+            f"at most {limits.max_side} pixels per side"
+        ) from None
+    except UnidentifiedImageError:
+        raise RequestError(f"{field}: not a PNG, JPEG or WebP image") from None
+    except Exception as error:  # a header can be broken in as many ways as the pixels: see _decoded
+        raise _undecodable(field, error) from None
+    if image.format not in FORMATS:
+        raise RequestError(f"{field}: {image.format} is not supported; send PNG, JPEG or WebP")
+    return image
+
+
+def _decoded(image: Image.Image, field: str) -> Image.Image:
+    """The pixels, decoded in full here so that a damaged file fails as a request error.
+
+    A decoder meets hostile bytes in many ways: OSError for truncated data, SyntaxError for a
+    broken PNG chunk, ValueError for a text or color-profile chunk that inflates past Pillow's
+    cap (a few KB that expand to megabytes), and others from metadata parsers. Every one of them
+    is the file's fault, not the worker's.
+    """
+    try:
         # As diffusers' load_image: a phone photo's pixels are stored sideways, with the turn in EXIF.
         return ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
-        raise RequestError(f"{field}: not a PNG, JPEG or WebP image") from None
+    except Exception as error:
+        raise _undecodable(field, error) from None
+
+
+def _undecodable(field: str, error: Exception) -> RequestError:
+    log.info("%s: undecodable image (%s: %s)", field, type(error).__name__, error)
+    return RequestError(f"{field}: the image is damaged or cannot be decoded (send PNG, JPEG or WebP)")
