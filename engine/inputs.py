@@ -95,3 +95,15 @@ def _decoded(image: Image.Image, field: str) -> Image.Image:
 def _undecodable(field: str, error: Exception) -> RequestError:
     log.info("%s: undecodable image (%s: %s)", field, type(error).__name__, error)
     return RequestError(f"{field}: the image is damaged or cannot be decoded (send PNG, JPEG or WebP)")
+
+
+def mask_for_crop(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask at the image's ``size``, as ``padding_mask_crop`` needs it: the crop is found on the mask
+    and cut from the image (and the result pasted back through the mask), so both share coordinates.
+    Resized with Lanczos, as diffusers' mask processor resizes. An all-black mask has no region to crop
+    around: it is refused before any work is done."""
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.LANCZOS)
+    if mask.convert("L").getbbox() is None:
+        raise RequestError("mask: the mask is empty (all black); padding_mask_crop needs a white region to crop around")
+    return mask

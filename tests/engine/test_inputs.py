@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import RequestError
-from engine.inputs import ImageLimits, load_image
+from engine.inputs import ImageLimits, load_image, mask_for_crop
 from engine.request import Limits, validate_request
 from tests.parity import picture, to_base64
 
@@ -151,6 +151,19 @@ def test_an_image_past_the_decoders_pixel_limit_names_the_size_rule():
         f"image: more than {limit} pixels, past the image decoder's limit; at most 256 pixels per side"
     )
     assert error_of(b64(png_sized(4000, 300))) == "image: 4000x300 is larger than 256 pixels per side"
+
+
+def test_a_mask_for_a_crop_takes_the_images_size_and_must_not_be_empty():
+    mask = Image.new("RGB", (96, 80))
+    mask.paste((255, 255, 255), (24, 20, 72, 60))
+    fitted = mask_for_crop(mask, (64, 64))
+    assert fitted.size == (64, 64)
+    assert fitted.tobytes() == mask.resize((64, 64), Image.Resampling.LANCZOS).tobytes()
+    assert mask_for_crop(fitted, (64, 64)) is fitted
+    assert mask_for_crop(Image.new("L", (64, 64), 1), (64, 64)).size == (64, 64), "any white at all is a region"
+    for empty in (Image.new("RGB", (64, 64)), Image.new("RGB", (96, 80)), Image.new("RGB", (64, 64), (1, 0, 0))):
+        with pytest.raises(RequestError, match=r"^mask: the mask is empty \(all black\); padding_mask_crop needs"):
+            mask_for_crop(empty, (64, 64))
 
 
 def test_too_many_bytes():
