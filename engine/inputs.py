@@ -1,7 +1,7 @@
 """Input images for image-to-image and inpainting: base64 or an http(s) URL, checked before anything is decoded.
 
-URLs are fetched by ``engine.downloads`` (SSRF-safe, size capped). Every failure is a RequestError naming the
-field (``image`` or ``mask``).
+URLs are fetched by ``engine.downloads`` (SSRF-safe, size capped). Every failure, the decoder's included, is a
+RequestError naming the field (``image`` or ``mask``). A mask for ``padding_mask_crop`` is fitted to its image.
 """
 
 from __future__ import annotations
