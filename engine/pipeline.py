@@ -72,7 +72,8 @@ class ControlImage:
 
 @dataclass(frozen=True)
 class ImageInputs:
-    """A request's input image, its mask when it asks for inpainting (white repaints), and its
+    """A request's input image, its mask when it asks for inpainting (white repaints; with
+    ``padding_mask_crop``, at the image's size: see ``engine.inputs.mask_for_crop``), and its
     ControlNets' control images."""
 
     image: Image.Image | None = None

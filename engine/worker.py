@@ -28,7 +28,7 @@ from engine.downloads import download_limits, limit_to_request
 from engine.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
 from engine.faults import DeviceFaults, is_out_of_memory
 from engine.images import encode_image
-from engine.inputs import ImageLimits, load_image
+from engine.inputs import ImageLimits, load_image, mask_for_crop
 from engine.logs import request_context
 from engine.lora.files import LoraFiles
 from engine.lora.library import NO_LORAS, LoraLibrary, LoraSelection
@@ -332,6 +332,8 @@ class Worker:
             )
         image = load_image(draft.image, self.image_limits) if draft.image is not None else None
         mask = load_image(draft.mask, self.image_limits, "mask") if draft.mask is not None else None
+        if image is not None and mask is not None and draft.padding_mask_crop is not None:
+            mask = mask_for_crop(mask, image.size)
         controls = tuple(
             self._control_image(control.to_request(), f"controlnets[{index}]")
             for index, control in enumerate(draft.controlnets or ())

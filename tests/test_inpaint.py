@@ -11,6 +11,7 @@ from diffusers import (
 )
 from PIL import Image
 
+from engine.errors import RequestError
 from engine.settings import Settings
 from engine.worker import Worker
 from tests.conftest import run_export
@@ -126,6 +127,10 @@ def test_a_9_channel_unet_exports_and_inpaints_on_onnxruntime(inpainting_model, 
         (inpaint(mask="%%%"), "mask: not valid base64"),
         ({"prompt": "x", "padding_mask_crop": 8}, "padding_mask_crop: only applies with a mask"),
         (inpaint(padding_mask_crop=-1), "padding_mask_crop: Input should be greater than or equal to 0"),
+        (
+            inpaint(mask=to_base64(Image.new("L", (96, 80))), padding_mask_crop=8),
+            "mask: the mask is empty (all black); padding_mask_crop needs a white region",
+        ),
     ],
 )
 def test_bad_inpainting_requests_name_the_field_and_the_worker_goes_on(cache_dir, tmp_path, payload, message):
@@ -133,6 +138,29 @@ def test_bad_inpainting_requests_name_the_field_and_the_worker_goes_on(cache_dir
     response = worker.handle({"id": "bad", "input": payload})
     assert response["status"] == "error" and message in response["error"], response
     assert worker.handle({"id": "ok", "input": inpaint(num_inference_steps=2)})["status"] == "success"
+
+
+def test_a_mask_of_another_size_is_resized_to_the_image_before_the_crop(cache_dir, tmp_path):
+    """The same image as when the client resizes the mask itself; outside the mask, the image as it was."""
+    worker = worker_for("tiny", cache_dir, tmp_path)
+    large = mask_image(96, 80, (24, 20, 72, 60))
+    resized = large.convert("RGB").resize((64, 64), Image.Resampling.LANCZOS)
+    ours = decoded(worker.handle({"id": "a", "input": inpaint(mask=to_base64(large), padding_mask_crop=4)}))
+    theirs = decoded(worker.handle({"id": "b", "input": inpaint(mask=to_base64(resized), padding_mask_crop=4)}))
+    assert np.array_equal(ours[0], theirs[0])
+    kept = np.asarray(resized.convert("L")) == 0
+    assert np.array_equal(ours[0][kept], np.asarray(picture(64, 64), dtype=np.int16)[kept]), "pasted back"
+
+
+def test_an_empty_mask_with_a_crop_is_refused_before_anything_runs(cache_dir, tmp_path, monkeypatch):
+    worker = worker_for("tiny", cache_dir, tmp_path)
+    monkeypatch.setattr(worker.pipeline, "prepare_images", lambda *args: pytest.fail("prepared an empty mask"))
+    with pytest.raises(RequestError, match=r"^mask: the mask is empty \(all black\)"):
+        worker.resolve(inpaint(mask=to_base64(Image.new("RGB", (64, 64))), padding_mask_crop=0))
+    monkeypatch.undo()
+    assert worker.handle({"id": "e", "input": inpaint(mask=to_base64(Image.new("L", (64, 64))))})["status"] == (
+        "success"
+    ), "without a crop, an empty mask repaints nothing, as in diffusers"
 
 
 def test_an_inpainting_model_refuses_text_to_image_with_a_reason(inpainting_model, cache_dir, tmp_path):

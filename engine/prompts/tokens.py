@@ -47,7 +47,10 @@ def content_length(tokenizer: Any) -> int:
 
 def tokenize_prompt(tokenizer: Any, prompt: str, syntax: PromptSyntax = "a1111") -> WeightedTokens:
     """The prompt's chunks: a new one every 75 tokens and at each BREAK; a trailing empty one is dropped."""
-    fragments = parse_weights(prompt) if syntax == "a1111" else [Fragment(prompt)]
+    fragments = parse_weights(prompt) if syntax == "a1111" else (Fragment(prompt),)
+    # One call for each distinct text: a prompt can hold thousands of fragments, and each call costs.
+    texts = list(dict.fromkeys(fragment.text for fragment in fragments if not fragment.breaks_chunk))
+    token_ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False, verbose=False).input_ids, strict=True))
     size = content_length(tokenizer)
     chunks: list[list[int]] = [[]]
     weights: list[list[float]] = [[]]
@@ -56,7 +59,7 @@ def tokenize_prompt(tokenizer: Any, prompt: str, syntax: PromptSyntax = "a1111")
             chunks.append([])
             weights.append([])
             continue
-        for token in tokenizer(fragment.text, add_special_tokens=False, verbose=False).input_ids:
+        for token in token_ids[fragment.text]:
             if len(chunks[-1]) == size:
                 chunks.append([])
                 weights.append([])

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
+import random
+import struct
 import threading
+import zlib
 from collections.abc import Iterator
 
 import pytest
 from PIL import Image
 
 from engine.errors import RequestError
-from engine.inputs import ImageLimits, load_image
+from engine.inputs import ImageLimits, load_image, mask_for_crop
 from engine.request import Limits, validate_request
 from tests.parity import picture, to_base64
 
@@ -59,6 +63,107 @@ def test_exif_orientation_is_applied_as_diffusers_does():
 )
 def test_bad_images_are_named(value, message):
     assert error_of(value) == message
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_chunk(kind: bytes, data: bytes, before: bytes = b"IDAT") -> bytes:
+    """A valid 64x64 PNG with one more chunk, placed before the chunk ``before``."""
+    png = encoded(Image.new("RGB", (64, 64), (200, 40, 40)))
+    at = png.index(before) - 4
+    return png[:at] + chunk(kind, data) + png[at:]
+
+
+def png_sized(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` pixels: a few bytes for the decoder to inflate."""
+    png = bytearray(encoded(Image.new("RGB", (64, 64))))
+    at = png.index(b"IHDR")
+    png[at + 4 : at + 12] = struct.pack(">II", width, height)
+    png[at + 17 : at + 21] = struct.pack(">I", zlib.crc32(bytes(png[at : at + 17])))
+    return bytes(png)
+
+
+INFLATING = zlib.compress(b"\0" * 5_000_000, 9)
+"""About 5 KB that inflate to 5 MB, past Pillow's cap on a PNG text or color-profile chunk."""
+DAMAGED = "image: the image is damaged or cannot be decoded (send PNG, JPEG or WebP)"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        png_with_chunk(b"zTXt", b"Comment\0\0" + INFLATING),  # read with the header
+        png_with_chunk(b"zTXt", b"Comment\0\0" + INFLATING, before=b"IEND"),  # read after the pixels
+        png_with_chunk(b"iCCP", b"icc\0\0" + INFLATING),
+        png_with_chunk(b"iTXt", b"Comment\0\1\0\0\0" + INFLATING),
+        encoded(picture(96, 72))[:-300],
+        encoded(picture(96, 72), "JPEG")[:400],
+        encoded(picture(96, 72), "WEBP")[:200],
+    ],
+    ids=["ztxt", "ztxt-after-pixels", "iccp", "itxt", "png-truncated", "jpeg-truncated", "webp-truncated"],
+)
+def test_every_decoder_failure_is_a_request_error_naming_the_field(data):
+    assert error_of(b64(data)) == DAMAGED
+    with pytest.raises(RequestError, match=r"^mask: the image is damaged"):
+        load_image(b64(data), LIMITS, "mask")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on malformed EXIF and MPO data
+def test_damaged_files_of_every_format_decode_or_fail_as_request_errors():
+    """Bytes changed, cut out or added at random: every outcome is an RGB image or a request error."""
+    rng = random.Random(23)
+    photos = [encoded(picture(72, 64), fmt) for fmt in ("PNG", "JPEG", "WEBP")]
+    photos.append(encoded(picture(72, 64), "MPO", save_all=True, append_images=[picture(72, 64, seed=1)]))
+    for _ in range(400):
+        data = bytearray(rng.choice(photos))
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(len(data))
+            data[at : at + rng.choice((0, 1, 1, 30))] = rng.randbytes(rng.choice((0, 1, 1, 8)))
+        try:
+            assert load_image(b64(bytes(data)), LIMITS).mode == "RGB"
+        except RequestError as error:
+            assert str(error).startswith("image: "), error
+
+
+def test_a_phone_photo_stored_as_mpo_is_read_as_its_first_frame_the_jpeg():
+    first, second = picture(96, 72), picture(96, 72, seed=5)
+    mpo = encoded(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    ours = load_image(b64(mpo), LIMITS)
+    assert ours.size == (96, 72)
+    assert ours.tobytes() == load_image(b64(encoded(first, "JPEG")), LIMITS).tobytes()
+
+
+def test_an_image_past_the_decoders_pixel_limit_names_the_size_rule():
+    limit = 2 * Image.MAX_IMAGE_PIXELS
+    assert error_of(b64(png_sized(20_000, 20_000))) == (
+        f"image: more than {limit} pixels, past the image decoder's limit; at most 256 pixels per side"
+    )
+    assert error_of(b64(png_sized(4000, 300))) == "image: 4000x300 is larger than 256 pixels per side"
+
+
+def test_a_mask_for_a_crop_takes_the_images_size_and_must_not_be_empty():
+    mask = Image.new("RGB", (96, 80))
+    mask.paste((255, 255, 255), (24, 20, 72, 60))
+    fitted = mask_for_crop(mask, (64, 64))
+    assert fitted.size == (64, 64)
+    assert fitted.tobytes() == mask.resize((64, 64), Image.Resampling.LANCZOS).tobytes()
+    assert mask_for_crop(fitted, (64, 64)) is fitted
+    assert mask_for_crop(Image.new("L", (64, 64), 1), (64, 64)).size == (64, 64), "any white at all is a region"
+    for empty in (Image.new("RGB", (64, 64)), Image.new("RGB", (96, 80)), Image.new("RGB", (64, 64), (1, 0, 0))):
+        with pytest.raises(RequestError, match=r"^mask: the mask is empty \(all black\); padding_mask_crop needs"):
+            mask_for_crop(empty, (64, 64))
 
 
 def test_too_many_bytes():
