@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from engine.errors import RequestError
+from engine.logs import redact_urls
 from engine.lora.factors import LoraWeights, LowRank, read_lora
 from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
 from engine.models import Model
@@ -64,7 +65,11 @@ class LoraSelection:
     patches: dict[str, WeightPatch]
 
     def metrics(self) -> list[dict[str, Any]]:
-        return [{"name": file.label, "sha256": file.sha256, "scale": scale} for file, scale in self.applied]
+        """Each file as the request named it, a URL without its user info or query (where signed links
+        carry their tokens), with its sha256 and scale."""
+        return [
+            {"name": redact_urls(file.label), "sha256": file.sha256, "scale": scale} for file, scale in self.applied
+        ]
 
 
 NO_LORAS = LoraSelection((), {})

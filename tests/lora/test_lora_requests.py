@@ -7,6 +7,7 @@ the test, as runpod's SSRF-safe client lets a deployment allow them).
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +153,15 @@ def test_urls_download_once_under_their_sha256(worker, file_server, lora_dir, mo
     assert sha256 == by_name["metrics"]["loras"][0]["sha256"]
     assert (lora_dir / "cache" / f"{sha256}.safetensors").is_file()
     assert not list((lora_dir / "cache").glob(".partial-*")), "no half-written download is left"
+
+
+def test_a_signed_urls_token_stays_out_of_the_metrics(worker, file_server, monkeypatch):
+    monkeypatch.setenv("RUNPOD_ALLOW_PRIVATE_DOWNLOAD_URLS", "1")
+    url = f"{file_server}/c.safetensors"
+    response = worker.handle({"input": {**PAYLOAD, "loras": [{"url": f"{url}?token=SECRET"}]}})
+    assert response["status"] == "success"
+    assert response["metrics"]["loras"][0]["name"] == url
+    assert "SECRET" not in json.dumps(response)
 
 
 @pytest.mark.parametrize(
