@@ -49,16 +49,31 @@ def private_name() -> str:
     return f"{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
 
 
+def storage_now(root: Path) -> float:
+    """The time by the clock that stamps files in ``root``: the mtime of a file created there now. On a
+    network volume that is the server's clock, which need not agree with this host's."""
+    probe = root / f".clock-{private_name()}"
+    probe.touch()
+    try:
+        return probe.stat().st_mtime
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def sweep_dead(root: Path) -> None:
-    """Removes folders left by dead processes on this host, and any older than a day."""
+    """Removes folders left by dead processes on this host, and any older than a day by the storage's own
+    clock (a host whose clock runs a day ahead must not sweep another host's build in progress)."""
     if not root.is_dir():
         return
+    now = storage_now(root)
     for path in root.iterdir():
+        if path.name.startswith(".clock-"):
+            continue
         host, _, rest = path.name.rpartition("-")[0].rpartition("-")
         pid = int(rest) if rest.isdigit() else None
         dead_here = host == HOST and pid is not None and not psutil.pid_exists(pid)
         with contextlib.suppress(FileNotFoundError):
-            if dead_here or time.time() - path.stat().st_mtime > STAGING_MAX_AGE_S:
+            if dead_here or now - path.stat().st_mtime > STAGING_MAX_AGE_S:
                 shutil.rmtree(path, ignore_errors=True)
 
 

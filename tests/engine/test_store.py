@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from engine.errors import ArtifactError
 from engine.store import HOST, MANIFEST, ArtifactKey, Staging, Store
 
+REAL_TIME = time.time
 KEY = ArtifactKey(kind="onnx", component="unet", fingerprint="f" * 64, precision="fp32", exporter="x-v1")
 
 
@@ -183,3 +185,21 @@ def test_files_in_folders_inside_the_artifact_are_kept(tmp_path):
     assert list(artifact.files) == ["weights/part.bin"]
     artifact.verify()
     assert artifact.read_verified("weights/part.bin") == b"weights"
+
+
+def test_staging_age_is_read_on_the_storage_clock_not_this_host(tmp_path, monkeypatch):
+    """A host whose clock runs days ahead (or behind) sweeps no build in progress elsewhere, and still
+    sweeps what the storage itself dates from days ago."""
+    store = Store(tmp_path)
+    fresh = store.staging / "another-host-123-live"
+    old = store.staging / "another-host-456-abandoned"
+    for path in (fresh, old):
+        path.mkdir(parents=True)
+    two_days = 2 * 24 * 3600
+    os.utime(old, (time.time() - two_days, time.time() - two_days))
+    for skew in (two_days, -two_days):
+        monkeypatch.setattr(time, "time", lambda skew=skew: REAL_TIME() + skew)  # this host's clock
+        store.sweep_staging()
+        assert fresh.exists()
+    assert not old.exists()
+    assert sorted(path.name for path in store.staging.iterdir()) == [fresh.name]
