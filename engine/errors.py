@@ -36,7 +36,7 @@ class DeadlineExceeded(WorkerError):
 
 
 class OutputTooLarge(WorkerError):
-    """The response would exceed RunPod's payload limit and no bucket is configured."""
+    """The response would exceed RunPod's payload limit, and no bucket is configured or the upload failed."""
 
 
 class NonFiniteOutput(WorkerError):

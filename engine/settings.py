@@ -177,6 +177,9 @@ class Settings(BaseSettings):
         9_500_000, gt=0, description="largest inline response; RunPod accepts 10 MB on /run and 20 MB on /runsync"
     )
     always_upload: bool = Field(False, description="upload every image when a bucket is configured")
+    bucket_url_expiry_s: int = Field(
+        7 * 24 * 3600, ge=1, le=7 * 24 * 3600, description="lifetime of an uploaded image's presigned URL (S3's most)"
+    )
 
     log_level: str = "INFO"
 

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import psutil
@@ -49,16 +49,31 @@ def private_name() -> str:
     return f"{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
 
 
+def storage_now(root: Path) -> float:
+    """The time by the clock that stamps files in ``root``: the mtime of a file created there now. On a
+    network volume that is the server's clock, which need not agree with this host's."""
+    probe = root / f".clock-{private_name()}"
+    probe.touch()
+    try:
+        return probe.stat().st_mtime
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def sweep_dead(root: Path) -> None:
-    """Removes folders left by dead processes on this host, and any older than a day."""
+    """Removes folders left by dead processes on this host, and any older than a day by the storage's own
+    clock (a host whose clock runs a day ahead must not sweep another host's build in progress)."""
     if not root.is_dir():
         return
+    now = storage_now(root)
     for path in root.iterdir():
+        if path.name.startswith(".clock-"):
+            continue
         host, _, rest = path.name.rpartition("-")[0].rpartition("-")
         pid = int(rest) if rest.isdigit() else None
         dead_here = host == HOST and pid is not None and not psutil.pid_exists(pid)
         with contextlib.suppress(FileNotFoundError):
-            if dead_here or time.time() - path.stat().st_mtime > STAGING_MAX_AGE_S:
+            if dead_here or now - path.stat().st_mtime > STAGING_MAX_AGE_S:
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -148,12 +163,42 @@ def _fsync_tree(root: Path) -> None:
     _fsync_dir(root)
 
 
+def _file_in(folder: Path, name: object) -> Path:
+    """Where a manifest's file name points, refused unless it is a plain relative path that stays in the
+    artifact's folder: a hand-edited or damaged manifest on a shared volume must never make a worker read
+    (or hash, or load as an engine) a file elsewhere."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise ArtifactError(f"{folder.name}: the manifest names a file {name!r} that is not a relative path")
+    if PurePosixPath(name).is_absolute() or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ArtifactError(f"{folder.name}: the manifest names a file {name!r} outside the artifact")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):  # a link inside the folder to somewhere else
+        raise ArtifactError(f"{folder.name}: the manifest's file {name!r} leads outside the artifact")
+    return path
+
+
+def _entry_is_valid(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("sha256"), str)
+        and isinstance(entry.get("size"), int)
+        and not isinstance(entry.get("size"), bool)
+    )
+
+
 @dataclass
 class Artifact:
-    """A published artifact: its folder and its manifest."""
+    """A published artifact: its folder and its manifest, whose file list is checked before any use."""
 
     path: Path
     manifest: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        files = self.manifest.get("files") if isinstance(self.manifest, dict) else None
+        if not isinstance(files, dict) or not all(_entry_is_valid(entry) for entry in files.values()):
+            raise ArtifactError(f"{self.path.name}: the manifest has no valid file list")
+        for name in files:
+            _file_in(self.path, name)
 
     @property
     def key(self) -> ArtifactKey:
@@ -164,12 +209,12 @@ class Artifact:
         return self.manifest["files"]
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        return _file_in(self.path, name)
 
     def check_sizes(self) -> None:
         """The cheap check: every file is there with its recorded size."""
         for name, entry in self.files.items():
-            path = self.path / name
+            path = self.file(name)
             if not path.is_file() or path.stat().st_size != entry["size"]:
                 raise ArtifactError(f"{self.path.name}/{name} is missing or truncated")
 
@@ -177,14 +222,14 @@ class Artifact:
         """The full check: every file's hash matches the manifest."""
         self.check_sizes()
         for name, entry in self.files.items():
-            if sha256_file(self.path / name) != entry["sha256"]:
+            if sha256_file(self.file(name)) != entry["sha256"]:
                 raise ArtifactError(f"{self.path.name}/{name} does not match its manifest's sha256")
 
     def read_verified(self, name: str) -> bytes:
         """A file's bytes, hashed while read once, so what is checked is what is used."""
         entry = self.files[name]
         started = time.perf_counter()
-        data = (self.path / name).read_bytes()
+        data = self.file(name).read_bytes()
         READS.add(len(data), started)
         if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ArtifactError(f"{self.path.name}/{name} does not match its manifest")

@@ -21,6 +21,8 @@ from PIL import Image
 
 from engine.schedulers import CLASSIC_SCHEDULERS
 from tests.conftest import runsync, serve_api, worker_env
+from tests.parity import picture
+from tests.test_hostile import PATHOLOGICAL_PROMPT, b64, mask, over_pixel_limit, png_bytes, text_bomb
 
 FIELDS = [
     "prompt",
@@ -72,6 +74,18 @@ INVALID_VALUES = {
     "timeout_s": [0, -1, 10**9, "x"],
 }
 """Values each field must refuse, by the documented rules (not by asking the validator)."""
+HOSTILE_PAYLOADS = [
+    {"prompt": "x", "image": "http://a:CUDA driver/x.png"},
+    {"prompt": "x", "loras": [{"url": "https://a:illegal memory access/x.safetensors"}]},
+    {"prompt": "x", "loras": [{"name": "."}]},
+    {"prompt": "x", "loras": [{"name": "a\x00b"}]},
+    {"prompt": "x", "image": b64(text_bomb())},
+    {"prompt": "x", "image": b64(over_pixel_limit())},
+    {"prompt": "x", "image": b64(png_bytes(picture(64, 64))), "mask": mask((64, 64), None), "padding_mask_crop": 8},
+    {"prompt": [PATHOLOGICAL_PROMPT] * 2},
+]
+"""Issue 23's hostile inputs that need no server of their own (tests/test_hostile.py has them all): each
+is sent once among the concurrent requests, and drawn among the malformed ones."""
 MALFORMED = st.one_of(
     # prompt is required, and unknown fields are refused
     st.dictionaries(st.sampled_from([*FIELDS[1:], "steps", "image_size", ""]), ANY_JSON, max_size=5),
@@ -81,6 +95,7 @@ MALFORMED = st.one_of(
             lambda field: st.sampled_from(INVALID_VALUES[field]).map(lambda bad, field=field: {**base, field: bad})
         )
     ),
+    st.sampled_from(HOSTILE_PAYLOADS),
 )
 """Requests that break a rule by construction: each must fail."""
 
@@ -143,6 +158,7 @@ def test_a_few_hundred_requests_concurrent_and_malformed(server):
     with ThreadPoolExecutor(max_workers=4) as pool:
         concurrent = [pool.submit(check_valid, url, {"prompt": f"fox {i}", "seed": i}) for i in range(40)]
         concurrent += [pool.submit(check_rejected, url, {"prompt": "x", "width": 65 + 8 * i}) for i in range(20)]
+        concurrent += [pool.submit(check_rejected, url, payload) for payload in HOSTILE_PAYLOADS]
         valid_requests()
         malformed_requests()
         for future in concurrent:

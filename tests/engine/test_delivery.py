@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import logging
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
 import requests
 
-from engine.delivery import EncodedImage, inline_size
+from engine.delivery import INLINE_AFTER_FAILED_UPLOAD, EncodedImage, inline_size
+from engine.errors import ConfigError
+from engine.settings import load_settings
 from engine.worker import Worker
 from tests.conftest import free_port
 
@@ -78,3 +82,64 @@ def test_too_large_without_a_bucket_is_a_clear_error_and_the_worker_goes_on(make
     assert "BUCKET_ENDPOINT_URL" in response["error"]
     smaller = worker.handle({"id": "d", "input": {**REQUEST, "num_images": 1, "output_format": "jpeg", "quality": 20}})
     assert smaller["status"] == "success" and smaller["metrics"]["delivery"] == "inline"
+
+
+def test_uploads_carry_their_content_type_and_the_configured_expiry(s3_endpoint, make_settings):
+    settings = make_settings(
+        backend="torch", bucket_endpoint_url=s3_endpoint, always_upload=True, bucket_url_expiry_s=90, **KEYS
+    )
+    worker = Worker(settings)
+    for output_format, content_type in (("png", "image/png"), ("jpeg", "image/jpeg"), ("webp", "image/webp")):
+        response = worker.handle({"id": f"t-{output_format}", "input": {**REQUEST, "output_format": output_format}})
+        assert response["metrics"]["delivery"] == "bucket", response
+        for item in response["output"]:
+            assert parse_qs(urlsplit(item["url"]).query)["X-Amz-Expires"] == ["90"]
+            download = requests.get(item["url"], timeout=30)
+            assert download.status_code == 200
+            assert download.headers["Content-Type"] == content_type
+
+
+def test_the_url_expiry_is_bounded_by_what_s3_allows():
+    assert load_settings(device="cpu").bucket_url_expiry_s == 7 * 24 * 3600
+    for bad in (0, 7 * 24 * 3600 + 1):
+        with pytest.raises(ConfigError, match="BUCKET_URL_EXPIRY_S"):
+            load_settings(device="cpu", bucket_url_expiry_s=bad)
+
+
+FAILING_BUCKETS = {
+    "missing bucket": lambda endpoint: {"bucket_endpoint_url": endpoint, "bucket_name": "no-such-bucket"},
+    "unreachable endpoint": lambda endpoint: {
+        "bucket_endpoint_url": f"http://user:HIDDEN-PASSWORD@127.0.0.1:{free_port()}/path?sig=HIDDEN-QUERY"
+    },
+}
+SECRETS = ("HIDDEN-KEY", "HIDDEN-SECRET", "HIDDEN-PASSWORD", "HIDDEN-QUERY")
+
+
+@pytest.mark.parametrize("failure", FAILING_BUCKETS)
+def test_a_failed_upload_of_images_that_fit_falls_back_to_inline(
+    failure, s3_endpoint, inline_images, make_settings, caplog
+):
+    bucket = {"bucket_access_key_id": "HIDDEN-KEY", "bucket_secret_access_key": "HIDDEN-SECRET"}
+    bucket.update(FAILING_BUCKETS[failure](s3_endpoint))
+    worker = Worker(make_settings(backend="torch", always_upload=True, **bucket))
+    with caplog.at_level(logging.ERROR, logger="engine.delivery"):
+        response = worker.handle({"id": "fallback", "input": REQUEST})
+    assert response["status"] == "success", response
+    assert response["metrics"]["delivery"] == INLINE_AFTER_FAILED_UPLOAD
+    assert [base64.b64decode(item["image"]) for item in response["output"]] == inline_images
+    [record] = [record for record in caplog.records if record.name == "engine.delivery"]
+    reason = record.getMessage()
+    assert reason.startswith("bucket upload failed: ")
+    assert ("NoSuchBucket" if failure == "missing bucket" else "127.0.0.1") in reason
+    assert not any(secret in reason or secret in str(response) for secret in SECRETS), reason
+
+
+def test_a_failed_upload_of_images_too_large_inline_is_a_clear_error(s3_endpoint, make_settings):
+    endpoint = f"http://user:HIDDEN-PASSWORD@127.0.0.1:{free_port()}?sig=HIDDEN-QUERY"
+    bucket = {"bucket_access_key_id": "HIDDEN-KEY", "bucket_secret_access_key": "HIDDEN-SECRET"}
+    worker = Worker(make_settings(backend="torch", bucket_endpoint_url=endpoint, max_inline_bytes=1000, **bucket))
+    response = worker.handle({"id": "too-large", "input": REQUEST})
+    assert response["status"] == "error"
+    assert response["error"].startswith("output: the bucket upload failed (the worker's log has the reason), and 2 png")
+    assert "127.0.0.1" not in response["error"]
+    assert not any(secret in str(response) for secret in SECRETS), response

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from engine.errors import ArtifactError
-from engine.store import HOST, ArtifactKey, Staging, Store
+from engine.store import HOST, MANIFEST, ArtifactKey, Staging, Store
 
+REAL_TIME = time.time
 KEY = ArtifactKey(kind="onnx", component="unet", fingerprint="f" * 64, precision="fp32", exporter="x-v1")
 
 
@@ -125,3 +129,77 @@ def test_file_digest_is_memoized_per_file_version(tmp_path):
     weights.write_bytes(b"b" * 1000)
     os.utime(weights, ns=(1, 1))
     assert store.file_digest(weights) != first
+
+
+def name_outside(tmp_path: Path, artifact_path: Path, way: str) -> str:
+    """A manifest file name that leads to ``outside/secret.bin`` next to the store, by one kind of path."""
+    outside = tmp_path / "outside" / "secret.bin"
+    if way == "absolute":
+        return str(outside)
+    if way == "symlink":
+        (artifact_path / "link").symlink_to(outside.parent, target_is_directory=True)
+        return "link/secret.bin"
+    up = "../" * len(artifact_path.relative_to(tmp_path).parts)
+    return f"{up}outside/secret.bin" if way == "dot-dot" else f"sub/../{up}outside/secret.bin"
+
+
+@pytest.mark.parametrize("way", ["dot-dot", "dot-dot after a folder", "absolute", "symlink"])
+def test_a_manifest_naming_a_file_outside_its_artifact_is_refused_and_never_read(tmp_path, way):
+    store = Store(tmp_path / "store")
+    artifact = store.ensure(KEY, write_payload)
+    secret = b"not the store's"
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.bin").write_bytes(secret)
+    manifest = json.loads((artifact.path / MANIFEST).read_text())
+    # an entry that would pass every size and hash check if the name were followed
+    name = name_outside(tmp_path, artifact.path, way)
+    manifest["files"][name] = {"sha256": hashlib.sha256(secret).hexdigest(), "size": len(secret)}
+    (artifact.path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        store.get(KEY)
+    assert store.find(component="unet") == []
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        artifact.file(name)
+    rebuilt = store.ensure(KEY, write_payload)  # quarantined, then built again
+    assert list(rebuilt.files) == ["model.onnx"]
+    assert len(list(store.quarantine_dir.iterdir())) == 1
+
+
+@pytest.mark.parametrize("files", [None, [], {"model.onnx": {"size": "11"}}, {"a\x00b": {"sha256": "0", "size": 1}}])
+def test_a_manifest_without_a_valid_file_list_is_a_broken_artifact(tmp_path, files):
+    store = Store(tmp_path)
+    artifact = store.ensure(KEY, write_payload)
+    manifest = json.loads((artifact.path / MANIFEST).read_text())
+    manifest["files"] = files
+    (artifact.path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError):
+        store.get(KEY)
+
+
+def test_files_in_folders_inside_the_artifact_are_kept(tmp_path):
+    def build(staging: Staging) -> None:
+        (staging.path / "weights").mkdir()
+        (staging.path / "weights" / "part.bin").write_bytes(b"weights")
+
+    artifact = Store(tmp_path).ensure(KEY, build)
+    assert list(artifact.files) == ["weights/part.bin"]
+    artifact.verify()
+    assert artifact.read_verified("weights/part.bin") == b"weights"
+
+
+def test_staging_age_is_read_on_the_storage_clock_not_this_host(tmp_path, monkeypatch):
+    """A host whose clock runs days ahead (or behind) sweeps no build in progress elsewhere, and still
+    sweeps what the storage itself dates from days ago."""
+    store = Store(tmp_path)
+    fresh = store.staging / "another-host-123-live"
+    old = store.staging / "another-host-456-abandoned"
+    for path in (fresh, old):
+        path.mkdir(parents=True)
+    two_days = 2 * 24 * 3600
+    os.utime(old, (time.time() - two_days, time.time() - two_days))
+    for skew in (two_days, -two_days):
+        monkeypatch.setattr(time, "time", lambda skew=skew: REAL_TIME() + skew)  # this host's clock
+        store.sweep_staging()
+        assert fresh.exists()
+    assert not old.exists()
+    assert sorted(path.name for path in store.staging.iterdir()) == [fresh.name]
