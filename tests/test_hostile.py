@@ -133,7 +133,10 @@ def write_broken_loras(model, folder: Path) -> dict[str, BrokenLora]:
     kohya = write_lora(model, folder / "bad-alpha.safetensors", "kohya", seed=5, rank=4, components=["unet"])
     tensors = load_file(str(kohya))
     module = first_module(tensors, ".alpha")
-    save_file({**tensors, f"{module}.alpha": torch.tensor(1e30)}, str(kohya))
+    # every module's alpha: diffusers reads a kohya file's odd alphas out, keeping the common one
+    save_file(
+        {key: torch.tensor(1e30) if key.endswith(".alpha") else value for key, value in tensors.items()}, str(kohya)
+    )
     broken["kohya-alpha-1e30"] = BrokenLora("bad-alpha", module.removeprefix("lora_unet_"))
     return broken
 
