@@ -55,7 +55,8 @@ class DownloadLimits:
     timeout_s: float = 60.0
     min_bytes_per_s: float = 50_000.0
     grace_s: float = 5.0
-    """How long a response may send below the minimum rate before it is held to it."""
+    """How long a download may run below the minimum rate before it is held to it (counted from the
+    connection, so a server that is silent before its headers is held to it too)."""
     started: float | None = None
     """``time.monotonic()`` when the job began."""
     request_deadline: float | None = None
@@ -121,8 +122,8 @@ class _Watch:
             self.deadline_rule = (
                 f"the download did not end within the request's timeout_s ({limits.request_timeout_s:g} s)"
             )
+        self.started = now
         self.received = 0
-        self.body_started: float | None = None
         self.broken: str | None = None
         self._sockets: list[tuple[socket.socket, int, Any]] = []
         self._lock = threading.Lock()
@@ -150,7 +151,7 @@ class _Watch:
         now = time.monotonic()
         if now >= self.deadline:
             return self.deadline_rule
-        sending_s = now - self.body_started if self.body_started is not None else 0.0
+        sending_s = now - self.started
         if sending_s >= self.limits.grace_s and self.received / sending_s < self.limits.min_bytes_per_s:
             rate = size_text(self.limits.min_bytes_per_s)
             return f"the server sent less than {rate}/s (DOWNLOAD_MIN_BYTES_PER_S)"
@@ -227,7 +228,6 @@ def _watching(field: str) -> Iterator[_Watch]:
 def _copy(response: Any, out: BinaryIO, max_bytes: int, watch: _Watch) -> int:
     """Writes the body to ``out`` as it arrives; each read returns what one socket read gave, so the
     received count the watch judges the rate by is current."""
-    watch.body_started = time.monotonic()
     written = 0
     while watch.broken is None and (chunk := response.raw.read1(CHUNK, decode_content=True)):
         written += len(chunk)

@@ -158,6 +158,16 @@ def test_a_server_below_the_minimum_rate_is_cut_off_after_the_grace_period(drip_
     assert 1.0 < took < 1.0 + MARGIN_S
 
 
+def test_a_server_that_sends_its_headers_a_byte_at_a_time_is_held_to_the_minimum_rate(drip_server, allow_loopback):
+    """The rate counts from the connection: a server that never gets past its headers is cut off
+    after the grace period, not at the read timeout or the deadline."""
+    url = f"http://{drip_server(STATUS)}/fox.png"
+    with download_limits(timeout_s=60, min_bytes_per_s=1000, grace_s=1.0):
+        message, took = timed_error(url)
+    assert message == "image: the server sent less than 1 KB/s (DOWNLOAD_MIN_BYTES_PER_S)"
+    assert 1.0 < took < 1.0 + MARGIN_S
+
+
 @pytest.fixture
 def file_server() -> Iterator[str]:
     """Serves /fox.png (2 KB), and redirects /away to a URL with no host and a token in its query."""
@@ -185,7 +195,7 @@ def file_server() -> Iterator[str]:
 
 
 def test_a_fast_download_within_the_limits_is_whole(file_server, allow_loopback):
-    with download_limits(timeout_s=5, min_bytes_per_s=1_000_000, grace_s=0.0):
+    with download_limits(timeout_s=5, min_bytes_per_s=1_000_000, grace_s=1.0):
         assert download(f"{file_server}/fox.png", 10_000, "image") == b"p" * 2000
 
 
