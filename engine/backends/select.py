@@ -8,9 +8,12 @@ one, and one that keeps failing leaves the chain for the life of the process. Ev
 call is chosen on the shapes it really has, so what the metrics report is what ran.
 
 A component whose outputs the pipeline finds non-finite (NaN or Inf) is run again, for the rest
-of that request only, on the next runner of its chain that computes in fp32; a chain of fp16
-runners keeps an fp32 torch runner aside for this, loaded on first use (``fp32_standby``). bf16
-gets none: it has fp32's range, so what overflows in bf16 overflows in fp32 too. A non-finite
+of that request only, on the next runner of its chain that computes in fp32. The VAE's fp16
+chains keep an fp32 torch VAE aside for this, loaded on first use (``fp32_standby``): the VAE is
+the component known to overflow fp16 (SDXL's), and small in fp32 (0.3 GB). No other component
+gets one: an fp32 copy of a denoiser (10 GB for SDXL's UNet) would stay on the GPU for the life of
+the process, so a request whose denoiser overflows fp16 fails instead, saying so. bf16 gets none:
+it has fp32's range, so what overflows in bf16 overflows in fp32 too. A non-finite
 output is not counted as the runner failing: an overflow is what this request's input, seed,
 LoRA or scale asks of a sound runner, and counting it would let a few such requests take a
 healthy backend out of service for everyone. Each rerun is logged and named in
@@ -118,16 +121,15 @@ class SharedTorchRunner(Runner):
 def share_torch_weights(
     chain: RunnerChain, owner: RunnerChain, wrap: Callable[[torch.nn.Module], torch.nn.Module]
 ) -> None:
-    """Replaces ``chain``'s torch runner by one on ``owner``'s torch module, wrapped, where both have one;
-    the same for their fp32 standbys."""
+    """Replaces ``chain``'s torch runner by one on ``owner``'s torch module, wrapped, where both have one."""
     owners = [runner for runner in owner.runners if isinstance(runner, LazyTorchRunner)]
     for position, runner in enumerate(chain.runners):
         if isinstance(runner, LazyTorchRunner) and owners:
             chain.runners[position] = SharedTorchRunner(runner.spec, owners[0], wrap)
-    if isinstance(chain.fp32_standby, LazyTorchRunner) and isinstance(owner.fp32_standby, LazyTorchRunner):
-        chain.fp32_standby = SharedTorchRunner(chain.fp32_standby.spec, owner.fp32_standby, wrap)
 
 
+FP32_STANDBY_COMPONENTS = ("vae_decoder", "vae_encoder")
+"""The components whose fp16 chains keep an fp32 torch runner aside for non-finite outputs (see above)."""
 FAILURES_BEFORE_REMOVAL = 3
 """A runner that fails this many calls in a row is taken out of its chain."""
 UNREADABLE = "its files in the engine store could not be read (the worker logged why)"
@@ -453,7 +455,7 @@ def build_chains(
         if not backends or settings.torch_fallback is not TorchFallback.OFF:
             load = functools.partial(model.torch_module, component, PRECISION_DTYPES[precisions[component]])
             runners.append(LazyTorchRunner(spec, load, precisions[component], device))
-            if precisions[component] == "fp16":
+            if precisions[component] == "fp16" and component in FP32_STANDBY_COMPONENTS:
                 fp32 = functools.partial(model.torch_module, component, torch.float32)
                 standby = LazyTorchRunner(spec, fp32, "fp32", device)
         else:

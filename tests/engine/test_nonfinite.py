@@ -19,9 +19,7 @@ from engine.backends.base import Runner
 from engine.backends.select import (
     LazyTorchRunner,
     RunnerChain,
-    SharedTorchRunner,
     build_chains,
-    share_torch_weights,
 )
 from engine.models.builtin import builtin_model_folder
 from engine.store import Store
@@ -164,28 +162,21 @@ def test_a_nan_does_not_count_as_the_runner_failing_and_a_rerun_lasts_for_its_re
     assert poisoned.calls == 4 * REQUEST["num_inference_steps"], "each request, every step: checked at the end"
 
 
-def test_fp16_chains_keep_an_fp32_torch_runner_aside_and_fp32_chains_none(model, make_settings, tmp_path):
+def test_fp16_vae_chains_keep_an_fp32_torch_vae_aside_and_others_none(model, make_settings, tmp_path):
     settings = make_settings(backend="torch")
     store = Store(tmp_path / "engines")
     cpu = torch.device("cpu")
     half, _ = build_chains(model, settings, store, cpu, "fp16")
     full, _ = build_chains(model, settings, store, cpu, "fp32")
     for component, chain in half.items():
+        if component not in ("vae_decoder", "vae_encoder"):
+            assert chain.fp32_standby is None, f"{component}: an fp32 copy would hold the GPU for good"
+            continue
         assert isinstance(chain.fp32_standby, LazyTorchRunner) and chain.fp32_standby.precision == "fp32", component
         assert not chain.fp32_standby.loaded, "loaded on first use only"
     assert all(chain.fp32_standby is None for chain in full.values())
     off, _ = build_chains(model, make_settings(backend="onnxruntime", torch_fallback="off"), store, cpu, "fp16")
     assert all(chain.fp32_standby is None for chain in off.values()), "TORCH_FALLBACK=off loads no torch weights"
-
-
-def test_the_controlled_unets_fp32_standby_runs_the_unets_fp32_weights(model, make_settings, tmp_path):
-    """As its fp16 torch runner shares the UNet's module, so does its fp32 standby: one copy, one LoRA state."""
-    settings, store, cpu = make_settings(backend="torch"), Store(tmp_path / "engines"), torch.device("cpu")
-    owner = build_chains(model, settings, store, cpu, "fp16", components=["unet"])[0]["unet"]
-    chain = build_chains(model, settings, store, cpu, "fp16", components=["unet"])[0]["unet"]
-    share_torch_weights(chain, owner, lambda module: module)
-    assert isinstance(chain.fp32_standby, SharedTorchRunner) and chain.fp32_standby.owner is owner.fp32_standby
-    assert chain.fp32_standby.precision == "fp32"
 
 
 def test_a_rerun_skips_runners_that_do_not_compute_in_fp32(worker):
