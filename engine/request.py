@@ -417,10 +417,34 @@ def _location(loc: tuple[Any, ...]) -> str:
     return text or "input"
 
 
+def unencodable_texts(payload: dict[str, Any]) -> list[str]:
+    """Where the payload holds text that is not Unicode: JSON can carry a lone UTF-16 surrogate
+    (``"\\ud800"``), which the tokenizers, the log and the file system cannot take."""
+    found = []
+    pending: list[tuple[tuple[Any, ...], Any]] = [((key,), value) for key, value in payload.items()]
+    while pending:  # a loop, not recursion: the payload's nesting is the caller's to choose
+        loc, value = pending.pop()
+        for text in (loc[-1], value):
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    found.append(f"{_location(loc)}: holds an unpaired surrogate, which is not Unicode text")
+                    break
+        if isinstance(value, dict):
+            pending += [((*loc, key), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            pending += [((*loc, index), item) for index, item in enumerate(value)]
+    return sorted(found)
+
+
 def validate_request(payload: Any, limits: Limits) -> GenerateRequest:
     """Validates ``job["input"]``; raises RequestError listing every problem as 'field: rule'."""
     if not isinstance(payload, dict):
         raise RequestError("input: must be a JSON object")
+    unencodable = unencodable_texts(payload)
+    if unencodable:
+        raise RequestError("; ".join(unencodable))
     try:
         return GenerateRequest.model_validate(payload, context=limits)
     except ValidationError as error:

@@ -392,6 +392,8 @@ HOSTILE = {
     "lora-name-dot": Hostile(request(loras=[{"name": "."}]), ("loras[0].name",)),
     "lora-name-with-nul": Hostile(request(loras=[{"name": "a\x00b"}]), ("loras[0].name",)),
     "pathological-prompt-four-times": Hostile(request(prompt=[PATHOLOGICAL_PROMPT] * 4), ("prompt",), 1.0),
+    "prompt-with-a-lone-surrogate": Hostile(request(prompt=["a fox", "a \ud800 fox"]), ("prompt[1]",)),
+    "lora-name-with-a-lone-surrogate": Hostile(request(loras=[{"name": "style\udc80"}]), ("loras[0].name",)),
     # 2. again, last: on a backend that counts a malformed LoRA as its own failure, the third takes it out
     "lora-rank-mismatch-three-times-in-a-row": broken_lora("rank-mismatch", times=3),
 }

@@ -104,3 +104,23 @@ def test_every_problem_is_reported_in_one_round():
     ):
         assert expected in message, message
     assert "strength: only applies with an image" in errors_of({"prompt": "a", "strength": 0.5, "steps": 3})
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"prompt": "a \ud800 fox"}, "prompt: holds an unpaired surrogate"),
+        ({"prompt": ["a fox", "\udfff"]}, "prompt[1]: holds an unpaired surrogate"),
+        ({"prompt": "a fox", "loras": [{"name": "style\udc80"}]}, "loras[0].name: holds an unpaired surrogate"),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_by_its_place(payload, expected):
+    """JSON can carry a lone UTF-16 surrogate; the tokenizers raise on one, so it must stop at validation."""
+    assert errors_of(payload).startswith(expected)
+
+
+def test_a_deeply_nested_payload_is_walked_without_recursion():
+    nested: list = []
+    for _ in range(100_000):
+        nested = [nested]
+    assert "holds an unpaired surrogate" not in errors_of({"prompt": "a fox", "loras": nested})
