@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli import run_command
+from engine.common.cli import run_command
 from engine.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.artifacts import ENGINE_FILE, exporter_id
 from engine.backends.base import Runner
-from engine.dtypes import BY_TENSORRT, BY_TORCH
-from engine.errors import BackendUnavailable, WorkerError
-from engine.faults import DeviceExecutionError
-from engine.models.spec import ComponentSpec, Shape
-from engine.profiles import Profile, choose
-from engine.store import Artifact, Store
-from engine.weightmap import WeightMap
+from engine.common.dtypes import BY_TENSORRT, BY_TORCH
+from engine.common.errors import BackendUnavailable, WorkerError
+from engine.common.faults import DeviceExecutionError
+from engine.spec import ComponentSpec, Shape
+from engine.store.keys import ENGINE_FILE, exporter_id
+from engine.store.profiles import Profile, choose
+from engine.store.store import Artifact, Store
+from engine.store.weightmap import WeightMap
 
 if TYPE_CHECKING:
     from engine.lora.library import WeightPatch
@@ -314,7 +314,7 @@ class TensorRTRunner(Runner):
         self._patched = wanted
 
     def _profiles(self) -> list[tuple[LoadedEngine, Profile]]:
-        return [(engine, profile) for engine in self.engines for profile in engine.profiles]
+        return [(engine, profile) for engine in self.engines for profile in engine.store.profiles]
 
     def unsupported_reason(self, shapes: Mapping[str, Shape]) -> str | None:
         pairs = self._profiles()

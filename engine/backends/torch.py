@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.backends.base import Runner
-from engine.errors import BackendUnavailable
-from engine.models.spec import ComponentSpec
+from engine.common.errors import BackendUnavailable
+from engine.spec import ComponentSpec
 
 if TYPE_CHECKING:
     from engine.lora.library import WeightPatch

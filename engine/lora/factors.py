@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from engine.errors import RequestError
+from engine.common.errors import RequestError
 from engine.lora.files import shown
 
 log = logging.getLogger(__name__)

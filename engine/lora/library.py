@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from engine.errors import RequestError
-from engine.logs import redact_urls
+from engine.common.errors import RequestError
+from engine.common.logs import redact_urls
 from engine.lora.factors import LoraWeights, LowRank, read_lora
 from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
-from engine.models import Model
+from engine.models.model import Model
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ import torch
 
 from engine.lora.factors import LoraTarget
 from engine.models.modules import stored_dtype, weights_variant
-from engine.models.spec import ComponentSpec
 from engine.prompts.tokens import PromptLength, PromptSyntax, WeightedTokens, prompt_lengths, tokenize_prompt
 from engine.schedulers import CLASSIC_SCHEDULERS
+from engine.spec import ComponentSpec
 
 if TYPE_CHECKING:
-    from engine.request import ResolvedRequest
+    from engine.request.schema import ResolvedRequest
 
 Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """Runs one component by name on named inputs; how the family reaches its text encoders."""

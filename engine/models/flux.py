@@ -21,10 +21,10 @@ from engine.models.family import Encode, ModelConfig, PromptBatch, load_pretrain
 from engine.models.flow import FlowMatchingFamily, flow_shift
 from engine.models.modules import FluxTransformerModule, PooledTextModule, T5Module
 from engine.models.sd import TIMESTEP, token_ids, vae_module, vae_specs
-from engine.models.spec import ComponentSpec, TensorSpec
+from engine.spec import ComponentSpec, TensorSpec
 
 if TYPE_CHECKING:
-    from engine.request import ResolvedRequest
+    from engine.request.schema import ResolvedRequest
 
 DEV_T5_TOKENS = 512
 SCHNELL_T5_TOKENS = 256

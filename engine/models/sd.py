@@ -18,8 +18,8 @@ from engine.models.family import (
     repeat_for_images,
 )
 from engine.models.modules import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule
-from engine.models.spec import ComponentSpec, TensorSpec
 from engine.prompts.tokens import apply_weights, chunk_count, chunked_inputs, joined
+from engine.spec import ComponentSpec, TensorSpec
 
 TIMESTEP = TensorSpec("timestep", (1,), value_range=(0, 1000), keep_fp32=True)
 

@@ -19,7 +19,7 @@ from engine.models.family import Encode, ModelConfig, PromptBatch, load_pretrain
 from engine.models.flow import FlowMatchingFamily, flow_shift
 from engine.models.modules import SD3TransformerModule, T5Module, TextEncoderModule
 from engine.models.sd import TIMESTEP, token_ids, vae_module, vae_specs
-from engine.models.spec import ComponentSpec, TensorSpec
+from engine.spec import ComponentSpec, TensorSpec
 
 PENULTIMATE = -2
 T5_TOKENS = 256

@@ -19,8 +19,8 @@ from engine.models.family import (
 )
 from engine.models.modules import TextEncoderModule, UNetModule
 from engine.models.sd import token_ids, unet_spec, vae_module, vae_specs
-from engine.models.spec import ComponentSpec, TensorSpec
 from engine.prompts.tokens import WeightedTokens, apply_weights, chunk_count, chunked_inputs, joined
+from engine.spec import ComponentSpec, TensorSpec
 
 PENULTIMATE = -2
 """SDXL conditions on the second-to-last hidden state of both text encoders."""

@@ -10,16 +10,16 @@ import psutil
 import pytest
 import torch
 
-import engine.worker as worker_module
+import engine.serving.worker as worker_module
 from engine.backends.base import Runner
-from engine.errors import RequestError
+from engine.common.errors import RequestError
 from engine.lora.library import LoraRequest
-from engine.memory import available_bytes, cuda_room, estimates, patch_bytes, residual_elements
-from engine.models import load_model
 from engine.models.builtin import builtin_model_folder
 from engine.models.controlnet import CONTROLLED_UNET
-from engine.worker import Worker
-from perf.loras import write_lora
+from engine.models.model import load_model
+from engine.serving.memory import available_bytes, cuda_room, estimates, patch_bytes, residual_elements
+from engine.serving.worker import Worker
+from perf.lora_files import write_lora
 from tests.parity import picture, to_base64
 from tests.test_controlnet import make_controlnet
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import RequestError
-from engine.request import Limits, parse_request
+from engine.common.errors import RequestError
+from engine.request.schema import Limits, parse_request
 from engine.schedulers import SCHEDULER_NAMES
 
 LIMITS = Limits(

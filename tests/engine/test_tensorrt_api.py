@@ -148,6 +148,6 @@ def test_runtime_names_the_runner_needs_are_precise_on_the_lean_bindings():
 
 
 def test_every_element_type_names_a_real_tensorrt_data_type():
-    from engine.dtypes import ELEMENT_TYPES
+    from engine.common.dtypes import ELEMENT_TYPES
 
     assert all(hasattr(lean.DataType, element.tensorrt) for element in ELEMENT_TYPES)

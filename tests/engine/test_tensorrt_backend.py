@@ -12,12 +12,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.artifacts import ENGINE_FILE
-from engine.backends.select import LazyTorchRunner, RunnerChain
+from engine.backends.assemble import LazyTorchRunner, RunnerChain
 from engine.backends.tensorrt import TensorRTRunner, load_tensorrt
-from engine.fingerprint import component_fingerprint
-from engine.profiles import SizeRange
-from engine.worker import Worker
+from engine.serving.worker import Worker
+from engine.store.fingerprint import component_fingerprint
+from engine.store.keys import ENGINE_FILE
+from engine.store.profiles import SizeRange
 from tests import fake_tensorrt
 
 DYNAMIC = SizeRange(64, 64, 96, 2)
@@ -97,7 +97,7 @@ def test_each_call_runs_the_covering_profile_tuned_closest_in_one_engine(store, 
     backend = load(store, model, ["unet"])
     runner = backend.runners["unet"]
     [engine] = runner.engines
-    assert [profile.label for profile in engine.profiles] == ["64-96@64x2+77tok", "64x1+77tok"]
+    assert [profile.label for profile in engine.store.profiles] == ["64-96@64x2+77tok", "64x1+77tok"]
     runner(unet_inputs(model, batch=2))
     runner(unet_inputs(model, batch=4))
     profiles = {key[0][0]: slot.context._profile for key, slot in engine.slots.items()}
@@ -134,7 +134,7 @@ def test_engines_of_another_tensorrt_version_are_not_loaded(store, model, monkey
 
 
 def test_engines_that_exist_but_do_not_load_fail_a_fitness_check(store, model, monkeypatch):
-    from engine.startup import Startup
+    from engine.serving.startup import Startup
 
     fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)
     assert load(store, model, ["unet"]).unusable is None, "one engine loads: nothing to report"

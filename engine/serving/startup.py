@@ -11,12 +11,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine import fitness
-from engine.errors import ConfigError, WorkerError
-from engine.logs import configure_logging
-from engine.metrics import ColdStart
+from engine.common.errors import ConfigError, WorkerError
+from engine.common.logs import configure_logging
+from engine.common.metrics import ColdStart
+from engine.serving import fitness
+from engine.serving.worker import Worker
 from engine.settings import Settings, load_settings
-from engine.worker import Worker
 
 log = logging.getLogger(__name__)
 

@@ -19,27 +19,27 @@ from typing import Any
 import torch
 from PIL import Image
 
+from engine.backends.assemble import ChainCalls, LazyTorchRunner, RunnerChain, build_chains, share_torch_weights
 from engine.backends.base import Runner
-from engine.backends.select import ChainCalls, LazyTorchRunner, RunnerChain, build_chains, share_torch_weights
 from engine.backends.tensorrt import TensorRTBackend
-from engine.controls import ControlNetFolders, ControlNetRequest, canny, found_controlnets
-from engine.delivery import Delivery, EncodedImage
-from engine.downloads import download_limits, limit_to_request
-from engine.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
-from engine.faults import DeviceFaults, is_out_of_memory
-from engine.images import encode_image
-from engine.inputs import ImageLimits, load_image, mask_for_crop
-from engine.logs import request_context
+from engine.common.downloads import download_limits, limit_to_request
+from engine.common.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
+from engine.common.faults import DeviceFaults, is_out_of_memory
+from engine.common.logs import request_context
+from engine.common.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.lora.files import LoraFiles
 from engine.lora.library import NO_LORAS, LoraLibrary, LoraSelection
-from engine.memory import available_bytes, estimates, patch_bytes
-from engine.metrics import ColdStart, StageTimer, reset_peak_memory
-from engine.models import Model, load_model
 from engine.models.controlnet import CONTROLLED_UNET, controlnet_component
+from engine.models.model import Model, load_model
 from engine.pipeline import ControlImage, DiffusionPipeline, ImageInputs, StepCallback
-from engine.request import GenerateRequest, Limits, ResolvedRequest, parse_request, validate_request
+from engine.request.images import ImageLimits, load_image, mask_for_crop
+from engine.request.schema import GenerateRequest, Limits, ResolvedRequest, parse_request, validate_request
+from engine.serving.controlnets import ControlNetFolders, ControlNetRequest, canny, found_controlnets
+from engine.serving.delivery import Delivery, EncodedImage
+from engine.serving.encode import encode_image
+from engine.serving.memory import available_bytes, estimates, patch_bytes
 from engine.settings import Precision, Settings, TorchFallback
-from engine.store import READS, Store
+from engine.store.store import READS, Store
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class Worker:
 
     def _check_memory(self, request: ResolvedRequest, loras: LoraSelection = NO_LORAS) -> None:
         """Refuses a request whose activations, with what applying its LoRA set holds, cannot fit the memory
-        left (see ``engine.memory``). It runs before the LoRAs are read, and again after with them, so a
+        left (see ``engine.serving.memory``). It runs before the LoRAs are read, and again after with them, so a
         request too large on its own is refused before any LoRA is fetched."""
         if not self.settings.memory_guard:
             return

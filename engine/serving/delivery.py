@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine.errors import OutputTooLarge
-from engine.images import to_base64
+from engine.common.errors import OutputTooLarge
+from engine.serving.encode import to_base64
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""`python -m export.verify` (make verify-gpu): the whole chain on a GPU, in one command.
+"""`python -m perf.verify` (make verify-gpu): the whole chain on a GPU, in one command.
 
 Exports and builds every engine for the configured model, loads the worker with each
 backend, generates the same images, checks TensorRT's against PyTorch's, and prints the
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.cli import run_command
-from engine.logs import configure_logging
+from engine.common.cli import run_command
+from engine.common.logs import configure_logging
+from engine.serving.worker import Worker
 from engine.settings import Backend, Settings, load_settings
-from engine.worker import Worker
 from export import __main__ as export_main
 from perf import __main__ as perf_main
 
@@ -64,7 +64,7 @@ def generate(settings: Settings, backend: Backend, request: dict) -> tuple[list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.verify", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m perf.verify", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args(argv)

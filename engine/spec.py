@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.dtypes import BY_NAME, PRECISION_DTYPES
+from engine.common.dtypes import BY_NAME, PRECISION_DTYPES
 
 Shape = tuple[int, ...]
 

@@ -1,6 +1,6 @@
 """Input images for image-to-image and inpainting: base64 or an http(s) URL, checked before anything is decoded.
 
-URLs are fetched by ``engine.downloads`` (SSRF-safe, size capped). Every failure, the decoder's included, is a
+URLs are fetched by ``engine.common.downloads`` (SSRF-safe, size capped). Every failure, the decoder's included, is a
 RequestError naming the field (``image`` or ``mask``). A mask for ``padding_mask_crop`` is fitted to its image.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.downloads import download, size_text
-from engine.errors import RequestError
+from engine.common.downloads import download, size_text
+from engine.common.errors import RequestError
 
 FORMATS = ("PNG", "JPEG", "WEBP", "MPO")
 """What Pillow calls the formats taken; MPO is a JPEG with more frames after it (many phones' photos),

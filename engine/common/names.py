@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from engine.errors import RequestError
+from engine.common.errors import RequestError
 
 MAX_NAME_BYTES = 255
 """UTF-8 bytes a name may have: one file name's limit on common file systems (subfolders included here)."""

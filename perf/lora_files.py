@@ -1,6 +1,6 @@
 """LoRA files for any model folder, written the way trainers write them, with random factors.
 
-    python -m perf.loras MODEL FOLDER   # writes a.safetensors (PEFT) and b.safetensors (kohya)
+    python -m perf.lora_files MODEL FOLDER   # writes a.safetensors (PEFT) and b.safetensors (kohya)
 
 Two layouts: diffusers/PEFT (``unet.<module>.lora_A.weight``, the text encoders under
 ``text_model.`` as released checkpoints name them, no alpha) and kohya/A1111
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.lora.factors import TEXT_MODEL
-from engine.models import Model, load_model
+from engine.models.model import Model, load_model
 from engine.settings import load_settings
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -86,7 +86,7 @@ def write_pair(model: Model, folder: Path, rank: int = 16) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m perf.loras", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m perf.lora_files", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a built-in name or a diffusers folder")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--rank", type=int, default=16)

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.models import Model
+from engine.models.model import Model
 
 
 def folder_fingerprint(folder: Path, file_digest: Callable[[Path], str], salt: str = "") -> str:

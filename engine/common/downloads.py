@@ -14,7 +14,7 @@ context variable (``download_limits``, ``limit_to_request``), so callers pass on
 
 Every failure is a RequestError naming the request's field, with a fixed text per kind of
 failure: the URL's user info and query string, the proxy's address and the server's words go
-to the log (with URL secrets removed: see ``engine.logs``), never to the caller.
+to the log (with URL secrets removed: see ``engine.common.logs``), never to the caller.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from engine.errors import RequestError
+from engine.common.errors import RequestError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from engine.errors import ConfigError, WorkerError
+from engine.common.errors import ConfigError, WorkerError
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.errors import RequestError
-from engine.models import WEIGHT_SUFFIXES, Model
+from engine.common.errors import RequestError
+from engine.common.names import check_name
 from engine.models.controlnet import controlnet_component
-from engine.names import check_name
+from engine.models.model import WEIGHT_SUFFIXES, Model
 
 log = logging.getLogger(__name__)
 

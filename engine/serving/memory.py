@@ -35,7 +35,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from engine.dtypes import PRECISION_DTYPES
+from engine.common.dtypes import PRECISION_DTYPES
 from engine.models.family import ModelConfig
 
 UNET_LIVE_TENSORS = 36

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.dtypes import BY_NAME, from_numpy
+from engine.common.dtypes import BY_NAME, from_numpy
 
 WEIGHT_MAP_FILE = "weights.json"
 FORMAT = 1

@@ -5,7 +5,7 @@ Layout under one root (``ENGINE_DIR``)::
     artifacts/<component>-<kind>-<precision>-<digest>/   one published artifact, never modified
         manifest.json                                     key, file hashes, tools, parity, timings
         model.onnx | engine.plan ...
-    locks/<digest>.lock                                   build locks (see engine.locking)
+    locks/<digest>.lock                                   build locks (see engine.store.locking)
     staging/<host>-<pid>-<uuid>/                          builds in progress
     quarantine/                                           artifacts that failed their check
     digests/                                              memo of weight-file hashes
@@ -33,8 +33,8 @@ from typing import Any
 
 import psutil
 
-from engine.errors import ArtifactError
-from engine.locking import BuildLock
+from engine.common.errors import ArtifactError
+from engine.store.locking import BuildLock
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from engine.models import load_model
+from engine.models.model import load_model
 from engine.settings import Settings
 
 GIB = 2**30

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from engine.models.spec import ComponentSpec, Dims, Shape
+from engine.spec import ComponentSpec, Dims, Shape
 
 RANGE_PATTERN = re.compile(r"^(?:(\d+)-(\d+)@)?(\d+)x(\d+)$")
 

@@ -21,12 +21,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from engine.controls import CANNY_THRESHOLDS, ControlNetRequest
-from engine.errors import RequestError
+from engine.common.errors import RequestError
 from engine.lora.library import LoraRequest
 from engine.prompts.syntax import weight_problems
 from engine.prompts.tokens import PromptSyntax
 from engine.schedulers import SCHEDULER_NAMES
+from engine.serving.controlnets import CANNY_THRESHOLDS, ControlNetRequest
 from engine.settings import Settings
 
 MAX_SEED = 2**63 - 1

@@ -34,22 +34,22 @@ from pathlib import Path
 
 import torch
 
-from engine.artifacts import onnx_key
 from engine.backends.base import ComponentCall, Runner
 from engine.backends.onnxruntime import load_onnxruntime_runner, onnxruntime_has_cuda
 from engine.backends.tensorrt import TensorRTBackend, gpu_tag, load_tensorrt
 from engine.backends.torch import TorchRunner
-from engine.dtypes import PRECISION_DTYPES
-from engine.errors import ArtifactError, BackendUnavailable, NonFiniteOutput, NotBuilt, RequestError
-from engine.faults import is_out_of_memory, is_unrecoverable
-from engine.fingerprint import component_fingerprint
+from engine.common.dtypes import PRECISION_DTYPES
+from engine.common.errors import ArtifactError, BackendUnavailable, NonFiniteOutput, NotBuilt, RequestError
+from engine.common.faults import is_out_of_memory, is_unrecoverable
 from engine.lora.library import WeightPatch
-from engine.models import Model
-from engine.models.spec import ComponentSpec
-from engine.profiles import component_profiles, parse_ranges, profiles_label
+from engine.models.model import Model
 from engine.settings import Backend, Settings, TorchFallback
-from engine.store import Store
-from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
+from engine.spec import ComponentSpec
+from engine.store.fingerprint import component_fingerprint
+from engine.store.keys import onnx_key
+from engine.store.profiles import component_profiles, parse_ranges, profiles_label
+from engine.store.store import Store
+from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 
 log = logging.getLogger(__name__)
 

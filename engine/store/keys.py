@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, replace
 
-from engine.models.spec import ComponentSpec
-from engine.store import ArtifactKey
+from engine.spec import ComponentSpec
+from engine.store.store import ArtifactKey
 
 ONNX_OPSET = 19
 EXPORT_VERSION = 6
