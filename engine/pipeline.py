@@ -36,7 +36,7 @@ from engine.common.metrics import StageTimer
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.family import PromptBatch
 from engine.models.model import Model
-from engine.request.schema import ResolvedRequest
+from engine.request.resolved import ResolvedRequest
 from engine.schedulers import make_scheduler
 
 StepCallback = Callable[[int, int], None]
@@ -143,7 +143,7 @@ class DiffusionPipeline:
         at the steps between its start and end.
         """
         model = self.model
-        cfg_scale = model.family.classifier_free_scale(request)
+        cfg_scale = model.family.classifier_free_scale(*request.guidance)
         guidance = cfg_scale is not None
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
@@ -378,7 +378,7 @@ class DiffusionPipeline:
             control.image, height=request.height, width=request.width, crops_coords=crop, resize_mode=resize_mode
         ).to(device=self.device, dtype=torch.float32)
         image = image.repeat_interleave(request.num_images, dim=0)
-        if self.model.family.classifier_free_scale(request) is not None:
+        if self.model.family.classifier_free_scale(*request.guidance) is not None:
             image = torch.cat([image] * 2)
         return Control(control.component, image, control.scale, control.start, control.end)
 

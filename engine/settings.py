@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from engine.common.errors import ConfigError
-from engine.store.profiles import parse_ranges
+from engine.sizes import parse_ranges
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 

@@ -24,12 +24,12 @@ from engine.backends.tensorrt import gpu_tag
 from engine.common.cli import run_command
 from engine.common.errors import RequestError, WorkerError
 from engine.common.logs import configure_logging
+from engine.devices import resolve_device, resolve_precision
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.model import Model, load_model
 from engine.serving.controlnets import ControlNetFolders, found_controlnets
-from engine.serving.worker import resolve_device, resolve_precision
 from engine.settings import Precision, Settings, load_settings
-from engine.store.profiles import parse_ranges
+from engine.sizes import parse_ranges
 from engine.store.store import Artifact, Store
 from export.stagelog import StageLog
 from export.stages import EngineBuilder, Exporter

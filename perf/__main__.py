@@ -18,8 +18,8 @@ from pathlib import Path
 
 from engine.common.cli import run_command
 from engine.common.logs import configure_logging
+from engine.devices import resolve_device, resolve_precision
 from engine.models.model import load_model
-from engine.serving.worker import resolve_device, resolve_precision
 from engine.settings import load_settings
 from perf import report
 from perf.bench import BackendResult, bench_backend, bench_diffusers

@@ -32,7 +32,7 @@ from engine.common.errors import ConfigError
 from engine.models.builtin import builtin_model_folder
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.model import load_model
-from engine.serving.controlnets import canny
+from engine.request.images import canny
 from engine.serving.worker import Worker
 from engine.settings import Settings
 from perf.lora_files import write_lora

@@ -44,10 +44,11 @@ from engine.common.faults import is_out_of_memory, is_unrecoverable
 from engine.lora.library import WeightPatch
 from engine.models.model import Model
 from engine.settings import Backend, Settings, TorchFallback
+from engine.sizes import parse_ranges
 from engine.spec import ComponentSpec
 from engine.store.fingerprint import component_fingerprint
 from engine.store.keys import onnx_key
-from engine.store.profiles import component_profiles, parse_ranges, profiles_label
+from engine.store.profiles import component_profiles, profiles_label
 from engine.store.store import Store
 from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 

@@ -25,15 +25,7 @@ from engine.common.logs import redact_urls
 from engine.lora.factors import LoraWeights, LowRank, read_lora
 from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
 from engine.models.model import Model
-
-
-@dataclass(frozen=True)
-class LoraRequest:
-    """One ``loras`` entry, validated: a name or a URL, and its scale."""
-
-    name: str | None
-    url: str | None
-    scale: float
+from engine.request.resolved import LoraRequest
 
 
 @dataclass(frozen=True)

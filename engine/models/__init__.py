@@ -1,1 +1,2 @@
-"""Model families: what each has (components, specs, prompt encoding), the built-in tiny models, ControlNets, and loading a model folder."""
+"""Model families: components, specs and prompt encoding per family, the built-in tiny models,
+ControlNets, and loading a model folder."""

@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.lora.factors import LoraTarget
 from engine.models.family import (
     Encode,
+    LoraTarget,
     ModelConfig,
     ModelFamily,
     PromptBatch,

@@ -1,4 +1,4 @@
-"""Input images for image-to-image and inpainting: base64 or an http(s) URL, checked before anything is decoded.
+"""Input images for image-to-image, inpainting and ControlNets: base64 or an http(s) URL, checked before decoding.
 
 URLs are fetched by ``engine.common.downloads`` (SSRF-safe, size capped). Every failure, the decoder's included, is a
 RequestError naming the field (``image`` or ``mask``). A mask for ``padding_mask_crop`` is fitted to its image.
@@ -12,6 +12,7 @@ import io
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.common.downloads import download, size_text
@@ -107,3 +108,11 @@ def mask_for_crop(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     if mask.convert("L").getbbox() is None:
         raise RequestError("mask: the mask is empty (all black); padding_mask_crop needs a white region to crop around")
     return mask
+
+
+def canny(image: Image.Image, low: float, high: float) -> Image.Image:
+    """OpenCV's Canny edges of the image, white on black, as the RGB control image Canny ControlNets take."""
+    import cv2
+
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))

@@ -22,11 +22,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from engine.common.errors import RequestError
-from engine.lora.library import LoraRequest
-from engine.prompts.syntax import weight_problems
-from engine.prompts.tokens import PromptSyntax
+from engine.prompts.syntax import PromptSyntax, weight_problems
+from engine.request.resolved import CANNY_THRESHOLDS, ControlNetRequest, LoraRequest, ResolvedRequest
 from engine.schedulers import SCHEDULER_NAMES
-from engine.serving.controlnets import CANNY_THRESHOLDS, ControlNetRequest
 from engine.settings import Settings
 
 MAX_SEED = 2**63 - 1
@@ -323,46 +321,6 @@ class GenerateRequest(BaseModel):
             padding_mask_crop=self.padding_mask_crop,
             controlnets=tuple(entry.to_request() for entry in self.controlnets or ()),
         )
-
-
-@dataclass(frozen=True)
-class ResolvedRequest:
-    """A valid request with every default filled in."""
-
-    prompts: list[str]
-    negative_prompts: list[str] | None
-    images_per_prompt: int
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    seed: int | None
-    scheduler: str | None
-    output_format: str
-    quality: int
-    timeout_s: float
-    image: str | None = None
-    strength: float = 1.0
-    loras: tuple[LoraRequest, ...] = ()
-    prompt_syntax: PromptSyntax = "a1111"
-    prompt_tokens: tuple[int, ...] = ()
-    """Tokens in each prompt after parsing, once the worker has counted them."""
-    prompt_chunks: int = 1
-    """Chunks of the text encoder's length each prompt and negative prompt is padded to."""
-    mask: str | None = None
-    padding_mask_crop: int | None = None
-    controlnets: tuple[ControlNetRequest, ...] = ()
-    true_cfg_scale: float | None = None
-
-    @property
-    def mode(self) -> str:
-        """txt2img, img2img or inpaint, with '+controlnet' when ControlNets steer it."""
-        base = "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
-        return f"{base}+controlnet" if self.controlnets else base
-
-    @property
-    def num_images(self) -> int:
-        return len(self.prompts) * self.images_per_prompt
 
 
 def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:

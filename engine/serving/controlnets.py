@@ -1,4 +1,4 @@
-"""ControlNets a request names: folders in CONTROLNET_DIR, checked against the model, and control images.
+"""ControlNets a request names: folders in CONTROLNET_DIR, checked against the model.
 
 A name becomes a component of the model (``controlnet.<name>``) the first time a request
 uses it, once its config shows that its residuals fit the model's UNet; from then on it
@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 from engine.common.errors import RequestError
 from engine.common.names import check_name
@@ -21,30 +17,6 @@ from engine.models.controlnet import controlnet_component
 from engine.models.model import WEIGHT_SUFFIXES, Model
 
 log = logging.getLogger(__name__)
-
-CANNY_THRESHOLDS = (100.0, 200.0)
-"""OpenCV Canny's lower and upper thresholds when a request gives none, as diffusers' examples use."""
-
-
-@dataclass(frozen=True)
-class ControlNetRequest:
-    """One ``controlnets`` entry, validated."""
-
-    name: str
-    image: str
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    preprocess: str | None = None
-    thresholds: tuple[float, float] | None = None
-
-
-def canny(image: Image.Image, low: float, high: float) -> Image.Image:
-    """OpenCV's Canny edges of the image, white on black, as the RGB control image Canny ControlNets take."""
-    import cv2
-
-    edges = cv2.Canny(np.asarray(image.convert("RGB")), low, high)
-    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
 
 
 def found_controlnets(root: Path) -> list[str]:

@@ -28,15 +28,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
 
 from engine.common.dtypes import PRECISION_DTYPES
+from engine.common.errors import RequestError
+from engine.models.controlnet import CONTROLLED_UNET, controlnet_component
 from engine.models.family import ModelConfig
+
+if TYPE_CHECKING:
+    from engine.backends.assemble import RunnerChain
+    from engine.backends.base import Runner
+    from engine.lora.library import LoraSelection
+    from engine.models.model import Model
+    from engine.request.resolved import ResolvedRequest
+    from engine.settings import Settings
 
 UNET_LIVE_TENSORS = 36
 VAE_LIVE_TENSORS = 8
@@ -157,3 +168,65 @@ def cuda_room(free: int, reserved: int, allocated: int) -> int:
     """The driver's free memory plus what torch's caching allocator has reserved but holds no tensor in:
     a large request leaves its blocks cached, and the next request's tensors reuse them."""
     return free + max(reserved - allocated, 0)
+
+
+def check_fits(
+    request: ResolvedRequest,
+    loras: LoraSelection,
+    model: Model,
+    chains: Mapping[str, RunnerChain],
+    device: torch.device,
+    precision: str,
+    settings: Settings,
+) -> None:
+    """Refuses a request whose activations, with what applying its LoRA set holds, cannot fit the memory
+    left: on a GPU, only the stages whose first runner is not a TensorRT engine count."""
+    family, config = model.family, model.config
+    controlnets = [controlnet_component(control.name) for control in request.controlnets]
+    runs_denoiser = CONTROLLED_UNET if controlnets else family.denoiser
+
+    def first_runner(component: str) -> Runner | None:
+        chain = chains.get(runs_denoiser if component == family.denoiser else component)
+        return chain.runners[0] if chain is not None and chain.runners else None
+
+    def outside_engines(component: str) -> bool:
+        runner = first_runner(component)
+        return device.type != "cuda" or runner is None or runner.backend != "tensorrt"
+
+    guidance = family.classifier_free_scale(*request.guidance) is not None
+    denoiser, vae = (family.component_precision(c, precision, config) for c in (family.denoiser, "vae_decoder"))
+    found = estimates(
+        config,
+        request.num_images,
+        request.height,
+        request.width,
+        guidance,
+        denoiser,
+        vae,
+        controlnets,
+        encodes_image=request.image is not None,
+    )
+    relevant = [estimate for estimate in found if outside_engines(estimate.stage)]
+    lora = sum(
+        patch_bytes(
+            (model.parameter_shapes[component][name] for name in patch.names),
+            family.component_precision(component, precision, config),
+        )
+        for component, patch in loras.patches.items()
+        if outside_engines(component) and getattr(first_runner(component), "weights_key", None) != patch.key
+    )
+    if not relevant and not lora:
+        return
+    stage, needed = (relevant[0].stage, relevant[0].bytes + lora) if relevant else ("the LoRAs", lora)
+    room = available_bytes(device) - int(settings.min_free_memory_gb * 2**30)
+    if needed > room:
+        where = "GPU" if device.type == "cuda" else "memory"
+        fields, of_which = "width, height, num_images", ""
+        if lora:
+            fields, of_which = f"{fields}, loras", f" ({lora / 2**30:.1f} GiB of it for the LoRAs' patched weights)"
+        raise RequestError(
+            f"{fields}: {request.width}x{request.height} with {request.num_images} image(s) "
+            f"needs about {needed / 2**30:.1f} GiB of {where} in {stage}{of_which}, and "
+            f"{max(room, 0) / 2**30:.1f} GiB is free (MIN_FREE_MEMORY_GB={settings.min_free_memory_gb:g} "
+            "kept aside); ask for a smaller size or fewer images"
+        )

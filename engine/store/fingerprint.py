@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from engine.models.model import Model
+if TYPE_CHECKING:
+    from engine.models.model import Model
 
 
 def folder_fingerprint(folder: Path, file_digest: Callable[[Path], str], salt: str = "") -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from engine.models.controlnet import ResidualLayout, controlled_unet_spec
+from engine.sizes import SizeRange, default_ranges, parse_ranges
 from engine.spec import ComponentSpec, Dims, TensorSpec
-from engine.store.profiles import Profile, SizeRange, choose, default_ranges, parse_ranges, profile_for
+from engine.store.profiles import Profile, choose, profile_for
 
 UNET = ComponentSpec(
     name="unet",

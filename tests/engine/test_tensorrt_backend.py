@@ -15,9 +15,9 @@ import torch
 from engine.backends.assemble import LazyTorchRunner, RunnerChain
 from engine.backends.tensorrt import TensorRTRunner, load_tensorrt
 from engine.serving.worker import Worker
+from engine.sizes import SizeRange
 from engine.store.fingerprint import component_fingerprint
 from engine.store.keys import ENGINE_FILE
-from engine.store.profiles import SizeRange
 from tests import fake_tensorrt
 
 DYNAMIC = SizeRange(64, 64, 96, 2)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from engine.common.errors import ArtifactError
+from engine.sizes import SizeRange
 from engine.store.keys import ONNX_FILE
-from engine.store.profiles import SizeRange, profile_for
+from engine.store.profiles import profile_for
 from engine.store.store import Store
 from export import stages
 from export.stagelog import StageLog

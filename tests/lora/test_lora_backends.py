@@ -22,11 +22,12 @@ from engine.backends.onnxruntime import load_onnxruntime_runner
 from engine.backends.tensorrt import load_tensorrt
 from engine.backends.torch import TorchRunner
 from engine.lora.files import LoraFiles
-from engine.lora.library import LoraLibrary, LoraRequest
+from engine.lora.library import LoraLibrary
 from engine.models.model import load_model
+from engine.request.resolved import LoraRequest
+from engine.sizes import SizeRange
 from engine.spec import Dims
 from engine.store.fingerprint import component_fingerprint
-from engine.store.profiles import SizeRange
 from engine.store.store import Store
 from export.tensorrt import refit_names
 from export.validate import compare, reference_outputs

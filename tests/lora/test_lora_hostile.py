@@ -31,8 +31,9 @@ from engine.common.errors import RequestError
 from engine.lora import library as library_module
 from engine.lora.factors import MAX_WEIGHT_CHANGE, read_lora
 from engine.lora.files import MAX_TENSORS, LoraFiles, Refusals
-from engine.lora.library import LoraLibrary, LoraRequest, WeightPatch
+from engine.lora.library import LoraLibrary, WeightPatch
 from engine.models.model import load_model
+from engine.request.resolved import LoraRequest
 from engine.serving.worker import Worker
 from engine.settings import Settings
 from perf.lora_files import write_lora
