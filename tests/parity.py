@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.backends.assemble import ChainCalls
+from engine.backends.chain import ChainCalls
 from engine.common.metrics import StageTimer
 from engine.serving.worker import Worker
 

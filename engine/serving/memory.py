@@ -42,8 +42,8 @@ from engine.models.controlnet import CONTROLLED_UNET, controlnet_component
 from engine.models.family import ModelConfig
 
 if TYPE_CHECKING:
-    from engine.backends.assemble import RunnerChain
     from engine.backends.base import Runner
+    from engine.backends.chain import RunnerChain
     from engine.lora.library import LoraSelection
     from engine.models.model import Model
     from engine.request.resolved import ResolvedRequest

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from engine.backends.assemble import ChainCalls
+from engine.backends.chain import ChainCalls
 from engine.backends.tensorrt import TensorRTBackend
 from engine.common.metrics import StageTimer
 from engine.pipeline import ControlImage

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.backends.assemble import ChainCalls, LazyTorchRunner, RunnerChain, build_chains, share_torch_weights
+from engine.backends.assemble import build_chains, share_torch_weights
+from engine.backends.chain import ChainCalls, RunnerChain
 from engine.backends.tensorrt import TensorRTBackend
+from engine.backends.torch import LazyTorchRunner
 from engine.common.downloads import download_limits
 from engine.common.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
 from engine.common.faults import DeviceFaults, is_out_of_memory

@@ -15,12 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends.assemble import (
-    LazyTorchRunner,
-    RunnerChain,
-    build_chains,
-)
+from engine.backends.assemble import build_chains
 from engine.backends.base import Runner
+from engine.backends.chain import RunnerChain
+from engine.backends.torch import LazyTorchRunner
 from engine.models.builtin import builtin_model_folder
 from engine.serving.worker import Worker
 from engine.store.store import Store

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from engine.backends.assemble import FAILURES_BEFORE_REMOVAL, LazyTorchRunner
 from engine.backends.base import Runner
+from engine.backends.chain import FAILURES_BEFORE_REMOVAL
 from engine.backends.onnxruntime import OnnxRuntimeRunner
+from engine.backends.torch import LazyTorchRunner
 from engine.serving.worker import Worker
 from engine.spec import Shape
 from tests.export.test_export import REQUEST, images_of

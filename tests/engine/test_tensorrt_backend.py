@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.backends.assemble import LazyTorchRunner, RunnerChain
+from engine.backends.chain import RunnerChain
 from engine.backends.tensorrt import TensorRTRunner, load_tensorrt
+from engine.backends.torch import LazyTorchRunner
 from engine.serving.worker import Worker
 from engine.sizes import SizeRange
 from engine.store.fingerprint import component_fingerprint

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.backends.assemble import RunnerChain, graph_weight_map
+from engine.backends.assemble import graph_weight_map
+from engine.backends.chain import RunnerChain
 from engine.backends.onnxruntime import load_onnxruntime_runner
 from engine.backends.tensorrt import load_tensorrt
 from engine.backends.torch import TorchRunner

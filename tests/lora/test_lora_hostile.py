@@ -25,8 +25,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.backends.assemble import RunnerChain, SharedTorchRunner, weights_lock
 from engine.backends.base import Runner
+from engine.backends.chain import RunnerChain, weights_lock
+from engine.backends.torch import SharedTorchRunner
 from engine.common.errors import RequestError
 from engine.lora import library as library_module
 from engine.lora.factors import MAX_WEIGHT_CHANGE, read_lora

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from engine.backends.assemble import ChainCalls
+from engine.backends.chain import ChainCalls
 from engine.models.family import PromptBatch
 from engine.serving.worker import Worker
 from engine.settings import Settings
