@@ -16,7 +16,7 @@ from types import ModuleType
 import torch
 
 from engine.backends.onnxruntime import OnnxRuntimeRunner, providers_for
-from engine.backends.tensorrt import (
+from engine.backends.tensorrt.engine import (
     TensorRTRunner,
     deserialize,
     make_logger,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.backends.chain import RunnerChain
-from engine.backends.tensorrt import TensorRTRunner, load_tensorrt
+from engine.backends.tensorrt.engine import TensorRTRunner, load_tensorrt
 from engine.backends.torch import LazyTorchRunner
 from engine.serving.worker import Worker
 from engine.sizes import SizeRange
