@@ -20,7 +20,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from engine.backends.tensorrt.engine import gpu_tag
+from engine.backends.tensorrt.runtime import gpu_tag
 from engine.common.cli import run_command
 from engine.common.errors import RequestError, WorkerError
 from engine.common.logs import configure_logging

@@ -16,15 +16,9 @@ from types import ModuleType
 import torch
 
 from engine.backends.onnxruntime import OnnxRuntimeRunner, providers_for
-from engine.backends.tensorrt.engine import (
-    TensorRTRunner,
-    deserialize,
-    make_logger,
-    make_runtime,
-    share_memory,
-    tensorrt_module,
-    version_tags,
-)
+from engine.backends.tensorrt.loading import deserialize, share_memory
+from engine.backends.tensorrt.runner import TensorRTRunner
+from engine.backends.tensorrt.runtime import make_logger, make_runtime, tensorrt_module, version_tags
 from engine.common.errors import BackendUnavailable
 from engine.models.model import Model
 from engine.settings import default_export_work_dir

@@ -89,7 +89,7 @@ def test_cuda_graphs_alternating_shapes_match_plain_enqueues(gpu_store, make_set
     plain = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store, cuda_graphs=False))
     unet, reference = graphed.tensorrt.runners["unet"], plain.tensorrt.runners["unet"]
     engine = unet.engines[0]
-    optimum = {name: shape.optimum for name, shape in engine.store.profiles[0].shapes().items()}
+    optimum = {name: shape.optimum for name, shape in engine.profiles[0].shapes().items()}
     other = {
         **optimum,
         "sample": (1, *optimum["sample"][1:]),

@@ -18,7 +18,9 @@ import torch
 
 from engine.backends.chain import RunnerChain
 from engine.backends.onnxruntime import load_onnxruntime_runner, onnxruntime_has_cuda
-from engine.backends.tensorrt.engine import TensorRTBackend, gpu_tag, load_tensorrt
+from engine.backends.tensorrt.loading import load_tensorrt
+from engine.backends.tensorrt.runner import TensorRTBackend
+from engine.backends.tensorrt.runtime import gpu_tag
 from engine.backends.torch import LazyTorchRunner, SharedTorchRunner
 from engine.common.dtypes import PRECISION_DTYPES
 from engine.common.errors import ArtifactError, BackendUnavailable, NotBuilt

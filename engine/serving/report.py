@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from engine.backends.chain import ChainCalls
-from engine.backends.tensorrt.engine import TensorRTBackend
+from engine.backends.tensorrt.runner import TensorRTBackend
 from engine.common.metrics import StageTimer
 from engine.pipeline import ControlImage
 from engine.request.resolved import ControlNetRequest, ResolvedRequest

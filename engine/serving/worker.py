@@ -21,7 +21,7 @@ from PIL import Image
 
 from engine.backends.assemble import build_chains, share_torch_weights
 from engine.backends.chain import ChainCalls, RunnerChain
-from engine.backends.tensorrt.engine import TensorRTBackend
+from engine.backends.tensorrt.runner import TensorRTBackend
 from engine.backends.torch import LazyTorchRunner
 from engine.common.downloads import download_limits
 from engine.common.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError

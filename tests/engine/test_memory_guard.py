@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-import engine.serving.worker as worker_module
+import engine.serving.memory as memory_module
 from engine.backends.base import Runner
 from engine.common.errors import RequestError
 from engine.models.builtin import builtin_model_folder
@@ -119,7 +119,7 @@ class EngineStandIn(Runner):
 def room(monkeypatch) -> list[int]:
     """The free memory the worker reads, set by the test (MIN_FREE_MEMORY_GB=0 in these workers)."""
     free = [0]
-    monkeypatch.setattr(worker_module, "available_bytes", lambda device: free[0])
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: free[0])
     return free
 
 

@@ -20,7 +20,12 @@ from tests import fake_tensorrt
 
 lean = pytest.importorskip("tensorrt_lean", reason="the dev extra installs tensorrt-lean-cu13")
 ROOT = Path(__file__).resolve().parents[2]
-TENSORRT_MODULES = ["engine/backends/tensorrt/engine.py", "export/tensorrt.py", "export/stages.py"]
+TENSORRT_MODULES = [
+    "engine/backends/tensorrt/runtime.py",
+    "engine/backends/tensorrt/engine.py",
+    "export/tensorrt.py",
+    "export/stages.py",
+]
 IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]{2,}")
 REMOVED_IN_TENSORRT_11 = [
     ("BuilderFlag", "FP16"),

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from engine.backends.chain import RunnerChain
-from engine.backends.tensorrt.engine import TensorRTRunner, load_tensorrt
+from engine.backends.tensorrt.loading import load_tensorrt
+from engine.backends.tensorrt.runner import TensorRTRunner
 from engine.backends.torch import LazyTorchRunner
 from engine.serving.worker import Worker
 from engine.sizes import SizeRange
@@ -98,7 +99,7 @@ def test_each_call_runs_the_covering_profile_tuned_closest_in_one_engine(store, 
     backend = load(store, model, ["unet"])
     runner = backend.runners["unet"]
     [engine] = runner.engines
-    assert [profile.label for profile in engine.store.profiles] == ["64-96@64x2+77tok", "64x1+77tok"]
+    assert [profile.label for profile in engine.profiles] == ["64-96@64x2+77tok", "64x1+77tok"]
     runner(unet_inputs(model, batch=2))
     runner(unet_inputs(model, batch=4))
     profiles = {key[0][0]: slot.context._profile for key, slot in engine.slots.items()}

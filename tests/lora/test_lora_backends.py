@@ -20,7 +20,7 @@ import torch
 from engine.backends.assemble import graph_weight_map
 from engine.backends.chain import RunnerChain
 from engine.backends.onnxruntime import load_onnxruntime_runner
-from engine.backends.tensorrt.engine import load_tensorrt
+from engine.backends.tensorrt.loading import load_tensorrt
 from engine.backends.torch import TorchRunner
 from engine.lora.files import LoraFiles
 from engine.lora.library import LoraLibrary

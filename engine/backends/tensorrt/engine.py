@@ -1,4 +1,4 @@
-"""TensorRT backend: engines from the store, run with execute_async_v3 on a dedicated stream.
+"""One deserialized TensorRT engine, run with execute_async_v3 on a dedicated stream.
 
 Every engine of the worker runs on one CUDA stream, one after another, so their
 execution contexts share one scratch buffer (``USER_MANAGED`` device memory sized by
@@ -6,9 +6,7 @@ the largest ``device_memory_size_v2``). Each input shape gets its own execution 
 and buffers, made once and kept (``CUDA_GRAPH_SHAPES`` per engine, least recently used
 out), so a context is never reconfigured under a captured graph. With CUDA graphs, the
 warm-up captures each profile's optimum shapes and requests at those shapes replay them;
-other shapes run plainly. A component can have several engines (one per configured
-range); each call runs the covering engine tuned closest to the request.
-``import tensorrt`` happens here only, so CPU paths never need it.
+other shapes run plainly.
 """
 
 from __future__ import annotations
@@ -16,75 +14,26 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.backends.base import Runner
+from engine.backends.tensorrt.runtime import make_logger
 from engine.common.dtypes import BY_TENSORRT, BY_TORCH
-from engine.common.errors import BackendUnavailable, WorkerError
+from engine.common.errors import BackendUnavailable
 from engine.common.faults import DeviceExecutionError
 from engine.spec import ComponentSpec, Shape
-from engine.store.keys import ENGINE_FILE, exporter_id
 from engine.store.profiles import Profile, choose
-from engine.store.store import Artifact, Store
 from engine.store.weightmap import WeightMap
 
 if TYPE_CHECKING:
     from engine.lora.library import WeightPatch
 
+
 log = logging.getLogger(__name__)
-
-
-def tensorrt_module() -> ModuleType:
-    """The full TensorRT bindings, or the lean runtime (which runs version-compatible engines)."""
-    try:
-        import tensorrt
-
-        return tensorrt
-    except ImportError:
-        pass
-    try:
-        import tensorrt_lean
-
-        return tensorrt_lean
-    except ImportError as error:
-        raise BackendUnavailable("TensorRT is not installed (pip install '.[gpu]')") from error
-
-
-def version_tags(trt: ModuleType) -> tuple[str, str]:
-    """The exact version an engine must match, and the tag of version-compatible engines it can run."""
-    version = trt.__version__
-    return version, f"{version.split('.')[0]}.x-vc"
-
-
-def gpu_tag(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
-
-
-def make_logger(trt: ModuleType) -> Any:
-    """TensorRT's messages into this process's logging, at matching levels."""
-    severity = trt.ILogger.Severity
-    levels = {
-        severity.INTERNAL_ERROR: logging.CRITICAL,
-        severity.ERROR: logging.ERROR,
-        severity.WARNING: logging.WARNING,
-        severity.INFO: logging.DEBUG,
-        severity.VERBOSE: logging.DEBUG,
-    }
-
-    class Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, level: Any, message: str) -> None:
-            log.log(levels.get(level, logging.INFO), "tensorrt: %s", message)
-
-    return Logger()
 
 
 @dataclass
@@ -270,218 +219,3 @@ class LoadedEngine:
             return False
         slot.graph = graph
         return True
-
-
-class TensorRTRunner(Runner):
-    """One component's engines behind the Runner interface."""
-
-    backend = "tensorrt"
-
-    def __init__(
-        self,
-        spec: ComponentSpec,
-        engines: Sequence[LoadedEngine],
-        precision: str,
-        device: torch.device,
-        stream: torch.cuda.Stream | None,
-    ):
-        super().__init__(spec, precision, device)
-        self.engines = list(engines)
-        self.stream = stream
-        self.weight_map: WeightMap | None = None
-        """The map of the graph the engines were built from, which LoRA refits go through."""
-        self._patched: set[str] = set()
-        """Parameters a refit has changed from their base values."""
-
-    def apply_patch(self, patch: WeightPatch | None) -> None:
-        """Refits every engine of the component (see ``LoadedEngine.refit``)."""
-        if self.weight_map is None:
-            raise BackendUnavailable("the engine's ONNX export has no weight map; export it again to serve LoRAs")
-        wanted = set(patch.names) if patch is not None else set()
-        unpatchable = self.weight_map.cannot_patch(wanted)
-        if unpatchable:
-            raise BackendUnavailable(f"the graph's weight map cannot patch {', '.join(unpatchable[:3])}")
-        if not wanted and not self._patched:
-            return  # the engines hold their base weights
-        for engine in self.engines:
-            if not engine.engine.refittable:
-                raise BackendUnavailable(
-                    f"{engine.name} was built without refit (ENGINE_REFIT=none, or before LoRA support)"
-                )
-        restore, self._patched = self._patched, self._patched | wanted  # a failed refit leaves both to restore
-        for engine in self.engines:
-            engine.refit(self.weight_map, patch, restore, self.stream)
-        self._patched = wanted
-
-    def _profiles(self) -> list[tuple[LoadedEngine, Profile]]:
-        return [(engine, profile) for engine in self.engines for profile in engine.store.profiles]
-
-    def unsupported_reason(self, shapes: Mapping[str, Shape]) -> str | None:
-        pairs = self._profiles()
-        if choose([profile for _, profile in pairs], shapes) is not None:
-            return None
-        return "; ".join(filter(None, (profile.unsupported_reason(shapes) for _, profile in pairs)))
-
-    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
-        pairs = self._profiles()
-        index = choose([profile for _, profile in pairs], shapes)
-        if index is None:
-            raise BackendUnavailable(f"{self.spec.name}: {self.unsupported_reason(shapes)}")
-        caller = torch.cuda.current_stream(self.device) if self.stream is not None else None
-        if self.stream is not None:
-            self.stream.wait_stream(caller)  # inputs written on the caller's stream are ready
-        outputs = pairs[index][0].execute(inputs, self.stream)
-        if caller is not None:
-            caller.wait_stream(self.stream)  # and outputs are ready for the caller, without a host sync
-        return outputs
-
-    def capture_graphs(self) -> int:
-        """CUDA graphs for each engine's optimum shapes; how many were captured."""
-        if self.stream is None:
-            return 0
-        captured = sum(engine.capture_optima(self.stream) for engine in self.engines if engine.use_cuda_graphs)
-        self.stream.synchronize()
-        return captured
-
-
-@dataclass
-class TensorRTBackend:
-    """Every engine the worker runs, their shared scratch memory and stream."""
-
-    runners: dict[str, TensorRTRunner]
-    unavailable: dict[str, str]
-    scratch: torch.Tensor | None = None
-    unusable: str | None = None
-    """Set when the store holds engines for this GPU and model but not one of them loads: a
-    deployment problem (another TensorRT, corrupt plans) that slow torch serving would hide."""
-    missing: list[str] = field(default_factory=list)
-    """Components with no engine built yet (the normal state before `make engines`)."""
-
-    def capture_graphs(self) -> int:
-        """At warm-up: a CUDA graph for each engine's optimum shapes; how many were captured."""
-        return sum(runner.capture_graphs() for runner in self.runners.values())
-
-    @property
-    def memory_bytes(self) -> int:
-        """What the engines hold on the GPU: their plans (weights and kernels) and the shared scratch."""
-        plans = sum(engine.plan_bytes for runner in self.runners.values() for engine in runner.engines)
-        return plans + (self.scratch.numel() if self.scratch is not None else 0)
-
-
-def engines_for_gpu(store: Store, spec: ComponentSpec, fingerprint: str, precision: str, gpu: str) -> list[Artifact]:
-    """Every engine built for this component, weights, precision and GPU, whatever its TensorRT version."""
-    return store.find(kind="tensorrt", component=spec.name, fingerprint=fingerprint, precision=precision, gpu=gpu)
-
-
-def runnable(artifact: Artifact, spec: ComponentSpec, tags: tuple[str, str]) -> bool:
-    """Built by this TensorRT (or version-compatible with it) from the graph this exporter makes."""
-    return artifact.key.tensorrt in tags and artifact.key.exporter == exporter_id(spec)
-
-
-def make_runtime(trt: ModuleType, logger: Any = None) -> Any:
-    runtime = trt.Runtime(logger or make_logger(trt))
-    runtime.engine_host_code_allowed = True  # version-compatible engines carry their own runtime code
-    return runtime
-
-
-def deserialize(
-    trt: ModuleType,
-    runtime: Any,
-    plan: bytes,
-    profiles: tuple[Profile, ...],
-    spec: ComponentSpec,
-    device: torch.device,
-    name: str,
-    use_cuda_graphs: bool = False,
-    max_shapes: int = 4,
-) -> LoadedEngine:
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise BackendUnavailable("TensorRT could not deserialize it (other version or GPU, or corrupt)")
-    if engine.num_optimization_profiles != len(profiles):
-        raise BackendUnavailable(f"{engine.num_optimization_profiles} profiles, its manifest lists {len(profiles)}")
-    return LoadedEngine(
-        trt, engine, profiles, spec, device, use_cuda_graphs, name=name, max_shapes=max_shapes, plan_bytes=len(plan)
-    )
-
-
-def share_memory(
-    loaded: Mapping[str, list[LoadedEngine]], precisions: Mapping[str, str], device: torch.device
-) -> tuple[dict[str, TensorRTRunner], torch.Tensor | None]:
-    """A runner per component over engines that share one scratch buffer and one stream."""
-    engines = [engine for group in loaded.values() for engine in group]
-    if not engines:
-        return {}, None
-    scratch = torch.empty(max(1, *(e.device_memory_size for e in engines)), dtype=torch.uint8, device=device)
-    for engine in engines:
-        engine.bind_scratch(scratch)
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    runners = {
-        component: TensorRTRunner(group[0].spec, group, precisions[component], device, stream)
-        for component, group in loaded.items()
-    }
-    return runners, scratch
-
-
-def load_tensorrt(
-    store: Store,
-    components: Mapping[str, tuple[ComponentSpec, str, str]],
-    device: torch.device,
-    gpu: str,
-    use_cuda_graphs: bool,
-    trt: ModuleType | None = None,
-    max_shapes: int = 4,
-    profile_labels: Mapping[str, str] | None = None,
-) -> TensorRTBackend:
-    """Engines for each component (spec, fingerprint, precision); a plan that does not load is skipped.
-
-    Where the store has an engine with the component's configured profiles (``profile_labels``),
-    only that one is loaded (one set of weights per component); otherwise every engine it has
-    for this GPU.
-    """
-    trt = trt or tensorrt_module()
-    runtime = make_runtime(trt)
-    tags = version_tags(trt)
-    loaded: dict[str, list[LoadedEngine]] = {}
-    unavailable: dict[str, str] = {}
-    built_for_gpu: dict[str, list[str]] = {}
-    missing: list[str] = []
-    for component, (spec, fingerprint, precision) in components.items():
-        reasons = []
-        for_gpu = engines_for_gpu(store, spec, fingerprint, precision, gpu)
-        if for_gpu:
-            built_for_gpu[component] = sorted({str(artifact.key.tensorrt) for artifact in for_gpu})
-        candidates = [a for a in for_gpu if runnable(a, spec, tags)]
-        wanted = (profile_labels or {}).get(component)
-        configured = [a for a in candidates if a.key.profile == wanted]
-        if candidates and wanted is not None and not configured:
-            log.warning("%s: no engine built for profiles %s, loading the store's others", component, wanted)
-        for artifact in configured or candidates:
-            try:
-                plan = artifact.read_verified(ENGINE_FILE)
-                profiles = tuple(Profile.from_json(profile) for profile in artifact.manifest["profiles"])
-                engine = deserialize(
-                    trt, runtime, plan, profiles, spec, device, artifact.path.name, use_cuda_graphs, max_shapes
-                )
-                loaded.setdefault(component, []).append(engine)
-            except Exception as error:  # a plan that does not load is skipped, whatever the cause
-                log.warning("skipping engine %s: %s", artifact.path.name, error)
-                said = error if isinstance(error, WorkerError) else f"{type(error).__name__} (the worker logged why)"
-                reasons.append(f"{artifact.path.name}: {said}")
-        if component not in loaded and reasons:
-            unavailable[component] = "; ".join(reasons)
-        elif component not in loaded:
-            unavailable[component] = f"no engine for {gpu} and TensorRT {tags[0]} in the engine store"
-            missing.append(component)
-    unusable = None
-    if built_for_gpu and not loaded:
-        built = "; ".join(f"{c}: TensorRT {', '.join(v)}" for c, v in built_for_gpu.items())
-        unusable = f"the store has engines for {gpu} ({built}) but none loads with TensorRT {tags[0]}: " + "; ".join(
-            unavailable[c] for c in built_for_gpu
-        )
-    runners, scratch = share_memory(loaded, {c: precision for c, (_, _, precision) in components.items()}, device)
-    backend = TensorRTBackend(runners, unavailable, scratch, unusable, missing)
-    if runners:
-        log.info("TensorRT engines hold %.0f MB of GPU memory", backend.memory_bytes / 2**20)
-    return backend
