@@ -1,12 +1,12 @@
 """The request schema: types, ranges and defaults, with errors that name the field and the rule.
 
 Limits that depend on the deployment (largest image, most steps) and on the model
-(native size) come in as validation context, so one schema serves every endpoint.
+(native size) come in as validation context (``engine.request.limits``), so one schema
+serves every endpoint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -22,68 +22,15 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from engine.common.errors import RequestError
-from engine.prompts.syntax import PromptSyntax, weight_problems
+from engine.prompts.syntax import PromptSyntax
+from engine.request.limits import Limits
 from engine.request.resolved import CANNY_THRESHOLDS, ControlNetRequest, LoraRequest, ResolvedRequest
-from engine.schedulers import SCHEDULER_NAMES
-from engine.settings import Settings
+from engine.request.rules import MAX_SEED, cross_field_problems, field_location, unencodable_texts
 
-MAX_SEED = 2**63 - 1
 MAX_LORA_SCALE = 4.0
 MAX_CONTROLNET_SCALE = 4.0
 MAX_CANNY_THRESHOLD = 2000.0
 MAX_PROMPT_CHARS = 10_000
-DEFAULT_STRENGTH = 0.8
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Deployment and model limits a request is checked against."""
-
-    native_size: int
-    default_steps: int
-    default_guidance_scale: float
-    min_side: int
-    max_side: int
-    max_pixels: int
-    max_steps: int
-    max_images: int
-    max_prompts: int
-    max_timeout_s: float
-    max_loras: int = 4
-    max_controlnets: int = 2
-    max_prompt_weight: float = 3.0
-    inpaint_strength: float = 1.0
-    """The family's inpainting default, as its diffusers pipeline has it."""
-    schedulers: tuple[str, ...] = SCHEDULER_NAMES
-    """The scheduler names the model's family takes."""
-    size_multiple: int = 8
-    """Width and height are multiples of this: the VAE's factor, times a transformer's patch size."""
-    prompt_syntaxes: tuple[PromptSyntax, ...] = ("a1111", "plain")
-    """How the family reads prompts; the first is the default."""
-
-    def default_strength(self, inpainting: bool) -> float:
-        return self.inpaint_strength if inpainting else DEFAULT_STRENGTH
-
-    @classmethod
-    def from_settings(cls, settings: Settings, native_size: int, default_guidance_scale: float, **model: Any) -> Limits:
-        """The deployment's limits from ``settings``; the model's (``inpaint_strength``, ``schedulers``,
-        ``size_multiple``, ``prompt_syntaxes``, and a ``max_side`` below the settings') as keywords."""
-        return cls(
-            native_size=native_size,
-            default_steps=settings.default_steps,
-            default_guidance_scale=default_guidance_scale,
-            min_side=settings.min_image_side,
-            max_side=min(settings.max_image_side, model.pop("max_side", None) or settings.max_image_side),
-            max_pixels=settings.max_image_pixels,
-            max_steps=settings.max_steps,
-            max_images=settings.max_images,
-            max_prompts=settings.max_prompts,
-            max_timeout_s=settings.max_timeout_s,
-            max_loras=settings.max_loras,
-            max_controlnets=settings.max_controlnets,
-            max_prompt_weight=settings.max_prompt_weight,
-            **model,
-        )
 
 
 def _text_list(value: Any) -> Any:
@@ -323,79 +270,6 @@ class GenerateRequest(BaseModel):
         )
 
 
-def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
-    """Rules that span fields, over the fields given (valid ones, already in their model form);
-    a rule whose fields are not all given is skipped, so a request's problems come in one round."""
-    problems = []
-    prompts = values.get("prompt")
-    negatives = values.get("negative_prompt")
-    if (values.get("prompt_syntax") or limits.prompt_syntaxes[0]) == "a1111":
-        problems += prompt_weight_problems("prompt", prompts, limits.max_prompt_weight)
-        problems += prompt_weight_problems("negative_prompt", negatives, limits.max_prompt_weight)
-    if prompts is not None and negatives is not None and len(negatives) not in (1, len(prompts)):
-        problems.append("negative_prompt: must be one string or one per prompt")
-    width, height = values.get("width") or limits.native_size, values.get("height") or limits.native_size
-    if width * height > limits.max_pixels:
-        problems.append(f"width: width x height must be at most {limits.max_pixels} pixels, got {width * height}")
-    images = values.get("num_images", 1) * len(prompts) if prompts is not None and "num_images" in values else None
-    if images is not None and images > limits.max_images:
-        problems.append(f"num_images: num_images x prompts must be at most {limits.max_images}, got {images}")
-    seed = values.get("seed")
-    if seed is not None and images is not None and seed + images > MAX_SEED:
-        problems.append("seed: seed plus the number of images must stay below 2**63")
-    image, strength = values.get("image"), values.get("strength")
-    if strength is not None and image is None and "image" in values:
-        problems.append("strength: only applies with an image")
-    mask = values.get("mask")
-    if mask is not None and image is None and "image" in values:
-        problems.append("mask: needs an image, the picture to inpaint")
-    if values.get("padding_mask_crop") is not None and mask is None and "mask" in values:
-        problems.append("padding_mask_crop: only applies with a mask")
-    steps = values.get("num_inference_steps") or limits.default_steps
-    effective = limits.default_strength(mask is not None) if strength is None else strength
-    if image is not None and "strength" in values and int(steps * effective) < 1:
-        problems.append(f"strength: with {steps} steps it must be at least {1 / steps:.3g} to denoise at all")
-    return problems
-
-
-def prompt_weight_problems(field: str, texts: list[str] | None, max_weight: float) -> list[str]:
-    """Weights that are not numbers or are out of range, under the field (and position) they are in."""
-    problems = []
-    for index, text in enumerate(texts or ()):
-        where = field if len(texts or ()) == 1 else f"{field}[{index}]"
-        problems += [f"{where}: {problem}" for problem in weight_problems(text, max_weight)]
-    return problems
-
-
-def _location(loc: tuple[Any, ...]) -> str:
-    """``loras[1].name``: list positions in brackets, as the request writes them."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
-    return text or "input"
-
-
-def unencodable_texts(payload: dict[str, Any]) -> list[str]:
-    """Where the payload holds text that is not Unicode: JSON can carry a lone UTF-16 surrogate
-    (``"\\ud800"``), which the tokenizers, the log and the file system cannot take."""
-    found = []
-    pending: list[tuple[tuple[Any, ...], Any]] = [((key,), value) for key, value in payload.items()]
-    while pending:  # a loop, not recursion: the payload's nesting is the caller's to choose
-        loc, value = pending.pop()
-        for text in (loc[-1], value):
-            if isinstance(text, str) and not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    found.append(f"{_location(loc)}: holds an unpaired surrogate, which is not Unicode text")
-                    break
-        if isinstance(value, dict):
-            pending += [((*loc, key), item) for key, item in value.items()]
-        elif isinstance(value, list):
-            pending += [((*loc, index), item) for index, item in enumerate(value)]
-    return sorted(found)
-
-
 def validate_request(payload: Any, limits: Limits) -> GenerateRequest:
     """Validates ``job["input"]``; raises RequestError listing every problem as 'field: rule'."""
     if not isinstance(payload, dict):
@@ -407,7 +281,7 @@ def validate_request(payload: Any, limits: Limits) -> GenerateRequest:
         return GenerateRequest.model_validate(payload, context=limits)
     except ValidationError as error:
         items = error.errors(include_url=False)
-        problems = [f"{_location(item['loc'])}: {item['msg']}" for item in items]
+        problems = [f"{field_location(item['loc'])}: {item['msg']}" for item in items]
         failed = {item["loc"][0] for item in items if item["loc"]}
         problems += cross_field_problems(_valid_fields(payload, failed), limits)
         raise RequestError("; ".join(dict.fromkeys(problems))) from None

@@ -18,8 +18,9 @@ from engine.common.errors import RequestError
 from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
 from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
+from engine.request.limits import Limits
 from engine.request.resolved import ControlNetRequest, ResolvedRequest
-from engine.request.schema import GenerateRequest, Limits, validate_request
+from engine.request.schema import GenerateRequest, validate_request
 from engine.serving.controlnets import ControlNetFolders
 from engine.settings import Settings
 

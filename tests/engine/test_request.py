@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.common.errors import RequestError
-from engine.request.schema import Limits, parse_request
+from engine.request.limits import Limits
+from engine.request.schema import parse_request
 from engine.schedulers import SCHEDULER_NAMES
 
 LIMITS = Limits(
