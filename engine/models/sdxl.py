@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from engine.models.components import token_ids, unet_spec, vae_module, vae_specs
 from engine.models.family import (
     Encode,
     LoraTarget,
@@ -18,7 +19,6 @@ from engine.models.family import (
     repeat_for_images,
 )
 from engine.models.modules import TextEncoderModule, UNetModule
-from engine.models.sd import token_ids, unet_spec, vae_module, vae_specs
 from engine.prompts.tokens import WeightedTokens, apply_weights, chunk_count, chunked_inputs, joined
 from engine.spec import ComponentSpec, TensorSpec
 
