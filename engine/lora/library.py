@@ -25,7 +25,7 @@ from engine.common.logs import redact_urls
 from engine.lora.factors import LoraWeights, LowRank, read_lora
 from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
 from engine.models.model import Model
-from engine.request.resolved import LoraRequest
+from engine.request.entries import LoraRequest
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
-"""A request as the rest of the worker reads it: every default filled in, each entry in one shape.
+"""A request as the rest of the worker reads it: every default filled in.
 
-Plain frozen dataclasses, free of pydantic, torch and the model families, so every stage
-(admission, the LoRA library, the pipeline, the metrics) imports them one way.
+A frozen dataclass, free of torch and the model families, so every stage (admission, the
+LoRA library, the pipeline, the metrics) imports it one way.
 """
 
 from __future__ import annotations
@@ -9,31 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.prompts.syntax import PromptSyntax
-
-CANNY_THRESHOLDS = (100.0, 200.0)
-"""OpenCV Canny's lower and upper thresholds when a request gives none, as diffusers' examples use."""
-
-
-@dataclass(frozen=True)
-class ControlNetRequest:
-    """One ``controlnets`` entry, validated."""
-
-    name: str
-    image: str
-    scale: float = 1.0
-    start: float = 0.0
-    end: float = 1.0
-    preprocess: str | None = None
-    thresholds: tuple[float, float] | None = None
-
-
-@dataclass(frozen=True)
-class LoraRequest:
-    """One ``loras`` entry, validated: a name or a URL, and its scale."""
-
-    name: str | None
-    url: str | None
-    scale: float
+from engine.request.entries import ControlNetEntry, LoraRequest
 
 
 @dataclass(frozen=True)
@@ -62,7 +38,7 @@ class ResolvedRequest:
     """Chunks of the text encoder's length each prompt and negative prompt is padded to."""
     mask: str | None = None
     padding_mask_crop: int | None = None
-    controlnets: tuple[ControlNetRequest, ...] = ()
+    controlnets: tuple[ControlNetEntry, ...] = ()
     true_cfg_scale: float | None = None
 
     @property

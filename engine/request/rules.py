@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic_core import PydanticCustomError
+
 from engine.prompts.syntax import weight_problems
 from engine.request.limits import Limits
 
 MAX_SEED = 2**63 - 1
+
+
+def rule(kind: str, message: str, **values: Any) -> PydanticCustomError:
+    """A broken rule as pydantic reports it: its kind, and a message naming the rule."""
+    return PydanticCustomError(kind, message, values)
 
 
 def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:

@@ -23,13 +23,11 @@ from pydantic_core import PydanticCustomError
 
 from engine.common.errors import RequestError
 from engine.prompts.syntax import PromptSyntax
+from engine.request.entries import ControlNetEntry, LoraEntry
 from engine.request.limits import Limits
-from engine.request.resolved import CANNY_THRESHOLDS, ControlNetRequest, LoraRequest, ResolvedRequest
-from engine.request.rules import MAX_SEED, cross_field_problems, field_location, unencodable_texts
+from engine.request.resolved import ResolvedRequest
+from engine.request.rules import MAX_SEED, cross_field_problems, field_location, rule, unencodable_texts
 
-MAX_LORA_SCALE = 4.0
-MAX_CONTROLNET_SCALE = 4.0
-MAX_CANNY_THRESHOLD = 2000.0
 MAX_PROMPT_CHARS = 10_000
 
 
@@ -47,70 +45,10 @@ def _text_list(value: Any) -> Any:
 TextList = Annotated[list[str], BeforeValidator(_text_list)]
 
 
-def _rule(kind: str, message: str, **values: Any) -> PydanticCustomError:
-    return PydanticCustomError(kind, message, values)
-
-
 def _limits(info: ValidationInfo) -> Limits:
     if not isinstance(info.context, Limits):
         raise TypeError("GenerateRequest is validated with Limits as context")
     return info.context
-
-
-class LoraEntry(BaseModel):
-    """One LoRA of a request: a file in LORA_DIR by name, or a safetensors URL, and its scale."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    name: str | None = Field(None, min_length=1, description="a file in LORA_DIR, with or without .safetensors")
-    url: str | None = Field(None, min_length=1, description="an http(s) URL of a .safetensors file")
-    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> LoraEntry:
-        if (self.name is None) == (self.url is None):
-            raise _rule("one_of", "give either name or url")
-        return self
-
-    def to_request(self) -> LoraRequest:
-        return LoraRequest(self.name, self.url, self.scale)
-
-
-class ControlNetEntry(BaseModel):
-    """One ControlNet of a request: a folder in CONTROLNET_DIR, its control image, and when it acts."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    name: str = Field(min_length=1, description="a ControlNet folder in CONTROLNET_DIR")
-    image: str = Field(
-        min_length=1, description="the control image, or with preprocess the photo it is made from: base64 or a URL"
-    )
-    scale: float = Field(1.0, ge=0.0, le=MAX_CONTROLNET_SCALE, allow_inf_nan=False)
-    start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps before the ControlNet acts")
-    end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps after which it stops")
-    preprocess: Literal["canny"] | None = Field(None, description="canny: OpenCV's edge map of the image")
-    low: float | None = Field(None, ge=0.0, le=MAX_CANNY_THRESHOLD, description="Canny's lower threshold")
-    high: float | None = Field(None, ge=0.0, le=MAX_CANNY_THRESHOLD, description="Canny's upper threshold")
-
-    @model_validator(mode="after")
-    def _check_together(self) -> ControlNetEntry:
-        if self.start >= self.end:
-            raise _rule("order", "start must be below end, got start {s} and end {e}", s=self.start, e=self.end)
-        if self.preprocess is None and (self.low is not None or self.high is not None):
-            raise _rule("preprocess", "low and high only apply with preprocess 'canny'")
-        low, high = self.thresholds
-        if low >= high:
-            raise _rule("order", "low must be below high, got low {lo} and high {hi}", lo=low, hi=high)
-        return self
-
-    @property
-    def thresholds(self) -> tuple[float, float]:
-        defaults = CANNY_THRESHOLDS
-        return (defaults[0] if self.low is None else self.low, defaults[1] if self.high is None else self.high)
-
-    def to_request(self) -> ControlNetRequest:
-        thresholds = self.thresholds if self.preprocess is not None else None
-        return ControlNetRequest(self.name, self.image, self.scale, self.start, self.end, self.preprocess, thresholds)
 
 
 class GenerateRequest(BaseModel):
@@ -155,9 +93,9 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _check_texts(cls, texts: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if texts is not None and any(len(text) > MAX_PROMPT_CHARS for text in texts):
-            raise _rule("too_long", "each must be at most {n} characters", n=MAX_PROMPT_CHARS)
+            raise rule("too_long", "each must be at most {n} characters", n=MAX_PROMPT_CHARS)
         if info.field_name == "prompt" and texts is not None and len(texts) > _limits(info).max_prompts:
-            raise _rule("too_many", "at most {n} prompts per request", n=_limits(info).max_prompts)
+            raise rule("too_many", "at most {n} prompts per request", n=_limits(info).max_prompts)
         return texts
 
     @field_validator("width", "height")
@@ -167,23 +105,23 @@ class GenerateRequest(BaseModel):
         if side is None:
             return side
         if side % limits.size_multiple:
-            raise _rule("multiple_of", "must be a multiple of {n}, got {v}", n=limits.size_multiple, v=side)
+            raise rule("multiple_of", "must be a multiple of {n}, got {v}", n=limits.size_multiple, v=side)
         if not limits.min_side <= side <= limits.max_side:
-            raise _rule("range", "must be {lo} to {hi}, got {v}", lo=limits.min_side, hi=limits.max_side, v=side)
+            raise rule("range", "must be {lo} to {hi}, got {v}", lo=limits.min_side, hi=limits.max_side, v=side)
         return side
 
     @field_validator("num_inference_steps")
     @classmethod
     def _check_steps(cls, steps: int | None, info: ValidationInfo) -> int | None:
         if steps is not None and not 1 <= steps <= _limits(info).max_steps:
-            raise _rule("range", "must be 1 to {n}, got {v}", n=_limits(info).max_steps, v=steps)
+            raise rule("range", "must be 1 to {n}, got {v}", n=_limits(info).max_steps, v=steps)
         return steps
 
     @field_validator("num_images")
     @classmethod
     def _check_images(cls, count: int, info: ValidationInfo) -> int:
         if count > _limits(info).max_images:
-            raise _rule("range", "must be 1 to {n}, got {v}", n=_limits(info).max_images, v=count)
+            raise rule("range", "must be 1 to {n}, got {v}", n=_limits(info).max_images, v=count)
         return count
 
     @field_validator("scheduler")
@@ -191,7 +129,7 @@ class GenerateRequest(BaseModel):
     def _check_scheduler(cls, name: str | None, info: ValidationInfo) -> str | None:
         names = _limits(info).schedulers
         if name is not None and name not in names:
-            raise _rule("unknown", "must be one of {names} for this model, got '{v}'", names=", ".join(names), v=name)
+            raise rule("unknown", "must be one of {names} for this model, got '{v}'", names=", ".join(names), v=name)
         return name
 
     @field_validator("prompt_syntax")
@@ -199,14 +137,14 @@ class GenerateRequest(BaseModel):
     def _check_syntax(cls, syntax: PromptSyntax | None, info: ValidationInfo) -> PromptSyntax | None:
         syntaxes = _limits(info).prompt_syntaxes
         if syntax is not None and syntax not in syntaxes:
-            raise _rule("unsupported", "this model reads prompts as {names} only", names=" or ".join(syntaxes))
+            raise rule("unsupported", "this model reads prompts as {names} only", names=" or ".join(syntaxes))
         return syntax
 
     @field_validator("loras")
     @classmethod
     def _check_loras(cls, loras: list[LoraEntry] | None, info: ValidationInfo) -> list[LoraEntry] | None:
         if loras is not None and len(loras) > _limits(info).max_loras:
-            raise _rule("too_many", "at most {n} LoRAs per request, got {v}", n=_limits(info).max_loras, v=len(loras))
+            raise rule("too_many", "at most {n} LoRAs per request, got {v}", n=_limits(info).max_loras, v=len(loras))
         return loras
 
     @field_validator("controlnets")
@@ -216,14 +154,14 @@ class GenerateRequest(BaseModel):
     ) -> list[ControlNetEntry] | None:
         limit = _limits(info).max_controlnets
         if entries is not None and len(entries) > limit:
-            raise _rule("too_many", "at most {n} per request (MAX_CONTROLNETS), got {v}", n=limit, v=len(entries))
+            raise rule("too_many", "at most {n} per request (MAX_CONTROLNETS), got {v}", n=limit, v=len(entries))
         return entries
 
     @field_validator("timeout_s")
     @classmethod
     def _check_timeout(cls, timeout: float | None, info: ValidationInfo) -> float | None:
         if timeout is not None and timeout > _limits(info).max_timeout_s:
-            raise _rule("range", "must be at most {n} seconds", n=_limits(info).max_timeout_s)
+            raise rule("range", "must be at most {n} seconds", n=_limits(info).max_timeout_s)
         return timeout
 
     @model_validator(mode="after")
@@ -266,7 +204,7 @@ class GenerateRequest(BaseModel):
             prompt_syntax=self.prompt_syntax or limits.prompt_syntaxes[0],
             mask=self.mask,
             padding_mask_crop=self.padding_mask_crop,
-            controlnets=tuple(entry.to_request() for entry in self.controlnets or ()),
+            controlnets=tuple(self.controlnets or ()),
         )
 
 

@@ -17,9 +17,10 @@ from engine.common.downloads import limit_to_request
 from engine.common.errors import RequestError
 from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
+from engine.request.entries import ControlNetEntry
 from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
 from engine.request.limits import Limits
-from engine.request.resolved import ControlNetRequest, ResolvedRequest
+from engine.request.resolved import ResolvedRequest
 from engine.request.schema import GenerateRequest, validate_request
 from engine.serving.controlnets import ControlNetFolders
 from engine.settings import Settings
@@ -81,7 +82,7 @@ class Admission:
         if image is not None and mask is not None and draft.padding_mask_crop is not None:
             mask = mask_for_crop(mask, image.size)
         controls = tuple(
-            self._control_image(control.to_request(), f"controlnets[{index}]")
+            self._control_image(control, f"controlnets[{index}]")
             for index, control in enumerate(draft.controlnets or ())
         )
         size_from = image if image is not None else controls[0].image if controls else None
@@ -105,11 +106,11 @@ class Admission:
         if problems:
             raise RequestError("; ".join(problems))
 
-    def _control_image(self, control: ControlNetRequest, field: str) -> ControlImage:
+    def _control_image(self, control: ControlNetEntry, field: str) -> ControlImage:
         """A ``controlnets`` entry's component and control image (its edge map, with preprocess canny)."""
         component = self.controlnets.component(control.name, f"{field}.name")
         image = load_image(control.image, self.image_limits, f"{field}.image")
-        if control.thresholds is not None:
+        if control.preprocess == "canny":
             image = canny(image, *control.thresholds)
         return ControlImage(component, image, control.scale, control.start, control.end)
 

@@ -16,7 +16,8 @@ from engine.backends.chain import ChainCalls
 from engine.backends.tensorrt.runner import TensorRTBackend
 from engine.common.metrics import StageTimer
 from engine.pipeline import ControlImage
-from engine.request.resolved import ControlNetRequest, ResolvedRequest
+from engine.request.entries import ControlNetEntry
+from engine.request.resolved import ResolvedRequest
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def job_metrics(
 
 
 def controlnet_metrics(
-    requests: tuple[ControlNetRequest, ...], controls: tuple[ControlImage, ...], timer: StageTimer
+    requests: tuple[ControlNetEntry, ...], controls: tuple[ControlImage, ...], timer: StageTimer
 ) -> list[dict[str, Any]]:
     """Each ControlNet's name, scale and span, and the steps it ran with the time each took on average."""
     found = []

@@ -16,7 +16,7 @@ from engine.common.errors import RequestError
 from engine.models.builtin import builtin_model_folder
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.model import load_model
-from engine.request.resolved import LoraRequest
+from engine.request.entries import LoraRequest
 from engine.serving.memory import available_bytes, cuda_room, estimates, patch_bytes, residual_elements
 from engine.serving.worker import Worker
 from perf.lora_files import write_lora

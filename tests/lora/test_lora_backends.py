@@ -25,7 +25,7 @@ from engine.backends.torch import TorchRunner
 from engine.lora.files import LoraFiles
 from engine.lora.library import LoraLibrary
 from engine.models.model import load_model
-from engine.request.resolved import LoraRequest
+from engine.request.entries import LoraRequest
 from engine.sizes import SizeRange
 from engine.spec import Dims
 from engine.store.fingerprint import component_fingerprint

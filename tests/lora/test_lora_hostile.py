@@ -34,7 +34,7 @@ from engine.lora.factors import MAX_WEIGHT_CHANGE, read_lora
 from engine.lora.files import MAX_TENSORS, LoraFiles, Refusals
 from engine.lora.library import LoraLibrary, WeightPatch
 from engine.models.model import load_model
-from engine.request.resolved import LoraRequest
+from engine.request.entries import LoraRequest
 from engine.serving.worker import Worker
 from engine.settings import Settings
 from perf.lora_files import write_lora
