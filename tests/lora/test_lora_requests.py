@@ -93,7 +93,7 @@ BAD_ENTRIES = [
     ([{"name": "missing"}], "loras[0].name: no LoRA named 'missing'"),
     ([{"name": "."}], "loras[0].name: must name a file or folder, got '.'"),
     ([{"name": "a\x00b"}], "loras[0].name: must not contain control characters"),
-    ([{"name": "\ud800"}], "loras[0].name: Input should be a valid string"),
+    ([{"name": "\ud800"}], "loras[0].name: holds an unpaired surrogate, which is not Unicode text"),
     ([{"name": "x" * 256}], "loras[0].name: at most 255 bytes (UTF-8), got 256"),
     ([{"name": "styles/../a"}], "loras[0].name: must name a file inside the LoRA folder"),
     ([{"name": "a"}, {"name": "../../etc/passwd"}], "loras[1].name: must name a file inside the LoRA folder"),
