@@ -11,7 +11,7 @@ they act).
 
 Each stage's outputs are checked once for NaN and Inf (text embeddings, the VAE encoder's, the final
 latents, the decoded images: one reduction per stage, never per step). Where they are not finite,
-the components that made them move to an fp32 runner (see ``engine.backends.assemble``) and the stage
+the components that made them move to an fp32 runner (see ``engine.backends.chain``) and the stage
 runs again from the same random state, so the image is the one a sound run gives; where no runner
 is left, the request fails with ``NonFiniteOutput`` rather than succeeding with a black image.
 """
