@@ -1,8 +1,9 @@
 """The import graph of the project: no cycles, arrows only downward, and a request schema free of torch.
 
 Imports are read from the source with ``ast``, so the checks see every module without
-importing it. Imports under ``if TYPE_CHECKING:`` are left out: they never run, and a type
-hint may name a class of any layer.
+importing it. The cycle checks count every import, those under ``if TYPE_CHECKING:``
+included; the layer check leaves those out: they never run, and a type hint may name a
+class of a higher layer (``engine.store.fingerprint`` names ``engine.models.model.Model``).
 """
 
 from __future__ import annotations
@@ -46,21 +47,22 @@ def _is_type_checking(node: ast.If) -> bool:
     )
 
 
-def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+def _nodes(tree: ast.AST, type_checking: bool) -> Iterator[ast.AST]:
     pending = [tree]
     while pending:
         node = pending.pop()
         yield node
         for child in ast.iter_child_nodes(node):
-            if not (isinstance(child, ast.If) and _is_type_checking(child)):
+            if type_checking or not (isinstance(child, ast.If) and _is_type_checking(child)):
                 pending.append(child)
 
 
-def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
-    """The project's modules ``name`` imports at run time (a ``from package import module`` counts the module)."""
+def imported(name: str, path: Path, known: dict[str, Path], type_checking: bool = False) -> set[str]:
+    """The project's modules ``name`` imports (a ``from package import module`` counts the module), at run
+    time only unless ``type_checking``."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    for node in _nodes(ast.parse(path.read_text()), type_checking):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -72,9 +74,21 @@ def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     return {module for module in found if module in known and module != name}
 
 
-def graph() -> dict[str, set[str]]:
+def graph(type_checking: bool = False) -> dict[str, set[str]]:
     known = modules()
-    return {name: imported(name, path, known) for name, path in known.items()}
+    return {name: imported(name, path, known, type_checking) for name, path in known.items()}
+
+
+def package_graph(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The same graph between packages (``engine.models``, ``engine.lora``, ``export``...)."""
+
+    def package(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+
+    packages: dict[str, set[str]] = {package(module): set() for module in edges}
+    for module, targets in edges.items():
+        packages[package(module)] |= {package(target) for target in targets} - {package(module)}
+    return packages
 
 
 def layer(module: str) -> int:
@@ -112,12 +126,19 @@ def test_the_graph_is_read_from_the_source():
     assert "engine.models.model" in edges["engine.lora.library"]
 
 
-def test_no_import_cycles():
-    assert cycles(graph()) == []
+def test_no_import_cycles_between_modules_or_packages():
+    edges = graph(type_checking=True)
+    assert cycles(edges) == []
+    assert cycles(package_graph(edges)) == []
 
 
 def test_cycles_are_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    modules = {"engine.models.family": {"engine.lora.factors"}, "engine.lora.factors": set()}
+    modules["engine.lora.library"] = {"engine.models.model"}
+    modules["engine.models.model"] = {"engine.models.family"}
+    assert cycles(modules) == []
+    assert cycles(package_graph(modules)) == [["engine.lora", "engine.models", "engine.lora"]]
 
 
 def test_imports_run_down_the_layers():
