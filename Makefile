@@ -54,7 +54,7 @@ perf: $(STAMP)
 verify-gpu:
 	@test -n "$(HAS_GPU)" || { echo "make verify-gpu needs an NVIDIA GPU and its driver (nvidia-smi not found); run it on a GPU pod of the endpoint's type"; exit 2; }
 	$(MAKE) install EXTRAS=gpu
-	MODEL=$(MODEL) $(BIN)/python -m export.verify
+	MODEL=$(MODEL) $(BIN)/python -m perf.verify
 
 clean:
 	rm -rf $(VENV) outputs perf/results .pytest_cache .ruff_cache

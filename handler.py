@@ -25,8 +25,8 @@ if LOCAL_TEST:
 runpod_import = threading.Thread(target=importlib.import_module, args=("runpod",), daemon=True)
 runpod_import.start()
 
-from engine.metrics import ColdStart  # noqa: E402
-from engine.startup import start  # noqa: E402
+from engine.common.metrics import ColdStart  # noqa: E402
+from engine.serving.startup import start  # noqa: E402
 
 ON_RUNPOD = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
 

@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli import run_command
-from engine.logs import configure_logging
-from engine.metrics import ColdStart
+from engine.common.cli import run_command
+from engine.common.logs import configure_logging
+from engine.common.metrics import ColdStart
+from engine.serving.worker import Worker
 from engine.settings import load_settings
-from engine.worker import Worker
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

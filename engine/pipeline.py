@@ -11,7 +11,7 @@ they act).
 
 Each stage's outputs are checked once for NaN and Inf (text embeddings, the VAE encoder's, the final
 latents, the decoded images: one reduction per stage, never per step). Where they are not finite,
-the components that made them move to an fp32 runner (see ``engine.backends.select``) and the stage
+the components that made them move to an fp32 runner (see ``engine.backends.chain``) and the stage
 runs again from the same random state, so the image is the one a sound run gives; where no runner
 is left, the request fails with ``NonFiniteOutput`` rather than succeeding with a black image.
 """
@@ -31,12 +31,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from engine.backends.base import ComponentCall
-from engine.errors import NonFiniteOutput
-from engine.metrics import StageTimer
-from engine.models import Model
+from engine.common.errors import NonFiniteOutput
+from engine.common.metrics import StageTimer
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.family import PromptBatch
-from engine.request import ResolvedRequest
+from engine.models.model import Model
+from engine.request.resolved import ResolvedRequest
 from engine.schedulers import make_scheduler
 
 StepCallback = Callable[[int, int], None]
@@ -73,7 +73,7 @@ class ControlImage:
 @dataclass(frozen=True)
 class ImageInputs:
     """A request's input image, its mask when it asks for inpainting (white repaints; with
-    ``padding_mask_crop``, at the image's size: see ``engine.inputs.mask_for_crop``), and its
+    ``padding_mask_crop``, at the image's size: see ``engine.request.images.mask_for_crop``), and its
     ControlNets' control images."""
 
     image: Image.Image | None = None
@@ -143,7 +143,7 @@ class DiffusionPipeline:
         at the steps between its start and end.
         """
         model = self.model
-        cfg_scale = model.family.classifier_free_scale(request)
+        cfg_scale = model.family.classifier_free_scale(*request.guidance)
         guidance = cfg_scale is not None
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
@@ -378,7 +378,7 @@ class DiffusionPipeline:
             control.image, height=request.height, width=request.width, crops_coords=crop, resize_mode=resize_mode
         ).to(device=self.device, dtype=torch.float32)
         image = image.repeat_interleave(request.num_images, dim=0)
-        if self.model.family.classifier_free_scale(request) is not None:
+        if self.model.family.classifier_free_scale(*request.guidance) is not None:
             image = torch.cat([image] * 2)
         return Control(control.component, image, control.scale, control.start, control.end)
 

@@ -17,8 +17,8 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from engine.errors import ConfigError
-from engine.profiles import parse_ranges
+from engine.common.errors import ConfigError
+from engine.sizes import parse_ranges
 
 RUNPOD_VOLUME = Path("/runpod-volume")
 

@@ -20,17 +20,17 @@ import sys
 import torch
 from tqdm import tqdm
 
-from engine.backends.tensorrt import gpu_tag
-from engine.cli import run_command
-from engine.controls import ControlNetFolders, found_controlnets
-from engine.errors import RequestError, WorkerError
-from engine.logs import configure_logging
-from engine.models import Model, load_model
+from engine.backends.tensorrt.runtime import gpu_tag
+from engine.common.cli import run_command
+from engine.common.errors import RequestError, WorkerError
+from engine.common.logs import configure_logging
+from engine.devices import resolve_device, resolve_precision
 from engine.models.controlnet import CONTROLLED_UNET
-from engine.profiles import parse_ranges
+from engine.models.model import Model, load_model
+from engine.serving.controlnets import ControlNetFolders, found_controlnets
 from engine.settings import Precision, Settings, load_settings
-from engine.store import Artifact, Store
-from engine.worker import resolve_device, resolve_precision
+from engine.sizes import parse_ranges
+from engine.store.store import Artifact, Store
 from export.stagelog import StageLog
 from export.stages import EngineBuilder, Exporter
 from export.tensorrt import BuildOptions

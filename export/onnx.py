@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from engine.artifacts import ONNX_OPSET
-from engine.models import Model
-from engine.models.spec import ComponentSpec, Dims
+from engine.models.model import Model
+from engine.spec import ComponentSpec, Dims
+from engine.store.keys import ONNX_OPSET
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from onnx.external_data_helper import uses_external_data
 from polygraphy.logger import G_LOGGER
 
-from engine.models.spec import ComponentSpec
+from engine.spec import ComponentSpec
 from export.precision import HALF_TYPES, to_half
 from export.weights import external_tensors, externalize, stream_external_weights, tensor_bytes
 

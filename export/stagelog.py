@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.metrics import peak_rss_mb, reset_peak_rss
+from engine.common.metrics import peak_rss_mb, reset_peak_rss
 
 
 def _ignore(stage: str) -> None:

@@ -15,25 +15,20 @@ from types import ModuleType
 
 import torch
 
-from engine.artifacts import ENGINE_FILE, ONNX_FILE, engine_key, onnx_key
 from engine.backends.onnxruntime import OnnxRuntimeRunner, providers_for
-from engine.backends.tensorrt import (
-    TensorRTRunner,
-    deserialize,
-    make_logger,
-    make_runtime,
-    share_memory,
-    tensorrt_module,
-    version_tags,
-)
-from engine.errors import BackendUnavailable
-from engine.fingerprint import component_fingerprint
-from engine.models import Model
-from engine.models.spec import ComponentSpec, Dims
-from engine.profiles import Profile, SizeRange, component_profiles, profiles_label
+from engine.backends.tensorrt.loading import deserialize, share_memory
+from engine.backends.tensorrt.runner import TensorRTRunner
+from engine.backends.tensorrt.runtime import make_logger, make_runtime, tensorrt_module, version_tags
+from engine.common.errors import BackendUnavailable
+from engine.models.model import Model
 from engine.settings import default_export_work_dir
-from engine.store import Artifact, Staging, Store, scratch_folder
-from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
+from engine.sizes import SizeRange
+from engine.spec import ComponentSpec, Dims
+from engine.store.fingerprint import component_fingerprint
+from engine.store.keys import ENGINE_FILE, ONNX_FILE, engine_key, onnx_key
+from engine.store.profiles import Profile, component_profiles, profiles_label
+from engine.store.store import Artifact, Staging, Store, scratch_folder
+from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 from export.onnx import export_dims
 from export.optimize import optimize
 from export.stagelog import StageLog

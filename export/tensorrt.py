@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from engine.errors import ArtifactError
-from engine.locking import BuildLock
-from engine.profiles import Profile, profiles_label
-from engine.weightmap import WeightMap
+from engine.common.errors import ArtifactError
+from engine.store.locking import BuildLock
+from engine.store.profiles import Profile, profiles_label
+from engine.store.weightmap import WeightMap
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from engine.backends.torch import TorchRunner
-from engine.models import WEIGHT_SUFFIXES, Model
-from engine.models.spec import Dims
+from engine.models.model import WEIGHT_SUFFIXES, Model
+from engine.spec import Dims
 from export.onnx import export_dims, export_onnx
 from export.stagelog import StageLog
 from export.validate import Reference, reference_outputs

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from engine.backends.base import Runner
-from engine.errors import ArtifactError
-from engine.models import Model
-from engine.models.spec import ComponentSpec, Dims
+from engine.common.errors import ArtifactError
+from engine.models.model import Model
+from engine.spec import ComponentSpec, Dims
 
 log = logging.getLogger(__name__)
 

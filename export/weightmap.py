@@ -24,8 +24,8 @@ import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from engine.dtypes import BY_NAME
-from engine.weightmap import MappedWeight, WeightMap
+from engine.common.dtypes import BY_NAME
+from engine.store.weightmap import MappedWeight, WeightMap
 from export.weights import data_file_name, fp32_to_bf16, saturating_fp16
 
 CONVERTED = {"fp16": saturating_fp16, "bf16": fp32_to_bf16}

@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli import run_command
-from engine.logs import configure_logging
-from engine.models import load_model
+from engine.common.cli import run_command
+from engine.common.logs import configure_logging
+from engine.devices import resolve_device, resolve_precision
+from engine.models.model import load_model
 from engine.settings import load_settings
-from engine.worker import resolve_device, resolve_precision
 from perf import report
 from perf.bench import BackendResult, bench_backend, bench_diffusers
 from perf.scenarios import controlnet_scenario, default_scenarios

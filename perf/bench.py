@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.dtypes import PRECISION_DTYPES
+from engine.common.dtypes import PRECISION_DTYPES
 from engine.schedulers import make_scheduler
+from engine.serving.worker import Worker
 from engine.settings import Backend, Settings
-from engine.worker import Worker
 from perf.scenarios import Scenario
 
 log = logging.getLogger(__name__)

@@ -1,13 +1,16 @@
-"""`python -m perf.coldstart`: process start to first job done, against `python -c "import torch"`.
+"""`python -m perf.coldstart`: process start to first image, against a plain diffusers script.
 
     python -m perf.coldstart --model tiny --backends torch onnxruntime --runs 5
 
-Each run starts fresh processes, as a RunPod cold start does: first ``import torch`` alone
-(the floor any PyTorch worker pays), then ``handler.py --test_input`` with one small job,
-per backend, each timed from its start to its first line on stdout (the response; the
-import, for torch alone). onnxruntime runs from cached artifacts: they are exported first (untimed)
-when the store lacks them. Prints the median wall time of each, its ratio to
-``import torch``, and the worker's own ``init_ms`` phases from the job's metrics.
+Each run starts fresh processes, as a RunPod cold start does, one after another so that
+they alternate: ``import torch`` alone (the floor any PyTorch worker pays); the script a
+user would run instead (``DiffusionPipeline.from_pretrained`` on the same model folder,
+then one call with the job's prompt, steps and seed); and ``handler.py --test_input`` with
+the same job, per backend. Each is timed from its start to its first line on stdout (the
+response, the image's size, or the import). onnxruntime runs from cached artifacts: they
+are exported first (untimed) when the store lacks them. Prints the median wall time of
+each, its ratio to the diffusers script, and the worker's own ``init_ms`` phases from the
+job's metrics.
 """
 
 from __future__ import annotations
@@ -21,11 +24,22 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli import run_command
+from engine.common.cli import run_command
+from engine.models.model import resolve_model_folder
 from engine.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = {"input": {"prompt": "a lighthouse at dusk", "num_inference_steps": 4, "seed": 0}}
+DIFFUSERS_SCRIPT = """
+import sys
+import torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+generator = torch.Generator().manual_seed(int(sys.argv[4]))
+image = pipe(sys.argv[2], num_inference_steps=int(sys.argv[3]), generator=generator).images[0]
+print(f"{image.width}x{image.height}", flush=True)
+"""
+"""What a user would run instead of the worker: load the folder, make one image."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,28 +72,34 @@ def main(argv: list[str] | None = None) -> int:
     if "onnxruntime" in args.backends:
         export = [sys.executable, "-m", "export", "--model", settings.model, "--skip-engines"]
         subprocess.run(export, cwd=ROOT, env=env, capture_output=True, check=True)
+    folder = resolve_model_folder(settings.model, settings.cache_dir, settings.model_revision)
+    job = JOB["input"]
+    script = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), job["prompt"], str(job["num_inference_steps"])]
+    script.append(str(job["seed"]))
     floor: list[float] = []
+    plain: list[float] = []
     walls: dict[str, list[float]] = {backend: [] for backend in args.backends}
     phases: dict[str, dict[str, float]] = {}
     for _ in range(args.runs):
         floor.append(until_first_line([sys.executable, "-c", "import torch; print('imported')"], env)[0])
+        plain.append(until_first_line(script, env)[0])
         for backend in args.backends:
             command = [sys.executable, "handler.py", "--test_input", json.dumps(JOB)]
             seconds, line = until_first_line(command, {**env, "BACKEND": backend, "TORCH_FALLBACK": "lazy"})
             walls[backend].append(seconds)
             response = json.loads(line)
             phases[backend] = response["metrics"]["init_ms"]
-    base = statistics.median(floor)
-    print(
-        f"model {settings.model}, {args.runs} runs, median seconds from a fresh process's start to its first job done"
-    )
-    print("| process | seconds | ratio to import torch | init_ms phases (last run) |")
+    base = statistics.median(plain)
+    print(f"model {settings.model}, {args.runs} runs, median seconds from a fresh process's start to its first image")
+    print("| process | seconds | ratio to the diffusers script | init_ms phases (last run) |")
     print("|---|---|---|---|")
-    print(f"| python -c 'import torch' | {base:.2f} | 1.0 | |")
+    torch_alone = statistics.median(floor)
+    print(f"| python -c 'import torch' | {torch_alone:.2f} | {torch_alone / base:.2f} | |")
+    print(f"| diffusers from_pretrained + one call | {base:.2f} | 1.00 | |")
     for backend, values in walls.items():
         median = statistics.median(values)
         detail = ", ".join(f"{k} {v:.0f}" for k, v in phases[backend].items() if not k.startswith("store_read"))
-        print(f"| handler.py --test_input, {backend} | {median:.2f} | {median / base:.1f} | {detail} |")
+        print(f"| handler.py --test_input, {backend} | {median:.2f} | {median / base:.2f} | {detail} |")
     return 0
 
 

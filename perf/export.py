@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.cli import run_command
-from engine.models import load_model
+from engine.common.cli import run_command
+from engine.models.model import load_model
 from engine.settings import load_settings
-from engine.store import Store
+from engine.store.store import Store
 from export.trace import weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,13 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from engine.cli import run_command
-from engine.logs import configure_logging
-from engine.models import load_model
+from engine.common.cli import run_command
+from engine.common.logs import configure_logging
+from engine.models.model import load_model
+from engine.serving.worker import Worker
 from engine.settings import Backend, load_settings
-from engine.worker import Worker
 from perf.bench import percentiles
-from perf.loras import write_pair
+from perf.lora_files import write_pair
 
 BACKENDS = ["torch", "onnxruntime", "tensorrt"]
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from engine.models import Model
+from engine.models.model import Model
 from engine.prompts.tokens import content_length, tokenize_prompt
 
 PROMPT = "a photograph of a red fox in the snow, golden hour, highly detailed"

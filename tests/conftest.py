@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from engine.models import load_model
+from engine.models.model import load_model
 from engine.settings import Settings
-from engine.store import Store
+from engine.store.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

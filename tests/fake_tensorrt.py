@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import tensorrt_lean as real
 
-from engine.dtypes import BY_TENSORRT
+from engine.common.dtypes import BY_TENSORRT
 
 ONNX_TO_TRT = {
     onnx.TensorProto.FLOAT: "FLOAT",

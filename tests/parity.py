@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from engine.backends.select import ChainCalls
-from engine.metrics import StageTimer
-from engine.worker import Worker
+from engine.backends.chain import ChainCalls
+from engine.common.metrics import StageTimer
+from engine.serving.worker import Worker
 
 TOLERANCE = 2  # of 255, per pixel
 

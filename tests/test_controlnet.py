@@ -28,14 +28,14 @@ from diffusers import (
 )
 from PIL import Image, ImageDraw
 
-from engine.controls import canny
-from engine.errors import ConfigError
-from engine.models import load_model
+from engine.common.errors import ConfigError
 from engine.models.builtin import builtin_model_folder
 from engine.models.controlnet import CONTROLLED_UNET
+from engine.models.model import load_model
+from engine.request.images import canny
+from engine.serving.worker import Worker
 from engine.settings import Settings
-from engine.worker import Worker
-from perf.loras import write_lora
+from perf.lora_files import write_lora
 from tests.conftest import ROOT, export_command
 from tests.parity import assert_same_images, decoded, generate, picture, reference_images, to_base64
 from tests.test_inpaint import mask_image

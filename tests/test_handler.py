@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
-from engine.models import load_model
-from perf.loras import write_lora
+from engine.models.model import load_model
+from perf.lora_files import write_lora
 from tests.conftest import ROOT, runsync, serve_api, worker_env
 
 

@@ -31,8 +31,8 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
 
-from engine.models import load_model
-from perf.loras import write_lora
+from engine.models.model import load_model
+from perf.lora_files import write_lora
 from tests.conftest import free_port, runsync, serve_api, worker_env
 from tests.parity import picture
 

@@ -11,9 +11,9 @@ from diffusers import (
 )
 from PIL import Image
 
-from engine.errors import RequestError
+from engine.common.errors import RequestError
+from engine.serving.worker import Worker
 from engine.settings import Settings
-from engine.worker import Worker
 from tests.conftest import run_export
 from tests.parity import assert_same_images, decoded, generate, picture, reference_images, to_base64
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.worker import Worker
+from engine.serving.worker import Worker
 from tests.conftest import ROOT, worker_env
 from tests.parity import picture, to_base64
 

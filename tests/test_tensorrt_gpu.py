@@ -47,15 +47,15 @@ def test_networks_are_strongly_typed_on_the_real_bindings():
 
 
 def images(response: dict) -> list[np.ndarray]:
-    from export.verify import decode
+    from perf.verify import decode
 
     assert response["status"] == "success", response
     return [decode(item) for item in response["output"]]
 
 
 def test_tensorrt_matches_torch_on_the_gpu(gpu_store, make_settings):
-    from engine.worker import Worker
-    from export.verify import compare_images
+    from engine.serving.worker import Worker
+    from perf.verify import compare_images
 
     request = {"id": "g", "input": {"prompt": "a fox", "num_inference_steps": 8, "seed": 3, "num_images": 2}}
     reference = Worker(make_settings(device="cuda", backend="torch", engine_dir=gpu_store)).handle(request)
@@ -71,7 +71,7 @@ def test_tensorrt_matches_torch_on_the_gpu(gpu_store, make_settings):
 
 
 def test_a_request_outside_every_profile_falls_back_on_the_gpu(gpu_store, make_settings):
-    from engine.worker import Worker
+    from engine.serving.worker import Worker
 
     worker = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store))
     response = worker.handle({"id": "w", "input": {"prompt": "a fox", "width": 256, "num_inference_steps": 2}})
@@ -82,7 +82,7 @@ def test_a_request_outside_every_profile_falls_back_on_the_gpu(gpu_store, make_s
 
 def test_cuda_graphs_alternating_shapes_match_plain_enqueues(gpu_store, make_settings):
     """A (captured at warm-up, replayed) and B (plain), alternated: each output equals a plain enqueue's."""
-    from engine.worker import Worker
+    from engine.serving.worker import Worker
 
     graphed = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store, cuda_graphs=True))
     graphed.warmup()
@@ -106,10 +106,10 @@ def test_cuda_graphs_alternating_shapes_match_plain_enqueues(gpu_store, make_set
 
 def test_lora_refits_match_torch_and_leave_no_trace_on_the_gpu(gpu_store, make_settings, cache_dir, tmp_path):
     """Refitted engines against the torch backend with the same LoRAs, then A -> B -> A and back to base."""
-    from engine.models import load_model
-    from engine.worker import Worker
-    from export.verify import compare_images
-    from perf.loras import write_pair
+    from engine.models.model import load_model
+    from engine.serving.worker import Worker
+    from perf.lora_files import write_pair
+    from perf.verify import compare_images
 
     write_pair(load_model("tiny", cache_dir), tmp_path, rank=4)
     base = {"prompt": "a fox", "num_inference_steps": 6, "seed": 4}
@@ -133,8 +133,8 @@ def test_lora_refits_match_torch_and_leave_no_trace_on_the_gpu(gpu_store, make_s
 
 def test_long_weighted_prompts_run_on_the_engines_prompt_axis(gpu_store, make_settings):
     """A 3-chunk prompt (231 tokens in the UNet) runs on the engines' dynamic prompt axis, as torch does."""
-    from engine.worker import Worker
-    from export.verify import compare_images
+    from engine.serving.worker import Worker
+    from perf.verify import compare_images
 
     prompt = "(a watercolor fox:1.2) in the snow, " * 5 + "BREAK [pine forest], dusk light, fine detail"
     payload = {"prompt": prompt, "negative_prompt": "(blurry:1.3)", "num_inference_steps": 6, "seed": 5}
@@ -150,8 +150,8 @@ def test_long_weighted_prompts_run_on_the_engines_prompt_axis(gpu_store, make_se
 def test_a_bf16_checkpoint_runs_bf16_engines(tmp_path, cache_dir, make_settings):
     """A Flux folder stored in bf16: its transformer and T5 engines are bf16 (strongly typed, from the graph),
     CLIP and the VAE fp16, and the images match torch running the same precisions."""
-    from engine.worker import Worker
-    from export.verify import compare_images
+    from engine.serving.worker import Worker
+    from perf.verify import compare_images
     from tests.parity import bf16_flux
 
     model = str(bf16_flux(cache_dir, tmp_path / "bf16-flux"))
@@ -175,9 +175,9 @@ def test_a_bf16_checkpoint_runs_bf16_engines(tmp_path, cache_dir, make_settings)
 def test_controlnets_run_on_their_own_engines_and_the_controlled_unets(tmp_path, cache_dir, make_settings):
     """Two ControlNets, each built into its own engine with the controlled UNet, against torch on the GPU;
     the last steps, where neither acts, run the plain UNet's engine."""
-    from engine.models import load_model
-    from engine.worker import Worker
-    from export.verify import compare_images
+    from engine.models.model import load_model
+    from engine.serving.worker import Worker
+    from perf.verify import compare_images
     from tests.parity import picture, to_base64
     from tests.test_controlnet import make_controlnet
 
@@ -206,8 +206,8 @@ def test_controlnets_run_on_their_own_engines_and_the_controlled_unets(tmp_path,
 @pytest.mark.parametrize(("model", "size"), [("tiny-sd3", 128), ("tiny-flux", 512)])
 def test_transformer_families_run_on_their_engines(tmp_path, cache_dir, make_settings, model, size):
     """SD3's and Flux's transformers, T5 and CLIP encoders built into engines (T5 in fp32), against torch."""
-    from engine.worker import Worker
-    from export.verify import compare_images
+    from engine.serving.worker import Worker
+    from perf.verify import compare_images
 
     done = run_export(tmp_path, cache_dir, "--device", "cuda", "--model", model)
     assert done.returncode == 0, done.stderr[-3000:]

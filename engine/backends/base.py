@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.errors import BackendUnavailable
-from engine.models.spec import ComponentSpec, Shape
+from engine.common.errors import BackendUnavailable
+from engine.spec import ComponentSpec, Shape
 
 if TYPE_CHECKING:
     from engine.lora.library import WeightPatch

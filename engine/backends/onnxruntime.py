@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 import onnxruntime as ort
 import torch
 
-from engine.artifacts import ONNX_FILE, onnx_key
 from engine.backends.base import Runner
-from engine.dtypes import BY_TORCH, to_numpy
-from engine.errors import BackendUnavailable, NotBuilt
-from engine.models.spec import ComponentSpec
-from engine.store import Store
-from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
+from engine.common.dtypes import BY_TORCH, to_numpy
+from engine.common.errors import BackendUnavailable, NotBuilt
+from engine.spec import ComponentSpec
+from engine.store.keys import ONNX_FILE, onnx_key
+from engine.store.store import Store
+from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 
 if TYPE_CHECKING:
     from engine.lora.library import WeightPatch

@@ -1,22 +1,29 @@
 """PyTorch backend: the reference every export is checked against and the last fallback.
 
 On a GPU it runs fp16 with diffusers' scaled-dot-product attention; inputs arrive on
-the device already, so a step does no host-device copy and no synchronization.
+the device already, so a step does no host-device copy and no synchronization. A lazy
+runner loads its weights on first use, so a fallback costs nothing until it is needed; a
+shared one runs another runner's module (the controlled UNet on the UNet's own weights).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+import threading
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
 
 from engine.backends.base import Runner
-from engine.errors import BackendUnavailable
-from engine.models.spec import ComponentSpec
+from engine.common.errors import BackendUnavailable
+from engine.spec import ComponentSpec
 
 if TYPE_CHECKING:
     from engine.lora.library import WeightPatch
+
+
+log = logging.getLogger(__name__)
 
 
 class TorchRunner(Runner):
@@ -50,4 +57,68 @@ class TorchRunner(Runner):
     def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
             outputs = self.module(*(inputs[name] for name in self.spec.input_names))
+        return dict(zip(self.spec.output_names, outputs, strict=True))
+
+
+class LazyTorchRunner(Runner):
+    """A torch runner that loads its weights on first use, so a fallback costs nothing until needed."""
+
+    backend = "torch"
+
+    def __init__(self, spec: ComponentSpec, load: Callable[[], torch.nn.Module], precision: str, device: torch.device):
+        super().__init__(spec, precision, device)
+        self._load = load
+        self._runner: TorchRunner | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are in memory already."""
+        return self._runner is not None
+
+    def ensure_loaded(self) -> TorchRunner:
+        with self._lock:
+            if self._runner is None:
+                log.info("loading torch weights for %s", self.spec.name)
+                self._runner = TorchRunner(self.spec, self._load(), self.precision, self.device)
+            return self._runner
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.ensure_loaded().run(inputs)
+
+    def apply_patch(self, patch: WeightPatch | None) -> None:
+        if patch is None and self._runner is None:
+            return  # not loaded yet: it will load the base weights
+        self.ensure_loaded().apply_patch(patch)
+
+
+class SharedTorchRunner(Runner):
+    """A torch runner on another torch runner's module: the controlled UNet runs the UNet's own
+    weights, so torch holds one copy, and one LoRA state, whose key it reads from that runner."""
+
+    backend = "torch"
+
+    def __init__(self, spec: ComponentSpec, owner: LazyTorchRunner, wrap: Callable[[torch.nn.Module], torch.nn.Module]):
+        # not Runner.__init__: setting weights_key there would reset the owner's
+        self.spec, self.precision, self.device = spec, owner.precision, owner.device
+        self.owner = owner
+        self._wrap = wrap
+        self._module: torch.nn.Module | None = None
+
+    @property
+    def weights_key(self) -> str | None:  # type: ignore[override]
+        return self.owner.weights_key
+
+    @weights_key.setter
+    def weights_key(self, key: str | None) -> None:
+        self.owner.weights_key = key
+
+    def apply_patch(self, patch: WeightPatch | None) -> None:
+        self.owner.apply_patch(patch)
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._module is None:
+            self._module = self._wrap(self.owner.ensure_loaded().module)
+        with torch.inference_mode():
+            outputs = self._module(*(inputs[name] for name in self.spec.input_names))
         return dict(zip(self.spec.output_names, outputs, strict=True))

@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from engine.errors import RequestError
+from engine.common.errors import RequestError
 from engine.lora.files import shown
+from engine.models.family import LoraTarget
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,6 @@ MAX_WEIGHT_CHANGE = 10.0
 Trained LoRAs change weights by well under 1, the tests' random ones (stronger, to be seen on tiny
 images) by under 0.5; factors scaled by 1e20 or a kohya alpha of 1e30 are refused. With a request's
 largest scale (4) on each of up to 4 LoRAs, a weight moves by at most 160: finite in fp16."""
-
-
-@dataclass(frozen=True)
-class LoraTarget:
-    """Where a component's part of a LoRA file lives, and where its parameters are in our module."""
-
-    prefix: str
-    """The key prefix in diffusers' layout: ``unet``, ``text_encoder``, ``text_encoder_2``."""
-    module_prefix: str
-    """The component's module inside the wrapper the backends run (``unet.``, ``encoder.``)."""
-    is_unet: bool
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ from urllib.parse import urlsplit
 
 from safetensors import safe_open
 
-from engine.downloads import download_to, size_text
-from engine.errors import RequestError
-from engine.names import check_name
+from engine.common.downloads import download_to, size_text
+from engine.common.errors import RequestError
+from engine.common.names import check_name
 
 log = logging.getLogger(__name__)
 

@@ -20,20 +20,12 @@ from typing import Any
 
 import torch
 
-from engine.errors import RequestError
-from engine.logs import redact_urls
+from engine.common.errors import RequestError
+from engine.common.logs import redact_urls
 from engine.lora.factors import LoraWeights, LowRank, read_lora
 from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
-from engine.models import Model
-
-
-@dataclass(frozen=True)
-class LoraRequest:
-    """One ``loras`` entry, validated: a name or a URL, and its scale."""
-
-    name: str | None
-    url: str | None
-    scale: float
+from engine.models.model import Model
+from engine.request.entries import LoraRequest
 
 
 @dataclass(frozen=True)

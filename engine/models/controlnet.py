@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from engine.models.modules import weights_variant
-from engine.models.spec import ComponentSpec, TensorSpec, downsampled
+from engine.spec import ComponentSpec, TensorSpec, downsampled
 
 CONTROLLED_UNET = "unet_controlled"
 """The UNet variant with residual inputs; it shares the UNet's weights, fingerprint and LoRAs."""

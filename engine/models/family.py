@@ -13,18 +13,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from engine.lora.factors import LoraTarget
 from engine.models.modules import stored_dtype, weights_variant
-from engine.models.spec import ComponentSpec
-from engine.prompts.tokens import PromptLength, PromptSyntax, WeightedTokens, prompt_lengths, tokenize_prompt
+from engine.prompts.syntax import PromptSyntax
+from engine.prompts.tokens import PromptLength, WeightedTokens, prompt_lengths, tokenize_prompt
 from engine.schedulers import CLASSIC_SCHEDULERS
-
-if TYPE_CHECKING:
-    from engine.request import ResolvedRequest
+from engine.spec import ComponentSpec
 
 Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """Runs one component by name on named inputs; how the family reaches its text encoders."""
@@ -32,6 +29,17 @@ Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 TRANSFORMER_SAMPLE_SIZE = 128
 """Latent side of a transformer whose config has none (Flux's): diffusers' FluxPipeline default, 1024 px."""
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    """Where a component's part of a LoRA file lives, and where its parameters are in our module."""
+
+    prefix: str
+    """The key prefix in diffusers' layout: ``unet``, ``text_encoder``, ``text_encoder_2``."""
+    module_prefix: str
+    """The component's module inside the wrapper the backends run (``unet.``, ``encoder.``)."""
+    is_unet: bool
 
 
 @dataclass(frozen=True)
@@ -183,9 +191,11 @@ class ModelFamily(ABC):
         """The checkpoint's own default step count where it has one (Flux schnell: 4)."""
         return None
 
-    def classifier_free_scale(self, request: ResolvedRequest) -> float | None:
+    def classifier_free_scale(
+        self, guidance_scale: float, true_cfg_scale: float | None, has_negatives: bool
+    ) -> float | None:
         """The scale of classifier-free guidance (negatives batched with the prompts), or None without it."""
-        return request.guidance_scale if request.guidance_scale > 1.0 else None
+        return guidance_scale if guidance_scale > 1.0 else None
 
     def denoiser_inputs(self, config: ModelConfig, guidance_scale: float) -> dict[str, torch.Tensor]:
         """Inputs of the denoiser besides latents, timestep and text (Flux dev's embedded guidance)."""

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from engine.models.family import ModelConfig, ModelFamily
-from engine.prompts.tokens import PromptLength, PromptSyntax
+from engine.prompts.syntax import PromptSyntax
+from engine.prompts.tokens import PromptLength
 from engine.schedulers import FLOW_SCHEDULERS
 
 

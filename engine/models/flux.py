@@ -12,19 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from engine.models.components import TIMESTEP, token_ids, vae_module, vae_specs
 from engine.models.family import Encode, ModelConfig, PromptBatch, load_pretrained, repeat_for_images
 from engine.models.flow import FlowMatchingFamily, flow_shift
 from engine.models.modules import FluxTransformerModule, PooledTextModule, T5Module
-from engine.models.sd import TIMESTEP, token_ids, vae_module, vae_specs
-from engine.models.spec import ComponentSpec, TensorSpec
-
-if TYPE_CHECKING:
-    from engine.request import ResolvedRequest
+from engine.spec import ComponentSpec, TensorSpec
 
 DEV_T5_TOKENS = 512
 SCHNELL_T5_TOKENS = 256
@@ -107,10 +104,11 @@ class Flux(FlowMatchingFamily):
     def steps_default(self, config: ModelConfig) -> int | None:
         return None if guidance_distilled(config) else SCHNELL_STEPS
 
-    def classifier_free_scale(self, request: ResolvedRequest) -> float | None:
+    def classifier_free_scale(
+        self, guidance_scale: float, true_cfg_scale: float | None, has_negatives: bool
+    ) -> float | None:
         """True classifier-free guidance: ``true_cfg_scale`` above 1 with a negative prompt."""
-        scale = request.true_cfg_scale
-        return scale if scale is not None and scale > 1.0 and request.negative_prompts is not None else None
+        return true_cfg_scale if true_cfg_scale is not None and true_cfg_scale > 1.0 and has_negatives else None
 
     def denoiser_inputs(self, config: ModelConfig, guidance_scale: float) -> dict[str, torch.Tensor]:
         if not guidance_distilled(config):

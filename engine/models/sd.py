@@ -8,72 +8,19 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.lora.factors import LoraTarget
+from engine.models.components import token_ids, unet_spec, vae_module, vae_specs
 from engine.models.family import (
     Encode,
+    LoraTarget,
     ModelConfig,
     ModelFamily,
     PromptBatch,
     load_pretrained,
     repeat_for_images,
 )
-from engine.models.modules import TextEncoderModule, UNetModule, VaeDecoderModule, VaeEncoderModule
-from engine.models.spec import ComponentSpec, TensorSpec
+from engine.models.modules import TextEncoderModule, UNetModule
 from engine.prompts.tokens import apply_weights, chunk_count, chunked_inputs, joined
-
-TIMESTEP = TensorSpec("timestep", (1,), value_range=(0, 1000), keep_fp32=True)
-
-
-def unet_spec(config: ModelConfig, conditioning: tuple[TensorSpec, ...]) -> ComponentSpec:
-    unet = config.configs["unet"]
-    return ComponentSpec(
-        name="unet",
-        inputs=(
-            TensorSpec("sample", ("batch", unet["in_channels"], "latent_height", "latent_width")),
-            TIMESTEP,
-            *conditioning,
-        ),
-        outputs=(TensorSpec("noise_pred", ("batch", unet["out_channels"], "latent_height", "latent_width")),),
-        latent_factor=config.vae_scale_factor,
-        batch_multiplier=2,
-        tokens_per_chunk=config.configs["text_encoder"]["max_position_embeddings"],
-    )
-
-
-def vae_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
-    channels = config.configs["vae"]["latent_channels"]
-    factor = config.vae_scale_factor
-    latent = ("batch", channels, "latent_height", "latent_width")
-    images = TensorSpec("images", ("batch", 3, "height", "width"), value_range=(-1.0, 1.0))
-    return {
-        "vae_decoder": ComponentSpec(
-            name="vae_decoder",
-            inputs=(TensorSpec("latent", latent),),
-            outputs=(images,),
-            latent_factor=factor,
-        ),
-        "vae_encoder": ComponentSpec(
-            name="vae_encoder",
-            inputs=(images,),
-            outputs=(TensorSpec("latent_moments", ("batch", 2 * channels, "latent_height", "latent_width")),),
-            latent_factor=factor,
-        ),
-    }
-
-
-def token_ids(config: ModelConfig, encoder: str) -> TensorSpec:
-    text = config.configs[encoder]
-    return TensorSpec(
-        "input_ids",
-        ("text_batch", text["max_position_embeddings"]),
-        dtype="int64",
-        value_range=(0, text["vocab_size"]),
-    )
-
-
-def vae_module(component: str, folder: Path, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
-    vae = load_pretrained(folder, "vae", dtype, weights)
-    return VaeDecoderModule(vae) if component == "vae_decoder" else VaeEncoderModule(vae)
+from engine.spec import ComponentSpec, TensorSpec
 
 
 class StableDiffusion(ModelFamily):

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from engine.models.components import TIMESTEP, token_ids, vae_module, vae_specs
 from engine.models.family import Encode, ModelConfig, PromptBatch, load_pretrained, repeat_for_images
 from engine.models.flow import FlowMatchingFamily, flow_shift
 from engine.models.modules import SD3TransformerModule, T5Module, TextEncoderModule
-from engine.models.sd import TIMESTEP, token_ids, vae_module, vae_specs
-from engine.models.spec import ComponentSpec, TensorSpec
+from engine.spec import ComponentSpec, TensorSpec
 
 PENULTIMATE = -2
 T5_TOKENS = 256

@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.lora.factors import LoraTarget
+from engine.models.components import token_ids, unet_spec, vae_module, vae_specs
 from engine.models.family import (
     Encode,
+    LoraTarget,
     ModelConfig,
     ModelFamily,
     PromptBatch,
@@ -18,9 +19,8 @@ from engine.models.family import (
     repeat_for_images,
 )
 from engine.models.modules import TextEncoderModule, UNetModule
-from engine.models.sd import token_ids, unet_spec, vae_module, vae_specs
-from engine.models.spec import ComponentSpec, TensorSpec
 from engine.prompts.tokens import WeightedTokens, apply_weights, chunk_count, chunked_inputs, joined
+from engine.spec import ComponentSpec, TensorSpec
 
 PENULTIMATE = -2
 """SDXL conditions on the second-to-last hidden state of both text encoders."""

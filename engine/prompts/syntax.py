@@ -16,6 +16,10 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from typing import Literal
+
+PromptSyntax = Literal["a1111", "plain"]
+"""How a prompt is read: AUTOMATIC1111's weights and BREAK, or plain text."""
 
 ROUND_FACTOR = 1.1
 SQUARE_FACTOR = 1 / 1.1

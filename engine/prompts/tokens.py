@@ -18,13 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from engine.prompts.syntax import Fragment, parse_weights
+from engine.prompts.syntax import Fragment, PromptSyntax, parse_weights
 
-PromptSyntax = Literal["a1111", "plain"]
 """``a1111``: weights and BREAK as AUTOMATIC1111 reads them; ``plain``: the text as it is."""
 
 

@@ -10,10 +10,10 @@ import boto3
 import pytest
 import requests
 
-from engine.delivery import INLINE_AFTER_FAILED_UPLOAD, EncodedImage, inline_size
-from engine.errors import ConfigError
+from engine.common.errors import ConfigError
+from engine.serving.delivery import INLINE_AFTER_FAILED_UPLOAD, EncodedImage, inline_size
+from engine.serving.worker import Worker
 from engine.settings import load_settings
-from engine.worker import Worker
 from tests.conftest import free_port
 
 REQUEST = {"prompt": "a red fox", "num_inference_steps": 2, "seed": 9, "num_images": 2}
@@ -122,12 +122,12 @@ def test_a_failed_upload_of_images_that_fit_falls_back_to_inline(
     bucket = {"bucket_access_key_id": "HIDDEN-KEY", "bucket_secret_access_key": "HIDDEN-SECRET"}
     bucket.update(FAILING_BUCKETS[failure](s3_endpoint))
     worker = Worker(make_settings(backend="torch", always_upload=True, **bucket))
-    with caplog.at_level(logging.ERROR, logger="engine.delivery"):
+    with caplog.at_level(logging.ERROR, logger="engine.serving.delivery"):
         response = worker.handle({"id": "fallback", "input": REQUEST})
     assert response["status"] == "success", response
     assert response["metrics"]["delivery"] == INLINE_AFTER_FAILED_UPLOAD
     assert [base64.b64decode(item["image"]) for item in response["output"]] == inline_images
-    [record] = [record for record in caplog.records if record.name == "engine.delivery"]
+    [record] = [record for record in caplog.records if record.name == "engine.serving.delivery"]
     reason = record.getMessage()
     assert reason.startswith("bucket upload failed: ")
     assert ("NoSuchBucket" if failure == "missing bucket" else "127.0.0.1") in reason

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import runpod.serverless.utils.rp_ssrf  # noqa: F401 - imported here, not inside the first timed download
 
-from engine.downloads import download, download_limits, limit_to_request
-from engine.errors import RequestError
-from engine.logs import JsonFormatter
+from engine.common.downloads import download, download_limits, limit_to_request
+from engine.common.errors import RequestError
+from engine.common.logs import JsonFormatter
 
 DRIP_EVERY_S = 0.2
 SERVER_GIVES_UP_S = 30.0
@@ -273,7 +273,7 @@ def test_nothing_listening_is_a_connection_error():
 def test_the_worker_holds_its_downloads_to_the_setting_and_to_the_request_timeout(
     drip_server, allow_loopback, make_settings
 ):
-    from engine.worker import Worker
+    from engine.serving.worker import Worker
 
     worker = Worker(make_settings(backend="torch", download_timeout_s=1.5, download_min_bytes_per_s=0))
     url = f"http://{drip_server(BODY)}/fox.png"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
-from engine.faults import DeviceExecutionError, is_unrecoverable
+from engine.common.faults import DeviceExecutionError, is_unrecoverable
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 ILLEGAL = "CUDA error: an illegal memory access was encountered"

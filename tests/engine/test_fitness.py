@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine import fitness
-from engine.metrics import ColdStart
-from engine.startup import Startup, start
+from engine.common.metrics import ColdStart
+from engine.serving import fitness
+from engine.serving.startup import Startup, start
 from tests.conftest import use_settings_env
 
 
@@ -33,7 +33,7 @@ def test_each_check_names_what_is_wrong(make_settings, overrides, check, message
 def test_an_incomplete_model_folder_fails(make_settings, tmp_path, cache_dir):
     import shutil
 
-    from engine.models import load_model
+    from engine.models.model import load_model
 
     folder = tmp_path / "model"
     shutil.copytree(load_model("tiny", cache_dir).folder, folder)
@@ -65,13 +65,13 @@ def test_a_worker_that_cannot_start_reports_why_and_fails_its_fitness(monkeypatc
 
 
 def test_an_unexpected_start_up_failure_keeps_its_text_in_the_log(monkeypatch, make_settings, capsys):
-    import engine.startup
+    import engine.serving.startup
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot read /srv/private/weights")
 
     use_settings_env(monkeypatch, make_settings())
-    monkeypatch.setattr(engine.startup, "Worker", broken)
+    monkeypatch.setattr(engine.serving.startup, "Worker", broken)
     startup = start(ColdStart())
     assert startup.error == "RuntimeError (the worker's log has the details)"
     assert "cannot read /srv/private/weights" in capsys.readouterr().err, "the log (JSON on stderr) has it"

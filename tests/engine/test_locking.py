@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.locking import HOST, BuildLock, LockTimeout
+from engine.store.locking import HOST, BuildLock, LockTimeout
 
 
 def _count_under_lock(lock_path: str, counter: str, rounds: int) -> None:
@@ -76,7 +76,7 @@ def test_a_lock_renewed_since_it_was_judged_stale_is_not_broken(tmp_path):
     path = tmp_path / "e.lock"
     write_lock(path, host="another-host", pid=1)
     lock = BuildLock(path, stale_after=1.0, heartbeat=0.2)
-    from engine.locking import _read_owner, _Seen
+    from engine.store.locking import _read_owner, _Seen
 
     owner, mtime_ns = _read_owner(path)
     stale = _Seen(owner["token"], mtime_ns, owner, time.monotonic() - 10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from engine.logs import JsonFormatter, redact_urls
+from engine.common.logs import JsonFormatter, redact_urls
 
 
 def test_log_lines_cut_every_url_to_scheme_host_and_path():

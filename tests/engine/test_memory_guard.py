@@ -10,16 +10,16 @@ import psutil
 import pytest
 import torch
 
-import engine.worker as worker_module
+import engine.serving.memory as memory_module
 from engine.backends.base import Runner
-from engine.errors import RequestError
-from engine.lora.library import LoraRequest
-from engine.memory import available_bytes, cuda_room, estimates, patch_bytes, residual_elements
-from engine.models import load_model
+from engine.common.errors import RequestError
 from engine.models.builtin import builtin_model_folder
 from engine.models.controlnet import CONTROLLED_UNET
-from engine.worker import Worker
-from perf.loras import write_lora
+from engine.models.model import load_model
+from engine.request.entries import LoraRequest
+from engine.serving.memory import available_bytes, cuda_room, estimates, patch_bytes, residual_elements
+from engine.serving.worker import Worker
+from perf.lora_files import write_lora
 from tests.parity import picture, to_base64
 from tests.test_controlnet import make_controlnet
 
@@ -119,7 +119,7 @@ class EngineStandIn(Runner):
 def room(monkeypatch) -> list[int]:
     """The free memory the worker reads, set by the test (MIN_FREE_MEMORY_GB=0 in these workers)."""
     free = [0]
-    monkeypatch.setattr(worker_module, "available_bytes", lambda device: free[0])
+    monkeypatch.setattr(memory_module, "available_bytes", lambda device: free[0])
     return free
 
 

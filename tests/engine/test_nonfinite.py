@@ -15,15 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine.backends.assemble import build_chains
 from engine.backends.base import Runner
-from engine.backends.select import (
-    LazyTorchRunner,
-    RunnerChain,
-    build_chains,
-)
+from engine.backends.chain import RunnerChain
+from engine.backends.torch import LazyTorchRunner
 from engine.models.builtin import builtin_model_folder
-from engine.store import Store
-from engine.worker import Worker
+from engine.serving.worker import Worker
+from engine.store.store import Store
 from tests.export.test_export import images_of
 from tests.parity import picture, to_base64
 from tests.test_controlnet import make_controlnet

@@ -15,8 +15,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from engine.serving.worker import Worker
 from engine.settings import Settings
-from engine.worker import Worker
 from tests.parity import assert_same_images, generate, picture, reference_images, to_base64
 
 SD = StableDiffusionPipeline, StableDiffusionImg2ImgPipeline

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from engine.models.controlnet import ResidualLayout, controlled_unet_spec
-from engine.models.spec import ComponentSpec, Dims, TensorSpec
-from engine.profiles import Profile, SizeRange, choose, default_ranges, parse_ranges, profile_for
+from engine.sizes import SizeRange, default_ranges, parse_ranges
+from engine.spec import ComponentSpec, Dims, TensorSpec
+from engine.store.profiles import Profile, choose, profile_for
 
 UNET = ComponentSpec(
     name="unet",
@@ -48,8 +49,8 @@ def test_default_range_follows_the_native_size_and_covers_max_images():
 
 def test_the_default_profiles_cover_every_batch_the_default_limits_accept(make_settings, cache_dir):
     """MAX_IMAGES images doubled for guidance in the UNet; negatives and prompts in the text encoder."""
-    from engine.models import load_model
-    from engine.models.spec import Dims
+    from engine.models.model import load_model
+    from engine.spec import Dims
 
     settings = make_settings()
     model = load_model("tiny", cache_dir)
@@ -68,7 +69,7 @@ def test_the_default_profiles_cover_every_batch_the_default_limits_accept(make_s
 
 
 def test_prompt_length_sets_the_text_encoders_rows_and_the_unets_sequence(cache_dir):
-    from engine.models import load_model
+    from engine.models.model import load_model
 
     specs = load_model("tiny-sdxl", cache_dir).specs
     dims = Dims(2, 64, 64, prompt_chunks=3)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.errors import RequestError
-from engine.request import Limits, parse_request
+from engine.common.errors import RequestError
+from engine.request.limits import Limits
+from engine.request.schema import parse_request
 from engine.schedulers import SCHEDULER_NAMES
 
 LIMITS = Limits(

@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from engine.backends.base import Runner
+from engine.backends.chain import FAILURES_BEFORE_REMOVAL
 from engine.backends.onnxruntime import OnnxRuntimeRunner
-from engine.backends.select import FAILURES_BEFORE_REMOVAL, LazyTorchRunner
-from engine.models.spec import Shape
-from engine.worker import Worker
+from engine.backends.torch import LazyTorchRunner
+from engine.serving.worker import Worker
+from engine.spec import Shape
 from tests.export.test_export import REQUEST, images_of
 
 
@@ -124,7 +125,7 @@ def test_runners_are_chosen_on_the_rows_each_text_encoder_really_gets(exported_s
 def test_without_the_torch_fallback_an_uncovered_request_is_refused_clearly(exported, make_settings, tmp_path):
     import shutil
 
-    from engine.store import Store
+    from engine.store.store import Store
 
     partial = tmp_path / "engines"
     shutil.copytree(exported, partial)
@@ -152,7 +153,7 @@ def test_nothing_exported_yet_is_one_info_line_with_the_command_for_this_model(m
     caplog.set_level(logging.INFO)
     worker = Worker(make_settings(model="tiny-sdxl", backend="onnxruntime", engine_dir=tmp_path / "empty"))
     hint = "run `python -m export --model tiny-sdxl`"
-    records = [r for r in caplog.records if r.name == "engine.backends.select"]
+    records = [r for r in caplog.records if r.name == "engine.backends.assemble"]
     assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     [line] = [r.getMessage() for r in records if "nothing built" in r.getMessage()]
     assert "nothing built for onnxruntime yet (text_encoder, text_encoder_2, unet, vae_decoder, vae_encoder)" in line
@@ -167,7 +168,7 @@ def test_nothing_exported_yet_is_one_info_line_with_the_command_for_this_model(m
 def test_a_local_model_folder_is_named_by_its_setting_in_replies(make_settings, tmp_path, cache_dir):
     import shutil
 
-    from engine.models import load_model
+    from engine.models.model import load_model
 
     folder = tmp_path / "models" / "private-name"
     shutil.copytree(load_model("tiny", cache_dir).folder, folder)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import ArtifactError
-from engine.store import HOST, MANIFEST, ArtifactKey, Staging, Store
+from engine.common.errors import ArtifactError
+from engine.store.store import HOST, MANIFEST, ArtifactKey, Staging, Store
 
 REAL_TIME = time.time
 KEY = ArtifactKey(kind="onnx", component="unet", fingerprint="f" * 64, precision="fp32", exporter="x-v1")

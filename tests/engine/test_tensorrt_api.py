@@ -20,7 +20,12 @@ from tests import fake_tensorrt
 
 lean = pytest.importorskip("tensorrt_lean", reason="the dev extra installs tensorrt-lean-cu13")
 ROOT = Path(__file__).resolve().parents[2]
-TENSORRT_MODULES = ["engine/backends/tensorrt.py", "export/tensorrt.py", "export/stages.py"]
+TENSORRT_MODULES = [
+    "engine/backends/tensorrt/runtime.py",
+    "engine/backends/tensorrt/engine.py",
+    "export/tensorrt.py",
+    "export/stages.py",
+]
 IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]{2,}")
 REMOVED_IN_TENSORRT_11 = [
     ("BuilderFlag", "FP16"),
@@ -148,6 +153,6 @@ def test_runtime_names_the_runner_needs_are_precise_on_the_lean_bindings():
 
 
 def test_every_element_type_names_a_real_tensorrt_data_type():
-    from engine.dtypes import ELEMENT_TYPES
+    from engine.common.dtypes import ELEMENT_TYPES
 
     assert all(hasattr(lean.DataType, element.tensorrt) for element in ELEMENT_TYPES)

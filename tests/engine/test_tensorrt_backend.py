@@ -12,12 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.artifacts import ENGINE_FILE
-from engine.backends.select import LazyTorchRunner, RunnerChain
-from engine.backends.tensorrt import TensorRTRunner, load_tensorrt
-from engine.fingerprint import component_fingerprint
-from engine.profiles import SizeRange
-from engine.worker import Worker
+from engine.backends.chain import RunnerChain
+from engine.backends.tensorrt.loading import load_tensorrt
+from engine.backends.tensorrt.runner import TensorRTRunner
+from engine.backends.torch import LazyTorchRunner
+from engine.serving.worker import Worker
+from engine.sizes import SizeRange
+from engine.store.fingerprint import component_fingerprint
+from engine.store.keys import ENGINE_FILE
 from tests import fake_tensorrt
 
 DYNAMIC = SizeRange(64, 64, 96, 2)
@@ -134,7 +136,7 @@ def test_engines_of_another_tensorrt_version_are_not_loaded(store, model, monkey
 
 
 def test_engines_that_exist_but_do_not_load_fail_a_fitness_check(store, model, monkeypatch):
-    from engine.startup import Startup
+    from engine.serving.startup import Startup
 
     fake_tensorrt.publish_fake_engines(store, model, ["unet"], [DYNAMIC], monkeypatch)
     assert load(store, model, ["unet"]).unusable is None, "one engine loads: nothing to report"

@@ -17,9 +17,9 @@ import torch
 from runpod.serverless.modules.rp_job import run_job
 
 from engine.backends.base import Runner
-from engine.faults import DeviceFaults
-from engine.logs import JsonFormatter
-from engine.worker import Worker
+from engine.common.faults import DeviceFaults
+from engine.common.logs import JsonFormatter
+from engine.serving.worker import Worker
 
 REQUEST = {"prompt": "a fox", "num_inference_steps": 3, "seed": 1}
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.artifacts import ONNX_FILE
-from engine.errors import ArtifactError
-from engine.store import Store
-from engine.worker import Worker
+from engine.common.errors import ArtifactError
+from engine.serving.worker import Worker
+from engine.store.keys import ONNX_FILE
+from engine.store.store import Store
 from tests.conftest import ROOT, export_command, run_export
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -161,7 +161,7 @@ def test_an_export_killed_mid_build_leaves_nothing_served_and_the_next_run_compl
 
 def test_a_graph_that_fails_validation_is_not_published(tmp_path, cache_dir, monkeypatch):
     import export.validate
-    from engine.models import load_model
+    from engine.models.model import load_model
     from export.stagelog import StageLog
     from export.stages import Exporter
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.store import Store
-from engine.worker import Worker
+from engine.serving.worker import Worker
+from engine.store.store import Store
 from export.trace import weight_bytes
 from perf.models import build_sd15
 from tests.conftest import run_export
@@ -45,7 +45,7 @@ def sd15_exports(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, sd15
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_a_full_size_export_stays_within_its_memory_and_time_bounds(sd15, sd15_exports, cache_dir, precision):
-    from engine.models import load_model
+    from engine.models.model import load_model
 
     unet_mb = weight_bytes(load_model(str(sd15), cache_dir), "unet") / 2**20
     artifacts = {a.key.component: a for a in Store(sd15_exports).find(kind="onnx", precision=precision)}

@@ -17,16 +17,16 @@ import onnx
 import pytest
 import torch
 
-from engine.artifacts import ONNX_FILE
 from engine.backends.onnxruntime import load_onnxruntime_runner
-from engine.errors import ArtifactError
-from engine.fingerprint import component_fingerprint
-from engine.models import load_model
+from engine.common.errors import ArtifactError
 from engine.models.builtin import TEXT_HIDDEN, build_tiny, byte_tokenizer, clip_text_encoder
-from engine.models.spec import Dims
-from engine.store import Artifact, Store
-from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
-from engine.worker import Worker
+from engine.models.model import load_model
+from engine.serving.worker import Worker
+from engine.spec import Dims
+from engine.store.fingerprint import component_fingerprint
+from engine.store.keys import ONNX_FILE
+from engine.store.store import Artifact, Store
+from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 from export.precision import FP32_OPS
 from export.weights import ALIGNMENT, data_file_name
 from tests.conftest import run_export

@@ -13,13 +13,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from engine.artifacts import ONNX_FILE
 from engine.backends.bf16 import emulated_bf16
 from engine.backends.onnxruntime import OnnxRuntimeRunner
-from engine.models import load_model
-from engine.models.spec import Dims
-from engine.store import Store
-from engine.weightmap import WeightMap
+from engine.models.model import load_model
+from engine.spec import Dims
+from engine.store.keys import ONNX_FILE
+from engine.store.store import Store
+from engine.store.weightmap import WeightMap
 from export.onnx import export_dims, export_onnx
 from export.optimize import optimize
 from export.trace import load_module, references_for

@@ -12,10 +12,11 @@ import json
 import pytest
 import torch
 
-from engine.artifacts import ONNX_FILE
-from engine.errors import ArtifactError
-from engine.profiles import SizeRange, profile_for
-from engine.store import Store
+from engine.common.errors import ArtifactError
+from engine.sizes import SizeRange
+from engine.store.keys import ONNX_FILE
+from engine.store.profiles import profile_for
+from engine.store.store import Store
 from export import stages
 from export.stagelog import StageLog
 from export.stages import EngineBuilder, Exporter
@@ -124,7 +125,7 @@ def test_an_engine_that_differs_from_torch_is_not_published(store, model):
 def test_the_lean_runtime_cannot_build(store):
     import tensorrt_lean
 
-    from engine.errors import BackendUnavailable
+    from engine.common.errors import BackendUnavailable
 
     with pytest.raises(BackendUnavailable, match="full TensorRT"):
         EngineBuilder.create(store, "sm90", [], OPTIONS, 30, 1, trt=tensorrt_lean)

@@ -11,8 +11,8 @@ import pytest
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from engine.models import load_model
-from perf.loras import write_lora
+from engine.models.model import load_model
+from perf.lora_files import write_lora
 
 PIPELINES = {"tiny": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
 PAYLOAD = {"prompt": "a red fox in the snow", "seed": 5, "num_inference_steps": 4, "width": 64, "height": 64}

@@ -17,17 +17,19 @@ import numpy as np
 import pytest
 import torch
 
+from engine.backends.assemble import graph_weight_map
+from engine.backends.chain import RunnerChain
 from engine.backends.onnxruntime import load_onnxruntime_runner
-from engine.backends.select import RunnerChain, graph_weight_map
-from engine.backends.tensorrt import load_tensorrt
+from engine.backends.tensorrt.loading import load_tensorrt
 from engine.backends.torch import TorchRunner
-from engine.fingerprint import component_fingerprint
 from engine.lora.files import LoraFiles
-from engine.lora.library import LoraLibrary, LoraRequest
-from engine.models import load_model
-from engine.models.spec import Dims
-from engine.profiles import SizeRange
-from engine.store import Store
+from engine.lora.library import LoraLibrary
+from engine.models.model import load_model
+from engine.request.entries import LoraRequest
+from engine.sizes import SizeRange
+from engine.spec import Dims
+from engine.store.fingerprint import component_fingerprint
+from engine.store.store import Store
 from export.tensorrt import refit_names
 from export.validate import compare, reference_outputs
 from tests import fake_tensorrt
@@ -177,7 +179,7 @@ def test_an_engine_built_without_refit_hands_lora_requests_to_the_next_backend(
 
 
 def test_an_unreadable_weight_map_is_a_value_error_naming_the_file(tmp_path):
-    from engine.weightmap import WEIGHT_MAP_FILE, WeightMap
+    from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 
     (tmp_path / WEIGHT_MAP_FILE).write_text('{"format": 1, "data_file": "model.onnx.data", "weights": []}')
     with pytest.raises(ValueError, match=f"{WEIGHT_MAP_FILE} is unreadable: 'unpatchable'"):

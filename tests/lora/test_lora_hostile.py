@@ -26,16 +26,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.backends.base import Runner
-from engine.backends.select import RunnerChain, SharedTorchRunner, weights_lock
-from engine.errors import RequestError
+from engine.backends.chain import RunnerChain, weights_lock
+from engine.backends.torch import SharedTorchRunner
+from engine.common.errors import RequestError
 from engine.lora import library as library_module
 from engine.lora.factors import MAX_WEIGHT_CHANGE, read_lora
 from engine.lora.files import MAX_TENSORS, LoraFiles, Refusals
-from engine.lora.library import LoraLibrary, LoraRequest, WeightPatch
-from engine.models import load_model
+from engine.lora.library import LoraLibrary, WeightPatch
+from engine.models.model import load_model
+from engine.request.entries import LoraRequest
+from engine.serving.worker import Worker
 from engine.settings import Settings
-from engine.worker import Worker
-from perf.loras import write_lora
+from perf.lora_files import write_lora
 from tests.lora.conftest import PAYLOAD, image_of
 
 MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"

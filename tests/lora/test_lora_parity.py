@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.worker import Worker
+from engine.serving.worker import Worker
 from tests.lora.conftest import PAYLOAD, image_of, reference_pipeline
 from tests.parity import TOLERANCE
 

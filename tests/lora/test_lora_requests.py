@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.models import load_model
+from engine.models.model import load_model
+from engine.serving.worker import Worker
 from engine.settings import Settings
-from engine.worker import Worker
-from perf.loras import write_lora
+from perf.lora_files import write_lora
 from tests.lora.conftest import PAYLOAD, image_of
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from engine.backends.select import ChainCalls
+from engine.backends.chain import ChainCalls
 from engine.models.family import PromptBatch
+from engine.serving.worker import Worker
 from engine.settings import Settings
-from engine.worker import Worker
 
 
 def make(model: str, cls, cache_dir, engine_dir):

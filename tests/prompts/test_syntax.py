@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from engine.errors import RequestError
+from engine.common.errors import RequestError
 from engine.prompts import syntax
 from engine.prompts.syntax import (
     MAX_DEPTH,
@@ -24,7 +24,8 @@ from engine.prompts.syntax import (
     parse_weights,
     weight_problems,
 )
-from engine.request import Limits, validate_request
+from engine.request.limits import Limits
+from engine.request.schema import validate_request
 
 
 def pairs(prompt: str) -> list[list]:

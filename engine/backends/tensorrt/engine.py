@@ -1,0 +1,221 @@
+"""One deserialized TensorRT engine, run with execute_async_v3 on a dedicated stream.
+
+Every engine of the worker runs on one CUDA stream, one after another, so their
+execution contexts share one scratch buffer (``USER_MANAGED`` device memory sized by
+the largest ``device_memory_size_v2``). Each input shape gets its own execution context
+and buffers, made once and kept (``CUDA_GRAPH_SHAPES`` per engine, least recently used
+out), so a context is never reconfigured under a captured graph. With CUDA graphs, the
+warm-up captures each profile's optimum shapes and requests at those shapes replay them;
+other shapes run plainly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.backends.tensorrt.runtime import make_logger
+from engine.common.dtypes import BY_TENSORRT, BY_TORCH
+from engine.common.errors import BackendUnavailable
+from engine.common.faults import DeviceExecutionError
+from engine.spec import ComponentSpec, Shape
+from engine.store.profiles import Profile, choose
+from engine.store.weightmap import WeightMap
+
+if TYPE_CHECKING:
+    from engine.lora.library import WeightPatch
+
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _ShapeSlot:
+    """One execution context, configured once for one set of input shapes, with its buffers and,
+    once captured, its CUDA graph. A graph freezes its context's shapes and addresses, so a
+    context is never reconfigured: another shape gets another context (they share the scratch)."""
+
+    context: Any
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+    graph: torch.cuda.CUDAGraph | None = None
+
+
+@dataclass
+class LoadedEngine:
+    """One deserialized engine, with a context and buffers per input shape (least recently used out)."""
+
+    trt: ModuleType
+    engine: Any
+    profiles: tuple[Profile, ...]
+    """The engine's optimization profiles, in the order it was built with them."""
+    spec: ComponentSpec
+    device: torch.device
+    use_cuda_graphs: bool
+    name: str = ""
+    max_shapes: int = 4
+    plan_bytes: int = 0
+    scratch: torch.Tensor | None = None
+    slots: OrderedDict[tuple[Shape, ...], _ShapeSlot] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        expected = set(self.spec.input_names) | set(self.spec.output_names)
+        if names != expected:
+            raise BackendUnavailable(f"engine tensors {sorted(names)} do not match the spec's {sorted(expected)}")
+
+    @property
+    def device_memory_size(self) -> int:
+        return int(self.engine.device_memory_size_v2)
+
+    def bind_scratch(self, scratch: torch.Tensor) -> None:
+        """The device memory every context of every engine uses; they run one at a time on one stream."""
+        self.scratch = scratch
+        for slot in self.slots.values():
+            slot.context.set_device_memory(scratch.data_ptr(), scratch.numel())
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return BY_TENSORRT[self.engine.get_tensor_dtype(name).name].torch
+
+    def _new_slot(self, key: tuple[Shape, ...], stream: torch.cuda.Stream | None) -> _ShapeSlot:
+        if self.scratch is None:
+            raise BackendUnavailable(f"{self.name}: no scratch memory bound")
+        index = choose(self.profiles, dict(zip(self.spec.input_names, key, strict=True)))
+        if index is None:
+            raise BackendUnavailable(f"{self.name}: no profile covers {key}")
+        context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+        if not context.set_optimization_profile_async(index, stream.cuda_stream if stream is not None else 0):
+            raise BackendUnavailable(f"{self.name}: TensorRT refused optimization profile {index}")
+        for name, shape in zip(self.spec.input_names, key, strict=True):
+            if not context.set_input_shape(name, shape):
+                raise BackendUnavailable(f"{self.name}: TensorRT refused shape {shape} for {name}")
+        inputs = {
+            name: torch.empty(shape, dtype=self._dtype(name), device=self.device)
+            for name, shape in zip(self.spec.input_names, key, strict=True)
+        }
+        outputs = {
+            name: torch.empty(tuple(context.get_tensor_shape(name)), dtype=self._dtype(name), device=self.device)
+            for name in self.spec.output_names
+        }
+        for name, tensor in (*inputs.items(), *outputs.items()):
+            context.set_tensor_address(name, tensor.data_ptr())
+        return _ShapeSlot(context, inputs, outputs)
+
+    def _slot(self, key: tuple[Shape, ...], stream: torch.cuda.Stream | None) -> _ShapeSlot:
+        """The context for these shapes, made on first use; the least recently used one goes past ``max_shapes``."""
+        slot = self.slots.get(key)
+        if slot is not None:
+            self.slots.move_to_end(key)
+            return slot
+        if len(self.slots) >= self.max_shapes:
+            if stream is not None:
+                stream.synchronize()  # nothing queued may still use the buffers about to be freed
+            evicted, _ = self.slots.popitem(last=False)
+            log.debug("%s: dropped the context for %s", self.name, evicted)
+        slot = self.slots[key] = self._new_slot(key, stream)
+        return slot
+
+    def execute(self, inputs: Mapping[str, torch.Tensor], stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
+        """Copies inputs into the shape's buffers, runs (or replays), and returns copies of the outputs."""
+        key = tuple(tuple(inputs[name].shape) for name in self.spec.input_names)
+        slot = self._slot(key, stream)
+        handle = stream.cuda_stream if stream is not None else 0
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for name, tensor in inputs.items():
+                slot.inputs[name].copy_(tensor, non_blocking=True)
+            if slot.graph is not None:
+                slot.graph.replay()
+            elif not slot.context.execute_async_v3(handle):
+                raise DeviceExecutionError(f"{self.spec.name}: TensorRT execution failed")
+            return {name: tensor.clone() for name, tensor in slot.outputs.items()}
+
+    def refit(
+        self,
+        weight_map: WeightMap,
+        patch: WeightPatch | None,
+        restore: Iterable[str],
+        stream: torch.cuda.Stream | None,
+    ) -> None:
+        """Sets the patch's weights to base + delta and the ``restore`` parameters back to base, from the
+        base values in the graph's data file every time (refitting on top of an earlier LoRA would keep
+        its trace), then refits on the worker's stream and recaptures the CUDA graphs it had."""
+        refitter = self.trt.Refitter(self.engine, make_logger(self.trt))
+        refittable = set(refitter.get_all_weights())
+        wanted = set(patch.names) if patch is not None else set()
+        targets = [
+            (name, weight) for name in sorted(wanted | set(restore)) for weight in weight_map.by_parameter.get(name, [])
+        ]
+        fixed = sorted({weight.initializer for _, weight in targets} - refittable)
+        if fixed:
+            raise BackendUnavailable(
+                f"{self.name} cannot refit {', '.join(fixed[:3])} "
+                "(ENGINE_REFIT=all also makes convolution kernels refittable)"
+            )
+        location = self.trt.TensorLocation.DEVICE if self.device.type == "cuda" else self.trt.TensorLocation.HOST
+        values = []  # TensorRT reads them during the refit: they live until it is done
+        for name, weight in targets:
+            delta = patch.delta(name, self.device) if patch is not None and name in wanted else None
+            value = weight_map.patched_value(weight, delta, self.device)
+            values.append(value)
+            element = getattr(self.trt.DataType, BY_TORCH[value.dtype].tensorrt)
+            if not refitter.set_named_weights(
+                weight.initializer, self.trt.Weights(element, value.data_ptr(), value.numel()), location
+            ):
+                raise BackendUnavailable(f"{self.name}: TensorRT refused the weights for {weight.initializer}")
+        if not refitter.refit_cuda_engine_async(stream.cuda_stream if stream is not None else 0):
+            raise BackendUnavailable(
+                f"{self.name}: TensorRT refused the refit (missing: {refitter.get_missing_weights()})"
+            )
+        if stream is not None:
+            stream.synchronize()
+        self._recapture(stream)
+
+    def _recapture(self, stream: torch.cuda.Stream | None) -> None:
+        """Graphs captured before a refit are replaced by new captures of the same shapes."""
+        captured = [key for key, slot in self.slots.items() if slot.graph is not None]
+        for key in captured:
+            self.slots[key].graph = None
+        if stream is not None:
+            for key in captured:
+                self._capture(key, stream)
+
+    def capture_optima(self, stream: torch.cuda.Stream) -> int:
+        """CUDA graphs of each profile's optimum shapes (at warm-up, never in a request); how many were kept."""
+        captured = 0
+        for profile in self.profiles:
+            shapes = profile.shapes()
+            captured += self._capture(tuple(shapes[name].optimum for name in self.spec.input_names), stream)
+        return captured
+
+    def _capture(self, key: tuple[Shape, ...], stream: torch.cuda.Stream) -> bool:
+        """Runs these shapes once, then captures them; a capture whose enqueue fails is discarded."""
+        slot = self._slot(key, stream)
+        if slot.graph is not None:
+            return True
+        with torch.cuda.stream(stream):
+            for tensor in slot.inputs.values():
+                tensor.zero_()
+            if not slot.context.execute_async_v3(stream.cuda_stream):  # the first run initializes lazily
+                raise DeviceExecutionError(f"{self.spec.name}: TensorRT execution failed")
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                captured = slot.context.execute_async_v3(stream.cuda_stream)
+        except RuntimeError as error:
+            log.warning("%s: CUDA graph capture failed at %s, running without: %s", self.name, key, error)
+            return False
+        if not captured:
+            log.warning(
+                "%s: TensorRT's enqueue failed during CUDA graph capture at %s, running without", self.name, key
+            )
+            return False
+        slot.graph = graph
+        return True

@@ -1,0 +1,1 @@
+"""Pieces every stage uses: failure classes, device faults, element types, logs, timers, downloads, names."""

@@ -1,0 +1,176 @@
+"""Model resolution and loading: a name or folder in, a described model out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.common.errors import ModelError
+from engine.models.builtin import BUILTIN_MODELS, builtin_model_folder
+from engine.models.controlnet import (
+    CONTROLLED_UNET,
+    ControlledUNetModule,
+    controlled_unet_spec,
+    controlnet_component,
+    controlnet_spec,
+    load_controlnet,
+    mismatches,
+    read_controlnet_config,
+)
+from engine.models.family import ModelConfig, ModelFamily
+from engine.models.flux import Flux
+from engine.models.sd import StableDiffusion
+from engine.models.sd3 import StableDiffusion3
+from engine.models.sdxl import StableDiffusionXL
+from engine.spec import ComponentSpec
+
+log = logging.getLogger(__name__)
+
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+
+
+def family_for(pipeline_class: str) -> ModelFamily:
+    for family in FAMILIES:
+        if pipeline_class in family.pipeline_classes:
+            return family
+    known = ", ".join(name for family in FAMILIES for name in family.pipeline_classes)
+    raise ModelError(f"unsupported pipeline {pipeline_class!r}; supported: {known}")
+
+
+def resolve_model_folder(name: str, cache_dir: Path, revision: str | None = None) -> Path:
+    """A built-in name, a local diffusers folder, or (explicitly) a Hugging Face hub id."""
+    if name in BUILTIN_MODELS:
+        return builtin_model_folder(name, cache_dir)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"{path} is not a diffusers model folder: model_index.json is missing")
+        return path.resolve()
+    if name.count("/") == 1 and not name.startswith(("/", ".", "~")):
+        from huggingface_hub import snapshot_download
+
+        log.info("downloading %s from the Hugging Face hub", name)
+        try:
+            return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        except Exception as error:  # offline, unknown repo, gated: the hub's errors are many and untyped
+            raise ModelError(
+                f"MODEL={name}: cannot download it from the Hugging Face hub ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it once and set MODEL "
+                "to its local folder"
+            ) from error
+    builtins = ", ".join(BUILTIN_MODELS)
+    raise ModelError(
+        f"MODEL={name}: not a built-in model ({builtins}), an existing diffusers folder, or a hub id (owner/name)"
+    )
+
+
+@dataclass
+class Model:
+    """A model folder with its family, configs and one spec per component."""
+
+    name: str
+    folder: Path
+    family: ModelFamily
+    config: ModelConfig
+    controlnets: dict[str, Path] = field(default_factory=dict)
+    """Components added for ControlNets (``controlnet.<name>``), each with its folder."""
+
+    @cached_property
+    def specs(self) -> dict[str, ComponentSpec]:
+        """The family's components, then any ControlNets added and the controlled UNet they feed."""
+        return self.family.specs(self.config)
+
+    def controlnet_mismatches(self, folder: Path) -> list[str]:
+        """Why the ControlNet in ``folder`` cannot drive this model's UNet; empty when it can."""
+        return mismatches(self.config.configs["unet"], read_controlnet_config(folder), self.config.latent_channels)
+
+    def add_controlnet(self, name: str, folder: Path) -> str:
+        """Makes a ControlNet folder (checked with ``controlnet_mismatches``) one of the model's
+        components, with the controlled UNet; returns the component's name."""
+        component = controlnet_component(name)
+        unet = self.specs["unet"]
+        self.specs[component] = controlnet_spec(component, unet, read_controlnet_config(folder))
+        self.specs.setdefault(CONTROLLED_UNET, controlled_unet_spec(unet, self.config.configs["unet"]))
+        self.controlnets[component] = folder
+        return component
+
+    @property
+    def added_cond_names(self) -> tuple[str, ...]:
+        """The UNet's conditioning inputs after the text embeddings (SDXL's pooled embeds and time ids)."""
+        return tuple(self.specs["unet"].input_names[3:])
+
+    def component_folder(self, component: str) -> Path:
+        """The folder whose files (config and weights) a component is built from."""
+        if component in self.controlnets:
+            return self.controlnets[component]
+        return self.folder / self.family.weight_folder("unet" if component == CONTROLLED_UNET else component)
+
+    def torch_module(self, component: str, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
+        """The module export traces and the torch backend runs, for any component the model has."""
+        if component in self.controlnets:
+            return load_controlnet(self.controlnets[component], dtype, self.added_cond_names)
+        if component == CONTROLLED_UNET:
+            return self.controlled_unet(self.family.torch_module("unet", self.folder, dtype, weights))
+        return self.family.torch_module(component, self.folder, dtype, weights)
+
+    def controlled_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The controlled UNet on the weights of a UNet module (a fresh one, or the torch runner's own)."""
+        return ControlledUNetModule(unet.unet, self.added_cond_names)
+
+    @cached_property
+    def tokenizers(self) -> dict[str, Any]:
+        from transformers import AutoTokenizer
+
+        return {name: AutoTokenizer.from_pretrained(self.folder / name) for name in self.family.tokenizers}
+
+    @cached_property
+    def parameter_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Each LoRA-targetable component's parameter names and shapes, from its config (nothing loaded)."""
+        shapes = {}
+        for component in self.family.lora_targets:
+            module = self.torch_module(component, torch.float32, weights=False)
+            shapes[component] = {name: tuple(p.shape) for name, p in module.named_parameters()}
+        return shapes
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.config.configs["scheduler"]
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return self.family.components
+
+    def missing_files(self) -> list[str]:
+        """What a complete folder of this family must hold and this one lacks."""
+        missing = []
+        subfolders = {self.family.weight_folder(c) for c in self.components}
+        for sub in sorted(subfolders):
+            if not (self.folder / sub / "config.json").is_file():
+                missing.append(f"{sub}/config.json")
+            if not any(p.suffix in WEIGHT_SUFFIXES for p in (self.folder / sub).glob("*")):
+                missing.append(f"{sub}/ weights")
+        for sub in (*self.family.tokenizers, "scheduler"):
+            if not (self.folder / sub).is_dir():
+                missing.append(f"{sub}/")
+        return missing
+
+
+def load_model(name: str, cache_dir: Path, revision: str | None = None) -> Model:
+    folder = resolve_model_folder(name, cache_dir, revision)
+    index = json.loads((folder / "model_index.json").read_text())
+    family = family_for(index["_class_name"])
+    subfolders = {family.weight_folder(c) for c in family.components} | {"scheduler"}
+    config = ModelConfig.read(folder, sorted(subfolders | set(family.text_encoders)))
+    model = Model(name=name, folder=folder, family=family, config=config)
+    missing = model.missing_files()
+    if missing:
+        raise ModelError(f"model folder {folder} is incomplete: missing {', '.join(missing)}")
+    return model

@@ -1,0 +1,58 @@
+"""A request as the rest of the worker reads it: every default filled in.
+
+A frozen dataclass, free of torch and the model families, so every stage (admission, the
+LoRA library, the pipeline, the metrics) imports it one way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.prompts.syntax import PromptSyntax
+from engine.request.entries import ControlNetEntry, LoraRequest
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A valid request with every default filled in."""
+
+    prompts: list[str]
+    negative_prompts: list[str] | None
+    images_per_prompt: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int | None
+    scheduler: str | None
+    output_format: str
+    quality: int
+    timeout_s: float
+    image: str | None = None
+    strength: float = 1.0
+    loras: tuple[LoraRequest, ...] = ()
+    prompt_syntax: PromptSyntax = "a1111"
+    prompt_tokens: tuple[int, ...] = ()
+    """Tokens in each prompt after parsing, once the worker has counted them."""
+    prompt_chunks: int = 1
+    """Chunks of the text encoder's length each prompt and negative prompt is padded to."""
+    mask: str | None = None
+    padding_mask_crop: int | None = None
+    controlnets: tuple[ControlNetEntry, ...] = ()
+    true_cfg_scale: float | None = None
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img or inpaint, with '+controlnet' when ControlNets steer it."""
+        base = "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
+        return f"{base}+controlnet" if self.controlnets else base
+
+    @property
+    def guidance(self) -> tuple[float, float | None, bool]:
+        """What a family's ``classifier_free_scale`` asks: guidance and true CFG scales, and whether
+        there are negative prompts."""
+        return self.guidance_scale, self.true_cfg_scale, self.negative_prompts is not None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.prompts) * self.images_per_prompt
