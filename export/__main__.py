@@ -30,7 +30,8 @@ from engine.models.model import Model, load_model
 from engine.serving.controlnets import ControlNetFolders, found_controlnets
 from engine.settings import Precision, Settings, load_settings
 from engine.sizes import parse_ranges
-from engine.store.store import Artifact, Store
+from engine.store.artifact import Artifact
+from engine.store.store import Store
 from export.stagelog import StageLog
 from export.stages import EngineBuilder, Exporter
 from export.tensorrt import BuildOptions

@@ -24,10 +24,12 @@ from engine.models.model import Model
 from engine.settings import default_export_work_dir
 from engine.sizes import SizeRange
 from engine.spec import ComponentSpec, Dims
+from engine.store.artifact import Artifact
 from engine.store.fingerprint import component_fingerprint
 from engine.store.keys import ENGINE_FILE, ONNX_FILE, engine_key, onnx_key
 from engine.store.profiles import Profile, component_profiles, profiles_label
-from engine.store.store import Artifact, Staging, Store, scratch_folder
+from engine.store.staging import Staging, scratch_folder
+from engine.store.store import Store
 from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 from export.onnx import export_dims
 from export.optimize import optimize

@@ -43,7 +43,8 @@ from engine.serving.encode import encode_image
 from engine.serving.memory import check_fits
 from engine.serving.report import Ran, controlnet_metrics, job_metrics
 from engine.settings import Settings, TorchFallback
-from engine.store.store import READS, Store
+from engine.store.artifact import READS
+from engine.store.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import asdict, replace
 
 from engine.spec import ComponentSpec
-from engine.store.store import ArtifactKey
+from engine.store.artifact import ArtifactKey
 
 ONNX_OPSET = 19
 EXPORT_VERSION = 6

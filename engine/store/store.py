@@ -12,7 +12,8 @@ Layout under one root (``ENGINE_DIR``)::
 
 An artifact appears only by renaming a complete, fsynced staging folder, so a reader
 sees all of it or none of it; a build killed half-way leaves only a staging folder
-that is never read and is swept later.
+that is never read and is swept later. An artifact and its checks are in
+``engine.store.artifact``; staging folders, their sweep and fsync in ``engine.store.staging``.
 """
 
 from __future__ import annotations
@@ -21,227 +22,22 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import shutil
-import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
-import psutil
-
 from engine.common.errors import ArtifactError
+from engine.store.artifact import Artifact, ArtifactKey, sha256_file, sha256_of
 from engine.store.locking import BuildLock
+from engine.store.staging import Staging, fsync_dir, fsync_tree, private_name, sweep_dead
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-CHUNK = 16 * 2**20
-HOST = socket.gethostname()
-STAGING_MAX_AGE_S = 24 * 3600
-
-
-def private_name() -> str:
-    """A folder name no other process or host picks, that says which process owns it."""
-    return f"{HOST}-{os.getpid()}-{uuid.uuid4().hex}"
-
-
-def storage_now(root: Path) -> float:
-    """The time by the clock that stamps files in ``root``: the mtime of a file created there now. On a
-    network volume that is the server's clock, which need not agree with this host's."""
-    probe = root / f".clock-{private_name()}"
-    probe.touch()
-    try:
-        return probe.stat().st_mtime
-    finally:
-        probe.unlink(missing_ok=True)
-
-
-def sweep_dead(root: Path) -> None:
-    """Removes folders left by dead processes on this host, and any older than a day by the storage's own
-    clock (a host whose clock runs a day ahead must not sweep another host's build in progress)."""
-    if not root.is_dir():
-        return
-    now = storage_now(root)
-    for path in root.iterdir():
-        if path.name.startswith(".clock-"):
-            continue
-        host, _, rest = path.name.rpartition("-")[0].rpartition("-")
-        pid = int(rest) if rest.isdigit() else None
-        dead_here = host == HOST and pid is not None and not psutil.pid_exists(pid)
-        with contextlib.suppress(FileNotFoundError):
-            if dead_here or now - path.stat().st_mtime > STAGING_MAX_AGE_S:
-                shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def scratch_folder(root: Path) -> Iterator[Path]:
-    """A private folder under ``root`` for one build's intermediate files: removed afterwards,
-    and swept by a later build if its process dies."""
-    sweep_dead(root)
-    path = root / private_name()
-    path.mkdir(parents=True)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class ArtifactKey:
-    """Everything an artifact depends on; any change gives another key and another artifact."""
-
-    kind: str
-    component: str
-    fingerprint: str
-    precision: str
-    exporter: str
-    gpu: str | None = None
-    tensorrt: str | None = None
-    profile: str | None = None
-
-    @property
-    def digest(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
-
-    @property
-    def dirname(self) -> str:
-        return f"{self.component}-{self.kind}-{self.precision}-{self.digest}"
-
-
-@dataclass
-class ReadStats:
-    """Bytes this process read (and hashed) from engine stores, and the seconds it took: on RunPod the
-    store is a network volume, and its throughput is much of a cold start."""
-
-    bytes: int = 0
-    seconds: float = 0.0
-
-    def add(self, count: int, started: float) -> None:
-        self.bytes += count
-        self.seconds += time.perf_counter() - started
-
-
-READS = ReadStats()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """The hash of a file in the store, counted in ``READS``."""
-    started = time.perf_counter()
-    digest = _sha256(path)
-    READS.add(path.stat().st_size, started)
-    return digest
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            with path.open("rb+") as handle:
-                os.fsync(handle.fileno())
-        else:
-            _fsync_dir(path)
-    _fsync_dir(root)
-
-
-def _file_in(folder: Path, name: object) -> Path:
-    """Where a manifest's file name points, refused unless it is a plain relative path that stays in the
-    artifact's folder: a hand-edited or damaged manifest on a shared volume must never make a worker read
-    (or hash, or load as an engine) a file elsewhere."""
-    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
-        raise ArtifactError(f"{folder.name}: the manifest names a file {name!r} that is not a relative path")
-    if PurePosixPath(name).is_absolute() or any(part in ("", ".", "..") for part in name.split("/")):
-        raise ArtifactError(f"{folder.name}: the manifest names a file {name!r} outside the artifact")
-    path = folder / name
-    if not path.resolve().is_relative_to(folder.resolve()):  # a link inside the folder to somewhere else
-        raise ArtifactError(f"{folder.name}: the manifest's file {name!r} leads outside the artifact")
-    return path
-
-
-def _entry_is_valid(entry: object) -> bool:
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("sha256"), str)
-        and isinstance(entry.get("size"), int)
-        and not isinstance(entry.get("size"), bool)
-    )
-
-
-@dataclass
-class Artifact:
-    """A published artifact: its folder and its manifest, whose file list is checked before any use."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    def __post_init__(self) -> None:
-        files = self.manifest.get("files") if isinstance(self.manifest, dict) else None
-        if not isinstance(files, dict) or not all(_entry_is_valid(entry) for entry in files.values()):
-            raise ArtifactError(f"{self.path.name}: the manifest has no valid file list")
-        for name in files:
-            _file_in(self.path, name)
-
-    @property
-    def key(self) -> ArtifactKey:
-        return ArtifactKey(**self.manifest["key"])
-
-    @property
-    def files(self) -> dict[str, dict[str, Any]]:
-        return self.manifest["files"]
-
-    def file(self, name: str) -> Path:
-        return _file_in(self.path, name)
-
-    def check_sizes(self) -> None:
-        """The cheap check: every file is there with its recorded size."""
-        for name, entry in self.files.items():
-            path = self.file(name)
-            if not path.is_file() or path.stat().st_size != entry["size"]:
-                raise ArtifactError(f"{self.path.name}/{name} is missing or truncated")
-
-    def verify(self) -> None:
-        """The full check: every file's hash matches the manifest."""
-        self.check_sizes()
-        for name, entry in self.files.items():
-            if sha256_file(self.file(name)) != entry["sha256"]:
-                raise ArtifactError(f"{self.path.name}/{name} does not match its manifest's sha256")
-
-    def read_verified(self, name: str) -> bytes:
-        """A file's bytes, hashed while read once, so what is checked is what is used."""
-        entry = self.files[name]
-        started = time.perf_counter()
-        data = self.file(name).read_bytes()
-        READS.add(len(data), started)
-        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ArtifactError(f"{self.path.name}/{name} does not match its manifest")
-        return data
-
-
-@dataclass
-class Staging:
-    """A build in progress: write files into ``path``, add manifest fields to ``info``."""
-
-    path: Path
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class Store:
@@ -337,7 +133,7 @@ class Store:
         }
         manifest = {"key": asdict(key), "files": files, "created": time.time(), **staging.info}
         (staging.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        _fsync_tree(staging.path)
+        fsync_tree(staging.path)
         final = self.artifacts / key.dirname
         self.artifacts.mkdir(parents=True, exist_ok=True)
         try:
@@ -347,7 +143,7 @@ class Store:
                 raise
             log.info("%s was published by another process first", final.name)
         else:
-            _fsync_dir(self.artifacts)
+            fsync_dir(self.artifacts)
             log.info("published %s", final.name)
         artifact = self._load(final)
         assert artifact is not None
@@ -373,7 +169,7 @@ class Store:
             cached = memo.read_text().strip()
             if len(cached) == 64:
                 return cached
-        digest = _sha256(path)  # a model's weights, not the store's: not counted in READS
+        digest = sha256_of(path)  # a model's weights, not the store's: not counted in READS
         with contextlib.suppress(OSError):
             self.digests.mkdir(parents=True, exist_ok=True)
             temporary = memo.with_suffix(f".{uuid.uuid4().hex}")

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from engine.common.errors import ArtifactError
-from engine.store.store import HOST, MANIFEST, ArtifactKey, Staging, Store
+from engine.store.artifact import ArtifactKey
+from engine.store.staging import HOST, Staging
+from engine.store.store import MANIFEST, Store
 
 REAL_TIME = time.time
 KEY = ArtifactKey(kind="onnx", component="unet", fingerprint="f" * 64, precision="fp32", exporter="x-v1")

@@ -23,9 +23,10 @@ from engine.models.builtin import TEXT_HIDDEN, build_tiny, byte_tokenizer, clip_
 from engine.models.model import load_model
 from engine.serving.worker import Worker
 from engine.spec import Dims
+from engine.store.artifact import Artifact
 from engine.store.fingerprint import component_fingerprint
 from engine.store.keys import ONNX_FILE
-from engine.store.store import Artifact, Store
+from engine.store.store import Store
 from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 from export.precision import FP32_OPS
 from export.weights import ALIGNMENT, data_file_name

@@ -18,9 +18,10 @@ from engine.backends.tensorrt.runner import TensorRTBackend, TensorRTRunner
 from engine.backends.tensorrt.runtime import make_runtime, tensorrt_module, version_tags
 from engine.common.errors import BackendUnavailable, WorkerError
 from engine.spec import ComponentSpec
+from engine.store.artifact import Artifact
 from engine.store.keys import ENGINE_FILE, exporter_id
 from engine.store.profiles import Profile
-from engine.store.store import Artifact, Store
+from engine.store.store import Store
 
 log = logging.getLogger(__name__)
 
