@@ -156,9 +156,10 @@ class DiffusionPipeline:
                 )
             latents = inpaint.latents
 
-        # 4. Denoising loop, from a copy of the scheduler as it is now, so a rerun starts where this run does.
+        # 4. Denoising loop, each run on its own copy of the scheduler as it is now, so a rerun starts where
+        #    the first run did.
         controls = prepared.controls if prepared is not None else ()
-        start, noisy = copy.deepcopy(scheduler), latents
+        start, noisy = scheduler, latents
         denoising = (model.family.denoiser, CONTROLLED_UNET, *(control.component for control in controls))
         with timer.stage("denoise"):
             latents = self._finite(
