@@ -170,13 +170,10 @@ class LoadedEngine:
 
     def capture_optima(self, stream: torch.cuda.Stream) -> int:
         """CUDA graphs of each profile's optimum shapes (at warm-up); how many were kept."""
-        captured = 0
-        for profile in self.profiles:
-            shapes = profile.shapes()
-            key = tuple(shapes[name].optimum for name in self.spec.input_names)
-            self.graph_keys.add(key)
-            captured += self._capture(key, stream)
-        return captured
+        optima = [profile.shapes() for profile in self.profiles]
+        keys = dict.fromkeys(tuple(shapes[name].optimum for name in self.spec.input_names) for shapes in optima)
+        self.graph_keys.update(keys)
+        return sum(self._capture(key, stream) for key in keys)
 
     def _capture(self, key: tuple[Shape, ...], stream: torch.cuda.Stream) -> bool:
         """Runs these shapes once, then captures them. Whatever fails on the way (the context or its buffers:
