@@ -10,6 +10,14 @@ these fakes uses only names TensorRT has. Enums are the real lean runtime's.
 A fake engine "computes" each output from the first input of the same shape (times
 two), or fills it with the first input's mean, reading and writing memory at the
 addresses the runner set, so a stale address or shape shows up as a wrong value.
+
+Each call the runner makes fails as the bindings' does (python/src/infer/pyCore.cpp and
+NvInferRuntime.h): ``set_optimization_profile_async`` raises, ``set_tensor_address`` returns
+False for a name that is no I/O tensor; a refit reads its weights (host or device) when it
+runs, refuses while ``get_missing_weights`` names any (weights of the same shape built next
+to each other count as fused in pairs, so setting one makes its partner missing), and may
+fail having refitted some. With tests/fake_cuda.py installed, executions and refits run on
+the stream they are given, and their reads are checked against the writes before them.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import onnx
 import tensorrt_lean as real
 
 from engine.common.dtypes import BY_TENSORRT
+from tests import fake_cuda
 
 ONNX_TO_TRT = {
     onnx.TensorProto.FLOAT: "FLOAT",
@@ -212,7 +221,7 @@ class IExecutionContext:
 
     def set_optimization_profile_async(self, profile_index: int, stream_handle: int) -> bool:
         if not 0 <= profile_index < self._engine.num_optimization_profiles:
-            return False
+            raise RuntimeError("Error in set optimization profile async.")  # PY_ASSERT_RUNTIME_ERROR in pyCore.cpp
         self._profile = profile_index
         self._shapes = {}
         return True
@@ -237,6 +246,8 @@ class IExecutionContext:
         return tuple(sizes[d] if isinstance(d, str) else d for d in self._engine._tensors[name]["dims"])
 
     def set_tensor_address(self, name: str, memory: int) -> bool:
+        if name not in self._engine._tensors or not memory:
+            return False
         self._addresses[name] = memory
         return True
 
@@ -252,23 +263,42 @@ class IExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         assert self._memory is not None, "USER_MANAGED contexts need their device memory set"
-        inputs = {name: self._array(name, self._shapes[name]) for name in self._engine._inputs}
-        first = inputs[self._engine._inputs[0]]
-        for name in self._engine._outputs:
-            out = self._array(name, self.get_tensor_shape(name))
-            same = next((value for value in inputs.values() if value.shape == out.shape), None)
-            out[...] = same * 2 if same is not None else first.astype(np.float64).mean()
-        self._executions += 1
+        cuda = fake_cuda.ACTIVE
+
+        def run() -> None:
+            inputs = {name: self._array(name, self._shapes[name]) for name in self._engine._inputs}
+            first = inputs[self._engine._inputs[0]]
+            for name in self._engine._inputs:
+                if cuda is not None:
+                    cuda.read(self._addresses[name], name, stream_handle)
+            for name in self._engine._outputs:
+                out = self._array(name, self.get_tensor_shape(name))
+                same = next((value for value in inputs.values() if value.shape == out.shape), None)
+                out[...] = same * 2 if same is not None else first.astype(np.float64).mean()
+                if cuda is not None:
+                    cuda.write(self._addresses[name], name, stream_handle)
+            self._executions += 1
+
+        if cuda is not None:
+            cuda.launch(stream_handle, run)
+        else:
+            run()
         return True
 
 
 class ICudaEngine:
-    __slots__ = ("_contexts", "_inputs", "_outputs", "_profiles", "_refits", "_tensors", "_weights")
+    __slots__ = ("_contexts", "_inputs", "_outputs", "_partners", "_profiles", "_refits", "_tensors", "_weights")
 
     def __init__(self, plan: dict):
         self._tensors = plan["tensors"]
         self._weights: dict[str, dict] = plan.get("weights", {})
         """Refittable weights: dtype, dims and, once refitted, the values TensorRT was given."""
+        self._partners: dict[str, str] = {}
+        """Weights fused in pairs (a refit of one needs the other): neighbours of the same shape."""
+        names = list(self._weights)
+        for first, second in zip(names[::2], names[1::2], strict=False):
+            if self._weights[first]["dims"] == self._weights[second]["dims"]:
+                self._partners[first], self._partners[second] = second, first
         self._refits = 0
         self._profiles = [
             {name: tuple(map(tuple, shapes)) for name, shapes in profile.items()} for profile in plan["profiles"]
@@ -306,36 +336,50 @@ class ICudaEngine:
 
 
 class Refitter:
-    """Takes weights as TensorRT does (checked against the prototype's type and size) and keeps a copy
-    of what each refit set, where a test can compare it with torch's patched parameters."""
+    """Takes weights as TensorRT does (checked against the prototype's type and size, on the host or the
+    device), reads them when the refit runs, and keeps a copy of what each refit set, where a test can
+    compare it with torch's patched parameters."""
 
     __slots__ = ("_engine", "_logger", "_pending")
+    failures = 0  # a test raises this to make the next refits fail after refitting some weights, as TensorRT may
 
     def __init__(self, engine: ICudaEngine, logger: object):
         self._engine = engine
         self._logger = logger
-        self._pending: dict[str, np.ndarray] = {}
+        self._pending: dict[str, object] = {}
 
     def get_all_weights(self) -> list[str]:
         return list(self._engine._weights)
 
     def get_missing_weights(self) -> list[str]:
-        return []
+        partners = self._engine._partners
+        return sorted({partners[name] for name in self._pending if name in partners} - set(self._pending))
 
     def set_named_weights(self, name: str, weights: object, location: object) -> bool:
         prototype = self._engine._weights.get(name)
         if prototype is None or weights.dtype.name != prototype["dtype"]:
             return False
-        if weights.size != int(np.prod(prototype["dims"])) or location != real.TensorLocation.HOST:
+        if weights.size != int(np.prod(prototype["dims"])):
             return False
-        self._pending[name] = weights.numpy().reshape(prototype["dims"]).copy()
+        assert location in (real.TensorLocation.HOST, real.TensorLocation.DEVICE)
+        self._pending[name] = weights
         return True
 
     def refit_cuda_engine_async(self, stream_handle: int) -> bool:
-        for name, values in self._pending.items():
-            self._engine._weights[name]["values"] = values
+        if self.get_missing_weights():
+            return False
+        names = list(self._pending)
+        failing = Refitter.failures > 0
+        if failing:
+            Refitter.failures -= 1
+            names = names[: len(names) // 2]  # "If False is returned, a subset of weights may have been refitted."
+        for name in names:
+            values = self._pending[name].numpy()
+            if fake_cuda.ACTIVE is not None:
+                fake_cuda.ACTIVE.read(values.ctypes.data, name, stream_handle)
+            self._engine._weights[name]["values"] = values.reshape(self._engine._weights[name]["dims"]).copy()
         self._engine._refits += 1
-        return True
+        return not failing
 
 
 class Runtime:

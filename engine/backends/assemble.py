@@ -58,6 +58,11 @@ def preferred_backends(backend: Backend, device: torch.device) -> list[Backend]:
     return [Backend.TENSORRT, *([Backend.ONNXRUNTIME] if onnxruntime_has_cuda() else [])]
 
 
+def tensorrt_runs_on(device: torch.device) -> bool:
+    """TensorRT engines run on CUDA devices only."""
+    return device.type == "cuda"
+
+
 def graph_weight_map(store: Store, spec: ComponentSpec, fingerprint: str, precision: str) -> WeightMap | None:
     """The weight map of the ONNX export an engine was built from (its data file holds the base weights
     refits start from), or None where the export has none."""
@@ -102,7 +107,7 @@ def build_chains(
     tensorrt_components = [c for c, backends in wanted.items() if Backend.TENSORRT in backends]
     ranges = parse_ranges(settings.engine_profiles, model.config.native_size, settings.max_images)
     tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, "TensorRT needs a CUDA device"))
-    if tensorrt_components and device.type == "cuda":
+    if tensorrt_components and tensorrt_runs_on(device):
         try:
             tensorrt = load_tensorrt(
                 store,

@@ -21,7 +21,6 @@ from PIL import Image
 
 from engine.backends.assemble import build_chains, share_torch_weights
 from engine.backends.chain import ChainCalls, RunnerChain
-from engine.backends.tensorrt.runner import TensorRTBackend
 from engine.backends.torch import LazyTorchRunner
 from engine.common.downloads import download_limits
 from engine.common.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
@@ -64,7 +63,6 @@ class Worker:
         self.store = Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s)
         self.cold_start.mark("model_resolve")
         read_before = (READS.bytes, READS.seconds)
-        self.controlnet_engines: list[TensorRTBackend] = []
         self._chains_lock = threading.Lock()
         self.chains = self._build_chains()
         self.cold_start.record_store_read(READS.bytes - read_before[0], READS.seconds - read_before[1])
@@ -138,7 +136,7 @@ class Worker:
             if CONTROLLED_UNET in chains:
                 share_torch_weights(chains[CONTROLLED_UNET], self.chains["unet"], self.model.controlled_unet)
             self.chains.update(chains)
-            self.controlnet_engines.append(engines)
+            self.tensorrt.adopt(engines)  # one stream and scratch for all the engines
             self._load_torch_weights(chains, chains if load_now else ())
 
     def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
@@ -229,7 +227,7 @@ class Worker:
             Ran(job_id, started, timer, calls, self.model.scheduler_config["_class_name"]),
             self.device,
             self.precision,
-            [self.tensorrt, *self.controlnet_engines],
+            [self.tensorrt],
             self.cold_start.take_first(),
         )
         metrics["loras"] = loras.metrics()

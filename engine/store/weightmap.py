@@ -53,6 +53,10 @@ class WeightMap:
             found.setdefault(weight.parameter, []).append(weight)
         return found
 
+    @cached_property
+    def by_initializer(self) -> dict[str, MappedWeight]:
+        return {weight.initializer: weight for weight in self.weights}
+
     def cannot_patch(self, parameters: Iterable[str]) -> list[str]:
         """Those of ``parameters`` this graph's weights cannot be patched for. One the map neither maps
         nor lists as unpatchable does not reach the graph's outputs, and needs no patch."""

@@ -4,9 +4,10 @@ Every engine of the worker runs on one CUDA stream, one after another, so their
 execution contexts share one scratch buffer (``USER_MANAGED`` device memory sized by
 the largest ``device_memory_size_v2``). Each input shape gets its own execution context
 and buffers, made once and kept (``CUDA_GRAPH_SHAPES`` per engine, least recently used
-out), so a context is never reconfigured under a captured graph. With CUDA graphs, the
-warm-up captures each profile's optimum shapes and requests at those shapes replay them;
-other shapes run plainly.
+out, contexts with a graph last), so a context is never reconfigured under a captured
+graph. With CUDA graphs, the warm-up captures each profile's optimum shapes and requests
+at those shapes replay them (an optimum whose context was dropped is captured again when
+next used); other shapes run plainly. Any failure around a capture discards that capture.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.backends.tensorrt.runtime import make_logger
-from engine.common.dtypes import BY_TENSORRT, BY_TORCH
+from engine.backends.tensorrt.refit import refit_engine
+from engine.common.dtypes import BY_TENSORRT
 from engine.common.errors import BackendUnavailable
 from engine.common.faults import DeviceExecutionError
 from engine.spec import ComponentSpec, Shape
@@ -64,6 +65,8 @@ class LoadedEngine:
     plan_bytes: int = 0
     scratch: torch.Tensor | None = None
     slots: OrderedDict[tuple[Shape, ...], _ShapeSlot] = field(default_factory=OrderedDict)
+    graph_keys: set[tuple[Shape, ...]] = field(default_factory=set)
+    """The shapes the warm-up captured (each profile's optimum): captured again after a refit or eviction."""
 
     def __post_init__(self) -> None:
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
@@ -92,8 +95,10 @@ class LoadedEngine:
             raise BackendUnavailable(f"{self.name}: no profile covers {key}")
         context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         context.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
-        if not context.set_optimization_profile_async(index, stream.cuda_stream if stream is not None else 0):
-            raise BackendUnavailable(f"{self.name}: TensorRT refused optimization profile {index}")
+        try:  # the bindings raise where it fails, never return False (PY_ASSERT_RUNTIME_ERROR, pyCore.cpp)
+            context.set_optimization_profile_async(index, stream.cuda_stream if stream is not None else 0)
+        except RuntimeError as error:
+            raise BackendUnavailable(f"{self.name}: TensorRT refused optimization profile {index}: {error}") from None
         for name, shape in zip(self.spec.input_names, key, strict=True):
             if not context.set_input_shape(name, shape):
                 raise BackendUnavailable(f"{self.name}: TensorRT refused shape {shape} for {name}")
@@ -106,7 +111,8 @@ class LoadedEngine:
             for name in self.spec.output_names
         }
         for name, tensor in (*inputs.items(), *outputs.items()):
-            context.set_tensor_address(name, tensor.data_ptr())
+            if not context.set_tensor_address(name, tensor.data_ptr()):
+                raise BackendUnavailable(f"{self.name}: TensorRT refused the address of {name}")
         return _ShapeSlot(context, inputs, outputs)
 
     def _slot(self, key: tuple[Shape, ...], stream: torch.cuda.Stream | None) -> _ShapeSlot:
@@ -118,7 +124,9 @@ class LoadedEngine:
         if len(self.slots) >= self.max_shapes:
             if stream is not None:
                 stream.synchronize()  # nothing queued may still use the buffers about to be freed
-            evicted, _ = self.slots.popitem(last=False)
+            plain = (shapes for shapes, kept in self.slots.items() if kept.graph is None)
+            evicted = next(plain, next(iter(self.slots)))  # a context with a graph only when all have one
+            del self.slots[evicted]
             log.debug("%s: dropped the context for %s", self.name, evicted)
         slot = self.slots[key] = self._new_slot(key, stream)
         return slot
@@ -126,6 +134,8 @@ class LoadedEngine:
     def execute(self, inputs: Mapping[str, torch.Tensor], stream: torch.cuda.Stream | None) -> dict[str, torch.Tensor]:
         """Copies inputs into the shape's buffers, runs (or replays), and returns copies of the outputs."""
         key = tuple(tuple(inputs[name].shape) for name in self.spec.input_names)
+        if stream is not None and key in self.graph_keys and (key not in self.slots or self.slots[key].graph is None):
+            self._capture(key, stream)  # a warm-up graph whose context was dropped: captured again, once
         slot = self._slot(key, stream)
         handle = stream.cuda_stream if stream is not None else 0
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -146,76 +156,50 @@ class LoadedEngine:
     ) -> None:
         """Sets the patch's weights to base + delta and the ``restore`` parameters back to base, from the
         base values in the graph's data file every time (refitting on top of an earlier LoRA would keep
-        its trace), then refits on the worker's stream and recaptures the CUDA graphs it had."""
-        refitter = self.trt.Refitter(self.engine, make_logger(self.trt))
-        refittable = set(refitter.get_all_weights())
-        wanted = set(patch.names) if patch is not None else set()
-        targets = [
-            (name, weight) for name in sorted(wanted | set(restore)) for weight in weight_map.by_parameter.get(name, [])
-        ]
-        fixed = sorted({weight.initializer for _, weight in targets} - refittable)
-        if fixed:
-            raise BackendUnavailable(
-                f"{self.name} cannot refit {', '.join(fixed[:3])} "
-                "(ENGINE_REFIT=all also makes convolution kernels refittable)"
-            )
-        location = self.trt.TensorLocation.DEVICE if self.device.type == "cuda" else self.trt.TensorLocation.HOST
-        values = []  # TensorRT reads them during the refit: they live until it is done
-        for name, weight in targets:
-            delta = patch.delta(name, self.device) if patch is not None and name in wanted else None
-            value = weight_map.patched_value(weight, delta, self.device)
-            values.append(value)
-            element = getattr(self.trt.DataType, BY_TORCH[value.dtype].tensorrt)
-            if not refitter.set_named_weights(
-                weight.initializer, self.trt.Weights(element, value.data_ptr(), value.numel()), location
-            ):
-                raise BackendUnavailable(f"{self.name}: TensorRT refused the weights for {weight.initializer}")
-        if not refitter.refit_cuda_engine_async(stream.cuda_stream if stream is not None else 0):
-            raise BackendUnavailable(
-                f"{self.name}: TensorRT refused the refit (missing: {refitter.get_missing_weights()})"
-            )
-        if stream is not None:
-            stream.synchronize()
+        its trace), refits on the worker's stream (see ``refit.py``) and captures its graphs again."""
+        refit_engine(self.trt, self.engine, self.name, weight_map, patch, restore, self.device, stream)
         self._recapture(stream)
 
     def _recapture(self, stream: torch.cuda.Stream | None) -> None:
         """Graphs captured before a refit are replaced by new captures of the same shapes."""
-        captured = [key for key, slot in self.slots.items() if slot.graph is not None]
-        for key in captured:
-            self.slots[key].graph = None
+        for slot in self.slots.values():
+            slot.graph = None
         if stream is not None:
-            for key in captured:
+            for key in [key for key in self.graph_keys if key in self.slots]:
                 self._capture(key, stream)
 
     def capture_optima(self, stream: torch.cuda.Stream) -> int:
-        """CUDA graphs of each profile's optimum shapes (at warm-up, never in a request); how many were kept."""
-        captured = 0
-        for profile in self.profiles:
-            shapes = profile.shapes()
-            captured += self._capture(tuple(shapes[name].optimum for name in self.spec.input_names), stream)
-        return captured
+        """CUDA graphs of each profile's optimum shapes (at warm-up); how many were kept."""
+        optima = [profile.shapes() for profile in self.profiles]
+        keys = dict.fromkeys(tuple(shapes[name].optimum for name in self.spec.input_names) for shapes in optima)
+        self.graph_keys.update(keys)
+        return sum(self._capture(key, stream) for key in keys)
 
     def _capture(self, key: tuple[Shape, ...], stream: torch.cuda.Stream) -> bool:
-        """Runs these shapes once, then captures them; a capture whose enqueue fails is discarded."""
-        slot = self._slot(key, stream)
-        if slot.graph is not None:
-            return True
-        with torch.cuda.stream(stream):
-            for tensor in slot.inputs.values():
-                tensor.zero_()
-            if not slot.context.execute_async_v3(stream.cuda_stream):  # the first run initializes lazily
-                raise DeviceExecutionError(f"{self.spec.name}: TensorRT execution failed")
-        graph = torch.cuda.CUDAGraph()
+        """Runs these shapes once, then captures them. Whatever fails on the way (the context or its buffers:
+        out of memory, a refused profile; the first run; the capture) discards the capture and its context,
+        and the shapes run plainly from then on."""
         try:
+            slot = self._slot(key, stream)
+            if slot.graph is not None:
+                return True
+            with torch.cuda.stream(stream):
+                for tensor in slot.inputs.values():
+                    tensor.zero_()
+                if not slot.context.execute_async_v3(stream.cuda_stream):  # the first run initializes lazily
+                    raise DeviceExecutionError("TensorRT execution failed before the capture")
+            graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
                 captured = slot.context.execute_async_v3(stream.cuda_stream)
-        except RuntimeError as error:
-            log.warning("%s: CUDA graph capture failed at %s, running without: %s", self.name, key, error)
-            return False
-        if not captured:
-            log.warning(
-                "%s: TensorRT's enqueue failed during CUDA graph capture at %s, running without", self.name, key
-            )
+            if not captured:
+                raise DeviceExecutionError("TensorRT's enqueue failed during the capture")
+        except Exception as error:  # at warm-up, nothing here may stop the worker starting
+            log.warning("%s: no CUDA graph at %s, running without: %s", self.name, key, error)
+            self.graph_keys.discard(key)
+            if key in self.slots:
+                with contextlib.suppress(RuntimeError):  # a CUDA error here was logged above
+                    stream.synchronize()  # nothing queued may still use the buffers about to be freed
+                del self.slots[key]
             return False
         slot.graph = graph
         return True
