@@ -1,5 +1,5 @@
 """One worker's run of a request, kept for `make verify-gpu`: each component's first inputs and outputs,
-its time per call, its outputs under LoRA sets A, B, A and none on those inputs, and the images.
+its time per call and the images; and components run again on those inputs under named LoRA sets.
 
 Two workers are never held at once: the candidate runs everything first, then the torch reference
 runs the same inputs, so a model that fills the GPU once can still be verified.

@@ -173,11 +173,12 @@ def rows(
             row.engine_mb = f"{candidate.engine_bytes[component] / 2**20:.1f}"
         row.ms_per_call = f"{calls.ms_per_call(component):.2f} ({reference.calls.ms_per_call(component):.2f})"
         table.append(row)
-    return [*table, image_row(candidate.run, reference)]
+    return [*table, image_row(candidate.run, reference, denoiser)]
 
 
-def image_row(candidate: Run, reference: Run) -> Row:
-    precision = candidate.calls.precisions[next(iter(candidate.calls.inputs))].split(", ")[0]
+def image_row(candidate: Run, reference: Run, denoiser: str) -> Row:
+    """The decoded images against torch's, at the bound for the denoiser's precision (perf/agreement.py)."""
+    precision = candidate.calls.precisions[denoiser].split(", ")[0]
     diffs = [compare_images(c, r, precision) for c, r in zip(candidate.images, reference.images, strict=True)]
     worst = max(diffs, key=lambda diff: (not diff.passed, diff.max_abs))
     row = Row("images (decoded)", "-", str(worst))

@@ -30,7 +30,7 @@ def made(cache_dir, tmp_path_factory):
         return decode(response["output"][0])
 
     fp32, bf16 = worker(lora_dir=loras), worker(precision="bf16")
-    base = {"prompt": "a fox", "num_inference_steps": 6, "seed": 4}
+    base = {"prompt": "a fox", "num_inference_steps": 6, "seed": 4, "scheduler": "euler"}
     return {
         "base": image(fp32, base),
         "bf16": image(bf16, base),
