@@ -200,7 +200,7 @@ class GenerateRequest(BaseModel):
             timeout_s=min(self.timeout_s or limits.max_timeout_s, limits.max_timeout_s),
             image=self.image,
             strength=limits.default_strength(self.mask is not None) if self.strength is None else self.strength,
-            loras=tuple(entry.to_request() for entry in self.loras or ()),
+            loras=tuple(self.loras or ()),
             prompt_syntax=self.prompt_syntax or limits.prompt_syntaxes[0],
             mask=self.mask,
             padding_mask_crop=self.padding_mask_crop,
