@@ -31,7 +31,8 @@ from engine.backends.torch import SharedTorchRunner
 from engine.common.errors import RequestError
 from engine.lora import library as library_module
 from engine.lora.factors import MAX_WEIGHT_CHANGE, read_lora
-from engine.lora.files import MAX_TENSORS, LoraFiles, Refusals
+from engine.lora.files import LoraFiles, Refusals
+from engine.lora.headers import MAX_TENSORS
 from engine.lora.library import LoraLibrary, WeightPatch
 from engine.models.model import load_model
 from engine.request.entries import LoraEntry
