@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from engine.common.downloads import limit_to_request
 from engine.common.errors import RequestError
+from engine.models.controlnet_folders import ControlNetFolders
 from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
 from engine.prompts.syntax import PromptSyntaxError
@@ -29,7 +30,6 @@ from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
 from engine.request.schema import GenerateRequest, check_request
-from engine.serving.controlnets import ControlNetFolders
 from engine.settings import Settings
 
 T = TypeVar("T")
