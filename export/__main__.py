@@ -26,8 +26,8 @@ from engine.common.errors import RequestError, WorkerError
 from engine.common.logs import configure_logging
 from engine.devices import resolve_device, resolve_precision
 from engine.models.controlnet import CONTROLLED_UNET
+from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
 from engine.models.model import Model, load_model
-from engine.serving.controlnets import ControlNetFolders, found_controlnets
 from engine.settings import Precision, Settings, load_settings
 from engine.sizes import parse_ranges
 from engine.store.artifact import Artifact

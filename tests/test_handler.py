@@ -216,3 +216,28 @@ def test_api_server_serves_controlnets_and_names_malformed_entries(api_server):
     metrics = body["output"]["metrics"]
     assert metrics["mode"] == "txt2img+controlnet"
     assert metrics["controlnets"][0]["name"] == "edges" and metrics["controlnets"][0]["steps"] >= 1
+
+
+def test_api_server_names_every_problem_of_a_request_in_one_error(api_server):
+    """Problems the schema finds, the prompt's length in tokens, and a ControlNet folder, in one reply."""
+    from tests.parity import picture, to_base64
+
+    photo = to_base64(picture(64, 64))
+    payload = {
+        "prompt": "a fox " * 60,
+        "scheduler": "nope",
+        "mask": photo,
+        "loras": [{"name": "style", "scale": 9}],
+        "controlnets": [{"name": "pose", "image": photo}],
+    }
+    body = runsync(api_server, payload).json()
+    assert body["status"] == "FAILED", body
+    error = body["error"]
+    assert error.startswith("scheduler: must be one of") and "Traceback" not in error, error
+    for message in (
+        "mask: needs an image, the picture to inpaint",
+        "loras[0].scale: Input should be less than or equal to 4",
+        "controlnets[0].name: no ControlNet 'pose' in CONTROLNET_DIR",
+        "prompt: 240 tokens make 4 chunks of 75; at most 3 (225 tokens, MAX_PROMPT_CHUNKS)",
+    ):
+        assert error.count(f"; {message}") == 1, (message, error)

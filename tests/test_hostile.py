@@ -472,6 +472,47 @@ def test_a_refused_lora_url_is_not_fetched_again(target):
     assert target.hostile.hits["/broken.safetensors"] - before <= 1
 
 
+def test_a_request_refused_before_its_downloads_fetches_nothing_and_names_every_problem(target):
+    """The checks that need no download run first and report together; the image URLs are never fetched."""
+    payload = at_hostile(
+        "/never.png",
+        prompt="a fox " * 60,
+        scheduler="nope",
+        image="{}",
+        padding_mask_crop=8,
+        controlnets=[{"name": "pose", "image": "{}"}],
+    )(target)
+    reply = target.send(payload)
+    assert reply.body["status"] == "FAILED", reply.body
+    error = reply.body["error"]
+    for message in (
+        "scheduler: must be one of",
+        "padding_mask_crop: only applies with a mask",
+        "controlnets[0].name: no ControlNet 'pose' in CONTROLNET_DIR",
+        "prompt: 240 tokens make 4 chunks of 75",
+    ):
+        assert message in error, (message, error)
+    assert target.hostile.hits["/never.png"] == 0
+    assert_discreet(reply, target)
+
+
+def test_every_image_that_cannot_be_read_is_named_in_one_error(target):
+    payload = {
+        **PLAIN,
+        **INPAINT,
+        "image": b64(profile_bomb()),
+        "mask": "bm90IGFuIGltYWdl",
+        "controlnets": [{"name": "edges", "image": PHOTO}, {"name": "edges", "image": "not base64!"}],
+    }
+    reply = target.send(payload)
+    assert reply.body["status"] == "FAILED", reply.body
+    problems = reply.body["error"].split("; ")
+    assert [problem.split(":")[0] for problem in problems] == ["image", "mask", "controlnets[1].image"], problems
+    assert "mask: not a PNG, JPEG or WebP image" in problems
+    assert "controlnets[1].image: not valid base64 (or an http(s) URL)" in problems
+    assert_still_serving(target)
+
+
 def test_after_every_hostile_input_the_worker_serves_the_fresh_image(target):
     assert_still_serving(target)
     log = target.log_path.read_text(errors="replace")

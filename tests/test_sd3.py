@@ -125,6 +125,16 @@ def test_what_sd3_does_not_take_gets_a_named_error(cache_dir, tmp_path, case):
     assert message in response["error"], response["error"]
 
 
+def test_everything_sd3_does_not_take_is_named_in_one_error(cache_dir, tmp_path):
+    worker = cpu_worker("tiny-sd3", cache_dir, tmp_path)
+    cases = [case for name, case in ERRORS.items() if name != "past the position embedding"]  # width, again
+    extra = {name: value for payload, _ in cases for name, value in payload.items()}
+    response = worker.handle({"id": "bad", "input": {"prompt": "a fox", "num_inference_steps": 2, **extra}})
+    assert response["status"] == "error"
+    for _, message in cases:
+        assert response["error"].count(message) == 1, (message, response["error"])
+
+
 def test_prompts_are_plain_text_and_metrics_count_t5_tokens(cache_dir, tmp_path):
     worker = cpu_worker("tiny-sd3", cache_dir, tmp_path)
     response = worker.handle({"id": "p", "input": {"prompt": "(a fox:1.5)", "num_inference_steps": 2, "seed": 1}})

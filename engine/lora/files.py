@@ -1,25 +1,22 @@
 """Where a request's LoRA files come from: a name under ``LORA_DIR``, or a URL downloaded once.
 
 Only safetensors files are read: pickle formats (``.ckpt``, ``.pt``, ``.bin``) can run code
-when loaded. The header (its length, tensor count and dtypes) is checked before anything
-else reads the file, and for a download as soon as its first bytes arrive, so a file that
-is not a LoRA stops the download at once. A download is written to a private file,
-checked, and renamed to its sha256 under ``LORA_DIR/cache``, so a crash leaves nothing
-half-written and the next request for the same URL reads it from there. That cache is
-shared by every worker on the volume and kept under its size cap by least recently used
-eviction (a use touches the file). A URL refused for its content is remembered for a while,
-so a client retrying it does not make the worker fetch it again.
+when loaded. The header is checked (``engine.lora.headers``) before anything else reads the
+file, and for a download as soon as its first bytes arrive, so a file that is not a LoRA
+stops the download at once. A download is written to a private file, checked, and renamed
+to its sha256 under ``LORA_DIR/cache``, so a crash leaves nothing half-written and the next
+request for the same URL reads it from there. That cache is shared by every worker on the
+volume and kept under its size cap by least recently used eviction (a use touches the
+file). A URL refused for its content is remembered for a while, so a client retrying it
+does not make the worker fetch it again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import math
 import os
-import struct
 import threading
 import time
 import uuid
@@ -27,14 +24,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 from urllib.parse import urlsplit
-
-from safetensors import safe_open
 
 from engine.common.downloads import download_to, size_text
 from engine.common.errors import RequestError
 from engine.common.names import check_name
+from engine.lora.headers import HeaderCheck, HeaderError, check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +40,6 @@ CACHE = "cache"
 PARTIAL = ".partial-"
 URL_INDEX = "url-"
 HASH_CHUNK = 16 * 2**20
-
-LENGTH_BYTES = 8
-MAX_HEADER_BYTES = 8 * 2**20
-"""A header (the JSON table of tensors and metadata) larger than this is refused: an SDXL LoRA with
-every text-encoder layer has a few hundred KB of it, kohya's training metadata adds at most a few
-hundred more; the format allows 100 MB, which takes seconds to parse."""
-MAX_TENSORS = 10_000
-"""Tensors a LoRA file may hold: three per changed module (down, up, alpha) for every layer of an
-SDXL UNet and both text encoders is under 4,000; 100,000 tiny tensors took 4.4 s to read."""
-ITEM_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-}
-"""The dtypes a LoRA's factors (floating point) and alphas (floating point or integer) come in."""
 
 REFUSAL_TTL_S = 600.0
 MAX_REFUSALS = 256
@@ -83,98 +56,12 @@ class LoraFile:
     from_url: bool = False
 
 
-class HeaderError(ValueError):
-    """The bytes are not a safetensors file a LoRA can be; the message is the rule broken."""
-
-
 def shown(label: str) -> str:
     """How an error names a file: a name as given, a URL without credentials, query or fragment."""
     if not label.startswith(("https://", "http://")):
         return repr(label)
     parts = urlsplit(label)
     return repr(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}")
-
-
-def parse_header(header: bytes, max_bytes: int | None) -> int:
-    """Checks a safetensors header (the JSON after the length prefix); returns the bytes of tensor
-    data it declares. ``max_bytes`` caps the whole file, where there is a cap."""
-    try:
-        table = json.loads(header)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise HeaderError("not a safetensors file (its header is not JSON)") from None
-    if not isinstance(table, dict):
-        raise HeaderError("not a safetensors file (its header is not a JSON object)")
-    metadata = table.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise HeaderError("not a safetensors file (its __metadata__ is not a table of strings)")
-    if len(table) > MAX_TENSORS:
-        raise HeaderError(f"not a LoRA file (it has {len(table)} tensors, at most {MAX_TENSORS})")
-    end = 0
-    for key, entry in table.items():
-        end = max(end, _tensor_end(key, entry))
-    if max_bytes is not None and LENGTH_BYTES + len(header) + end > max_bytes:
-        raise HeaderError(f"larger than {size_text(max_bytes)} (by its header)")
-    return end
-
-
-def _tensor_end(key: str, entry: Any) -> int:
-    """Where one tensor's data ends, once its dtype, shape and offsets are checked."""
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-        raise HeaderError(f"not a safetensors file (tensor {key!r} lacks its dtype, shape or data_offsets)")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in ITEM_BYTES:
-        raise HeaderError(f"not a LoRA file (tensor {key!r} is {dtype}; a LoRA holds {', '.join(ITEM_BYTES)})")
-    numbers = [*shape, *offsets] if isinstance(shape, list) and isinstance(offsets, list) else None
-    if numbers is None or len(offsets) != 2 or not all(type(n) is int and n >= 0 for n in numbers):
-        raise HeaderError(f"not a safetensors file (tensor {key!r} has no valid shape and data_offsets)")
-    begin, end = offsets
-    if end - begin != math.prod(shape) * ITEM_BYTES[dtype]:
-        raise HeaderError(f"not a safetensors file (tensor {key!r}'s data_offsets do not fit its shape)")
-    return end
-
-
-class HeaderCheck:
-    """Checks a safetensors header as the file's first bytes arrive, and keeps only those bytes."""
-
-    def __init__(self, max_bytes: int | None):
-        self.max_bytes = max_bytes
-        self.done = False
-        self._head = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        """Raises HeaderError as soon as the bytes seen so far break a rule."""
-        if self.done:
-            return
-        self._head += data[: max(0, LENGTH_BYTES + MAX_HEADER_BYTES - len(self._head))]
-        if len(self._head) < LENGTH_BYTES:
-            return
-        (length,) = struct.unpack("<Q", self._head[:LENGTH_BYTES])
-        if length < 2 or length > MAX_HEADER_BYTES:
-            raise HeaderError(f"not a safetensors file (a header of {length} bytes; at most {MAX_HEADER_BYTES})")
-        if len(self._head) >= LENGTH_BYTES + length:
-            parse_header(bytes(self._head[LENGTH_BYTES : LENGTH_BYTES + length]), self.max_bytes)
-            self.done = True
-            self._head = bytearray()
-
-    def finish(self) -> None:
-        """Raises HeaderError when the file ended before its header did."""
-        if not self.done:
-            raise HeaderError("not a safetensors file (it ends inside its header)")
-
-
-def check_safetensors(path: Path, max_bytes: int | None = None) -> None:
-    """Raises HeaderError unless ``path`` is a safetensors file within the header caps whose tensors
-    safetensors itself can open (it checks that the data matches the header)."""
-    check = HeaderCheck(max_bytes)
-    with path.open("rb") as handle:
-        while not check.done and (data := handle.read(1 << 16)):
-            check.feed(data)
-    check.finish()
-    try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except Exception:  # safetensors raises several untyped errors for a bad file
-        raise HeaderError("not a safetensors file (its tensors do not match its header)") from None
 
 
 class _CheckingWriter:

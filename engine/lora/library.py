@@ -25,7 +25,7 @@ from engine.common.logs import redact_urls
 from engine.lora.factors import LoraWeights, LowRank, read_lora
 from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
 from engine.models.model import Model
-from engine.request.entries import LoraRequest
+from engine.request.entries import LoraEntry
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class LoraLibrary:
         self._read: OrderedDict[str, tuple[LoraWeights, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def select(self, entries: Sequence[LoraRequest]) -> LoraSelection:
+    def select(self, entries: Sequence[LoraEntry]) -> LoraSelection:
         """Every entry resolved and read; the first bad one raises a RequestError naming it."""
         if not entries:
             return NO_LORAS

@@ -1,13 +1,12 @@
 """The entries of a request's lists: a LoRA (a file and its scale), a ControlNet (a folder, its control
 image, when it acts, and its preprocessing).
 
-A ControlNet entry keeps one shape from the schema to the pipeline's metrics. A LoRA entry
-is validated here and read by the LoRA library as a ``LoraRequest``.
+Each keeps one shape from the schema to the pipeline and its metrics: frozen, so a resolved
+request holds them as they came.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -19,15 +18,6 @@ MAX_CONTROLNET_SCALE = 4.0
 MAX_CANNY_THRESHOLD = 2000.0
 CANNY_THRESHOLDS = (100.0, 200.0)
 """OpenCV Canny's lower and upper thresholds when a request gives none, as diffusers' examples use."""
-
-
-@dataclass(frozen=True)
-class LoraRequest:
-    """One ``loras`` entry, validated: a name or a URL, and its scale."""
-
-    name: str | None
-    url: str | None
-    scale: float
 
 
 class LoraEntry(BaseModel):
@@ -44,9 +34,6 @@ class LoraEntry(BaseModel):
         if (self.name is None) == (self.url is None):
             raise rule("one_of", "give either name or url")
         return self
-
-    def to_request(self) -> LoraRequest:
-        return LoraRequest(self.name, self.url, self.scale)
 
 
 class ControlNetEntry(BaseModel):

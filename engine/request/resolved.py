@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.prompts.syntax import PromptSyntax
-from engine.request.entries import ControlNetEntry, LoraRequest
+from engine.request.entries import ControlNetEntry, LoraEntry
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ResolvedRequest:
     timeout_s: float
     image: str | None = None
     strength: float = 1.0
-    loras: tuple[LoraRequest, ...] = ()
+    loras: tuple[LoraEntry, ...] = ()
     prompt_syntax: PromptSyntax = "a1111"
     prompt_tokens: tuple[int, ...] = ()
     """Tokens in each prompt after parsing, once the worker has counted them."""

@@ -7,6 +7,7 @@ serves every endpoint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -200,7 +201,7 @@ class GenerateRequest(BaseModel):
             timeout_s=min(self.timeout_s or limits.max_timeout_s, limits.max_timeout_s),
             image=self.image,
             strength=limits.default_strength(self.mask is not None) if self.strength is None else self.strength,
-            loras=tuple(entry.to_request() for entry in self.loras or ()),
+            loras=tuple(self.loras or ()),
             prompt_syntax=self.prompt_syntax or limits.prompt_syntaxes[0],
             mask=self.mask,
             padding_mask_crop=self.padding_mask_crop,
@@ -208,21 +209,46 @@ class GenerateRequest(BaseModel):
         )
 
 
-def validate_request(payload: Any, limits: Limits) -> GenerateRequest:
-    """Validates ``job["input"]``; raises RequestError listing every problem as 'field: rule'."""
+@dataclass(frozen=True)
+class Checked:
+    """What the schema made of a payload: the request when every rule holds; else its problems, as
+    'field: rule', and the fields that passed on their own, for the checks that can go on without
+    the others (admission's, in ``engine.serving.admission``)."""
+
+    request: GenerateRequest | None
+    fields: dict[str, Any]
+    """Every field that passed on its own, in model form; one not sent has its default. A field that
+    failed is left out, and so is every field when the payload is no JSON object or holds text that
+    is not Unicode."""
+    problems: tuple[str, ...] = ()
+
+
+def check_request(payload: Any, limits: Limits) -> Checked:
+    """Validates ``job["input"]``, listing every problem as 'field: rule' and keeping what passed."""
     if not isinstance(payload, dict):
-        raise RequestError("input: must be a JSON object")
+        return Checked(None, {}, ("input: must be a JSON object",))
     unencodable = unencodable_texts(payload)
     if unencodable:
-        raise RequestError("; ".join(unencodable))
+        return Checked(None, {}, tuple(unencodable))
     try:
-        return GenerateRequest.model_validate(payload, context=limits)
+        request = GenerateRequest.model_validate(payload, context=limits)
     except ValidationError as error:
         items = error.errors(include_url=False)
         problems = [f"{field_location(item['loc'])}: {item['msg']}" for item in items]
-        failed = {item["loc"][0] for item in items if item["loc"]}
-        problems += cross_field_problems(_valid_fields(payload, failed), limits)
-        raise RequestError("; ".join(dict.fromkeys(problems))) from None
+        fields = _valid_fields(payload, {item["loc"][0] for item in items if item["loc"]})
+        problems += cross_field_problems(fields, limits)
+        return Checked(None, fields, tuple(dict.fromkeys(problems)))
+    except RequestError as error:  # every field passed on its own; a rule across them did not
+        return Checked(None, _valid_fields(payload, set()), (str(error),))
+    return Checked(request, {name: getattr(request, name) for name in GenerateRequest.model_fields})
+
+
+def validate_request(payload: Any, limits: Limits) -> GenerateRequest:
+    """Validates ``job["input"]``; raises RequestError listing every problem as 'field: rule'."""
+    checked = check_request(payload, limits)
+    if checked.request is None:
+        raise RequestError("; ".join(checked.problems))
+    return checked.request
 
 
 def _valid_fields(payload: dict[str, Any], failed: set[Any]) -> dict[str, Any]:
@@ -233,6 +259,10 @@ def _valid_fields(payload: dict[str, Any], failed: set[Any]) -> dict[str, Any]:
     for name in ("prompt", "negative_prompt"):
         if values.get(name) is not None:
             values[name] = _text_list(values[name])
+    if values.get("loras") is not None:
+        values["loras"] = [LoraEntry.model_validate(entry) for entry in values["loras"]]
+    if values.get("controlnets") is not None:
+        values["controlnets"] = [ControlNetEntry.model_validate(entry) for entry in values["controlnets"]]
     return values
 
 

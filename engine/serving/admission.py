@@ -1,29 +1,38 @@
-"""Admission: a job's input in, a request the pipeline can run out, or a RequestError saying why not.
+"""Admission: a job's input in, a request the pipeline can run out, or one RequestError naming every problem.
 
-Every check of a request happens here, in one pass and in this order: the schema (types,
-ranges, rules across fields), what the model's family offers, the input, mask and control
-images (downloaded and decoded), the ControlNet folders against the model, the size in
-pixels, and the prompts' length in the text encoders' tokens. What comes out has every
-default filled in and its token and chunk counts measured; the ControlNet components it
-names are listed, for the worker to give runner chains after admission.
+Every check of a request happens here, in two rounds. The first costs no download: the
+schema (types, ranges, rules across fields), what the model's family offers, the mask an
+inpainting model needs, the ControlNet folders against the model, and the prompts' length
+in the text encoders' tokens. Each of these reads the fields that passed the schema on their
+own, so one bad field does not hide another field's problem; a check whose field failed is
+skipped, the schema has named it. Only a request that passes them all has its input, mask
+and control images fetched and decoded, so a refusal never waits for a download; then the
+size in pixels, which an input image can set. What comes out has every default filled in
+and its token and chunk counts measured; the ControlNet components it names are listed, for
+the worker to give runner chains after admission.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from engine.common.downloads import limit_to_request
 from engine.common.errors import RequestError
+from engine.models.controlnet_folders import ControlNetFolders
 from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
+from engine.prompts.syntax import PromptSyntaxError
+from engine.prompts.tokens import PromptLength
 from engine.request.entries import ControlNetEntry
 from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
-from engine.request.schema import GenerateRequest, validate_request
-from engine.serving.controlnets import ControlNetFolders
+from engine.request.schema import GenerateRequest, check_request
 from engine.settings import Settings
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,26 @@ def model_limits(settings: Settings, model: Model) -> Limits:
     )
 
 
+class Problems:
+    """The problems of one request, gathered from checks that each raise a RequestError."""
+
+    def __init__(self, found: Iterable[str] = ()):
+        self.found = list(found)
+
+    def check(self, run: Callable[..., T], *args: Any) -> T | None:
+        """What ``run`` returns, or None with its RequestError's message kept."""
+        try:
+            return run(*args)
+        except RequestError as error:
+            self.found.append(str(error))
+            return None
+
+    def raise_any(self) -> None:
+        """One RequestError naming every problem found, each once, in the order found."""
+        if self.found:
+            raise RequestError("; ".join(dict.fromkeys(self.found)))
+
+
 class Admission:
     """The checks one model's worker runs on every job's input."""
 
@@ -69,73 +98,121 @@ class Admission:
     def admit(self, payload: Any) -> Admitted:
         """A valid request with its defaults, and its input image (and mask) and control images when it
         has them: the input image's size is the default size, else the first control image's."""
-        draft = validate_request(payload, self.limits)
+        checked = check_request(payload, self.limits)
+        fields = checked.fields
+        problems = Problems(checked.problems)
+        problems.found += self._family_problems(fields)
+        components = self._controlnet_components(fields, problems)
+        lengths = problems.check(self._measure_prompts, fields)
+        problems.raise_any()
+        draft = checked.request
+        assert draft is not None and lengths is not None  # no problem: the schema gave a request
         limit_to_request(draft.timeout_s or self.limits.max_timeout_s)  # downloads end by the request's deadline
-        self._check_family_features(draft)
-        if self.model.config.inpainting_unet and draft.mask is None:
-            raise RequestError(
+        inputs = self._load_images(draft, components)
+        request = draft.resolved(self.limits, _default_size(inputs))
+        request = replace(
+            request,
+            prompt_tokens=tuple(length.tokens for length in lengths["prompt"]),
+            prompt_chunks=max(length.chunks for found in lengths.values() for length in found),
+        )
+        return Admitted(request, inputs, components)
+
+    def _family_problems(self, fields: Mapping[str, Any]) -> list[str]:
+        """What the model's family does not offer yet, and the mask an inpainting model needs, by field."""
+        family = self.model.family
+        unsupported = {
+            "mask": fields.get("mask") is not None and not family.inpainting,
+            "controlnets": bool(fields.get("controlnets")) and not family.controlnets,
+            "loras": bool(fields.get("loras")) and not family.lora_targets,
+        }
+        problems = [f"{field}: not supported for {family.name} models yet" for field, bad in unsupported.items() if bad]
+        if fields.get("true_cfg_scale") is not None and not family.true_cfg:
+            problems.append(f"true_cfg_scale: only for models with distilled guidance, not {family.name}")
+        if (
+            family.true_cfg
+            and fields.get("negative_prompt") is not None
+            and "true_cfg_scale" in fields
+            and (fields["true_cfg_scale"] or 1.0) <= 1.0
+        ):
+            problems.append(f"negative_prompt: {family.name} models use one only with true_cfg_scale above 1")
+        if self.model.config.inpainting_unet and "mask" in fields and fields["mask"] is None:
+            problems.append(
                 "mask: this is an inpainting model (its UNet takes the mask and the masked image as extra "
                 "channels); send image and mask"
             )
-        image = load_image(draft.image, self.image_limits) if draft.image is not None else None
-        mask = load_image(draft.mask, self.image_limits, "mask") if draft.mask is not None else None
-        if image is not None and mask is not None and draft.padding_mask_crop is not None:
-            mask = mask_for_crop(mask, image.size)
-        controls = tuple(
-            self._control_image(control, f"controlnets[{index}]")
-            for index, control in enumerate(draft.controlnets or ())
-        )
-        size_from = image if image is not None else controls[0].image if controls else None
-        request = draft.resolved(self.limits, size_from.size if size_from is not None else None)
-        inputs = ImageInputs(image, mask, controls) if image is not None or controls else None
-        return Admitted(self._measure_prompts(request), inputs, tuple(control.component for control in controls))
+        return problems
 
-    def _check_family_features(self, draft: GenerateRequest) -> None:
-        """Refuses what the model's family does not offer yet, naming the field."""
+    def _controlnet_components(self, fields: Mapping[str, Any], problems: Problems) -> tuple[str, ...]:
+        """The model's component for each ``controlnets`` entry, each entry's problem kept in ``problems``."""
+        entries: list[ControlNetEntry] = fields.get("controlnets") or []
+        if not self.model.family.controlnets:
+            return ()  # the family check names the field
+        found = [
+            problems.check(self.controlnets.component, entry.name, f"controlnets[{index}].name")
+            for index, entry in enumerate(entries)
+        ]
+        return tuple(component for component in found if component is not None)
+
+    def _measure_prompts(self, fields: Mapping[str, Any]) -> dict[str, list[PromptLength]]:
+        """Each prompt's (and each negative prompt's the family encodes) token and chunk counts; refuses
+        a prompt past MAX_PROMPT_CHUNKS. A field that failed the schema, or whose weights it could not
+        read, is not measured: the schema named it."""
         family = self.model.family
-        unsupported = {
-            "mask": draft.mask is not None and not family.inpainting,
-            "controlnets": bool(draft.controlnets) and not family.controlnets,
-            "loras": bool(draft.loras) and not family.lora_targets,
-        }
-        problems = [f"{field}: not supported for {family.name} models yet" for field, bad in unsupported.items() if bad]
-        if draft.true_cfg_scale is not None and not family.true_cfg:
-            problems.append(f"true_cfg_scale: only for models with distilled guidance, not {family.name}")
-        if family.true_cfg and draft.negative_prompt is not None and (draft.true_cfg_scale or 1.0) <= 1.0:
-            problems.append(f"negative_prompt: {family.name} models use one only with true_cfg_scale above 1")
-        if problems:
-            raise RequestError("; ".join(problems))
-
-    def _control_image(self, control: ControlNetEntry, field: str) -> ControlImage:
-        """A ``controlnets`` entry's component and control image (its edge map, with preprocess canny)."""
-        component = self.controlnets.component(control.name, f"{field}.name")
-        image = load_image(control.image, self.image_limits, f"{field}.image")
-        if control.preprocess == "canny":
-            image = canny(image, *control.thresholds)
-        return ControlImage(component, image, control.scale, control.start, control.end)
-
-    def _measure_prompts(self, request: ResolvedRequest) -> ResolvedRequest:
-        """The request with its prompts' token and chunk counts; refuses a prompt past MAX_PROMPT_CHUNKS."""
-        family = self.model.family
-        fields = {"prompt": request.prompts}
-        if request.negative_prompts is not None and family.classifier_free_scale(*request.guidance) is not None:
-            fields["negative_prompt"] = request.negative_prompts
+        if "prompt_syntax" not in fields:
+            return {}
+        prompts, negatives = fields.get("prompt"), fields.get("negative_prompt")
+        texts = {"prompt": prompts} if prompts is not None else {}
+        guidance = fields.get("guidance_scale"), fields.get("true_cfg_scale")
+        if negatives is not None and {"guidance_scale", "true_cfg_scale"} <= fields.keys():
+            scale = self.limits.default_guidance_scale if guidance[0] is None else guidance[0]
+            if family.classifier_free_scale(scale, guidance[1], True) is not None:
+                texts["negative_prompt"] = negatives * len(prompts) if prompts and len(negatives) == 1 else negatives
+        syntax = fields.get("prompt_syntax") or self.limits.prompt_syntaxes[0]
+        lengths = {}
+        for field, found in texts.items():
+            try:
+                lengths[field] = family.measure_prompts(self.model.tokenizers, found, syntax)
+            except PromptSyntaxError:
+                continue
         limit = self.max_prompt_chunks
-        lengths = {
-            field: family.measure_prompts(self.model.tokenizers, texts, request.prompt_syntax)
-            for field, texts in fields.items()
-        }
-        problems = [
+        Problems(
             f"{field if len(found) == 1 else f'{field}[{index}]'}: {length.tokens} tokens make {length.chunks} "
             f"chunks of 75; at most {limit} ({limit * 75} tokens, MAX_PROMPT_CHUNKS)"
             for field, found in lengths.items()
             for index, length in enumerate(found)
             if length.chunks > limit
+        ).raise_any()
+        return lengths
+
+    def _load_images(self, draft: GenerateRequest, components: tuple[str, ...]) -> ImageInputs | None:
+        """The input image, mask and control images, decoded (control images through their preprocessing);
+        every one that cannot be read is named in one RequestError."""
+        problems = Problems()
+        image = problems.check(load_image, draft.image, self.image_limits) if draft.image is not None else None
+        mask = problems.check(load_image, draft.mask, self.image_limits, "mask") if draft.mask is not None else None
+        if image is not None and mask is not None and draft.padding_mask_crop is not None:
+            mask = problems.check(mask_for_crop, mask, image.size)
+        controls = [
+            problems.check(self._control_image, entry, component, f"controlnets[{index}]")
+            for index, (entry, component) in enumerate(zip(draft.controlnets or (), components, strict=True))
         ]
-        if problems:
-            raise RequestError("; ".join(problems))
-        return replace(
-            request,
-            prompt_tokens=tuple(length.tokens for length in lengths["prompt"]),
-            prompt_chunks=max(length.chunks for found in lengths.values() for length in found),
-        )
+        problems.raise_any()
+        if image is None and not controls:
+            return None
+        return ImageInputs(image, mask, tuple(control for control in controls if control is not None))
+
+    def _control_image(self, control: ControlNetEntry, component: str, field: str) -> ControlImage:
+        """A ``controlnets`` entry's control image (its edge map, with preprocess canny)."""
+        image = load_image(control.image, self.image_limits, f"{field}.image")
+        if control.preprocess == "canny":
+            image = canny(image, *control.thresholds)
+        return ControlImage(component, image, control.scale, control.start, control.end)
+
+
+def _default_size(inputs: ImageInputs | None) -> tuple[int, int] | None:
+    """The size a request without width and height takes: its input image's, else its first control image's."""
+    if inputs is None:
+        return None
+    if inputs.image is not None:
+        return inputs.image.size
+    return inputs.controls[0].image.size

@@ -31,12 +31,12 @@ from engine.devices import resolve_device, resolve_precision
 from engine.lora.files import LoraFiles
 from engine.lora.library import NO_LORAS, LoraLibrary, LoraSelection
 from engine.models.controlnet import CONTROLLED_UNET
+from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
 from engine.models.model import Model, load_model
 from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
 from engine.request.resolved import ResolvedRequest
 from engine.request.schema import parse_request
 from engine.serving.admission import Admission
-from engine.serving.controlnets import ControlNetFolders, found_controlnets
 from engine.serving.delivery import Delivery, EncodedImage
 from engine.serving.encode import encode_image
 from engine.serving.memory import check_fits

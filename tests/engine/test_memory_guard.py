@@ -16,7 +16,7 @@ from engine.common.errors import RequestError
 from engine.models.builtin import builtin_model_folder
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.model import load_model
-from engine.request.entries import LoraRequest
+from engine.request.entries import LoraEntry
 from engine.serving.memory import available_bytes, cuda_room, estimates, patch_bytes, residual_elements
 from engine.serving.worker import Worker
 from perf.lora_files import write_lora
@@ -179,7 +179,7 @@ def test_a_lora_sets_patched_weights_count_on_top_of_the_peak(make_settings, roo
     write_lora(model, tmp_path / "loras" / "a.safetensors", "peft", seed=1, rank=4, components=["unet"])
     worker = Worker(make_settings(backend="torch", min_free_memory_gb=0, lora_dir=tmp_path / "loras"))
     peak = estimates(worker.model.config, 1, 64, 64, True, "fp32", "fp32")[0].bytes
-    patch = worker.loras.select([LoraRequest("a", None, 1.0)]).patches["unet"]
+    patch = worker.loras.select([LoraEntry(name="a", scale=1.0)]).patches["unet"]
     lora = patch_bytes((worker.model.parameter_shapes["unet"][name] for name in patch.names), "fp32")
     assert lora > 0
     room[0] = peak + lora - 1

@@ -19,7 +19,8 @@ import torch
 
 from engine.backends.onnxruntime import load_onnxruntime_runner
 from engine.common.errors import ArtifactError
-from engine.models.builtin import TEXT_HIDDEN, build_tiny, byte_tokenizer, clip_text_encoder
+from engine.models.builtin import build_tiny
+from engine.models.builtin_parts import TEXT_HIDDEN, byte_tokenizer, clip_text_encoder
 from engine.models.model import load_model
 from engine.serving.worker import Worker
 from engine.spec import Dims

@@ -25,7 +25,7 @@ from engine.backends.torch import TorchRunner
 from engine.lora.files import LoraFiles
 from engine.lora.library import LoraLibrary
 from engine.models.model import load_model
-from engine.request.entries import LoraRequest
+from engine.request.entries import LoraEntry
 from engine.sizes import SizeRange
 from engine.spec import Dims
 from engine.store.fingerprint import component_fingerprint
@@ -49,7 +49,7 @@ def half_store(request, cache_dir, tmp_path_factory) -> tuple[Store, str]:
 def patches(cache_dir, folder: Path, entries: list[tuple[str, float]]):
     model = load_model("tiny", cache_dir)
     library = LoraLibrary(LoraFiles(folder, 10**9), model)
-    return library.select([LoraRequest(name, None, scale) for name, scale in entries]).patches
+    return library.select([LoraEntry(name=name, scale=scale) for name, scale in entries]).patches
 
 
 def torch_runner(model, component: str) -> TorchRunner:

@@ -31,10 +31,11 @@ from engine.backends.torch import SharedTorchRunner
 from engine.common.errors import RequestError
 from engine.lora import library as library_module
 from engine.lora.factors import MAX_WEIGHT_CHANGE, read_lora
-from engine.lora.files import MAX_TENSORS, LoraFiles, Refusals
+from engine.lora.files import LoraFiles, Refusals
+from engine.lora.headers import MAX_TENSORS
 from engine.lora.library import LoraLibrary, WeightPatch
 from engine.models.model import load_model
-from engine.request.entries import LoraRequest
+from engine.request.entries import LoraEntry
 from engine.serving.worker import Worker
 from engine.settings import Settings
 from perf.lora_files import write_lora
@@ -139,7 +140,7 @@ def test_absurd_kohya_alphas_are_refused(torch_worker, name, rule):
 def test_real_loras_pass_well_inside_the_bound(tiny, hostile_dir):
     library = LoraLibrary(LoraFiles(hostile_dir, 10**9), tiny)
     for name in ("a", "c", "realistic"):
-        patch = library.select([LoraRequest(name, None, 1.0)]).patches["unet"]
+        patch = library.select([LoraEntry(name=name, scale=1.0)]).patches["unet"]
         largest = max(low_rank.largest_change() for terms in patch.terms.values() for _, low_rank in terms)
         assert largest < MAX_WEIGHT_CHANGE / 10, f"{name}: {largest}"
 
@@ -254,11 +255,11 @@ def test_a_refused_named_file_is_not_read_again(tiny, hostile_dir, monkeypatch):
     library = LoraLibrary(LoraFiles(hostile_dir, 10**9), tiny)
     for index in range(3):
         with pytest.raises(RequestError, match=rf"^loras\[{index}\].name: 'bad-nan': unet\..* holds NaN"):
-            library.select([*[LoraRequest("a", None, 1.0)] * index, LoraRequest("bad-nan", None, 1.0)])
+            library.select([*[LoraEntry(name="a", scale=1.0)] * index, LoraEntry(name="bad-nan", scale=1.0)])
     assert reads == ["bad-nan", "a"], "each file is read once"
     (hostile_dir / "copy.safetensors").write_bytes((hostile_dir / "bad-nan.safetensors").read_bytes())
     with pytest.raises(RequestError, match=r"^loras\[0\].name: 'copy': unet\..* holds NaN"):
-        library.select([LoraRequest("copy", None, 1.0)])
+        library.select([LoraEntry(name="copy", scale=1.0)])
     assert reads == ["bad-nan", "a"], "the same content is not read again, and the error names this file"
 
 
@@ -267,12 +268,12 @@ def test_read_files_are_kept_within_the_byte_budget(tiny, hostile_dir, monkeypat
     reads = counted_reads(monkeypatch)
     library = LoraLibrary(LoraFiles(hostile_dir, 10**9), tiny, cache_bytes=one + one // 2)
     for name in ("c", "c", "a", "a", "c"):
-        library.select([LoraRequest(name, None, 1.0)])
+        library.select([LoraEntry(name=name, scale=1.0)])
     assert reads == ["c", "a", "c"], "a and c do not fit together: each pushes the other out"
     roomy = LoraLibrary(LoraFiles(hostile_dir, 10**9), tiny, cache_bytes=10**9)
     reads.clear()
     for name in ("c", "a", "c", "a"):
-        roomy.select([LoraRequest(name, None, 1.0)])
+        roomy.select([LoraEntry(name=name, scale=1.0)])
     assert reads == ["c", "a"]
 
 
@@ -433,7 +434,7 @@ def test_a_url_whose_lora_fails_the_checks_is_neither_fetched_nor_read_again(
     url = f"{server}/nan.safetensors?token=secret"
     for _ in range(2):
         with pytest.raises(RequestError) as raised:
-            library.select([LoraRequest(None, url, 1.0)])
+            library.select([LoraEntry(url=url, scale=1.0)])
         message = str(raised.value)
         assert message.startswith(f"loras[0].url: '{server}/nan.safetensors': unet."), message
         assert "secret" not in message

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.models.builtin import byte_tokenizer
+from engine.models.builtin_parts import byte_tokenizer
 from engine.prompts.tokens import apply_weights, chunk_count, chunked_inputs, prompt_lengths, tokenize_prompt
 
 
