@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,9 +34,11 @@ def onnx_artifact(store: Store, component: str):
 
 
 def test_tensorrt_11_networks_are_strongly_typed_without_flags_and_tensorrt_10_asks_for_it():
+    """The flag's value is TensorRT 10's own, as its bindings' stubs record it (not the fake's constant)."""
     assert network_flags(fake_tensorrt.fake_tensorrt("11.4.0.106")) == 0
-    tensorrt_10 = fake_tensorrt.fake_tensorrt("10.16.1.11")
-    assert network_flags(tensorrt_10) == 1 << fake_tensorrt.TENSORRT_10_STRONGLY_TYPED == 2
+    stubs = json.loads((Path(__file__).parents[1] / "engine" / "tensorrt_builder_api.json").read_text())
+    strongly_typed = stubs["classes"]["NetworkDefinitionCreationFlag"]["STRONGLY_TYPED"]
+    assert network_flags(fake_tensorrt.fake_tensorrt("10.16.1.11")) == 1 << strongly_typed == 2
 
 
 def test_build_sets_the_profiles_workspace_level_and_timing_cache(store, model, tmp_path):
