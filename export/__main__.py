@@ -20,7 +20,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from engine.backends.tensorrt.runtime import gpu_tag
+from engine.backends.tensorrt.runtime import gpu_model, gpu_tag
 from engine.common.cli import run_command
 from engine.common.errors import RequestError, WorkerError
 from engine.common.logs import configure_logging
@@ -101,6 +101,7 @@ def engine_builder(settings: Settings, exporter: Exporter, skip: bool) -> tuple[
         settings.lock_stale_s,
         settings.lock_heartbeat_s,
         max_prompt_chunks=settings.max_prompt_chunks,
+        gpu_model=gpu_model(exporter.device),
     )
     tokens = settings.max_prompt_chunks * 75
     return builder, (

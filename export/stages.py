@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import mmap
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -34,7 +35,7 @@ from engine.store.weightmap import WEIGHT_MAP_FILE, WeightMap
 from export.onnx import export_dims
 from export.optimize import optimize
 from export.stagelog import StageLog
-from export.tensorrt import BuildOptions, TimingCache, build_engine, refit_names
+from export.tensorrt import BuildOptions, TimingCache, build_engine, refit_names, timing_cache_name
 from export.trace import load_module, references_for, trace_component
 from export.validate import Reference, check, compare, validation_dims
 from export.weightmap import map_weights
@@ -148,7 +149,7 @@ class Exporter:
             with stages.stage("build engine"):
                 marked = builder.build(onnx.file(ONNX_FILE), profiles, plan, refittable)
             with stages.stage("validate engine"):
-                candidate = builder.runner(spec, plan.read_bytes(), profiles, precision, self.device)
+                candidate = builder.runner(spec, plan, profiles, precision, self.device)
                 parity = check(spec, "tensorrt", compare(spec, references, candidate, precision))
                 del candidate
             staging.info.update(
@@ -218,12 +219,15 @@ class EngineBuilder:
         lock_heartbeat_s: float,
         trt: ModuleType | None = None,
         max_prompt_chunks: int = 1,
+        gpu_model: str = "",
     ) -> EngineBuilder:
+        """``gpu_model`` (``runtime.gpu_model``) keys the timing cache by the GPU's model as well as its ``gpu`` tag."""
         trt = trt or tensorrt_module()
         if not hasattr(trt, "Builder"):
             raise BackendUnavailable("building engines needs the full TensorRT package, not the lean runtime")
         version, compatible = version_tags(trt)
-        cache = TimingCache(store.root / "timing-cache" / f"{gpu}-trt{version}.cache", lock_stale_s, lock_heartbeat_s)
+        cache_path = store.root / "timing-cache" / timing_cache_name(gpu, gpu_model, version)
+        cache = TimingCache(cache_path, lock_stale_s, lock_heartbeat_s)
         tag = compatible if options.version_compatible else version
         return cls(trt, ranges, options, gpu, tag, cache, make_logger(trt), max_prompt_chunks)
 
@@ -233,10 +237,12 @@ class EngineBuilder:
         )
 
     def runner(
-        self, spec: ComponentSpec, plan: bytes, profiles: list[Profile], precision: str, device: torch.device
+        self, spec: ComponentSpec, plan: Path, profiles: list[Profile], precision: str, device: torch.device
     ) -> TensorRTRunner:
-        """The engine just built, through the same loading and runner the worker uses."""
+        """The engine just built, through the same loading and runner the worker uses, deserialized from its
+        file mapped into memory rather than read into a copy."""
         runtime = make_runtime(self.trt, self.logger)
-        loaded = deserialize(self.trt, runtime, plan, tuple(profiles), spec, device, spec.name)
+        with plan.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            loaded = deserialize(self.trt, runtime, mapped, tuple(profiles), spec, device, spec.name)
         runners, _ = share_memory({spec.name: [loaded]}, {spec.name: precision}, device)
         return runners[spec.name]

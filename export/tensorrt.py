@@ -3,9 +3,10 @@
 Precision comes from the ONNX file (fp16 weights and casts): TensorRT 11 builds only
 strongly typed networks, and TensorRT 10 is asked for the same with the STRONGLY_TYPED
 flag. One optimization profile per configured size range in one engine, a workspace limit, an optimization level,
-a timing cache shared through the store so later builds on the same GPU and
+a timing cache shared through the store so later builds on the same GPU model and
 TensorRT version skip the tactic timing already done, and the weights LoRAs change
-marked individually refittable.
+marked individually refittable. The plan goes from TensorRT's host memory to its file without
+a copy: a Flux-size plan is tens of gigabytes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,13 +84,23 @@ def builder_config(trt: ModuleType, builder, profiles: Sequence[Profile], option
         for name, shapes in profile.inputs:
             optimization_profile.set_shape(name, shapes.minimum, shapes.optimum, shapes.maximum)
         config.add_optimization_profile(optimization_profile)
-    cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, False)
+    if not config.set_timing_cache(config.create_timing_cache(timing_cache), False):
+        # IBuilderConfig::setTimingCache refuses a cache whose device properties differ from this GPU's
+        # (ignore_mismatch=False); the build goes on with an empty cache, which it fills with its own timings.
+        log.warning("TensorRT refused the saved timing cache (made on another GPU); building without it")
+        config.set_timing_cache(config.create_timing_cache(b""), False)
     return config
 
 
+def timing_cache_name(gpu: str, gpu_model: str, version: str) -> str:
+    """One cache per GPU model, not only per compute capability: GPUs of one SM (H100 PCIe and SXM; L4, L40S
+    and RTX 4090) time tactics differently, and TensorRT refuses a cache another model made."""
+    model = re.sub(r"[^a-z0-9]+", "-", gpu_model.lower()).strip("-")
+    return f"{gpu}-{model}-trt{version}.cache" if model else f"{gpu}-trt{version}.cache"
+
+
 class TimingCache:
-    """A timing cache file per GPU and TensorRT version, merged under a lock and replaced atomically."""
+    """A timing cache file per GPU model and TensorRT version, merged under a lock and replaced atomically."""
 
     def __init__(self, path: Path, lock_stale_s: float, lock_heartbeat_s: float):
         self.path = path
@@ -100,15 +112,20 @@ class TimingCache:
         return b""
 
     def merge(self, config) -> None:
-        """Adds what this build timed to what other builds saved since it started."""
+        """Adds what this build timed to what other builds saved since it started. The plan is written
+        by then, so a cache TensorRT cannot give back is logged, not raised."""
+        cache = config.get_timing_cache()
+        if cache is None:
+            log.warning("TensorRT gave back no timing cache for this build; %s is left as it was", self.path.name)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.lock:
-            cache = config.get_timing_cache()
             saved = self.read()
-            if saved:
-                cache.combine(config.create_timing_cache(saved), False)
+            if saved and not cache.combine(config.create_timing_cache(saved), False):
+                log.warning("%s was made on another GPU or TensorRT; this build's timings replace it", self.path.name)
             temporary = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}")
-            temporary.write_bytes(bytes(cache.serialize()))
+            with open(temporary, "wb") as out:
+                out.write(memoryview(cache.serialize()))
             os.replace(temporary, self.path)
 
 
@@ -130,6 +147,10 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ArtifactError(f"TensorRT failed to build {onnx_path.name} for profiles {profiles_label(profiles)}")
-    plan_path.write_bytes(bytes(serialized))
+    with open(plan_path, "wb") as out:
+        # IHostMemory exposes the buffer protocol (py::buffer_protocol() and def_buffer in the bindings'
+        # python/src/infer/pyFoundationalTypes.cpp): the file is written from TensorRT's own memory.
+        out.write(memoryview(serialized))
+    del serialized  # the plan's host memory goes back before anything else runs
     timing_cache.merge(config)
     return marked

@@ -188,8 +188,9 @@ class Builder:
         if Builder.failures:
             Builder.failures -= 1
             return None
-        cache = config.get_timing_cache()
-        cache._entries[f"tactic-{len(cache._entries)}"] = 1
+        cache = config._cache  # the builder times into the config's cache, if it has one
+        if cache is not None:
+            cache._entries[f"tactic-{len(cache._entries)}"] = 1
         profiles = [profile._shapes for profile in config._profiles]
         refit = real.BuilderFlag.REFIT_INDIVIDUAL in config._flags or real.BuilderFlag.REFIT in config._flags
         refittable = {name: network._weights[name] for name in network._refittable} if refit else {}

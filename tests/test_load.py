@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from engine.request.schema import GenerateRequest
 from engine.schedulers import CLASSIC_SCHEDULERS
 from tests.conftest import runsync, serve_api, worker_env
 from tests.parity import picture
@@ -131,8 +133,16 @@ def check_rejected(url: str, payload: object) -> None:
     assert body["status"] == "FAILED", (payload, body)
     error = body["error"]
     assert "Traceback" not in error and "internal error" not in error, error
-    fields = [problem.split(":", 1)[0] for problem in error.split("; ")]
-    assert all(field for field in fields), error
+    assert field_rule_form(payload).fullmatch(error), f"not 'field: rule; field: rule': {error!r}"
+
+
+def field_rule_form(payload: dict) -> re.Pattern[str]:
+    """'field: rule', joined by '; ', where a field is one the request schema has or the payload sent
+    (``loras[0].url``, ``input`` for the request as a whole) and a rule is text that runs to the next problem."""
+    names = sorted({*GenerateRequest.model_fields, *map(str, payload), "input"} - {""}, key=len, reverse=True)
+    field = r"(?:{})(?:\[\d+\]|\.\w+)*".format("|".join(map(re.escape, names)))
+    problem = rf"{field}: (?:(?!; {field}: ).)*\S"
+    return re.compile(f"{problem}(?:; {problem})*", re.DOTALL)
 
 
 def rss_mb(process: psutil.Process) -> float:

@@ -7,9 +7,13 @@ hashed as it is read. ``READS`` counts what this process read from stores.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -137,12 +141,22 @@ class Artifact:
             if sha256_file(self.file(name)) != entry["sha256"]:
                 raise ArtifactError(f"{self.path.name}/{name} does not match its manifest's sha256")
 
-    def read_verified(self, name: str) -> bytes:
-        """A file's bytes, hashed while read once, so what is checked is what is used."""
+    @contextlib.contextmanager
+    def mapped_verified(self, name: str) -> Iterator[mmap.mmap]:
+        """A file mapped read-only and hashed through the mapping in chunks, so what is checked is what is
+        used, and no copy of it is made in this process's memory (an engine plan can be tens of GB)."""
         entry = self.files[name]
         started = time.perf_counter()
-        data = self.file(name).read_bytes()
-        READS.add(len(data), started)
-        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ArtifactError(f"{self.path.name}/{name} does not match its manifest")
-        return data
+        with self.file(name).open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size != entry["size"] or size == 0:
+                raise ArtifactError(f"{self.path.name}/{name} does not match its manifest")
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                digest = hashlib.sha256()
+                with memoryview(mapped) as view:
+                    for start in range(0, size, CHUNK):
+                        digest.update(view[start : start + CHUNK])
+                READS.add(size, started)
+                if digest.hexdigest() != entry["sha256"]:
+                    raise ArtifactError(f"{self.path.name}/{name} does not match its manifest")
+                yield mapped

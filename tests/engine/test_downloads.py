@@ -6,6 +6,7 @@ status line, or inside a TLS record, so every phase of a download is held to the
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import http.server
 import io
@@ -21,7 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import runpod.serverless.utils.rp_ssrf  # noqa: F401 - imported here, not inside the first timed download
 
-from engine.common.downloads import download, download_limits, limit_to_request
+from engine.common.downloads import download, download_limits, download_to, limit_to_request
 from engine.common.errors import RequestError
 from engine.common.logs import JsonFormatter
 
@@ -170,20 +171,35 @@ def test_a_server_that_sends_its_headers_a_byte_at_a_time_is_held_to_the_minimum
 
 @pytest.fixture
 def file_server() -> Iterator[str]:
-    """Serves /fox.png (2 KB), and redirects /away to a URL with no host and a token in its query."""
+    """Serves /fox.png (2 KB), /chunked.png (1 MB in chunks, with no Content-Length), and redirects /away
+    to a URL with no host and a token in its query."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # for chunked transfer encoding
+
         def log_message(self, *args) -> None:
             pass
 
         def do_GET(self) -> None:
+            if self.path.startswith("/chunked"):
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                with contextlib.suppress(OSError):  # the client hangs up once past its cap
+                    for _ in range(64):
+                        self.wfile.write(b"4000\r\n" + b"p" * 0x4000 + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                return
             if self.path.startswith("/away"):
                 self.send_response(302)
                 self.send_header("Location", "https:///x.png?token=SECRET-TOKEN")
+                self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
             self.send_response(200)
             self.send_header("Content-Length", "2000")
+            self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(b"p" * 2000)
 
@@ -197,6 +213,17 @@ def file_server() -> Iterator[str]:
 def test_a_fast_download_within_the_limits_is_whole(file_server, allow_loopback):
     with download_limits(timeout_s=5, min_bytes_per_s=1_000_000, grace_s=1.0):
         assert download(f"{file_server}/fox.png", 10_000, "image") == b"p" * 2000
+
+
+def test_a_chunked_download_with_no_length_is_cut_off_at_the_cap(file_server, allow_loopback):
+    """No Content-Length to refuse it by: the cap must hold while the body streams."""
+    out = io.BytesIO()
+    with pytest.raises(RequestError) as caught, download_limits(timeout_s=5, min_bytes_per_s=1000, grace_s=1.0):
+        download_to(f"{file_server}/chunked.png", out, 100_000, "image")
+    assert str(caught.value) == "image: larger than 0.1 MB"
+    assert out.tell() <= 100_000, "nothing past the cap is kept"
+    with download_limits(timeout_s=5, min_bytes_per_s=1000, grace_s=1.0):
+        assert download(f"{file_server}/chunked.png", 2_000_000, "image") == b"p" * (64 * 0x4000)
 
 
 @pytest.fixture

@@ -91,10 +91,11 @@ def test_a_flipped_byte_is_detected_and_rebuilt(tmp_path):
     flip_a_byte(artifact.file("model.onnx"))
     with pytest.raises(ArtifactError, match="sha256"):
         artifact.verify()
-    with pytest.raises(ArtifactError):
-        artifact.read_verified("model.onnx")
+    with pytest.raises(ArtifactError), artifact.mapped_verified("model.onnx"):
+        pass
     rebuilt = store.ensure(KEY, write_payload)
-    assert rebuilt.read_verified("model.onnx") == b"graph bytes"
+    with rebuilt.mapped_verified("model.onnx") as mapped:
+        assert mapped[:] == b"graph bytes"
     assert len(list(store.quarantine_dir.iterdir())) == 1
 
 
@@ -186,7 +187,8 @@ def test_files_in_folders_inside_the_artifact_are_kept(tmp_path):
     artifact = Store(tmp_path).ensure(KEY, build)
     assert list(artifact.files) == ["weights/part.bin"]
     artifact.verify()
-    assert artifact.read_verified("weights/part.bin") == b"weights"
+    with artifact.mapped_verified("weights/part.bin") as mapped:
+        assert mapped[:] == b"weights"
 
 
 def test_staging_age_is_read_on_the_storage_clock_not_this_host(tmp_path, monkeypatch):

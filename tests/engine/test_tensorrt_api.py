@@ -1,15 +1,22 @@
 """Every TensorRT name the project calls exists in TensorRT 11's real Python bindings.
 
 Runtime names are checked on the lean runtime bindings, which import without a GPU.
-Builder names are read from the full bindings' compiled module (it cannot be imported
-without TensorRT's libraries, but its identifiers are in the file). A renamed or
-removed API therefore fails here, on a machine without TensorRT.
+Builder-side classes the lean runtime lacks (Builder, OnnxParser, ParserError,
+INetworkDefinition, IBuilderConfig) are checked member by member against their class in
+tensorrt_builder_api.json (extracted from the tensorrt-stubs package, which is generated from
+TensorRT 10.13's bindings; the package itself cannot be installed without TensorRT's CUDA
+libraries), with parameter names and counts, and each name must also be a whole string in
+TensorRT 11's full bindings' compiled module (it cannot be imported without TensorRT's
+libraries, but its identifiers are in the file), which catches what 11 removed. A renamed,
+removed or misplaced API therefore fails here, on a machine without TensorRT.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import inspect
+import json
 import re
 from functools import cache
 from pathlib import Path
@@ -27,6 +34,9 @@ TENSORRT_MODULES = [
     "export/stages.py",
 ]
 IDENTIFIER = re.compile(rb"[A-Za-z_][A-Za-z0-9_]{2,}")
+BUILDER_API: dict[str, dict] = json.loads((Path(__file__).with_name("tensorrt_builder_api.json")).read_text())[
+    "classes"
+]
 REMOVED_IN_TENSORRT_11 = [
     ("BuilderFlag", "FP16"),
     ("BuilderFlag", "OBEY_PRECISION_CONSTRAINTS"),
@@ -56,11 +66,20 @@ def in_full_bindings(name: str) -> bool:
 
 
 def exists(class_name: str, attribute: str) -> bool:
-    """Precise on classes the lean runtime has; by identifier for builder-side classes it lacks."""
+    """On the lean runtime's class where it has one; else a member of that class in the stubs that TensorRT
+    11's full bindings still name."""
     real_class = getattr(lean, class_name, None)
     if real_class is not None:
         return hasattr(real_class, attribute)
-    return in_full_bindings(class_name) and in_full_bindings(attribute)
+    members = BUILDER_API.get(class_name, {})
+    return attribute in members and in_full_bindings(class_name) and in_full_bindings(attribute)
+
+
+def signature_matches(class_name: str, method: str, parameters: list[str]) -> bool:
+    """The parameters a fake's method takes (after self) are, by name and in order, what one of the
+    real method's overloads takes, and at least as many as it requires."""
+    overloads = BUILDER_API[class_name][method]
+    return any(names[: len(parameters)] == parameters and len(parameters) >= required for names, required in overloads)
 
 
 def public_api(fake: type) -> list[str]:
@@ -116,12 +135,17 @@ def tensorrt_chains(path: Path) -> set[tuple[str, ...]]:
 
 
 def resolves(chain: tuple[str, ...]) -> bool:
-    target = lean
-    for part in chain:
-        if not hasattr(target, part):
-            return all(in_full_bindings(name) for name in chain)
-        target = getattr(target, part)
-    return True
+    """``trt.X`` or ``trt.X.Y``: on the lean runtime where it has X, else X's members in the stubs."""
+    if hasattr(lean, chain[0]):
+        target = lean
+        for part in chain:
+            if not hasattr(target, part):
+                return False
+            target = getattr(target, part)
+        return True
+    if chain[0] not in BUILDER_API or not in_full_bindings(chain[0]):
+        return False
+    return len(chain) == 1 or (len(chain) == 2 and exists(*chain))
 
 
 @pytest.mark.parametrize("module", TENSORRT_MODULES)
@@ -136,6 +160,41 @@ def test_module_level_names_exist(module):
 def test_the_check_rejects_apis_tensorrt_11_removed(class_name, attribute):
     assert not exists(class_name, attribute)
     assert not resolves((class_name, attribute))
+
+
+@pytest.mark.parametrize(
+    ("class_name", "attribute"),
+    [("Builder", "parse_from_file"), ("OnnxParser", "build_serialized_network"), ("IBuilderConfig", "set_shape")],
+)
+def test_the_check_rejects_a_real_name_on_the_wrong_class(class_name, attribute):
+    """Each name exists in TensorRT, on another class: a check by identifier alone would pass them."""
+    assert in_full_bindings(attribute)
+    assert not exists(class_name, attribute)
+    assert not resolves((class_name, attribute))
+
+
+@pytest.mark.parametrize(
+    "fake", [f for f in fake_tensorrt.FAKE_CLASSES if f.__name__ in BUILDER_API], ids=lambda f: f.__name__
+)
+def test_builder_side_fakes_take_the_parameters_tensorrt_takes(fake):
+    """Code that calls a fake with the right arguments calls TensorRT with them."""
+    constructor = ["__init__"] if "__init__" in BUILDER_API[fake.__name__] else []  # else TensorRT makes them
+    methods = [name for name in [*public_api(fake), *constructor] if inspect.isfunction(vars(fake).get(name))]
+    wrong = [
+        f"{name}{tuple(parameters)}"
+        for name in methods
+        if not signature_matches(
+            fake.__name__, name, parameters := list(inspect.signature(vars(fake)[name]).parameters)[1:]
+        )
+    ]
+    assert not wrong, f"{fake.__name__}: {wrong} differ from {[(n, BUILDER_API[fake.__name__][n]) for n in methods]}"
+
+
+def test_the_signature_check_rejects_a_wrong_parameter_name_or_count():
+    assert signature_matches("IBuilderConfig", "set_timing_cache", ["cache", "ignore_mismatch"])
+    assert not signature_matches("IBuilderConfig", "set_timing_cache", ["cache"])
+    assert not signature_matches("IBuilderConfig", "set_timing_cache", ["timing_cache", "ignore_mismatch"])
+    assert not signature_matches("Builder", "build_serialized_network", ["network", "config", "stream"])
 
 
 def test_runtime_names_the_runner_needs_are_precise_on_the_lean_bindings():

@@ -8,6 +8,8 @@ validation gate. tests/test_tensorrt_gpu.py repeats the chain for real where it 
 from __future__ import annotations
 
 import json
+import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from engine.store.store import Store
 from export import stages
 from export.stagelog import StageLog
 from export.stages import EngineBuilder, Exporter
-from export.tensorrt import BuildOptions, TimingCache, build_engine, network_flags
+from export.tensorrt import BuildOptions, TimingCache, build_engine, network_flags, timing_cache_name
 from tests import fake_tensorrt
 
 OPTIONS = BuildOptions(workspace_bytes=2**30, optimization_level=4, version_compatible=False)
@@ -32,9 +34,11 @@ def onnx_artifact(store: Store, component: str):
 
 
 def test_tensorrt_11_networks_are_strongly_typed_without_flags_and_tensorrt_10_asks_for_it():
+    """The flag's value is TensorRT 10's own, as its bindings' stubs record it (not the fake's constant)."""
     assert network_flags(fake_tensorrt.fake_tensorrt("11.4.0.106")) == 0
-    tensorrt_10 = fake_tensorrt.fake_tensorrt("10.16.1.11")
-    assert network_flags(tensorrt_10) == 1 << fake_tensorrt.TENSORRT_10_STRONGLY_TYPED == 2
+    stubs = json.loads((Path(__file__).parents[1] / "engine" / "tensorrt_builder_api.json").read_text())
+    strongly_typed = stubs["classes"]["NetworkDefinitionCreationFlag"]["STRONGLY_TYPED"]
+    assert network_flags(fake_tensorrt.fake_tensorrt("10.16.1.11")) == 1 << strongly_typed == 2
 
 
 def test_build_sets_the_profiles_workspace_level_and_timing_cache(store, model, tmp_path):
@@ -106,12 +110,87 @@ def test_one_engine_holds_a_profile_per_range_and_is_published_once(store, model
     assert again.seconds == {}
 
 
-def test_version_compatible_engines_carry_a_major_version_tag(store, model, monkeypatch):
+def test_version_compatible_engines_carry_the_version_that_built_them(store, model, monkeypatch):
     monkeypatch.setattr(stages, "compare", fake_tensorrt.passing_compare)
     exporter = Exporter(model, store, torch.device("cpu"), "fp32")
     builder = make_builder(store, [SizeRange(64, 64, 128, 2)], version_compatible=True)
     engine = exporter.engine("vae_decoder", onnx_artifact(store, "vae_decoder"), builder, StageLog())
-    assert engine.key.tensorrt == "11.x-vc"
+    assert engine.key.tensorrt == "11.4.0.106-vc", "only this release and later ones may load it"
+
+
+def test_the_timing_cache_is_kept_per_gpu_model_not_only_per_compute_capability(store):
+    assert timing_cache_name("sm89", "NVIDIA L4 22GB", "11.4.0.106") == "sm89-nvidia-l4-22gb-trt11.4.0.106.cache"
+    assert timing_cache_name("sm89", "NVIDIA L40S 45GB", "11.4.0.106") != timing_cache_name(
+        "sm89", "NVIDIA GeForce RTX 4090 24GB", "11.4.0.106"
+    )
+    options = BuildOptions(2**30, 3, False)
+    pcie, sxm = (
+        EngineBuilder.create(store, "sm90", [], options, 30, 1, trt=fake_tensorrt.fake_tensorrt(), gpu_model=name)
+        for name in ("NVIDIA H100 PCIe 80GB", "NVIDIA H100 80GB HBM3 80GB")
+    )
+    assert pcie.timing_cache.path.name == "sm90-nvidia-h100-pcie-80gb-trt11.4.0.106.cache"
+    assert pcie.timing_cache.path != sxm.timing_cache.path
+
+
+def test_a_timing_cache_tensorrt_refuses_is_left_out_of_the_build(store, model, tmp_path, monkeypatch, caplog):
+    trt = fake_tensorrt.fake_tensorrt()
+    cache = TimingCache(tmp_path / "sm90.cache", 30, 1)
+    cache.path.write_bytes(b'{"tactic-from-another-gpu": 7}')
+    attached = []
+
+    def set_timing_cache(self, cache, ignore_mismatch):  # as TensorRT does for another device's cache
+        if cache._entries:
+            return False
+        attached.append(dict(cache._entries))
+        self._cache = cache
+        return True
+
+    monkeypatch.setattr(fake_tensorrt.IBuilderConfig, "set_timing_cache", set_timing_cache)
+    monkeypatch.setattr(fake_tensorrt.ITimingCache, "combine", lambda self, input_cache, ignore_mismatch: False)
+    plan = tmp_path / "engine.plan"
+    profile = profile_for(model.specs["unet"], SizeRange(64, 64, 128, 2))
+    build_engine(trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), [profile], OPTIONS, cache, plan)
+    assert plan.read_bytes().startswith(b"FAKEPLAN")
+    assert attached == [{}], "built on an empty cache of its own"
+    assert "refused the saved timing cache" in caplog.text
+    assert json.loads(cache.path.read_bytes()) == {"tactic-0": 1}, "this build's timings replace the foreign cache"
+
+
+def test_no_timing_cache_back_from_tensorrt_leaves_the_plan_and_the_saved_cache(store, model, tmp_path, monkeypatch):
+    trt = fake_tensorrt.fake_tensorrt()
+    cache = TimingCache(tmp_path / "sm90.cache", 30, 1)
+    cache.path.write_bytes(b'{"tactic-0": 1}')
+    monkeypatch.setattr(fake_tensorrt.IBuilderConfig, "get_timing_cache", lambda self: None)
+    plan = tmp_path / "engine.plan"
+    profile = profile_for(model.specs["unet"], SizeRange(64, 64, 128, 2))
+    build_engine(trt, None, onnx_artifact(store, "unet").file(ONNX_FILE), [profile], OPTIONS, cache, plan)
+    assert plan.read_bytes().startswith(b"FAKEPLAN")
+    assert cache.path.read_bytes() == b'{"tactic-0": 1}'
+
+
+def test_the_plan_is_written_from_tensorrts_memory_without_a_copy(store, model, tmp_path, monkeypatch):
+    """IHostMemory has the buffer protocol: a 64 MB plan reaches its file with no 64 MB copy in Python."""
+    trt = fake_tensorrt.fake_tensorrt()
+    big = bytearray(b"FAKEPLAN" + b"\0" * (64 * 2**20))  # stands in for TensorRT's IHostMemory
+    monkeypatch.setattr(fake_tensorrt.Builder, "build_serialized_network", lambda self, network, config: big)
+    plan = tmp_path / "engine.plan"
+    profile = profile_for(model.specs["unet"], SizeRange(64, 64, 128, 2))
+    tracemalloc.start()
+    try:
+        build_engine(
+            trt,
+            None,
+            onnx_artifact(store, "unet").file(ONNX_FILE),
+            [profile],
+            OPTIONS,
+            TimingCache(tmp_path / "c", 30, 1),
+            plan,
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert plan.stat().st_size == len(big)
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB allocated while writing a 64 MB plan"
 
 
 def test_an_engine_that_differs_from_torch_is_not_published(store, model):

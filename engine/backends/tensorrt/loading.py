@@ -7,6 +7,7 @@ loaded share one scratch buffer, sized by the largest.
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 
 from engine.backends.tensorrt.engine import LoadedEngine
 from engine.backends.tensorrt.runner import TensorRTBackend, TensorRTRunner
-from engine.backends.tensorrt.runtime import make_runtime, tensorrt_module, version_tags
+from engine.backends.tensorrt.runtime import built_by_newer, make_runtime, tensorrt_module, version_refusal
 from engine.common.errors import BackendUnavailable, WorkerError
 from engine.spec import ComponentSpec
 from engine.store.artifact import Artifact
@@ -31,15 +32,15 @@ def engines_for_gpu(store: Store, spec: ComponentSpec, fingerprint: str, precisi
     return store.find(kind="tensorrt", component=spec.name, fingerprint=fingerprint, precision=precision, gpu=gpu)
 
 
-def runnable(artifact: Artifact, spec: ComponentSpec, tags: tuple[str, str]) -> bool:
+def runnable(artifact: Artifact, spec: ComponentSpec, version: str) -> bool:
     """Built by this TensorRT (or version-compatible with it) from the graph this exporter makes."""
-    return artifact.key.tensorrt in tags and artifact.key.exporter == exporter_id(spec)
+    return version_refusal(str(artifact.key.tensorrt), version) is None and artifact.key.exporter == exporter_id(spec)
 
 
 def deserialize(
     trt: ModuleType,
     runtime: Any,
-    plan: bytes,
+    plan: bytes | mmap.mmap,
     profiles: tuple[Profile, ...],
     spec: ComponentSpec,
     device: torch.device,
@@ -47,6 +48,8 @@ def deserialize(
     use_cuda_graphs: bool = False,
     max_shapes: int = 4,
 ) -> LoadedEngine:
+    """The engine in ``plan``, any object with the buffer protocol: ``Runtime.deserialize_cuda_engine`` takes a
+    buffer (its signature in the bindings), so a plan mapped from its file is never copied into this process."""
     engine = runtime.deserialize_cuda_engine(plan)
     if engine is None:
         raise BackendUnavailable("TensorRT could not deserialize it (other version or GPU, or corrupt)")
@@ -93,7 +96,7 @@ def load_tensorrt(
     """
     trt = trt or tensorrt_module()
     runtime = make_runtime(trt)
-    tags = version_tags(trt)
+    version = trt.__version__
     loaded: dict[str, list[LoadedEngine]] = {}
     unavailable: dict[str, str] = {}
     built_for_gpu: dict[str, list[str]] = {}
@@ -101,20 +104,23 @@ def load_tensorrt(
     for component, (spec, fingerprint, precision) in components.items():
         reasons = []
         for_gpu = engines_for_gpu(store, spec, fingerprint, precision, gpu)
-        if for_gpu:
-            built_for_gpu[component] = sorted({str(artifact.key.tensorrt) for artifact in for_gpu})
-        candidates = [a for a in for_gpu if runnable(a, spec, tags)]
+        newer = [a for a in for_gpu if built_by_newer(str(a.key.tensorrt), version)]
+        for artifact in newer:  # never deserialized: the plan cannot load here, and trying costs time and memory
+            log.info("skipping engine %s: %s", artifact.path.name, version_refusal(str(artifact.key.tensorrt), version))
+        if len(newer) < len(for_gpu):  # engines only a newer worker can load leave the store usable by this one
+            built_for_gpu[component] = sorted({str(a.key.tensorrt) for a in for_gpu if a not in newer})
+        candidates = [a for a in for_gpu if runnable(a, spec, version)]
         wanted = (profile_labels or {}).get(component)
         configured = [a for a in candidates if a.key.profile == wanted]
         if candidates and wanted is not None and not configured:
             log.warning("%s: no engine built for profiles %s, loading the store's others", component, wanted)
         for artifact in configured or candidates:
             try:
-                plan = artifact.read_verified(ENGINE_FILE)
                 profiles = tuple(Profile.from_json(profile) for profile in artifact.manifest["profiles"])
-                engine = deserialize(
-                    trt, runtime, plan, profiles, spec, device, artifact.path.name, use_cuda_graphs, max_shapes
-                )
+                with artifact.mapped_verified(ENGINE_FILE) as plan:
+                    engine = deserialize(
+                        trt, runtime, plan, profiles, spec, device, artifact.path.name, use_cuda_graphs, max_shapes
+                    )
                 loaded.setdefault(component, []).append(engine)
             except Exception as error:  # a plan that does not load is skipped, whatever the cause
                 log.warning("skipping engine %s: %s", artifact.path.name, error)
@@ -123,12 +129,14 @@ def load_tensorrt(
         if component not in loaded and reasons:
             unavailable[component] = "; ".join(reasons)
         elif component not in loaded:
-            unavailable[component] = f"no engine for {gpu} and TensorRT {tags[0]} in the engine store"
+            unavailable[component] = f"no engine for {gpu} and TensorRT {version} in the engine store" + "".join(
+                f" ({artifact.path.name}: {version_refusal(str(artifact.key.tensorrt), version)})" for artifact in newer
+            )
             missing.append(component)
     unusable = None
     if built_for_gpu and not loaded:
         built = "; ".join(f"{c}: TensorRT {', '.join(v)}" for c, v in built_for_gpu.items())
-        unusable = f"the store has engines for {gpu} ({built}) but none loads with TensorRT {tags[0]}: " + "; ".join(
+        unusable = f"the store has engines for {gpu} ({built}) but none loads with TensorRT {version}: " + "; ".join(
             unavailable[c] for c in built_for_gpu
         )
     runners, scratch = share_memory(loaded, {c: precision for c, (_, _, precision) in components.items()}, device)
