@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TENSORRT_MODULES = [
     "engine/backends/tensorrt/runtime.py",
     "engine/backends/tensorrt/engine.py",
+    "engine/backends/tensorrt/refit.py",
+    "engine/backends/tensorrt/loading.py",
     "export/tensorrt.py",
     "export/stages.py",
 ]
