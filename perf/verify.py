@@ -27,7 +27,6 @@ from engine.settings import Backend, Settings, load_settings
 from export import __main__ as export_main
 from export.validate import TOLERANCES
 from perf.agreement import compare_images
-from perf.graph_counts import count_graphs
 from perf.lora_files import write_pair
 from perf.probe import Outputs, Replayed, Run, generate, lora_patches, run_recorded
 
@@ -93,11 +92,10 @@ def max_error(candidate: Outputs, reference: Outputs, precision: str) -> tuple[f
 def run_candidate(settings: Settings, payload: dict, graphs: bool) -> Candidate:
     worker = Worker(settings)
     try:
-        with count_graphs() as counts:
-            worker.warmup()
-            run = generate(worker, payload)
-            components = list(run.calls.inputs)
-            taken = {c: (counts.graph_captures(c), counts.graph_replays(c)) for c in components} if graphs else {}
+        worker.warmup()
+        run = generate(worker, payload)
+        components = list(run.calls.inputs)
+        taken = worker.tensorrt.graph_counts() if graphs else {}
         a, b = lora_patches(worker, LORA_A), lora_patches(worker, LORA_B)
         sets = {"A": a, "B": b, "A again": a, "base": None}
         refits = run_recorded(worker, run.calls.inputs, [c for c in components if c in a], sets)

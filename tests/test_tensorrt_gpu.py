@@ -60,7 +60,6 @@ def test_tensorrt_matches_torch_on_the_gpu(gpu_store, make_settings):
     the optimum's 2) run plainly: no replay."""
     from engine.serving.worker import Worker
     from perf.agreement import compare_images
-    from perf.graph_counts import count_graphs
 
     steps = 8
     one = {"prompt": "a fox", "num_inference_steps": steps, "seed": 3, "scheduler": "euler"}
@@ -69,17 +68,21 @@ def test_tensorrt_matches_torch_on_the_gpu(gpu_store, make_settings):
     reference = images(torch_worker.handle({"id": "r", "input": one}))
     reference_two = images(torch_worker.handle({"id": "r2", "input": two}))
     worker = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store))
-    with count_graphs() as graphs:
-        cold = worker.handle({"id": "0", "input": one})
-        assert (graphs.graph_captures("unet"), graphs.graph_replays("unet")) == (0, 0), "no graph before warm-up"
-        worker.warmup()
-        assert graphs.graph_captures("unet") >= 1 and graphs.graph_replays("unet") == 0
-        first = worker.handle({"id": "1", "input": one})
-        assert graphs.graph_replays("unet") == steps, "each step at the optimum replays the captured graph"
-        second = worker.handle({"id": "2", "input": one})
-        assert graphs.graph_replays("unet") == 2 * steps
-        batched = worker.handle({"id": "3", "input": two})
-        assert graphs.graph_replays("unet") == 2 * steps, "shapes other than the optimum enqueue plainly"
+
+    def unet_graphs() -> tuple[int, int]:
+        return worker.tensorrt.graph_counts()["unet"]
+
+    cold = worker.handle({"id": "0", "input": one})
+    assert unet_graphs() == (0, 0), "no graph before warm-up"
+    worker.warmup()
+    captured, replays = unet_graphs()
+    assert captured >= 1 and replays == 0
+    first = worker.handle({"id": "1", "input": one})
+    assert unet_graphs() == (captured, steps), "each step at the optimum replays the captured graph"
+    second = worker.handle({"id": "2", "input": one})
+    assert unet_graphs() == (captured, 2 * steps)
+    batched = worker.handle({"id": "3", "input": two})
+    assert unet_graphs() == (captured, 2 * steps), "shapes other than the optimum enqueue plainly"
     for response in (cold, first, second, batched):
         assert set(response["metrics"]["backends"].values()) == {"tensorrt"}, response["metrics"]["fallbacks"]
     for candidate in (cold, first, second):
@@ -106,7 +109,6 @@ def test_cuda_graphs_alternating_shapes_match_plain_enqueues(gpu_store, make_set
     """A (captured at warm-up, replayed) and B (plain), alternated: each output equals a plain enqueue's,
     A's calls replay the graph and B's do not."""
     from engine.serving.worker import Worker
-    from perf.graph_counts import count_graphs
 
     graphed = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store, cuda_graphs=True))
     graphed.warmup()
@@ -121,14 +123,13 @@ def test_cuda_graphs_alternating_shapes_match_plain_enqueues(gpu_store, make_set
     }
     assert any(slot.graph is not None for slot in engine.slots.values()), "the warm-up captured the optimum"
     generator = torch.Generator(device="cuda").manual_seed(0)
-    replays = []
-    with count_graphs() as graphs:
-        for shapes in (optimum, other, optimum, other):
-            inputs = {name: torch.randn(shape, generator=generator, device="cuda") for name, shape in shapes.items()}
-            inputs["timestep"] = torch.full(shapes["timestep"], 500.0, device="cuda")
-            got, want = unet(inputs)["noise_pred"], reference(inputs)["noise_pred"]
-            assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=0), shapes
-            replays.append(graphs.graph_replays("unet"))
+    replays, warm = [], engine.graph_replays
+    for shapes in (optimum, other, optimum, other):
+        inputs = {name: torch.randn(shape, generator=generator, device="cuda") for name, shape in shapes.items()}
+        inputs["timestep"] = torch.full(shapes["timestep"], 500.0, device="cuda")
+        got, want = unet(inputs)["noise_pred"], reference(inputs)["noise_pred"]
+        assert torch.allclose(got.float(), want.float(), atol=1e-2, rtol=0), shapes
+        replays.append(engine.graph_replays - warm)
     assert replays == [1, 1, 2, 2], "the optimum replays its graph, the other shape enqueues"
 
 
@@ -145,7 +146,6 @@ def test_lora_refits_match_torch_and_leave_no_trace_on_the_gpu(gpu_store, make_s
     from engine.models.model import load_model
     from engine.serving.worker import Worker
     from perf.agreement import compare_images
-    from perf.graph_counts import count_graphs
     from perf.lora_files import write_pair
 
     write_pair(load_model("tiny", cache_dir), tmp_path, rank=4)
@@ -158,9 +158,11 @@ def test_lora_refits_match_torch_and_leave_no_trace_on_the_gpu(gpu_store, make_s
     worker = Worker(make_settings(device="cuda", backend="tensorrt", engine_dir=gpu_store, lora_dir=tmp_path))
     worker.warmup()  # captures CUDA graphs, which every refit must recapture
     base_image = images(worker.handle({"id": "0", "input": base}))
-    with count_graphs() as graphs:
-        first_a = worker.handle({"id": "1", "input": a})
-        assert graphs.graph_replays("unet") == base["num_inference_steps"], "the refit recaptured the graph"
+    captured, replays = worker.tensorrt.graph_counts()["unet"]
+    first_a = worker.handle({"id": "1", "input": a})
+    captured_a, replays_a = worker.tensorrt.graph_counts()["unet"]
+    assert captured_a > captured, "the refit captured the graphs again"
+    assert replays_a - replays == base["num_inference_steps"], "and the LoRA's steps replayed them"
     assert set(first_a["metrics"]["backends"].values()) == {"tensorrt"}, first_a["metrics"]["fallbacks"]
     for lora, plain, want, torch_plain in zip(images(first_a), base_image, torch_a, torch_base, strict=True):
         assert compare_images(want, torch_plain).mean_abs >= LORA_MIN_MEAN_CHANGE, "torch's LoRA changed little"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,13 +22,16 @@ from engine.request.resolved import ResolvedRequest
 
 @dataclass(frozen=True)
 class Ran:
-    """How a job ran: its id and start, its stage timer, its runner calls, and the model's own scheduler."""
+    """How a job ran: its id and start, its stage timer, its runner calls, the model's own scheduler, and
+    the CUDA graph counts it started from."""
 
     job_id: str
     started: float
     timer: StageTimer
     calls: ChainCalls
     model_scheduler: str
+    graph_counts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """The TensorRT engines' CUDA graph captures and replays per component when the job began."""
 
 
 def job_metrics(
@@ -64,6 +67,8 @@ def job_metrics(
     }
     if any(backend.runners for backend in engines):
         metrics["engine_memory_mb"] = round(sum(backend.memory_bytes for backend in engines) / 2**20, 1)
+        replays = {c: n for backend in engines for c, (_, n) in backend.graph_counts().items()}
+        metrics["cuda_graph_replays"] = {c: n - ran.graph_counts.get(c, (0, 0))[1] for c, n in replays.items()}
     if init_ms is not None:
         metrics["init_ms"] = init_ms
     return metrics

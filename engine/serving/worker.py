@@ -209,6 +209,7 @@ class Worker:
         calls = ChainCalls(self.chains, patches)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)
+        graphs = self.tensorrt.graph_counts()
         images = self.pipeline(request, seeds, calls, timer, on_step, prepared)
         with timer.stage("output_encode"):
             encoded = [
@@ -224,7 +225,7 @@ class Worker:
             output, delivery = self.delivery.deliver(job_id, encoded)
         metrics = job_metrics(
             request,
-            Ran(job_id, started, timer, calls, self.model.scheduler_config["_class_name"]),
+            Ran(job_id, started, timer, calls, self.model.scheduler_config["_class_name"], graphs),
             self.device,
             self.precision,
             [self.tensorrt],

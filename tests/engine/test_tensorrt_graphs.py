@@ -162,5 +162,41 @@ def test_engines_loaded_later_share_the_stream_and_scratch_and_get_their_graphs(
     assert engine.scratch is backend.scratch and engine.device_memory_size <= backend.scratch.numel()
     assert backend.memory_bytes == memory + engine.plan_bytes, "the scratch is counted once"
     assert len(graphs(engine)) == 1, "captured when adopted, as the warm-up captured the others"
+    assert backend.graph_counts()["vae_decoder"] == (1, 0), "and counted with the others"
     for slot in engine.slots.values():
         assert slot.context._memory == (backend.scratch.data_ptr(), backend.scratch.numel())
+
+
+def test_the_engines_count_the_graphs_they_keep_and_replay(store, model, monkeypatch):
+    """Nothing before the warm-up; a kept capture once, however often the warm-up asks for it; a capture whose
+    enqueue fails while capturing not at all; replays only at the captured shapes; and an evicted optimum's
+    new capture when it is next used."""
+    fake_tensorrt.publish_fake_engines(store, model, ["unet", "vae_decoder"], [DYNAMIC, LARGER], monkeypatch)
+    cuda = fake_cuda.install(monkeypatch)
+    backend = load(store, model, ["unet", "vae_decoder"], cuda)
+    unet, vae = backend.runners["unet"], backend.runners["vae_decoder"]
+    [engine] = unet.engines
+    first, second = [tuple(p.shapes()[n].optimum for n in engine.spec.input_names) for p in engine.profiles]
+    other = ((1, *first[0][1:]), *first[1:])
+    unet(inputs_at(engine, first))
+    assert backend.graph_counts() == {"unet": (0, 0), "vae_decoder": (0, 0)}, "no graph before the warm-up"
+
+    execute = fake_tensorrt.IExecutionContext.execute_async_v3
+
+    def fails_while_capturing(self, stream_handle):
+        return execute(self, stream_handle) and cuda.capturing is None
+
+    with monkeypatch.context() as failing:
+        failing.setattr(fake_tensorrt.IExecutionContext, "execute_async_v3", fails_while_capturing)
+        assert vae.capture_graphs() == 0
+    assert backend.graph_counts()["vae_decoder"] == (0, 0), "a discarded capture is not counted"
+    assert unet.capture_graphs() == 2 and unet.capture_graphs() == 2
+    assert backend.graph_counts()["unet"] == (2, 0), "each kept capture once"
+
+    engine.max_shapes = 2
+    for key, counts in [(first, (2, 1)), (other, (2, 1)), (first, (2, 2))]:
+        unet(inputs_at(engine, key))
+        assert backend.graph_counts()["unet"] == counts, "the optimum replays, the other shape enqueues"
+    assert second not in engine.slots, "with every context holding a graph, the oldest made way"
+    unet(inputs_at(engine, second))
+    assert backend.graph_counts() == {"unet": (3, 3), "vae_decoder": (0, 0)}, "captured again, then replayed"

@@ -77,6 +77,10 @@ def test_the_worker_loads_its_configured_engines_on_one_stream_and_scratch(
     assert response["metrics"]["backends"]["vae_decoder"] == "tensorrt"
     [graph] = [slot.graph for slot in unet.slots.values() if slot.graph is not None]
     assert graph.replays >= 2, "each UNet step at the optimum replays the warm-up's graph"
+    assert response["metrics"]["cuda_graph_replays"] == {"unet": graph.replays, "vae_decoder": 0}
+    euler = {"prompt": "a fox", "num_inference_steps": 3, "seed": 1, "scheduler": "euler"}  # one call a step
+    again = worker.handle({"id": "b", "input": euler})
+    assert again["metrics"]["cuda_graph_replays"] == {"unet": 3, "vae_decoder": 0}, "this job's replays only"
     assert {h for what, h, _ in cuda.log if what in ("read", "capture")} == {stream.cuda_stream}
     for engine in (unet, vae):
         for slot in engine.slots.values():

@@ -8,6 +8,7 @@ out, contexts with a graph last), so a context is never reconfigured under a cap
 graph. With CUDA graphs, the warm-up captures each profile's optimum shapes and requests
 at those shapes replay them (an optimum whose context was dropped is captured again when
 next used); other shapes run plainly. Any failure around a capture discards that capture.
+The engine counts the graphs it keeps and their replays (``graph_captures``, ``graph_replays``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class LoadedEngine:
     slots: OrderedDict[tuple[Shape, ...], _ShapeSlot] = field(default_factory=OrderedDict)
     graph_keys: set[tuple[Shape, ...]] = field(default_factory=set)
     """The shapes the warm-up captured (each profile's optimum): captured again after a refit or eviction."""
+    graph_captures: int = 0
+    """CUDA graphs captured and kept since the engine loaded (a discarded capture is not counted)."""
+    graph_replays: int = 0
+    """Calls that replayed a CUDA graph instead of enqueueing the engine."""
 
     def __post_init__(self) -> None:
         names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
@@ -143,6 +148,7 @@ class LoadedEngine:
                 slot.inputs[name].copy_(tensor, non_blocking=True)
             if slot.graph is not None:
                 slot.graph.replay()
+                self.graph_replays += 1
             elif not slot.context.execute_async_v3(handle):
                 raise DeviceExecutionError(f"{self.spec.name}: TensorRT execution failed")
             return {name: tensor.clone() for name, tensor in slot.outputs.items()}
@@ -202,4 +208,5 @@ class LoadedEngine:
                 del self.slots[key]
             return False
         slot.graph = graph
+        self.graph_captures += 1
         return True

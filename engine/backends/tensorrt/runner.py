@@ -172,6 +172,16 @@ class TensorRTBackend:
                 log.info("%s: captured %d CUDA graphs", component, runner.capture_graphs())
         self.unavailable.update({c: reason for c, reason in other.unavailable.items() if c not in self.runners})
 
+    def graph_counts(self) -> dict[str, tuple[int, int]]:
+        """Per component, the CUDA graphs its engines captured and kept, and replayed, since they loaded."""
+        return {
+            component: (
+                sum(engine.graph_captures for engine in runner.engines),
+                sum(engine.graph_replays for engine in runner.engines),
+            )
+            for component, runner in self.runners.items()
+        }
+
     @property
     def memory_bytes(self) -> int:
         """What the engines hold on the GPU: their plans (weights and kernels) and the scratch they use."""
