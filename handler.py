@@ -7,11 +7,9 @@ by the first request; ``handler(job)`` only validates, generates and answers.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import sys
-import threading
 from typing import Any
 
 LOCAL_TEST = "--test_input" in sys.argv
@@ -20,10 +18,10 @@ if LOCAL_TEST:
     # The SDK logs to stdout and echoes each result three times; keep stdout to the one response line.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "WARN")
 
-# The SDK's import waits about a second on a subprocess (py-cpuinfo, for its debugger): let it
-# wait in the background while the worker's own imports and loading run.
-runpod_import = threading.Thread(target=importlib.import_module, args=("runpod",), daemon=True)
-runpod_import.start()
+from engine.serving.sdk import start_import  # noqa: E402 - imports neither torch nor the SDK
+
+# The SDK's import runs in the background while the worker's own imports and loading run.
+runpod_import = start_import()
 
 from engine.common.metrics import ColdStart  # noqa: E402
 from engine.serving.startup import start  # noqa: E402

@@ -64,3 +64,11 @@ def test_dockerignore_keeps_the_context_small():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".git", ".venv", "tests", "*.onnx", "*.plan"):
         assert entry in ignored
+
+
+def test_the_workers_bytecode_is_compiled_in_the_image():
+    """A fresh container has no __pycache__: compiled at build time, no cold start compiles the worker."""
+    copied = DOCKERFILE.index("COPY engine ./engine")
+    compiled = re.search(r"^RUN python -m compileall -q engine\b", DOCKERFILE, re.MULTILINE)
+    assert compiled, "the runtime stage compiles the worker's modules"
+    assert compiled.start() > copied

@@ -164,3 +164,17 @@ def test_the_request_schema_loads_neither_torch_nor_diffusers_nor_a_model_family
     )
     assert "engine.request.schema" in loaded
     assert heavy == []
+
+
+def test_a_torch_only_worker_starts_without_onnxruntime():
+    """ONNX Runtime is imported by the chains that ask for it, not by the worker's start-up."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import engine.serving.startup"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = {line.rpartition("|")[2].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "engine.serving.worker" in loaded
+    assert sorted(module for module in loaded if module.split(".")[0] == "onnxruntime") == []

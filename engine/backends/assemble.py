@@ -3,7 +3,8 @@
 The backends are tried in the order ``BACKEND`` asks for, each with the artifacts the
 store holds for this model, precision and GPU; what could not be loaded is left out of
 the chain with its reason, and torch ends every chain unless ``TORCH_FALLBACK=off``
-(see ``engine.backends.chain`` for how a chain runs a call).
+(see ``engine.backends.chain`` for how a chain runs a call). ONNX Runtime is imported only
+when a chain asks for it, so a torch-only worker starts without it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 import torch
 
 from engine.backends.chain import RunnerChain
-from engine.backends.onnxruntime import load_onnxruntime_runner, onnxruntime_has_cuda
 from engine.backends.tensorrt.loading import load_tensorrt
 from engine.backends.tensorrt.runner import TensorRTBackend
 from engine.backends.tensorrt.runtime import gpu_tag
@@ -55,6 +55,8 @@ def preferred_backends(backend: Backend, device: torch.device) -> list[Backend]:
         return [Backend.ONNXRUNTIME]
     if device.type != "cuda":
         return [Backend.TENSORRT, Backend.ONNXRUNTIME] if backend is Backend.TENSORRT else [Backend.ONNXRUNTIME]
+    from engine.backends.onnxruntime import onnxruntime_has_cuda
+
     return [Backend.TENSORRT, *([Backend.ONNXRUNTIME] if onnxruntime_has_cuda() else [])]
 
 
@@ -144,6 +146,8 @@ def build_chains(
                         raise BackendUnavailable(tensorrt.unavailable.get(component, "no engine"))
                     runners.append(tensorrt.runners[component])
                 else:
+                    from engine.backends.onnxruntime import load_onnxruntime_runner
+
                     runners.append(
                         load_onnxruntime_runner(
                             store, spec, fingerprint(component), precisions[component], device, settings.lora_sessions
