@@ -12,8 +12,10 @@ are exported first (untimed) when the store lacks them. The worker's modules are
 bytecode first, as the image has them (see the Dockerfile) and as the script's libraries were
 when they were installed, so no run compiles its code at start, even where
 PYTHONDONTWRITEBYTECODE keeps Python from caching what it compiles. Prints the median wall time of
-each, its ratio to the diffusers script, and the worker's own ``init_ms`` phases from the
-job's metrics.
+each, the median of its per-round ratios to the diffusers script (each round's processes run back to
+back under the same load, so a busy machine moves both sides of a ratio together), its median CPU
+seconds (user and system, child processes included: steadier than wall time on a shared machine), and
+the worker's own ``init_ms`` phases from the job's metrics.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import argparse
 import compileall
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.common.cli import run_command
@@ -54,10 +58,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def until_first_line(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+@dataclass(frozen=True)
+class Timed:
+    """One process: seconds to its first line, that line, and the CPU seconds it and its children used."""
+
+    seconds: float
+    line: str
+    cpu_seconds: float
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def until_first_line(command: list[str], env: dict[str, str]) -> Timed:
     """Seconds from starting ``command`` to its first line on stdout, and that line. The process's
-    exit is not counted: a worker does not exit after its first job (and Python's teardown of
-    torch and friends takes about a second)."""
+    exit is not counted in the seconds: a worker does not exit after its first job (and Python's
+    teardown of torch and friends takes about a second); its CPU time is whole, teardown included,
+    for every process alike."""
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert process.stdout is not None
@@ -66,7 +86,7 @@ def until_first_line(command: list[str], env: dict[str, str]) -> tuple[float, st
     _, errors = process.communicate(timeout=900)
     if process.returncode != 0 or not line:
         raise RuntimeError(f"{' '.join(command[:3])} failed: {errors[-2000:]}")
-    return seconds, line
+    return Timed(seconds, line, _children_cpu() - cpu_before)
 
 
 def compile_bytecode(root: Path = ROOT) -> None:
@@ -87,30 +107,30 @@ def main(argv: list[str] | None = None) -> int:
     job = JOB["input"]
     script = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), job["prompt"], str(job["num_inference_steps"])]
     script.append(str(job["seed"]))
-    floor: list[float] = []
-    plain: list[float] = []
-    walls: dict[str, list[float]] = {backend: [] for backend in args.backends}
+    floor: list[Timed] = []
+    plain: list[Timed] = []
+    runs: dict[str, list[Timed]] = {backend: [] for backend in args.backends}
     phases: dict[str, dict[str, float]] = {}
     for _ in range(args.runs):
-        floor.append(until_first_line([sys.executable, "-c", "import torch; print('imported')"], env)[0])
-        plain.append(until_first_line(script, env)[0])
+        floor.append(until_first_line([sys.executable, "-c", "import torch; print('imported')"], env))
+        plain.append(until_first_line(script, env))
         for backend in args.backends:
             command = [sys.executable, "handler.py", "--test_input", json.dumps(JOB)]
-            seconds, line = until_first_line(command, {**env, "BACKEND": backend, "TORCH_FALLBACK": "lazy"})
-            walls[backend].append(seconds)
-            response = json.loads(line)
-            phases[backend] = response["metrics"]["init_ms"]
-    base = statistics.median(plain)
+            timed = until_first_line(command, {**env, "BACKEND": backend, "TORCH_FALLBACK": "lazy"})
+            runs[backend].append(timed)
+            phases[backend] = json.loads(timed.line)["metrics"]["init_ms"]
     print(f"model {settings.model}, {args.runs} runs, median seconds from a fresh process's start to its first image")
-    print("| process | seconds | ratio to the diffusers script | init_ms phases (last run) |")
-    print("|---|---|---|---|")
-    torch_alone = statistics.median(floor)
-    print(f"| python -c 'import torch' | {torch_alone:.2f} | {torch_alone / base:.2f} | |")
-    print(f"| diffusers from_pretrained + one call | {base:.2f} | 1.00 | |")
-    for backend, values in walls.items():
-        median = statistics.median(values)
-        detail = ", ".join(f"{k} {v:.0f}" for k, v in phases[backend].items() if not k.startswith("store_read"))
-        print(f"| handler.py --test_input, {backend} | {median:.2f} | {median / base:.2f} | {detail} |")
+    print("| process | seconds | ratio to the script, median of rounds | CPU seconds | init_ms phases (last run) |")
+    print("|---|---|---|---|---|")
+    rows = {"python -c 'import torch'": floor, "diffusers from_pretrained + one call": plain}
+    rows.update({f"handler.py --test_input, {backend}": timed for backend, timed in runs.items()})
+    for label, timed in rows.items():
+        ratio = statistics.median(t.seconds / p.seconds for t, p in zip(timed, plain, strict=True))
+        backend = label.rpartition(", ")[2]
+        detail = ", ".join(f"{k} {v:.0f}" for k, v in phases.get(backend, {}).items() if not k.startswith("store_read"))
+        seconds = statistics.median(t.seconds for t in timed)
+        cpu = statistics.median(t.cpu_seconds for t in timed)
+        print(f"| {label} | {seconds:.2f} | {ratio:.2f} | {cpu:.2f} | {detail} |")
     return 0
 
 
