@@ -29,9 +29,19 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "euler_a_trailing": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 """The request's scheduler names as diffusers' documentation maps the samplers, kept apart from the
 worker's own table so the reference does not inherit its mistakes."""
+DIFFUSERS_CALL_OPTIONS = {"tcd": {"eta": 0.3}}
+"""Pipeline arguments the schedulers' own examples pass (diffusers' TCD examples: ``eta=0.3``)."""
 
 
 def bf16_flux(cache_dir: Path, target: Path) -> Path:
@@ -128,6 +138,7 @@ def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.nd
         num_images_per_prompt=request.images_per_prompt,
         generator=[torch.Generator().manual_seed(payload["seed"] + i) for i in range(request.num_images)],
         **inputs,
+        **DIFFUSERS_CALL_OPTIONS.get(request.scheduler, {}),
         **extra,
     )
     return [as_array(image) for image in result.images]

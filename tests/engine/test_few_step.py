@@ -1,0 +1,155 @@
+"""Few-step schedulers and checkpoints against diffusers' own pipelines, same inputs, same seed.
+
+Each new scheduler at 1, 2 and 4 steps on SD (a spread of them on SDXL); a held-out SDXL folder
+whose scheduler config is already a Lightning-style trailing Euler; a held-out LCM-distilled
+UNet (``time_cond_proj_dim``) with its LCM scheduler; and the names AUTOMATIC1111 and ComfyUI
+users type, which must give the same images as ours.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+from engine.models.builtin import builtin_model_folder
+from engine.serving.worker import Worker
+from engine.settings import Settings
+from tests.parity import assert_same_images, generate, reference_images
+
+NEW_SCHEDULERS = ("lcm", "tcd", "euler_trailing", "euler_a_trailing", "dpmpp_2m_sde_karras")
+
+
+def make_worker(model: str, cache_dir, engine_dir) -> Worker:
+    return Worker(Settings(model=model, cache_dir=cache_dir, engine_dir=engine_dir, device="cpu", backend="torch"))
+
+
+def reference(cls, worker: Worker):
+    extra = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
+    pipe = cls.from_pretrained(worker.model.folder, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd(cache_dir, tmp_path_factory):
+    worker = make_worker("tiny", cache_dir, tmp_path_factory.mktemp("sd"))
+    return worker, reference(StableDiffusionPipeline, worker)
+
+
+@pytest.fixture(scope="module")
+def sdxl(cache_dir, tmp_path_factory):
+    worker = make_worker("tiny-sdxl", cache_dir, tmp_path_factory.mktemp("sdxl"))
+    return worker, reference(StableDiffusionXLPipeline, worker)
+
+
+def few_step(steps: int, seed: int, **extra) -> dict:
+    return {
+        "prompt": "a red fox",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": steps,
+        "guidance_scale": 6.0,
+        "seed": seed,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("scheduler", NEW_SCHEDULERS)
+def test_sd_few_step_schedulers_match_diffusers(sd, scheduler, steps):
+    worker, pipe = sd
+    payload = few_step(steps, steps, scheduler=scheduler, negative_prompt="blurry")
+    assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
+
+
+@pytest.mark.parametrize(("scheduler", "steps"), zip(NEW_SCHEDULERS, [4, 2, 1, 4, 2], strict=True))
+def test_sdxl_few_step_schedulers_match_diffusers(sdxl, scheduler, steps):
+    worker, pipe = sdxl
+    payload = few_step(steps, 10 + steps, scheduler=scheduler)
+    assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
+
+
+def test_each_few_step_scheduler_makes_its_own_image(sd):
+    """The parity above compares real differences: the schedulers' 2-step images differ from one another."""
+    worker, _ = sd
+    images = {name: generate(worker, few_step(2, 5, scheduler=name))[0] for name in NEW_SCHEDULERS}
+    for first, second in itertools.pairwise(NEW_SCHEDULERS):
+        assert np.abs(images[first] - images[second]).max() > 2, (first, second)
+
+
+@pytest.mark.parametrize(
+    ("typed", "ours"),
+    [
+        ("DPM++ 2M SDE Karras", "dpmpp_2m_sde_karras"),
+        ("euler_ancestral sgm_uniform", "euler_a_trailing"),
+        ("LCM", "lcm"),
+    ],
+)
+def test_aliases_give_the_same_images_as_our_names(sd, typed, ours):
+    worker, _ = sd
+    request, _ = worker.resolve(few_step(2, 4, scheduler=typed))
+    assert request.scheduler == ours
+    assert np.array_equal(
+        generate(worker, few_step(2, 4, scheduler=typed))[0], generate(worker, few_step(2, 4, scheduler=ours))[0]
+    )
+
+
+@pytest.fixture(scope="module")
+def lightning(cache_dir, tmp_path_factory):
+    """A held-out SDXL folder shipped as SDXL-Lightning is: Euler with trailing timesteps and no step offset,
+    a wider UNet than the built-in's."""
+    folder = tmp_path_factory.mktemp("held-out-lightning")
+    base = StableDiffusionXLPipeline.from_pretrained(builtin_model_folder("tiny-sdxl", cache_dir))
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        unet = UNet2DConditionModel.from_config({**base.unet.config, "attention_head_dim": 4})
+    scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config, timestep_spacing="trailing", steps_offset=0)
+    StableDiffusionXLPipeline(**{**base.components, "unet": unet, "scheduler": scheduler}).save_pretrained(folder)
+    worker = make_worker(str(folder), cache_dir, tmp_path_factory.mktemp("lightning-engines"))
+    return worker, reference(StableDiffusionXLPipeline, worker)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_a_trailing_folder_runs_with_its_own_schedule(lightning, steps):
+    worker, pipe = lightning
+    payload = few_step(steps, 20 + steps, guidance_scale=0.0)
+    request, _ = worker.resolve(payload)
+    assert request.scheduler is None  # the folder's own scheduler, as its authors ship it
+    assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
+
+
+@pytest.fixture(scope="module")
+def lcm_distilled(cache_dir, tmp_path_factory):
+    """A held-out LCM-distilled SD folder: a UNet with a guidance-scale embedding (``time_cond_proj_dim``)
+    and the LCM scheduler, as LCM checkpoints ship."""
+    folder = tmp_path_factory.mktemp("held-out-lcm")
+    base = StableDiffusionPipeline.from_pretrained(builtin_model_folder("tiny", cache_dir), safety_checker=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(9)
+        unet = UNet2DConditionModel.from_config({**base.unet.config, "time_cond_proj_dim": 33})
+        torch.nn.init.normal_(unet.time_embedding.cond_proj.weight, std=0.5)
+    scheduler = LCMScheduler.from_config(base.scheduler.config)
+    StableDiffusionPipeline(**{**base.components, "unet": unet, "scheduler": scheduler}).save_pretrained(folder)
+    worker = make_worker(str(folder), cache_dir, tmp_path_factory.mktemp("lcm-engines"))
+    return worker, reference(StableDiffusionPipeline, worker)
+
+
+@pytest.mark.parametrize(("steps", "guidance"), [(1, 8.5), (4, 3.0)])
+def test_an_lcm_distilled_unet_takes_guidance_as_an_embedding(lcm_distilled, steps, guidance):
+    worker, pipe = lcm_distilled
+    assert "timestep_cond" in worker.model.specs["unet"].input_names
+    payload = few_step(steps, 30 + steps, guidance_scale=guidance, num_images=2)
+    ours = generate(worker, payload)
+    assert_same_images(ours, reference_images(pipe, worker, payload))
+    other = generate(worker, {**payload, "guidance_scale": 1.0})
+    assert np.abs(ours[0] - other[0]).max() > 2  # the embedding steers the image
