@@ -24,7 +24,8 @@ from diffusers import (
 from engine.models.builtin import builtin_model_folder
 from engine.serving.worker import Worker
 from engine.settings import Settings
-from tests.parity import assert_same_images, generate, reference_images
+from tests.conftest import run_export
+from tests.parity import assert_same_images, decoded, generate, reference_images
 
 NEW_SCHEDULERS = ("lcm", "tcd", "euler_trailing", "euler_a_trailing", "dpmpp_2m_sde_karras")
 
@@ -153,3 +154,24 @@ def test_an_lcm_distilled_unet_takes_guidance_as_an_embedding(lcm_distilled, ste
     assert_same_images(ours, reference_images(pipe, worker, payload))
     other = generate(worker, {**payload, "guidance_scale": 1.0})
     assert np.abs(ours[0] - other[0]).max() > 2  # the embedding steers the image
+
+
+def test_an_lcm_distilled_unet_exports_its_guidance_embedding_for_onnxruntime(lcm_distilled, cache_dir, tmp_path):
+    torch_worker, _ = lcm_distilled
+    folder = str(torch_worker.model.folder)
+    done = run_export(tmp_path, cache_dir, "--model", folder, "--components", "unet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    settings = Settings(
+        model=folder,
+        cache_dir=cache_dir,
+        engine_dir=tmp_path,
+        device="cpu",
+        component_backends={"unet": "onnxruntime"},
+        backend="torch",
+    )
+    ort_worker = Worker(settings)
+    payload = few_step(4, 41, guidance_scale=7.0, num_images=2)
+    actual = ort_worker.handle({"id": "o", "input": payload})
+    assert actual["metrics"]["backends"]["unet"] == "onnxruntime"
+    expected = torch_worker.handle({"id": "t", "input": payload})
+    assert_same_images(decoded(actual), decoded(expected))
