@@ -27,6 +27,10 @@ Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """Runs one component by name on named inputs; how the family reaches its text encoders."""
 
 
+LCM_STEPS = 4
+LCM_GUIDANCE_SCALE = 8.5
+"""diffusers' ``LatentConsistencyModelPipeline`` defaults, for a UNet distilled with a guidance embedding."""
+
 TRANSFORMER_SAMPLE_SIZE = 128
 """Latent side of a transformer whose config has none (Flux's): diffusers' FluxPipeline default, 1024 px."""
 
@@ -191,12 +195,13 @@ class ModelFamily(ABC):
         return {}
 
     def guidance_default(self, config: ModelConfig) -> float:
-        """The default ``guidance_scale``, which can depend on the checkpoint (Flux dev or schnell)."""
-        return self.default_guidance_scale
+        """The default ``guidance_scale``, which can depend on the checkpoint (Flux dev or schnell; an
+        LCM-distilled UNet: diffusers' ``LatentConsistencyModelPipeline`` default)."""
+        return LCM_GUIDANCE_SCALE if config.guidance_embedding_dim else self.default_guidance_scale
 
     def steps_default(self, config: ModelConfig) -> int | None:
-        """The checkpoint's own default step count where it has one (Flux schnell: 4)."""
-        return None
+        """The checkpoint's own default step count where it has one (Flux schnell, an LCM-distilled UNet: 4)."""
+        return LCM_STEPS if config.guidance_embedding_dim else None
 
     def classifier_free_scale(
         self, guidance_scale: float, true_cfg_scale: float | None, has_negatives: bool

@@ -15,6 +15,7 @@ import pytest
 import torch
 from diffusers import (
     EulerDiscreteScheduler,
+    LatentConsistencyModelPipeline,
     LCMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -175,3 +176,21 @@ def test_an_lcm_distilled_unet_exports_its_guidance_embedding_for_onnxruntime(lc
     assert actual["metrics"]["backends"]["unet"] == "onnxruntime"
     expected = torch_worker.handle({"id": "t", "input": payload})
     assert_same_images(decoded(actual), decoded(expected))
+
+
+def test_an_lcm_pipeline_folder_runs_with_its_pipeline_defaults(lcm_distilled, cache_dir, tmp_path):
+    """A folder saved as diffusers' ``LatentConsistencyModelPipeline`` (as LCM checkpoints ship) loads, and a
+    request without steps or guidance gets that pipeline's defaults: 4 steps, guidance 8.5."""
+    base = StableDiffusionPipeline.from_pretrained(lcm_distilled[0].model.folder, safety_checker=None)
+    folder = tmp_path / "lcm-pipeline"
+    LatentConsistencyModelPipeline(
+        **{**base.components, "safety_checker": None, "feature_extractor": None}, requires_safety_checker=False
+    ).save_pretrained(folder)
+    worker = make_worker(str(folder), cache_dir, tmp_path / "engines")
+    payload = {"prompt": "a red fox", "width": 64, "height": 64, "seed": 3}
+    request, _ = worker.resolve(payload)
+    assert (request.steps, request.guidance_scale) == (4, 8.5)
+    pipe = LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe("a red fox", width=64, height=64, generator=torch.Generator().manual_seed(3)).images
+    assert_same_images(generate(worker, payload), [np.asarray(image, dtype=np.int16) for image in theirs])
