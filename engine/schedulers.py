@@ -11,7 +11,9 @@ requests never share a scheduler's step state.
 
 from __future__ import annotations
 
+import inspect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,8 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
     "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", KARRAS),
     "dpmpp_2m_sde": SchedulerChoice("DPMSolverMultistepScheduler", SDE),
     "dpmpp_2m_sde_karras": SchedulerChoice("DPMSolverMultistepScheduler", SDE | KARRAS),
+    "dpmpp_sde": SchedulerChoice("DPMSolverSDEScheduler"),
+    "dpmpp_sde_karras": SchedulerChoice("DPMSolverSDEScheduler", KARRAS),
     "unipc": SchedulerChoice("UniPCMultistepScheduler"),
     "lcm": SchedulerChoice("LCMScheduler"),
     "tcd": SchedulerChoice("TCDScheduler", step_options={"eta": TCD_ETA}),
@@ -94,14 +98,20 @@ def canonical_name(name: str) -> str | None:
     return candidate if candidate in SCHEDULERS else None
 
 
-def make_scheduler(name: str | None, model_config: dict[str, Any]) -> SchedulerMixin:
-    """The named scheduler on the model's config (prediction type, betas, spacing), or the model's own."""
+def make_scheduler(name: str | None, model_config: dict[str, Any], seeds: Sequence[int] = ()) -> SchedulerMixin:
+    """The named scheduler on the model's config (prediction type, betas, spacing), or the model's own.
+
+    A scheduler that draws its noise from a Brownian tree of its own (``DPMSolverSDEScheduler``, DPM++ SDE)
+    gets one tree per image, seeded with that image's seed, so a seed gives the same image in any batch.
+    """
     import diffusers  # here, not at import: the request schema reads the names without loading diffusers
 
-    if name is None:
-        return getattr(diffusers, model_config["_class_name"]).from_config(model_config)
-    choice = SCHEDULERS[name]
-    return getattr(diffusers, choice.class_name).from_config(model_config, **choice.overrides)
+    choice = SchedulerChoice(model_config["_class_name"]) if name is None else SCHEDULERS[name]
+    cls = getattr(diffusers, choice.class_name)
+    overrides = dict(choice.overrides)
+    if seeds and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        overrides["noise_sampler_seed"] = list(seeds)
+    return cls.from_config(model_config, **overrides)
 
 
 def step_options(name: str | None) -> dict[str, Any]:

@@ -123,7 +123,7 @@ class DiffusionPipeline:
         # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
         factor = model.config.vae_scale_factor
         shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
-        scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+        scheduler = make_scheduler(request.scheduler, model.scheduler_config, seeds)
         options = model.family.timestep_options(model.config, scheduler, request.steps, shape)
         scheduler.set_timesteps(request.steps, device=self.device, **options)
         timesteps = scheduler.timesteps

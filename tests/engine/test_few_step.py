@@ -26,7 +26,7 @@ from engine.models.builtin import builtin_model_folder
 from engine.serving.worker import Worker
 from engine.settings import Settings
 from tests.conftest import run_export
-from tests.parity import assert_same_images, decoded, generate, reference_images
+from tests.parity import TOLERANCE, assert_same_images, decoded, generate, reference_images
 
 NEW_SCHEDULERS = ("lcm", "tcd", "euler_trailing", "euler_a_trailing", "dpmpp_2m_sde_karras")
 
@@ -87,6 +87,35 @@ def test_each_few_step_scheduler_makes_its_own_image(sd):
     images = {name: generate(worker, few_step(2, 5, scheduler=name))[0] for name in NEW_SCHEDULERS}
     for first, second in itertools.pairwise(NEW_SCHEDULERS):
         assert np.abs(images[first] - images[second]).max() > 2, (first, second)
+
+
+def needs_torchsde() -> None:
+    pytest.importorskip("torchsde", reason="DPM++ SDE needs torchsde, a dependency this environment lacks")
+
+
+@pytest.mark.parametrize(
+    ("family", "scheduler", "steps"),
+    [
+        ("sd", "dpmpp_sde_karras", 1),
+        ("sd", "dpmpp_sde_karras", 2),
+        ("sd", "dpmpp_sde", 4),
+        ("sdxl", "dpmpp_sde_karras", 4),
+    ],
+)
+def test_dpmpp_sde_matches_diffusers_seeded_per_image(request, family, scheduler, steps):
+    needs_torchsde()
+    worker, pipe = request.getfixturevalue(family)
+    payload = few_step(steps, 50 + steps, scheduler=scheduler, num_images=2)
+    assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
+
+
+def test_dpmpp_sde_gives_a_seed_the_same_image_alone_and_in_a_batch(sd):
+    needs_torchsde()
+    worker, _ = sd
+    batch = generate(worker, few_step(4, 60, scheduler="DPM++ SDE Karras", num_images=2))
+    alone = generate(worker, few_step(4, 61, scheduler="DPM++ SDE Karras"))
+    assert np.abs(batch[1] - alone[0]).max() <= TOLERANCE  # a batch of two rounds a little differently
+    assert np.abs(batch[0] - batch[1]).max() > 4 * TOLERANCE
 
 
 @pytest.mark.parametrize(
