@@ -151,7 +151,7 @@ def test_scheduler_names_are_read_in_any_case_and_spelling(typed):
     assert parse_request({"prompt": "a", "scheduler": typed}, LIMITS).scheduler in SCHEDULER_NAMES
 
 
-@pytest.mark.parametrize("typed", ["euler_a karras", "dpmpp_sde_karras", "karras", "lcm_trailing", "dpm++"])
+@pytest.mark.parametrize("typed", ["euler_a karras", "dpmpp_3m_sde", "karras", "lcm_trailing", "dpm++"])
 def test_an_unknown_scheduler_is_refused_with_the_names_it_could_be(typed):
     message = errors_of({"prompt": "a", "scheduler": typed})
     assert message.startswith("scheduler: must be one of ddim, ddpm,") and f"got '{typed}'" in message
