@@ -11,6 +11,7 @@ requests never share a scheduler's step state.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 from collections.abc import Sequence
@@ -57,9 +58,21 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
     "tcd": SchedulerChoice("TCDScheduler", step_options={"eta": TCD_ETA}),
     "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler"),
 }
+REQUIRES = {"DPMSolverSDEScheduler": "torchsde"}
+"""Schedulers that need a package diffusers does not (a project dependency; offered only where installed)."""
+
+
+def installed(choice: SchedulerChoice) -> bool:
+    """Whether the scheduler's own dependency, where it has one, can be imported."""
+    package = REQUIRES.get(choice.class_name)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
-CLASSIC_SCHEDULERS: tuple[str, ...] = tuple(name for name in SCHEDULERS if not name.startswith("flow_"))
-"""The noise-prediction schedulers of Stable Diffusion 1.x/2.x and SDXL."""
+CLASSIC_SCHEDULERS: tuple[str, ...] = tuple(
+    name for name, choice in SCHEDULERS.items() if not name.startswith("flow_") and installed(choice)
+)
+"""The noise-prediction schedulers of Stable Diffusion 1.x/2.x and SDXL that can run here."""
 FLOW_SCHEDULERS: tuple[str, ...] = ("flow_euler",)
 """Flow-matching schedulers (SD3, Flux)."""
 

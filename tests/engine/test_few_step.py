@@ -8,6 +8,7 @@ users type, which must give the same images as ours.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import numpy as np
@@ -22,6 +23,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from engine.common.errors import RequestError
 from engine.models.builtin import builtin_model_folder
 from engine.serving.worker import Worker
 from engine.settings import Settings
@@ -116,6 +118,13 @@ def test_dpmpp_sde_gives_a_seed_the_same_image_alone_and_in_a_batch(sd):
     alone = generate(worker, few_step(4, 61, scheduler="DPM++ SDE Karras"))
     assert np.abs(batch[1] - alone[0]).max() <= TOLERANCE  # a batch of two rounds a little differently
     assert np.abs(batch[0] - batch[1]).max() > 4 * TOLERANCE
+
+
+def test_without_torchsde_dpmpp_sde_is_refused_as_a_request_error(sd):
+    if importlib.util.find_spec("torchsde") is not None:
+        pytest.skip("torchsde is installed here")
+    with pytest.raises(RequestError, match=r"^scheduler: must be one of .*, got 'DPM\+\+ SDE'"):
+        sd[0].resolve(few_step(2, 1, scheduler="DPM++ SDE"))
 
 
 @pytest.mark.parametrize(
