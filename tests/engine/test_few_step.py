@@ -195,6 +195,24 @@ def test_an_lcm_distilled_unet_takes_guidance_as_an_embedding(lcm_distilled, ste
     assert np.abs(ours[0] - other[0]).max() > 2  # the embedding steers the image
 
 
+def test_an_lcm_distilled_sdxl_unet_takes_the_embedding_after_its_added_conditions(cache_dir, tmp_path):
+    """LCM-SDXL's layout: text embeds and time ids, then the guidance embedding, in one UNet call."""
+    base = StableDiffusionXLPipeline.from_pretrained(builtin_model_folder("tiny-sdxl", cache_dir))
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        unet = UNet2DConditionModel.from_config({**base.unet.config, "time_cond_proj_dim": 20})
+        torch.nn.init.normal_(unet.time_embedding.cond_proj.weight, std=0.5)
+    scheduler = LCMScheduler.from_config(base.scheduler.config)
+    StableDiffusionXLPipeline(**{**base.components, "unet": unet, "scheduler": scheduler}).save_pretrained(
+        tmp_path / "lcm-sdxl"
+    )
+    worker = make_worker(str(tmp_path / "lcm-sdxl"), cache_dir, tmp_path / "engines")
+    assert worker.model.specs["unet"].input_names[-3:] == ["text_embeds", "time_ids", "timestep_cond"]
+    payload = few_step(2, 7, guidance_scale=6.0, num_images=2)
+    pipe = reference(StableDiffusionXLPipeline, worker)
+    assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
+
+
 def test_an_lcm_distilled_unet_exports_its_guidance_embedding_for_onnxruntime(lcm_distilled, cache_dir, tmp_path):
     torch_worker, _ = lcm_distilled
     folder = str(torch_worker.model.folder)
