@@ -1,41 +1,132 @@
 """Schedulers by name; each inherits the model's own scheduler config.
 
+A name is one of ``SCHEDULERS`` (a sampler, with its noise schedule where it differs from
+the model's: ``_karras``, ``_trailing``) or a name AUTOMATIC1111 or ComfyUI users type for
+it, read case-insensitively (``canonical_name``): ``DPM++ 2M Karras``, ``Euler a``,
+``dpmpp_2m karras``, ``euler_ancestral``, ``euler sgm_uniform``.
+
 A fresh scheduler is made per request (``from_config`` is cheap), so concurrent
 requests never share a scheduler's step state.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    """A diffusers scheduler class, the settings it overrides in the model's config, and the extra
+    arguments of its every ``step``."""
+
+    class_name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    step_options: dict[str, Any] = field(default_factory=dict)
+
+
+TRAILING = {"timestep_spacing": "trailing"}
+KARRAS = {"use_karras_sigmas": True}
+SDE = {"algorithm_type": "sde-dpmsolver++"}
+TCD_ETA = 0.3
+"""TCD's stochasticity (gamma in the paper): the value diffusers' TCD examples use."""
+
+SCHEDULERS: dict[str, SchedulerChoice] = {
+    "ddim": SchedulerChoice("DDIMScheduler"),
+    "ddpm": SchedulerChoice("DDPMScheduler"),
+    "pndm": SchedulerChoice("PNDMScheduler"),
+    "euler": SchedulerChoice("EulerDiscreteScheduler"),
+    "euler_trailing": SchedulerChoice("EulerDiscreteScheduler", TRAILING),
+    "euler_a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
+    "euler_a_trailing": SchedulerChoice("EulerAncestralDiscreteScheduler", TRAILING),
+    "heun": SchedulerChoice("HeunDiscreteScheduler"),
+    "dpmpp_2m": SchedulerChoice("DPMSolverMultistepScheduler"),
+    "dpmpp_2m_karras": SchedulerChoice("DPMSolverMultistepScheduler", KARRAS),
+    "dpmpp_2m_sde": SchedulerChoice("DPMSolverMultistepScheduler", SDE),
+    "dpmpp_2m_sde_karras": SchedulerChoice("DPMSolverMultistepScheduler", SDE | KARRAS),
+    "dpmpp_sde": SchedulerChoice("DPMSolverSDEScheduler"),
+    "dpmpp_sde_karras": SchedulerChoice("DPMSolverSDEScheduler", KARRAS),
+    "unipc": SchedulerChoice("UniPCMultistepScheduler"),
+    "lcm": SchedulerChoice("LCMScheduler"),
+    "tcd": SchedulerChoice("TCDScheduler", step_options={"eta": TCD_ETA}),
+    "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler"),
 }
+REQUIRES = {"DPMSolverSDEScheduler": "torchsde"}
+"""Schedulers that need a package diffusers does not (a project dependency; offered only where installed)."""
+
+
+def installed(choice: SchedulerChoice) -> bool:
+    """Whether the scheduler's own dependency, where it has one, can be imported."""
+    package = REQUIRES.get(choice.class_name)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
 SCHEDULER_NAMES: tuple[str, ...] = tuple(SCHEDULERS)
-CLASSIC_SCHEDULERS: tuple[str, ...] = tuple(name for name in SCHEDULERS if not name.startswith("flow_"))
-"""The noise-prediction schedulers of Stable Diffusion 1.x/2.x and SDXL."""
+CLASSIC_SCHEDULERS: tuple[str, ...] = tuple(
+    name for name, choice in SCHEDULERS.items() if not name.startswith("flow_") and installed(choice)
+)
+"""The noise-prediction schedulers of Stable Diffusion 1.x/2.x and SDXL that can run here."""
 FLOW_SCHEDULERS: tuple[str, ...] = ("flow_euler",)
 """Flow-matching schedulers (SD3, Flux)."""
 
+SAMPLER_ALIASES = {"euler_ancestral": "euler_a", "uni_pc": "unipc", "k_euler": "euler", "k_euler_a": "euler_a"}
+"""ComfyUI's and k-diffusion's sampler names that differ from ours."""
+SCHEDULE_ALIASES = {"karras": "_karras", "trailing": "_trailing", "sgm_uniform": "_trailing", "simple": "_trailing"}
+"""Noise schedules typed after a sampler (ComfyUI's ``scheduler``, A1111's schedule type), as the suffix of
+our name. ``sgm_uniform`` and ``simple`` are trailing timesteps, as diffusers' scheduler docs map them."""
+DEFAULT_SCHEDULES = ("normal", "automatic", "default")
+"""Schedule names that keep the model's own spacing."""
+WHOLE_ALIASES = {"sgm_uniform": "euler_trailing"}
+"""Names that stand alone: ``sgm_uniform`` is Euler with trailing timesteps, as SDXL-Lightning is run."""
 
-def make_scheduler(name: str | None, model_config: dict[str, Any]) -> SchedulerMixin:
-    """The named scheduler on the model's config (prediction type, betas, spacing), or the model's own."""
+
+def normalized(name: str) -> str:
+    """Lower case, ``++`` as ``pp``, and any run of spaces, ``+``, ``-`` or ``_`` as one ``_``."""
+    return re.sub(r"[\s+_-]+", "_", name.strip().lower().replace("++", "pp")).strip("_")
+
+
+def canonical_name(name: str) -> str | None:
+    """Our name for a scheduler name in any accepted style, or None for a name we do not know."""
+    key = normalized(name)
+    key = WHOLE_ALIASES.get(key, key)
+    if key in SCHEDULERS:
+        return key
+    sampler, suffix = key, ""
+    for schedule, ending in SCHEDULE_ALIASES.items():
+        if key.endswith("_" + schedule):
+            sampler, suffix = key[: -len(schedule) - 1], ending
+            break
+    else:
+        for schedule in DEFAULT_SCHEDULES:
+            if key.endswith("_" + schedule):
+                sampler = key[: -len(schedule) - 1]
+    candidate = SAMPLER_ALIASES.get(sampler, sampler) + suffix
+    return candidate if candidate in SCHEDULERS else None
+
+
+def make_scheduler(name: str | None, model_config: dict[str, Any], seeds: Sequence[int] = ()) -> SchedulerMixin:
+    """The named scheduler on the model's config (prediction type, betas, spacing), or the model's own.
+
+    A scheduler that draws its noise from a Brownian tree of its own (``DPMSolverSDEScheduler``, DPM++ SDE)
+    gets one tree per image, seeded with that image's seed, so a seed gives the same image in any batch.
+    """
     import diffusers  # here, not at import: the request schema reads the names without loading diffusers
 
-    if name is None:
-        return getattr(diffusers, model_config["_class_name"]).from_config(model_config)
-    class_name, overrides = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(model_config, **overrides)
+    choice = SchedulerChoice(model_config["_class_name"]) if name is None else SCHEDULERS[name]
+    cls = getattr(diffusers, choice.class_name)
+    overrides = dict(choice.overrides)
+    if seeds and "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        overrides["noise_sampler_seed"] = list(seeds)
+    return cls.from_config(model_config, **overrides)
+
+
+def step_options(name: str | None) -> dict[str, Any]:
+    """Extra arguments of the named scheduler's ``step`` (TCD's ``eta``); none for the model's own."""
+    return dict(SCHEDULERS[name].step_options) if name is not None else {}

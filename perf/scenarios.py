@@ -13,6 +13,9 @@ from PIL import Image
 from engine.models.model import Model
 from engine.prompts.tokens import content_length, tokenize_prompt
 
+FEW_STEPS = 4
+"""The few-step scenario's steps: SDXL-Turbo's, SDXL-Lightning's, LCM-LoRA's and Flux schnell's."""
+
 PROMPT = "a photograph of a red fox in the snow, golden hour, highly detailed"
 NEGATIVE = "blurry, low quality"
 LONG_PHRASES = (
@@ -86,7 +89,22 @@ def default_scenarios(model: Model, steps: int) -> list[Scenario]:
     scenarios.append(
         Scenario(f"img2img {native_size}x{native_size} strength 0.6", {**base, "image": image, "strength": 0.6})
     )
+    scenarios.append(few_step_scenario(model, base))
     return scenarios
+
+
+def few_step_scenario(model: Model, base: dict[str, Any]) -> Scenario:
+    """Text-to-image at the native size in ``FEW_STEPS`` steps with the family's few-step scheduler: LCM
+    without classifier-free guidance for SD and SDXL (LCM-LoRA's recipe: one UNet row per step), the
+    flow-matching default for SD3 and Flux. With so few steps the text encoders, the VAE and the
+    per-step work outside the denoiser show next to it."""
+    size = model.config.native_size
+    payload = {**base, "width": size, "height": size, "num_inference_steps": FEW_STEPS}
+    if "lcm" in model.family.scheduler_names:
+        payload |= {"scheduler": "lcm", "guidance_scale": 1.0}
+        payload.pop("negative_prompt", None)
+    scheduler = payload.get("scheduler", "its own scheduler")
+    return Scenario(f"few-step {size}x{size} {FEW_STEPS} steps, {scheduler}", payload)
 
 
 def controlnet_scenario(model: Model, steps: int, name: str) -> Scenario:

@@ -29,9 +29,21 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "euler_trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "euler_a_trailing": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "dpmpp_2m_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "dpmpp_sde_karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 """The request's scheduler names as diffusers' documentation maps the samplers, kept apart from the
 worker's own table so the reference does not inherit its mistakes."""
+DIFFUSERS_CALL_OPTIONS = {"tcd": {"eta": 0.3}}
+"""Pipeline arguments the schedulers' own examples pass (diffusers' TCD examples: ``eta=0.3``)."""
 
 
 def bf16_flux(cache_dir: Path, target: Path) -> Path:
@@ -99,6 +111,9 @@ def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.nd
     request, images = worker.resolve(payload)
     folder_config = diffusers.DDIMScheduler.load_config(worker.model.folder, subfolder="scheduler")
     class_name, overrides = DIFFUSERS_SCHEDULERS.get(request.scheduler, (folder_config["_class_name"], {}))
+    seeds = [payload["seed"] + i for i in range(request.num_images)]
+    if class_name == "DPMSolverSDEScheduler":  # its Brownian noise: one tree per image, from the image's seed
+        overrides = {**overrides, "noise_sampler_seed": seeds}
     pipe.scheduler = getattr(diffusers, class_name).from_config(folder_config, **overrides)
     inputs: dict = {"height": request.height, "width": request.width}
     if images is not None and images.image is not None and images.mask is None:
@@ -126,8 +141,9 @@ def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.nd
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
         num_images_per_prompt=request.images_per_prompt,
-        generator=[torch.Generator().manual_seed(payload["seed"] + i) for i in range(request.num_images)],
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
         **inputs,
+        **DIFFUSERS_CALL_OPTIONS.get(request.scheduler, {}),
         **extra,
     )
     return [as_array(image) for image in result.images]

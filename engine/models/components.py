@@ -11,20 +11,25 @@ from pathlib import Path
 import torch
 
 from engine.models.family import ModelConfig, load_pretrained
-from engine.models.modules import VaeDecoderModule, VaeEncoderModule
+from engine.models.modules import GUIDANCE_EMBEDDING, VaeDecoderModule, VaeEncoderModule
 from engine.spec import ComponentSpec, TensorSpec
 
 TIMESTEP = TensorSpec("timestep", (1,), value_range=(0, 1000), keep_fp32=True)
 
 
 def unet_spec(config: ModelConfig, conditioning: tuple[TensorSpec, ...]) -> ComponentSpec:
+    """The UNet's inputs: latents, timestep, the family's ``conditioning``, and last the guidance embedding
+    where the UNet is LCM-distilled (one row, which the graph repeats for every image)."""
     unet = config.configs["unet"]
+    dim = config.guidance_embedding_dim
+    embedding = (TensorSpec(GUIDANCE_EMBEDDING, (1, dim), value_range=(-1.0, 1.0)),) if dim else ()
     return ComponentSpec(
         name="unet",
         inputs=(
             TensorSpec("sample", ("batch", unet["in_channels"], "latent_height", "latent_width")),
             TIMESTEP,
             *conditioning,
+            *embedding,
         ),
         outputs=(TensorSpec("noise_pred", ("batch", unet["out_channels"], "latent_height", "latent_width")),),
         latent_factor=config.vae_scale_factor,

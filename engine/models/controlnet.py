@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.models.modules import weights_variant
+from engine.models.modules import GUIDANCE_EMBEDDING, unet_conditioning, weights_variant
 from engine.spec import ComponentSpec, TensorSpec, downsampled
 
 CONTROLLED_UNET = "unet_controlled"
@@ -95,6 +95,7 @@ def controlnet_spec(component: str, unet: ComponentSpec, controlnet: dict[str, A
     """The UNet's inputs (the latents with the ControlNet's own channels) plus the control image
     in [0, 1] at image size; the residuals out."""
     _, timestep, *conditioning = unet.inputs
+    conditioning = [tensor for tensor in conditioning if tensor.name != GUIDANCE_EMBEDDING]  # the UNet's alone
     sample = TensorSpec("sample", ("batch", controlnet["in_channels"], "latent_height", "latent_width"))
     image = TensorSpec("controlnet_cond", ("batch", 3, "height", "width"), value_range=(0.0, 1.0))
     residuals = ResidualLayout.of(controlnet).specs()
@@ -112,7 +113,7 @@ class ControlNetModule(nn.Module):
     def __init__(self, controlnet: nn.Module, added_cond_names: tuple[str, ...]):
         super().__init__()
         self.controlnet = controlnet
-        self.added_cond_names = added_cond_names
+        self.added_cond_names = tuple(name for name in added_cond_names if name != GUIDANCE_EMBEDDING)
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *rest: torch.Tensor
@@ -145,7 +146,7 @@ class ControlledUNetModule(nn.Module):
             sample,
             timestep,
             encoder_hidden_states,
-            added_cond_kwargs=dict(zip(self.added_cond_names, added, strict=True)) or None,
+            **unet_conditioning(self.added_cond_names, tuple(added), sample.shape[0]),
             down_block_additional_residuals=tuple(residuals[:-1]),
             mid_block_additional_residual=residuals[-1],
             return_dict=False,

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from engine.models.modules import stored_dtype, weights_variant
+from engine.models.modules import GUIDANCE_EMBEDDING, stored_dtype, weights_variant
 from engine.prompts.syntax import PromptSyntax
 from engine.prompts.tokens import PromptLength, WeightedTokens, prompt_lengths, tokenize_prompt
 from engine.schedulers import CLASSIC_SCHEDULERS
@@ -26,6 +26,10 @@ from engine.spec import ComponentSpec
 Encode = Callable[[str, Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 """Runs one component by name on named inputs; how the family reaches its text encoders."""
 
+
+LCM_STEPS = 4
+LCM_GUIDANCE_SCALE = 8.5
+"""diffusers' ``LatentConsistencyModelPipeline`` defaults, for a UNet distilled with a guidance embedding."""
 
 TRANSFORMER_SAMPLE_SIZE = 128
 """Latent side of a transformer whose config has none (Flux's): diffusers' FluxPipeline default, 1024 px."""
@@ -128,6 +132,13 @@ class ModelConfig:
         return int(sample_size) * self.vae_scale_factor
 
     @property
+    def guidance_embedding_dim(self) -> int | None:
+        """Width of an LCM-distilled UNet's guidance-scale embedding (its ``time_cond_proj_dim``); None
+        for a UNet that takes classifier-free guidance instead, or a transformer."""
+        dim = self.configs.get("unet", {}).get("time_cond_proj_dim")
+        return int(dim) if dim else None
+
+    @property
     def latent_channels(self) -> int:
         """Channels of the VAE's latents: the UNet takes more only when it is an inpainting UNet."""
         return int(self.configs["vae"]["latent_channels"])
@@ -184,12 +195,13 @@ class ModelFamily(ABC):
         return {}
 
     def guidance_default(self, config: ModelConfig) -> float:
-        """The default ``guidance_scale``, which can depend on the checkpoint (Flux dev or schnell)."""
-        return self.default_guidance_scale
+        """The default ``guidance_scale``, which can depend on the checkpoint (Flux dev or schnell; an
+        LCM-distilled UNet: diffusers' ``LatentConsistencyModelPipeline`` default)."""
+        return LCM_GUIDANCE_SCALE if config.guidance_embedding_dim else self.default_guidance_scale
 
     def steps_default(self, config: ModelConfig) -> int | None:
-        """The checkpoint's own default step count where it has one (Flux schnell: 4)."""
-        return None
+        """The checkpoint's own default step count where it has one (Flux schnell, an LCM-distilled UNet: 4)."""
+        return LCM_STEPS if config.guidance_embedding_dim else None
 
     def classifier_free_scale(
         self, guidance_scale: float, true_cfg_scale: float | None, has_negatives: bool
@@ -198,8 +210,11 @@ class ModelFamily(ABC):
         return guidance_scale if guidance_scale > 1.0 else None
 
     def denoiser_inputs(self, config: ModelConfig, guidance_scale: float) -> dict[str, torch.Tensor]:
-        """Inputs of the denoiser besides latents, timestep and text (Flux dev's embedded guidance)."""
-        return {}
+        """Inputs of the denoiser besides latents, timestep and text: an LCM-distilled UNet's guidance
+        embedding, of ``guidance_scale - 1`` as diffusers' SD and SDXL pipelines make it (Flux dev's
+        embedded guidance in its own family)."""
+        dim = config.guidance_embedding_dim
+        return {} if dim is None else {GUIDANCE_EMBEDDING: guidance_scale_embedding(guidance_scale - 1, dim)}
 
     @abstractmethod
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
@@ -251,6 +266,15 @@ class ModelFamily(ABC):
     def weight_folder(self, component: str) -> str:
         """Model subfolder whose weights and config a component is built from."""
         return "vae" if component.startswith("vae") else component
+
+
+def guidance_scale_embedding(scale: float, dim: int) -> torch.Tensor:
+    """One row of diffusers' ``get_guidance_scale_embedding``: sines then cosines of ``scale * 1000``
+    at ``dim // 2`` frequencies, zero-padded to an odd ``dim``."""
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = (torch.tensor([scale], dtype=torch.float32) * 1000.0)[:, None] * frequencies[None, :]
+    return torch.nn.functional.pad(torch.cat([torch.sin(angles), torch.cos(angles)], dim=1), (0, dim % 2))
 
 
 def repeat_for_images(embeddings: torch.Tensor, images_per_prompt: int) -> torch.Tensor:

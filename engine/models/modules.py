@@ -65,21 +65,39 @@ class TextEncoderModule(nn.Module):
         return (hidden, out.text_embeds) if self.pooled else (hidden,)
 
 
+GUIDANCE_EMBEDDING = "timestep_cond"
+"""The input of an LCM-distilled UNet (one whose config has ``time_cond_proj_dim``) that carries the
+guidance scale's embedding, as diffusers' ``get_guidance_scale_embedding`` makes it."""
+
+
+def unet_conditioning(
+    names: tuple[str, ...], added: tuple[torch.Tensor, ...], batch: int
+) -> dict[str, torch.Tensor | dict[str, torch.Tensor] | None]:
+    """A diffusers UNet's keyword arguments for its inputs after the text embeddings: SDXL's added
+    conditions, and the guidance embedding (one row, the same for every image in the batch)."""
+    values = dict(zip(names, added, strict=True))
+    embedding = values.pop(GUIDANCE_EMBEDDING, None)
+    return {
+        "added_cond_kwargs": values or None,
+        "timestep_cond": None if embedding is None else embedding.expand(batch, -1),
+    }
+
+
 class UNetModule(nn.Module):
-    """The denoiser; extra conditioning inputs (SDXL's text embeds and time ids) come last."""
+    """The denoiser; extra conditioning inputs (SDXL's text embeds and time ids, then an LCM-distilled
+    UNet's guidance embedding) come last."""
 
     def __init__(self, unet: nn.Module, added_cond_names: tuple[str, ...] = ()):
         super().__init__()
         self.unet = unet
-        self.added_cond_names = added_cond_names
+        embedding = (GUIDANCE_EMBEDDING,) if unet.config.get("time_cond_proj_dim") else ()
+        self.added_cond_names = (*added_cond_names, *embedding)
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *added: torch.Tensor
     ) -> tuple[torch.Tensor]:
-        added_cond_kwargs = dict(zip(self.added_cond_names, added, strict=True)) or None
-        noise_pred = self.unet(
-            sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
-        )[0]
+        conditioning = unet_conditioning(self.added_cond_names, added, sample.shape[0])
+        noise_pred = self.unet(sample, timestep, encoder_hidden_states, **conditioning, return_dict=False)[0]
         return (noise_pred,)
 
 

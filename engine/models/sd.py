@@ -25,7 +25,13 @@ from engine.spec import ComponentSpec, TensorSpec
 
 class StableDiffusion(ModelFamily):
     name = "sd"
-    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+    pipeline_classes = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+        "LatentConsistencyModelPipeline",
+        "LatentConsistencyModelImg2ImgPipeline",
+    )
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
     components = ("text_encoder", "unet", "vae_decoder", "vae_encoder")

@@ -40,7 +40,7 @@ from engine.models.model import Model
 from engine.pipeline.latents import LatentScaling, initial_sigma
 from engine.pipeline.preparation import Control, ImageInputs, ImagePreparation, Inpainting, PreparedImages
 from engine.request.resolved import ResolvedRequest
-from engine.schedulers import make_scheduler
+from engine.schedulers import make_scheduler, step_options
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (steps done, steps in all); may raise to stop."""
@@ -91,7 +91,9 @@ class DiffusionPipeline:
         at the steps between its start and end.
         """
         model = self.model
-        cfg_scale = model.family.classifier_free_scale(*request.guidance)
+        # An LCM-distilled UNet takes the guidance scale as an embedding instead, as diffusers' pipelines run it.
+        distilled = model.config.guidance_embedding_dim is not None
+        cfg_scale = None if distilled else model.family.classifier_free_scale(*request.guidance)
         guidance = cfg_scale is not None
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
@@ -121,7 +123,7 @@ class DiffusionPipeline:
         # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
         factor = model.config.vae_scale_factor
         shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
-        scheduler = make_scheduler(request.scheduler, model.scheduler_config)
+        scheduler = make_scheduler(request.scheduler, model.scheduler_config, seeds)
         options = model.family.timestep_options(model.config, scheduler, request.steps, shape)
         scheduler.set_timesteps(request.steps, device=self.device, **options)
         timesteps = scheduler.timesteps
@@ -172,6 +174,7 @@ class DiffusionPipeline:
                     timesteps,
                     conditioning,
                     cfg_scale,
+                    step_options(request.scheduler),
                     generators,
                     controls,
                     inpaint,
@@ -235,6 +238,7 @@ class DiffusionPipeline:
         timesteps: torch.Tensor,
         conditioning: Mapping[str, torch.Tensor],
         cfg_scale: float | None,
+        options: Mapping[str, object],
         generators: list[torch.Generator],
         controls: Sequence[Control],
         inpaint: Inpainting | None,
@@ -243,10 +247,11 @@ class DiffusionPipeline:
         on_step: StepCallback | None,
     ) -> torch.Tensor:
         """The latents after every step of ``timesteps``, with classifier-free guidance where
-        ``cfg_scale`` is given."""
+        ``cfg_scale`` is given; ``options`` are the scheduler's extra ``step`` arguments (TCD's ``eta``)."""
         guidance = cfg_scale is not None
         denoiser_name = self.model.family.denoiser
         step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
+        step_kwargs |= options
         for index, timestep in enumerate(timesteps):
             with timer.step():
                 model_input = torch.cat([latents] * 2) if guidance else latents

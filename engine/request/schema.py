@@ -28,6 +28,7 @@ from engine.request.entries import ControlNetEntry, LoraEntry
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
 from engine.request.rules import MAX_SEED, cross_field_problems, field_location, rule, unencodable_texts
+from engine.schedulers import canonical_name
 
 MAX_PROMPT_CHARS = 10_000
 
@@ -128,10 +129,20 @@ class GenerateRequest(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _check_scheduler(cls, name: str | None, info: ValidationInfo) -> str | None:
+        """Our name for the scheduler, typed in any accepted style (see ``engine.schedulers``)."""
+        if name is None:
+            return None
         names = _limits(info).schedulers
-        if name is not None and name not in names:
-            raise rule("unknown", "must be one of {names} for this model, got '{v}'", names=", ".join(names), v=name)
-        return name
+        found = canonical_name(name)
+        if found not in names:
+            raise rule(
+                "unknown",
+                "must be one of {names} for this model (or an AUTOMATIC1111 or ComfyUI name for one, "
+                "such as 'DPM++ 2M Karras'), got '{v}'",
+                names=", ".join(names),
+                v=name,
+            )
+        return found
 
     @field_validator("prompt_syntax")
     @classmethod

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from engine.common.errors import RequestError
@@ -125,3 +128,31 @@ def test_a_deeply_nested_payload_is_walked_without_recursion():
     for _ in range(100_000):
         nested = [nested]
     assert "holds an unpaired surrogate" not in errors_of({"prompt": "a fox", "loras": nested})
+
+
+def readme_scheduler_rows() -> list[tuple[str, list[str]]]:
+    """The README's scheduler table: each row's name and the names it says are also accepted."""
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    table = text.split("| Name | diffusers scheduler | Also accepted |")[1].split("\n\n")[0]
+    rows = [line.split(" | ") for line in table.strip().splitlines()[1:]]
+    return [(row[0].strip("| `"), re.findall(r"`([^`]+)`", row[2])) for row in rows]
+
+
+def test_the_readme_table_lists_every_scheduler_and_its_aliases_resolve():
+    rows = readme_scheduler_rows()
+    assert [name for name, _ in rows] == list(SCHEDULER_NAMES)
+    for name, aliases in rows:
+        for alias in aliases:
+            assert parse_request({"prompt": "a", "scheduler": alias}, LIMITS).scheduler == name, alias
+
+
+@pytest.mark.parametrize("typed", ["dpmpp_2m + karras", "DPM++ 2M KARRAS", "  Euler A ", "UNI-PC", "euler_a normal"])
+def test_scheduler_names_are_read_in_any_case_and_spelling(typed):
+    assert parse_request({"prompt": "a", "scheduler": typed}, LIMITS).scheduler in SCHEDULER_NAMES
+
+
+@pytest.mark.parametrize("typed", ["euler_a karras", "dpmpp_3m_sde", "karras", "lcm_trailing", "dpm++"])
+def test_an_unknown_scheduler_is_refused_with_the_names_it_could_be(typed):
+    message = errors_of({"prompt": "a", "scheduler": typed})
+    assert message.startswith("scheduler: must be one of ddim, ddpm,") and f"got '{typed}'" in message
+    assert "tcd" in message and "DPM++ 2M Karras" in message

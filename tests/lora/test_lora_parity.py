@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import LCMScheduler
 
 from engine.serving.worker import Worker
 from tests.lora.conftest import PAYLOAD, image_of, reference_pipeline
@@ -26,8 +27,12 @@ def lora_payload(loras: list[tuple[str, float]]) -> dict:
     return {**PAYLOAD, "loras": [{"name": name, "scale": scale} for name, scale in loras]}
 
 
-def diffusers_image(model: str, cache_dir, folder, loras: list[tuple[str, float]]) -> np.ndarray:
+def diffusers_image(model: str, cache_dir, folder, loras: list[tuple[str, float]], **call) -> np.ndarray:
+    """diffusers' image with the LoRAs loaded; ``call`` overrides the pipeline's arguments (its
+    ``scheduler`` is set on the pipeline, from its own config)."""
     pipe = reference_pipeline(model, cache_dir)
+    if "scheduler" in call:
+        pipe.scheduler = call.pop("scheduler").from_config(pipe.scheduler.config)
     names = []
     for index, (name, _) in enumerate(loras):
         file = folder / (name if name.endswith(".safetensors") else f"{name}.safetensors")
@@ -40,6 +45,7 @@ def diffusers_image(model: str, cache_dir, folder, loras: list[tuple[str, float]
         width=PAYLOAD["width"],
         height=PAYLOAD["height"],
         generator=torch.Generator().manual_seed(PAYLOAD["seed"]),
+        **call,
     ).images[0]
     return np.asarray(image, dtype=np.int16)
 
@@ -116,3 +122,19 @@ def test_switching_sets_always_starts_from_the_base_weights(request, model, work
             assert first_a["metrics"]["lora_ms"] > 0
         assert [entry["name"] for entry in first_a["metrics"]["loras"]] == ["a", "styles/b"]
         assert all(len(entry["sha256"]) == 64 for entry in first_a["metrics"]["loras"])
+
+
+@pytest.mark.parametrize(("model", "workers_fixture", "loras_fixture"), FAMILIES, ids=["sd", "sdxl"])
+def test_an_lcm_lora_request_matches_diffusers_lcm_recipe(request, cache_dir, model, workers_fixture, loras_fixture):
+    """An LCM-LoRA (a UNet-only LoRA file) with ``scheduler: lcm`` and guidance 1 against diffusers' LCM-LoRA
+    recipe: ``load_lora_weights``, ``LCMScheduler.from_config`` and ``guidance_scale=1``."""
+    loras = CASES["kohya-unet-only"]
+    reference = diffusers_image(
+        model, cache_dir, request.getfixturevalue(loras_fixture), loras, scheduler=LCMScheduler, guidance_scale=1.0
+    )
+    payload = {**lora_payload(loras), "scheduler": "LCM", "guidance_scale": 1.0}
+    for backend, worker in request.getfixturevalue(workers_fixture).items():
+        response = worker.handle({"input": payload})
+        assert set(response["metrics"]["backends"].values()) == {backend}, response["metrics"]["fallbacks"]
+        difference = np.abs(image_of(response) - reference).max()
+        assert difference <= TOLERANCE, f"{backend}: {difference}/255 from diffusers"

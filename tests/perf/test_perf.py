@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,10 @@ def test_perf_compares_backends_against_torch(exported, subprocess_env, tmp_path
     rows = [line for line in done.stdout.splitlines() if line.startswith("| txt2img")]
     assert any("| onnxruntime |" in row and row.count("x |") >= 1 for row in rows), done.stdout
     assert any("| torch |" in row and "| 1.00x |" in row for row in rows), done.stdout
+    few_step = [line for line in done.stdout.splitlines() if line.startswith("| few-step 64x64 4 steps, lcm |")]
+    assert len(few_step) == 2, done.stdout  # torch and onnxruntime
+    for row in few_step:  # the time outside the denoising loop, and its share of the request
+        assert re.search(r"\| \d+\.\d \(\d+%\) \|", row), row
     [folder] = tmp_path.iterdir()
     results = json.loads((folder / "results.json").read_text())
     assert any(key.startswith("onnxruntime |") for key in results["speedup_vs_torch"])
