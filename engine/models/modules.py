@@ -159,7 +159,9 @@ class PooledTextModule(nn.Module):
 class FluxTransformerModule(nn.Module):
     """Flux's transformer on unpacked latents: the 2x2 packing, the image and text position ids and the
     timestep's scaling to [0, 1] happen in the graph, as diffusers' FluxPipeline does them around it, so
-    the loop steps the same latents as for every other family."""
+    the loop steps the same latents as for every other family. Packing keeps a token's values channel by
+    channel, so extra input channels (Fill's masked image and mask, Control's control image) packed with
+    the latents are diffusers' packed tensors joined on the last axis; the output has the latents' channels."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -190,5 +192,6 @@ class FluxTransformerModule(nn.Module):
             img_ids=image_ids.reshape(-1, 3),
             return_dict=False,
         )[0]
-        velocity = velocity.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return (velocity.reshape(batch, channels, height, width),)
+        out_channels = self.transformer.out_channels // 4
+        velocity = velocity.view(batch, height // 2, width // 2, out_channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return (velocity.reshape(batch, out_channels, height, width),)

@@ -160,17 +160,19 @@ class ImagePreparation:
     ) -> Inpainting:
         """Starting latents, and the mask and masked-image latents, with diffusers' random draws.
 
-        diffusers encodes the one input image with the first generator only, then draws each image's
-        noise, then encodes the masked image with the first generator again. A 4-channel UNet never
+        diffusers encodes the one input image with the first generator only (at full strength only where
+        the family's pipeline does: Flux Fill's), then draws each image's noise, then encodes the masked
+        image with the first generator again. A 4-channel UNet never
         uses those masked-image latents: the draw is made all the same, without the encode, so the
         first generator's later draws (ancestral schedulers) stay diffusers'.
         """
         assert prepared.mask is not None and prepared.image is not None
         images, latent_size = shape[0], shape[2:]
-        blends = not self.model.config.inpainting_unet
+        family = self.model.family
+        blends = not family.inpainting_model(self.model.config)
         full_strength = request.strength == 1.0
         image_latents = None
-        if blends or not full_strength:
+        if blends or not full_strength or family.inpaint_encodes_image:
             image_latents = self._encoded(prepared.image, generators[0], runners).repeat(images, 1, 1, 1)
         noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
         if full_strength:
@@ -184,7 +186,10 @@ class ImagePreparation:
             randn_tensor((1, *shape[1:]), generator=generators[0], device=self.device)  # the masked image's draw
             return Inpainting(latents, None, mask, image_latents, noise)
         masked_latents = self._encoded(masked_image, generators[0], runners).repeat(images, 1, 1, 1)
-        return Inpainting(latents, torch.cat([mask, masked_latents], dim=1), mask, image_latents, noise)
+        channels = family.inpaint_channels(
+            prepared.mask.repeat(images, 1, 1, 1), masked_latents, self.model.config.vae_scale_factor
+        )
+        return Inpainting(latents, channels, mask, image_latents, noise)
 
     def _encoded(
         self, image: torch.Tensor, generator: torch.Generator, runners: Mapping[str, ComponentCall]

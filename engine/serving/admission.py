@@ -124,9 +124,16 @@ class Admission:
             "mask": fields.get("mask") is not None and not family.inpainting,
             "controlnets": bool(fields.get("controlnets")) and not family.controlnets,
             "loras": bool(fields.get("loras")) and not family.lora_targets,
+            "padding_mask_crop": fields.get("padding_mask_crop") is not None and not family.mask_crop,
         }
         problems = [f"{field}: not supported for {family.name} models yet" for field, bad in unsupported.items() if bad]
-        if fields.get("true_cfg_scale") is not None and not family.true_cfg:
+        if not family.negative_prompts:
+            problems += [
+                f"{field}: {family.name} models take none"
+                for field in ("negative_prompt", "true_cfg_scale")
+                if fields.get(field) is not None
+            ]
+        elif fields.get("true_cfg_scale") is not None and not family.true_cfg:
             problems.append(f"true_cfg_scale: only for models with distilled guidance, not {family.name}")
         if (
             family.true_cfg
@@ -135,11 +142,13 @@ class Admission:
             and (fields["true_cfg_scale"] or 1.0) <= 1.0
         ):
             problems.append(f"negative_prompt: {family.name} models use one only with true_cfg_scale above 1")
-        if self.model.config.inpainting_unet and "mask" in fields and fields["mask"] is None:
+        if family.inpainting_model(self.model.config) and "mask" in fields and fields["mask"] is None:
             problems.append(
-                "mask: this is an inpainting model (its UNet takes the mask and the masked image as extra "
+                "mask: this is an inpainting model (its denoiser takes the mask and the masked image as extra "
                 "channels); send image and mask"
             )
+        if not family.image_to_image and not family.inpainting and fields.get("image") is not None:
+            problems.append(f"image: {family.name} models take no input image")
         return problems
 
     def _controlnet_components(self, fields: Mapping[str, Any], problems: Problems) -> tuple[str, ...]:

@@ -257,7 +257,7 @@ class Worker:
         then a CUDA graph of each engine's optimum shapes, so requests at those shapes replay it."""
         request = parse_request({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, self.limits)
         prepared = None
-        if self.model.config.inpainting_unet:  # an inpainting UNet warms up on an inpainting call: gray, all masked
+        if self.model.family.inpainting_model(self.model.config):  # it warms up on an inpainting call: gray, all masked
             size = (request.width, request.height)
             request = replace(request, strength=self.limits.default_strength(True))
             inputs = ImageInputs(Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255))
