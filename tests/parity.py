@@ -94,8 +94,8 @@ def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
 
 
 def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.ndarray]:
-    """diffusers' pipeline (text-to-image, image-to-image or inpainting, with ControlNets where the payload
-    has them, as it asks) with the same inputs."""
+    """diffusers' pipeline (text-to-image, image-to-image or inpainting, with ControlNets or a Flux Control
+    image where the payload has them, as it asks) with the same inputs."""
     request, images = worker.resolve(payload)
     folder_config = diffusers.DDIMScheduler.load_config(worker.model.folder, subfolder="scheduler")
     class_name, overrides = DIFFUSERS_SCHEDULERS.get(request.scheduler, (folder_config["_class_name"], {}))
@@ -107,6 +107,8 @@ def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.nd
         inputs |= {"image": images.image, "mask_image": images.mask, "strength": request.strength}
         if "padding_mask_crop" in inspect.signature(pipe.__call__).parameters:  # Flux Fill's has none
             inputs["padding_mask_crop"] = request.padding_mask_crop
+    if images is not None and images.control is not None:
+        inputs["control_image"] = images.control
     if images is not None and images.controls:
         # diffusers' ControlNet pipelines take lists for several ControlNets, plain values for one
         def per_controlnet(values: list) -> object:

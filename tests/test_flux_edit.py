@@ -1,13 +1,24 @@
 """Flux's editing and control checkpoints against diffusers' own pipelines: Fill (``FluxFillPipeline``) on
-the built-in tiny-flux-fill, on torch and onnxruntime, each told apart by its configs."""
+tiny-flux-fill and Control (``FluxControlPipeline``) on tiny-flux-control, on torch and onnxruntime, each
+told apart by its configs."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
-from diffusers import FluxFillPipeline
+from diffusers import FluxControlPipeline, FluxFillPipeline
 from PIL import Image, ImageDraw
 
+from engine.common.errors import ModelError
+from engine.models.builtin import builtin_model_folder
+from engine.models.model import load_model
 from tests.conftest import run_export
 from tests.parity import (
     assert_same_images,
@@ -86,3 +97,103 @@ def test_fill_on_onnxruntime_matches_torch(cache_dir, tmp_path):
     assert actual["metrics"]["backends"]["transformer"] == "onnxruntime", actual["metrics"]["fallbacks"]
     for ours, theirs in zip(decoded(actual), decoded(expected), strict=True):
         assert np.abs(ours - theirs).max() <= 2
+
+
+def depth_map(width: int, height: int) -> Image.Image:
+    """A depth-like map: a smooth gray ramp with a nearer disc."""
+    ramp = np.tile(np.linspace(40, 200, width, dtype=np.uint8), (height, 1))
+    image = Image.fromarray(np.stack([ramp] * 3, axis=-1))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, width * 3 // 4, height * 3 // 4), fill=(240, 240, 240))
+    return image
+
+
+CONTROL = {
+    "a depth map as given": {"control": {"image": to_base64(depth_map(128, 128))}},
+    "canny edges of a photo, non-square, two images, size from the image": {
+        "control": {"image": to_base64(depth_map(96, 128)), "preprocess": "canny", "low": 50, "high": 150},
+        "num_images": 2,
+        "guidance_scale": 10.0,
+    },
+}
+
+
+@pytest.mark.parametrize("case", CONTROL)
+def test_control_matches_diffusers(cache_dir, tmp_path, case):
+    worker = cpu_worker("tiny-flux-control", cache_dir, tmp_path)
+    assert worker.model.family.name == "flux-control"
+    payload = {"prompt": "a red fox in the snow", "num_inference_steps": 3, "seed": 6, **CONTROL[case]}
+    request, _ = worker.resolve(payload)
+    assert (request.width, request.height) == Image.open(io.BytesIO(base64.b64decode(payload["control"]["image"]))).size
+    pipe = diffusers_pipe(FluxControlPipeline, worker)
+    assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
+
+
+CONTROL_ERRORS = {
+    "no control image": ({}, "control: this is a Flux Control model"),
+    "an input image": ({"image": "x", "control": {"image": "x"}}, "image: flux-control models take no input image"),
+    "a mask": ({"mask": "x", "control": {"image": "x"}}, "mask: not supported for flux-control models"),
+    "a negative prompt": ({"negative_prompt": "fog"}, "negative_prompt: flux-control models take none"),
+    "thresholds without canny": ({"control": {"image": "x", "low": 5}}, "control: low and high only apply"),
+}
+
+
+@pytest.mark.parametrize("case", CONTROL_ERRORS)
+def test_what_control_does_not_take_gets_a_named_error(cache_dir, tmp_path, case):
+    worker = cpu_worker("tiny-flux-control", cache_dir, tmp_path)
+    extra, message = CONTROL_ERRORS[case]
+    response = worker.handle({"id": "bad", "input": {"prompt": "a fox", "num_inference_steps": 2, **extra}})
+    assert response["status"] == "error"
+    assert message in response["error"], response["error"]
+
+
+def test_control_is_refused_by_other_models(cache_dir, tmp_path):
+    worker = cpu_worker("tiny-flux", cache_dir, tmp_path)
+    response = worker.handle({"id": "bad", "input": {"prompt": "a fox", "control": {"image": "x"}}})
+    assert "control: only for Flux Control models (Canny, Depth)" in response["error"], response["error"]
+
+
+def test_control_on_onnxruntime_matches_torch(cache_dir, tmp_path):
+    done = run_export(tmp_path, cache_dir, "--model", "tiny-flux-control", "--components", "transformer")
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch_worker = cpu_worker("tiny-flux-control", cache_dir, tmp_path)
+    ort_worker = cpu_worker("tiny-flux-control", cache_dir, tmp_path, backend="onnxruntime")
+    payload = {"prompt": "a fox", "control": {"image": to_base64(depth_map(128, 96))}, "num_images": 2, "seed": 1}
+    expected = torch_worker.handle({"id": "t", "input": {**payload, "num_inference_steps": 3}})
+    actual = ort_worker.handle({"id": "o", "input": {**payload, "num_inference_steps": 3}})
+    assert actual["metrics"]["backends"]["transformer"] == "onnxruntime", actual["metrics"]["fallbacks"]
+    assert actual["metrics"]["mode"] == "txt2img+control"
+    for ours, theirs in zip(decoded(actual), decoded(expected), strict=True):
+        assert np.abs(ours - theirs).max() <= 2
+
+
+def edited_copy(source: Path, target: Path, pipeline_class: str, in_channels: int | None = None) -> Path:
+    """A copy of a model folder whose model_index.json names ``pipeline_class`` (and whose transformer
+    takes ``in_channels``)."""
+    shutil.copytree(source, target)
+    index = json.loads((target / "model_index.json").read_text())
+    (target / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline_class}))
+    if in_channels is not None:
+        config = json.loads((target / "transformer" / "config.json").read_text())
+        (target / "transformer" / "config.json").write_text(json.dumps({**config, "in_channels": in_channels}))
+    return target
+
+
+def test_the_variant_is_told_by_the_transformers_input_width(cache_dir, tmp_path):
+    fill = builtin_model_folder("tiny-flux-fill", cache_dir)
+    assert load_model(str(edited_copy(fill, tmp_path / "fill", "FluxPipeline")), cache_dir).family.name == "flux-fill"
+    control = builtin_model_folder("tiny-flux-control", cache_dir)
+    as_plain = edited_copy(control, tmp_path / "control", "FluxImg2ImgPipeline")
+    assert load_model(str(as_plain), cache_dir).family.name == "flux-control"
+
+
+@pytest.mark.parametrize(
+    ("pipeline_class", "in_channels", "message"),
+    [
+        ("FluxFillPipeline", 64, "names FluxFillPipeline, but its transformer's in_channels (64) are those of flux"),
+        ("FluxPipeline", 80, "in_channels 80 is none of Flux.1 (64), Control (128) or Fill (384)"),
+    ],
+)
+def test_a_flux_folder_whose_configs_disagree_is_refused(cache_dir, tmp_path, pipeline_class, in_channels, message):
+    folder = edited_copy(builtin_model_folder("tiny-flux", cache_dir), tmp_path / "odd", pipeline_class, in_channels)
+    with pytest.raises(ModelError, match=re.escape(message)):
+        load_model(str(folder), cache_dir)

@@ -5,8 +5,8 @@
 - **Control** (``FluxControlPipeline``, Canny and Depth): the control image's latents join the
   latents as extra channels.
 
-A folder's transformer ``in_channels`` tells them apart (the pipeline class in model_index.json must
-agree): 4 x 16 for Flux.1 itself, 4 x (16 + 16) for Control, 4 x (16 + 16 + 64) for Fill.
+A folder's transformer ``in_channels`` tells them apart (a variant's pipeline class in model_index.json
+must agree): 4 x 16 for Flux.1 itself, 4 x (16 + 16) for Control, 4 x (16 + 16 + 64) for Fill.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ VARIANTS: tuple[Flux, ...] = (Flux(), FluxFill(), FluxControl())
 
 
 def flux_variant(config: ModelConfig) -> Flux:
-    """The variant whose layout the transformer's ``in_channels`` has; its pipeline class must agree."""
+    """The variant whose layout the transformer's ``in_channels`` has. A variant's own pipeline class
+    (``FluxFillPipeline``...) must agree; Flux.1's (``FluxPipeline``) names the family only."""
     latent, factor = config.latent_channels, config.vae_scale_factor
     extra = int(config.configs["transformer"]["in_channels"]) // 4 - latent
     by_extra = {0: VARIANTS[0], latent: VARIANTS[2], latent + factor * factor: VARIANTS[1]}
@@ -65,8 +66,8 @@ def flux_variant(config: ModelConfig) -> Flux:
             f"is none of Flux.1 ({4 * latent}), Control ({8 * latent}) or Fill ({4 * (2 * latent + factor * factor)})"
         )
     variant = by_extra[extra]
-    named = next((found for found in VARIANTS if config.pipeline_class in found.pipeline_classes), variant)
-    if named is not variant:
+    named = next((found for found in VARIANTS[1:] if config.pipeline_class in found.pipeline_classes), None)
+    if named not in (None, variant):
         raise ModelError(
             f"{config.folder}: model_index.json names {config.pipeline_class}, but its transformer's in_channels "
             f"({config.configs['transformer']['in_channels']}) are those of {variant.name}"

@@ -43,6 +43,8 @@ class ImageInputs:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     controls: tuple[ControlImage, ...] = ()
+    control: Image.Image | None = None
+    """A Flux Control model's control image (its edge or depth map)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class PreparedImages:
     inputs: ImageInputs | None = None
     crop: tuple[int, int, int, int] | None = None
     controls: tuple[Control, ...] = ()
+    control: torch.Tensor | None = None
+    """A Flux Control model's control image as the VAE takes it."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,8 @@ class ImagePreparation:
             crop = self.mask_processor.get_crop_region(inputs.mask, width, height, pad=request.padding_mask_crop)
             resize_mode = "fill"
         controls = tuple(self._control(control, request, crop, resize_mode) for control in inputs.controls)
+        if inputs.control is not None:  # Flux Control's pipeline normalizes it as an input image
+            return PreparedImages(None, control=self.preprocess(inputs.control, height, width))
         if inputs.image is None:
             return PreparedImages(None, controls=controls)
         if inputs.mask is None:
@@ -190,6 +196,14 @@ class ImagePreparation:
             prepared.mask.repeat(images, 1, 1, 1), masked_latents, self.model.config.vae_scale_factor
         )
         return Inpainting(latents, channels, mask, image_latents, noise)
+
+    def control_latents(
+        self, image: torch.Tensor, generators: list[torch.Generator], runners: Mapping[str, ComponentCall]
+    ) -> torch.Tensor:
+        """A Flux Control model's extra channels: the control image's latent, sampled with each image's
+        generator before its noise is drawn and scaled, as ``FluxControlPipeline`` does."""
+        moments = runners["vae_encoder"]({"images": image})["latent_moments"].float()
+        return self._sampled_latents(moments, generators)
 
     def _encoded(
         self, image: torch.Tensor, generator: torch.Generator, runners: Mapping[str, ComponentCall]

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from PIL import Image
+
 from engine.common.downloads import limit_to_request
 from engine.common.errors import RequestError
 from engine.models.controlnet_folders import ControlNetFolders
@@ -25,7 +27,7 @@ from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
 from engine.prompts.syntax import PromptSyntaxError
 from engine.prompts.tokens import PromptLength
-from engine.request.entries import ControlNetEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry
 from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
@@ -149,6 +151,13 @@ class Admission:
             )
         if not family.image_to_image and not family.inpainting and fields.get("image") is not None:
             problems.append(f"image: {family.name} models take no input image")
+        if fields.get("control") is not None and not family.control_image:
+            problems.append("control: only for Flux Control models (Canny, Depth); ControlNets go in controlnets")
+        if family.control_image and "control" in fields and fields["control"] is None:
+            problems.append(
+                "control: this is a Flux Control model (its transformer takes a control image's latents as "
+                "extra channels); send control with the edge or depth map"
+            )
         return problems
 
     def _controlnet_components(self, fields: Mapping[str, Any], problems: Problems) -> tuple[str, ...]:
@@ -205,23 +214,29 @@ class Admission:
             problems.check(self._control_image, entry, component, f"controlnets[{index}]")
             for index, (entry, component) in enumerate(zip(draft.controlnets or (), components, strict=True))
         ]
+        control = problems.check(self._preprocessed, draft.control, "control") if draft.control is not None else None
         problems.raise_any()
-        if image is None and not controls:
+        if image is None and not controls and control is None:
             return None
-        return ImageInputs(image, mask, tuple(control for control in controls if control is not None))
+        return ImageInputs(image, mask, tuple(found for found in controls if found is not None), control)
+
+    def _preprocessed(self, entry: ControlImageEntry, field: str) -> Image.Image:
+        """A control image as given, or its edge map with preprocess canny."""
+        image = load_image(entry.image, self.image_limits, f"{field}.image")
+        return canny(image, *entry.thresholds) if entry.preprocess == "canny" else image
 
     def _control_image(self, control: ControlNetEntry, component: str, field: str) -> ControlImage:
         """A ``controlnets`` entry's control image (its edge map, with preprocess canny)."""
-        image = load_image(control.image, self.image_limits, f"{field}.image")
-        if control.preprocess == "canny":
-            image = canny(image, *control.thresholds)
+        image = self._preprocessed(control, field)
         return ControlImage(component, image, control.scale, control.start, control.end)
 
 
 def _default_size(inputs: ImageInputs | None) -> tuple[int, int] | None:
-    """The size a request without width and height takes: its input image's, else its first control image's."""
+    """The size a request without width and height takes: its input image's, else its control image's."""
     if inputs is None:
         return None
     if inputs.image is not None:
         return inputs.image.size
+    if inputs.control is not None:
+        return inputs.control.size
     return inputs.controls[0].image.size

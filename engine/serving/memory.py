@@ -204,7 +204,7 @@ def check_fits(
         denoiser,
         vae,
         controlnets,
-        encodes_image=request.image is not None,
+        encodes_image=request.image is not None or request.control is not None,
     )
     relevant = [estimate for estimate in found if outside_engines(estimate.stage)]
     lora = sum(
