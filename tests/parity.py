@@ -123,6 +123,8 @@ def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.nd
         inputs["negative_prompt"] = request.negative_prompts
     if request.true_cfg_scale is not None:
         inputs["true_cfg_scale"] = request.true_cfg_scale
+    if "strength" not in inspect.signature(pipe.__call__).parameters:  # Flux Kontext's image is a reference
+        inputs.pop("strength", None)
     if "height" in inspect.signature(pipe.__call__).parameters:  # SD's img2img pipeline takes the image's size
         inputs |= {"height": request.height, "width": request.width}
     result = pipe(

@@ -1,6 +1,6 @@
 """Flux's editing and control checkpoints against diffusers' own pipelines: Fill (``FluxFillPipeline``) on
-tiny-flux-fill and Control (``FluxControlPipeline``) on tiny-flux-control, on torch and onnxruntime, each
-told apart by its configs."""
+tiny-flux-fill, Control (``FluxControlPipeline``) on tiny-flux-control and Kontext (``FluxKontextPipeline``)
+on tiny-flux-kontext, on torch and onnxruntime, each told apart by its configs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusers import FluxControlPipeline, FluxFillPipeline
+from diffusers import FluxControlPipeline, FluxFillPipeline, FluxKontextPipeline
+from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from PIL import Image, ImageDraw
 
 from engine.common.errors import ModelError
@@ -197,3 +198,70 @@ def test_a_flux_folder_whose_configs_disagree_is_refused(cache_dir, tmp_path, pi
     folder = edited_copy(builtin_model_folder("tiny-flux", cache_dir), tmp_path / "odd", pipeline_class, in_channels)
     with pytest.raises(ModelError, match=re.escape(message)):
         load_model(str(folder), cache_dir)
+
+
+KONTEXT = {
+    "square": {"width": 128, "height": 128},
+    "non-square, two images, true guidance": {
+        "width": 96,
+        "height": 128,
+        "num_images": 2,
+        "negative_prompt": "fog",
+        "true_cfg_scale": 2.5,
+        "guidance_scale": 5.0,
+    },
+}
+
+
+@pytest.mark.parametrize("case", KONTEXT)
+def test_kontext_matches_diffusers(cache_dir, tmp_path, case):
+    worker = cpu_worker("tiny-flux-kontext", cache_dir, tmp_path)
+    assert worker.model.family.name == "flux-kontext"
+    payload = {"prompt": "make it a winter scene", "image": to_base64(picture(128, 96)), "num_inference_steps": 3}
+    payload |= {"seed": 7, **KONTEXT[case]}
+    pipe = diffusers_pipe(FluxKontextPipeline, worker)
+    area = payload["width"] * payload["height"]  # diffusers scales the size to max_area; the worker keeps it
+    assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload, max_area=area))
+
+
+@pytest.mark.parametrize("size", [(128, 96), (300, 700), (512, 512), (1600, 600)])
+def test_kontext_sizes_its_reference_and_its_default_output_as_diffusers_does(cache_dir, tmp_path, size):
+    worker = cpu_worker("tiny-flux-kontext", cache_dir, tmp_path)
+    width, height = size[0] // 16 * 16, size[1] // 16 * 16
+    expected = min((abs(width / height - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)[1:]
+    assert worker.model.family.size_for_image(*size) == expected
+    request, inputs = worker.resolve({"prompt": "a fox", "image": to_base64(picture(*size))})
+    assert (request.width, request.height) == expected
+    prepared = worker.pipeline.prepare_images(inputs, request)
+    assert prepared.reference is not None and prepared.reference.shape[2:] == (expected[1], expected[0])
+
+
+KONTEXT_ERRORS = {
+    "no image": ({}, "image: flux-kontext models edit an image; send image"),
+    "a strength": ({"image": "x", "strength": 0.5}, "strength: flux-kontext models take none"),
+    "a mask": ({"image": "x", "mask": "x"}, "mask: not supported for flux-kontext models"),
+}
+
+
+@pytest.mark.parametrize("case", KONTEXT_ERRORS)
+def test_what_kontext_does_not_take_gets_a_named_error(cache_dir, tmp_path, case):
+    worker = cpu_worker("tiny-flux-kontext", cache_dir, tmp_path)
+    extra, message = KONTEXT_ERRORS[case]
+    response = worker.handle({"id": "bad", "input": {"prompt": "a fox", "num_inference_steps": 2, **extra}})
+    assert response["status"] == "error"
+    assert message in response["error"], response["error"]
+
+
+def test_kontext_on_onnxruntime_matches_torch(cache_dir, tmp_path):
+    done = run_export(tmp_path, cache_dir, "--model", "tiny-flux-kontext", "--components", "transformer")
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch_worker = cpu_worker("tiny-flux-kontext", cache_dir, tmp_path)
+    ort_worker = cpu_worker("tiny-flux-kontext", cache_dir, tmp_path, backend="onnxruntime")
+    # the reference (1184x880 from a 4:3 image) is not the output's size: its own axis of the sequence
+    payload = {"prompt": "a fox", "image": to_base64(picture(128, 96)), "width": 96, "height": 128, "seed": 1}
+    payload |= {"num_images": 2, "negative_prompt": "fog", "true_cfg_scale": 2.0, "num_inference_steps": 3}
+    expected = torch_worker.handle({"id": "t", "input": payload})
+    actual = ort_worker.handle({"id": "o", "input": payload})
+    assert actual["metrics"]["backends"]["transformer"] == "onnxruntime", actual["metrics"]["fallbacks"]
+    for ours, theirs in zip(decoded(actual), decoded(expected), strict=True):
+        assert np.abs(ours - theirs).max() <= 2

@@ -175,6 +175,25 @@ def build_tiny_flux_control(folder: Path) -> None:
     FluxControlPipeline(**tiny_flux_components(in_channels=4 * (16 + 16))).save_pretrained(folder)
 
 
+KONTEXT_ATTENTION_SHARPNESS = 8.0
+"""How much tiny-flux-kontext's query and key norms scale their outputs."""
+
+
+def build_tiny_flux_kontext(folder: Path) -> None:
+    """Flux.1 Kontext: tiny-flux's layout (the same transformer width: the reference image's tokens join
+    the sequence, not the channels), named by its pipeline class. Its query and key norms are scaled up,
+    as training sharpens them: random ones spread each token's attention over the reference's thousands
+    of tokens evenly, so the reference, and where its tokens sit, would barely show in the image."""
+    from diffusers import FluxKontextPipeline
+
+    components = tiny_flux_components(in_channels=64)
+    with torch.no_grad():
+        for name, parameter in components["transformer"].named_parameters():
+            if name.split(".")[-2] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                parameter.mul_(KONTEXT_ATTENTION_SHARPNESS)
+    FluxKontextPipeline(**components).save_pretrained(folder)
+
+
 def tiny_flux_components(in_channels: int) -> dict:
     """tiny-flux's components, with a transformer of ``in_channels`` that outputs the 64 packed latent channels."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -226,6 +245,7 @@ BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "tiny-flux": build_tiny_flux,
     "tiny-flux-fill": build_tiny_flux_fill,
     "tiny-flux-control": build_tiny_flux_control,
+    "tiny-flux-kontext": build_tiny_flux_kontext,
 }
 
 

@@ -180,9 +180,16 @@ class ModelFamily(ABC):
     """Whether an input image without a mask means image-to-image."""
     control_image: bool = False
     """Whether the denoiser takes a control image's latents as extra channels (Flux Canny and Depth)."""
+    reference_image: bool = False
+    """Whether ``image`` is a reference the denoiser reads beside the latents (Flux Kontext)."""
     inpaint_encodes_image: bool = False
     """Whether inpainting encodes the input image even at full strength, drawing from the first
     generator (Flux Fill's pipeline does; SD's skips it)."""
+
+    def size_for_image(self, width: int, height: int) -> tuple[int, int]:
+        """The size (width, height) an input image of this size is prepared at, and a request without one
+        takes: the image's own (Flux Kontext's: its preferred resolution nearest the image's aspect ratio)."""
+        return width, height
 
     def inpainting_model(self, config: ModelConfig) -> bool:
         """Whether the denoiser takes the mask and the masked image as extra channels (requests send both)."""

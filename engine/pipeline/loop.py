@@ -132,6 +132,17 @@ class DiffusionPipeline:
         #    same image on every device.
         inpaint: Inpainting | None = None
         channels: torch.Tensor | None = None
+        if prepared is not None and prepared.reference is not None:
+            reference = prepared.reference
+            with timer.stage("vae_encode"):
+                found = self._finite(
+                    ("vae_encoder",),
+                    runners,
+                    [],
+                    lambda: self.images.reference_latents(reference, runners),
+                    lambda found: [found],
+                )
+            conditioning["image_latents"] = found.repeat(shape[0] * (2 if guidance else 1), 1, 1, 1)
         if prepared is not None and prepared.control is not None:
             control = prepared.control
             with timer.stage("vae_encode"):

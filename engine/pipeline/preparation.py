@@ -75,6 +75,8 @@ class PreparedImages:
     controls: tuple[Control, ...] = ()
     control: torch.Tensor | None = None
     """A Flux Control model's control image as the VAE takes it."""
+    reference: torch.Tensor | None = None
+    """A Flux Kontext model's reference image as the VAE takes it, at its preferred resolution."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,9 @@ class ImagePreparation:
         controls = tuple(self._control(control, request, crop, resize_mode) for control in inputs.controls)
         if inputs.control is not None:  # Flux Control's pipeline normalizes it as an input image
             return PreparedImages(None, control=self.preprocess(inputs.control, height, width))
+        if inputs.image is not None and self.model.family.reference_image:
+            reference_width, reference_height = self.model.family.size_for_image(*inputs.image.size)
+            return PreparedImages(None, reference=self.preprocess(inputs.image, reference_height, reference_width))
         if inputs.image is None:
             return PreparedImages(None, controls=controls)
         if inputs.mask is None:
@@ -204,6 +209,12 @@ class ImagePreparation:
         generator before its noise is drawn and scaled, as ``FluxControlPipeline`` does."""
         moments = runners["vae_encoder"]({"images": image})["latent_moments"].float()
         return self._sampled_latents(moments, generators)
+
+    def reference_latents(self, image: torch.Tensor, runners: Mapping[str, ComponentCall]) -> torch.Tensor:
+        """A Flux Kontext reference's latent: the mean of the VAE's distribution (no draw), scaled, as
+        ``FluxKontextPipeline`` encodes it."""
+        moments = runners["vae_encoder"]({"images": image})["latent_moments"].float()
+        return self.latents.scale(moments[:, : moments.shape[1] // 2])
 
     def _encoded(
         self, image: torch.Tensor, generator: torch.Generator, runners: Mapping[str, ComponentCall]

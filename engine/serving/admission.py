@@ -111,7 +111,7 @@ class Admission:
         assert draft is not None and lengths is not None  # no problem: the schema gave a request
         limit_to_request(draft.timeout_s or self.limits.max_timeout_s)  # downloads end by the request's deadline
         inputs = self._load_images(draft, components)
-        request = draft.resolved(self.limits, _default_size(inputs))
+        request = draft.resolved(self.limits, self._default_size(inputs))
         request = replace(
             request,
             prompt_tokens=tuple(length.tokens for length in lengths["prompt"]),
@@ -149,8 +149,13 @@ class Admission:
                 "mask: this is an inpainting model (its denoiser takes the mask and the masked image as extra "
                 "channels); send image and mask"
             )
-        if not family.image_to_image and not family.inpainting and fields.get("image") is not None:
+        takes_image = family.image_to_image or family.inpainting or family.reference_image
+        if not takes_image and fields.get("image") is not None:
             problems.append(f"image: {family.name} models take no input image")
+        if family.reference_image and "image" in fields and fields["image"] is None:
+            problems.append(f"image: {family.name} models edit an image; send image")
+        if family.reference_image and fields.get("strength") is not None:
+            problems.append(f"strength: {family.name} models take none (image is the reference to edit)")
         if fields.get("control") is not None and not family.control_image:
             problems.append("control: only for Flux Control models (Canny, Depth); ControlNets go in controlnets")
         if family.control_image and "control" in fields and fields["control"] is None:
@@ -230,13 +235,13 @@ class Admission:
         image = self._preprocessed(control, field)
         return ControlImage(component, image, control.scale, control.start, control.end)
 
-
-def _default_size(inputs: ImageInputs | None) -> tuple[int, int] | None:
-    """The size a request without width and height takes: its input image's, else its control image's."""
-    if inputs is None:
-        return None
-    if inputs.image is not None:
-        return inputs.image.size
-    if inputs.control is not None:
-        return inputs.control.size
-    return inputs.controls[0].image.size
+    def _default_size(self, inputs: ImageInputs | None) -> tuple[int, int] | None:
+        """The size a request without width and height takes: its input image's (Flux Kontext's: the
+        preferred resolution its reference is resized to), else its control image's."""
+        if inputs is None:
+            return None
+        if inputs.image is not None:
+            return self.model.family.size_for_image(*inputs.image.size)
+        if inputs.control is not None:
+            return inputs.control.size
+        return inputs.controls[0].image.size
