@@ -182,6 +182,8 @@ class ModelFamily(ABC):
     """Whether the denoiser takes a control image's latents as extra channels (Flux Canny and Depth)."""
     reference_image: bool = False
     """Whether ``image`` is a reference the denoiser reads beside the latents (Flux Kontext)."""
+    reference_pixels: int = 0
+    """The most pixels such a reference is prepared at."""
     inpaint_encodes_image: bool = False
     """Whether inpainting encodes the input image even at full strength, drawing from the first
     generator (Flux Fill's pipeline does; SD's skips it)."""

@@ -89,6 +89,7 @@ class FluxKontext(Flux):
     pipeline_classes = ("FluxKontextPipeline",)
     image_to_image = False
     reference_image = True
+    reference_pixels = max(width * height for width, height in PREFERRED_KONTEXT_RESOLUTIONS)
 
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
         """Flux's, with the reference image's latents an input of the transformer after the text."""

@@ -132,40 +132,23 @@ class DiffusionPipeline:
         #    same image on every device.
         inpaint: Inpainting | None = None
         channels: torch.Tensor | None = None
-        if prepared is not None and prepared.reference is not None:
+        if prepared is not None and prepared.reference is not None:  # Flux Kontext's: no random draw
             reference = prepared.reference
-            with timer.stage("vae_encode"):
-                found = self._finite(
-                    ("vae_encoder",),
-                    runners,
-                    [],
-                    lambda: self.images.reference_latents(reference, runners),
-                    lambda found: [found],
-                )
+            found = self._encode(timer, runners, [], lambda: self.images.reference_latents(reference, runners))
             conditioning["image_latents"] = found.repeat(shape[0] * (2 if guidance else 1), 1, 1, 1)
-        if prepared is not None and prepared.control is not None:
+        if prepared is not None and prepared.control is not None:  # Flux Control's: drawn before the noise
             control = prepared.control
-            with timer.stage("vae_encode"):
-                channels = self._finite(
-                    ("vae_encoder",),
-                    runners,
-                    generators,
-                    lambda: self.images.control_latents(control, generators, runners),
-                    lambda found: [found],
-                )
+            channels = self._encode(
+                timer, runners, generators, lambda: self.images.control_latents(control, generators, runners)
+            )
         if prepared is None or prepared.image is None:
             latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
             latents = latents * initial_sigma(scheduler)
         elif prepared.mask is None:
             image = prepared.image
-            with timer.stage("vae_encode"):
-                moments = self._finite(
-                    ("vae_encoder",),
-                    runners,
-                    [],
-                    lambda: runners["vae_encoder"]({"images": image})["latent_moments"].float(),
-                    lambda found: [found],
-                )
+            moments = self._encode(
+                timer, runners, [], lambda: runners["vae_encoder"]({"images": image})["latent_moments"].float()
+            )
             latents = self.images.noised_image_latents(moments, generators, scheduler, timesteps[:1])
         else:
             with timer.stage("vae_encode"):
@@ -251,6 +234,17 @@ class DiffusionPipeline:
             runners.rerun_in_fp32(components)
             for generator, state in zip(generators, states, strict=True):
                 generator.set_state(state)
+
+    def _encode(
+        self,
+        timer: StageTimer,
+        runners: Mapping[str, ComponentCall],
+        generators: Sequence[torch.Generator],
+        run: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        """The VAE encoder's stage: ``run()``'s latents, once finite (see ``_finite``)."""
+        with timer.stage("vae_encode"):
+            return self._finite(("vae_encoder",), runners, generators, run, lambda found: [found])
 
     def _denoise(
         self,
