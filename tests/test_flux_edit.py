@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusers import FluxControlPipeline, FluxFillPipeline, FluxKontextPipeline
+import torch
+from diffusers import FluxControlPipeline, FluxFillPipeline, FluxKontextPipeline, FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from PIL import Image, ImageDraw
 
@@ -67,6 +68,40 @@ def test_fill_matches_diffusers(cache_dir, tmp_path, case):
     payload = FILL[case]
     pipe = diffusers_pipe(FluxFillPipeline, worker)
     assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
+
+
+@pytest.fixture(scope="module")
+def held_out_fill(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-flux-fill's encoders and VAE with another Fill transformer: two blocks of each kind, three
+    heads, other rotary axes, no guidance embedding; its model_index.json names FluxPipeline."""
+    base = FluxFillPipeline.from_pretrained(builtin_model_folder("tiny-flux-fill", cache_dir))
+    with torch.random.fork_rng():
+        torch.manual_seed(17)
+        transformer = FluxTransformer2DModel.from_config(
+            {
+                **base.transformer.config,
+                "guidance_embeds": False,
+                "num_layers": 2,
+                "num_single_layers": 2,
+                "num_attention_heads": 3,
+                "attention_head_dim": 8,
+                "axes_dims_rope": (2, 2, 4),
+            }
+        )
+    folder = tmp_path_factory.mktemp("held-out-fill")
+    FluxFillPipeline(**{**base.components, "transformer": transformer}).save_pretrained(folder)
+    return edited_copy(folder, folder.parent / "held-out-fill-as-flux", "FluxPipeline")
+
+
+def test_a_held_out_fill_folder_matches_diffusers(held_out_fill, cache_dir, tmp_path):
+    worker = cpu_worker(str(held_out_fill), cache_dir, tmp_path)
+    assert worker.model.family.name == "flux-fill"
+    assert "guidance" not in worker.model.specs["transformer"].input_names
+    payload = fill_payload(128, 96, num_images=2, strength=0.9)
+    pipe = diffusers_pipe(FluxFillPipeline, worker)
+    # without a guidance embedding it reads T5 as schnell does, 256 tokens (see test_flux.py)
+    ours, theirs = generate(worker, payload), reference_images(pipe, worker, payload, max_sequence_length=256)
+    assert_same_images(ours, theirs)
 
 
 FILL_ERRORS = {
