@@ -115,25 +115,28 @@ class FluxKontext(Flux):
         return best_width, best_height
 
 
-VARIANTS: tuple[Flux, ...] = (Flux(), FluxFill(), FluxControl(), FluxKontext())
+FLUX, FILL, CONTROL, KONTEXT = Flux(), FluxFill(), FluxControl(), FluxKontext()
+VARIANTS: tuple[Flux, ...] = (FLUX, FILL, CONTROL, KONTEXT)
 
 
 def flux_variant(config: ModelConfig) -> Flux:
-    """The variant whose layout the transformer's ``in_channels`` has. A variant's own pipeline class
-    (``FluxFillPipeline``...) must agree; Flux.1's (``FluxPipeline``) names the family only."""
+    """The variant whose layout the transformer's ``in_channels`` has (Kontext's is Flux.1's: its pipeline
+    class names it). A variant's own pipeline class (``FluxFillPipeline``...) must agree; Flux.1's
+    (``FluxPipeline``) names the family only."""
     latent, factor = config.latent_channels, config.vae_scale_factor
-    extra = int(config.configs["transformer"]["in_channels"]) // 4 - latent
-    by_extra = {0: VARIANTS[0], latent: VARIANTS[2], latent + factor * factor: VARIANTS[1]}
+    in_channels = int(config.configs["transformer"]["in_channels"])
+    by_extra = {0: FLUX, latent: CONTROL, latent + factor * factor: FILL}
+    extra = in_channels // 4 - latent
     if extra not in by_extra:
         raise ModelError(
-            f"{config.folder}: a Flux transformer with in_channels {config.configs['transformer']['in_channels']} "
-            f"is none of Flux.1 ({4 * latent}), Control ({8 * latent}) or Fill ({4 * (2 * latent + factor * factor)})"
+            f"{config.folder}: a Flux transformer with in_channels {in_channels} is none of Flux.1 "
+            f"({4 * latent}), Control ({8 * latent}) or Fill ({4 * (2 * latent + factor * factor)})"
         )
-    variant = VARIANTS[3] if extra == 0 and config.pipeline_class in VARIANTS[3].pipeline_classes else by_extra[extra]
     named = next((found for found in VARIANTS[1:] if config.pipeline_class in found.pipeline_classes), None)
+    variant = KONTEXT if extra == 0 and named is KONTEXT else by_extra[extra]
     if named not in (None, variant):
         raise ModelError(
             f"{config.folder}: model_index.json names {config.pipeline_class}, but its transformer's in_channels "
-            f"({config.configs['transformer']['in_channels']}) are those of {variant.name}"
+            f"({in_channels}) are those of {variant.name}"
         )
     return variant
