@@ -173,9 +173,9 @@ class ImagePreparation:
 
         diffusers encodes the one input image with the first generator only (at full strength only where
         the family's pipeline does: Flux Fill's), then draws each image's noise, then encodes the masked
-        image with the first generator again. A 4-channel UNet never
-        uses those masked-image latents: the draw is made all the same, without the encode, so the
-        first generator's later draws (ancestral schedulers) stay diffusers'.
+        image with the first generator again. A 4-channel UNet never uses those masked-image latents:
+        the draw is made all the same, without the encode, so the first generator's later draws
+        (ancestral schedulers) stay diffusers'. The family lays out the extra channels (``inpaint_channels``).
         """
         assert prepared.mask is not None and prepared.image is not None
         images, latent_size = shape[0], shape[2:]
