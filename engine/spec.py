@@ -20,13 +20,16 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class Dims:
-    """What one call asks of a component: images in the batch, the image size in pixels, and the
-    prompt's length in chunks of the text encoder's length (77 tokens for CLIP)."""
+    """What one call asks of a component: images in the batch, the image size in pixels, the
+    prompt's length in chunks of the text encoder's length (77 tokens for CLIP), and the size of a
+    reference image the denoiser also reads (Flux Kontext's; the image's size where not given)."""
 
     batch: int
     height: int
     width: int
     prompt_chunks: int = 1
+    reference_height: int | None = None
+    reference_width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ class TensorSpec:
     Named dimensions: ``batch``, ``height``, ``width`` (pixels), ``latent_height``,
     ``latent_width`` (pixels divided by the VAE's scale factor), ``text_batch`` (a text
     encoder's rows: one per prompt chunk), ``prompt_tokens`` (the UNet's conditioning
-    sequence: every chunk's tokens joined) and ``latent_height/2``, ``latent_width/4``...
+    sequence: every chunk's tokens joined), ``reference_latent_height`` and
+    ``reference_latent_width`` (a reference image's latent sides, which set how many tokens it
+    adds to a transformer's sequence) and ``latent_height/2``, ``latent_width/4``...
     (a latent side after the UNet's stride-2 downsamplers, which round up: ControlNet residuals).
     """
 
@@ -101,6 +106,8 @@ class ComponentSpec:
                 "width": dims.width,
                 "latent_height": dims.height // self.latent_factor,
                 "latent_width": dims.width // self.latent_factor,
+                "reference_latent_height": (dims.reference_height or dims.height) // self.latent_factor,
+                "reference_latent_width": (dims.reference_width or dims.width) // self.latent_factor,
             }
         )
 

@@ -76,7 +76,8 @@ class Reference:
 
 def validation_dims(model: Model, device: torch.device) -> list[Dims]:
     """A size the UNet cannot halve evenly (like the traced one), a batch of two with a prompt of two
-    chunks (the graph is traced at one), and a non-square size.
+    chunks (the graph is traced at one), and a non-square size with a reference image of the transposed
+    size (Flux Kontext's: its tokens are an axis of their own).
 
     At the native size on a GPU; on the CPU, at most ``CPU_VALIDATION_SIDE`` pixels a side.
     """
@@ -88,7 +89,7 @@ def validation_dims(model: Model, device: torch.device) -> list[Dims]:
     if model.config.unet_down_factor == 1:
         odd = Dims(1, side, side)
     wide = side + side // 2 - (side // 2) % factor
-    return [odd, Dims(2, side, side, prompt_chunks=2), Dims(1, side, wide)]
+    return [odd, Dims(2, side, side, prompt_chunks=2), Dims(1, side, wide, reference_height=wide, reference_width=side)]
 
 
 def reference_outputs(

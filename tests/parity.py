@@ -106,8 +106,8 @@ def generate(worker: Worker, payload: dict) -> list[np.ndarray]:
 
 
 def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.ndarray]:
-    """diffusers' pipeline (text-to-image, image-to-image or inpainting, with ControlNets where the payload
-    has them, as it asks) with the same inputs."""
+    """diffusers' pipeline (text-to-image, image-to-image or inpainting, with ControlNets or a Flux Control
+    image where the payload has them, as it asks) with the same inputs."""
     request, images = worker.resolve(payload)
     folder_config = diffusers.DDIMScheduler.load_config(worker.model.folder, subfolder="scheduler")
     class_name, overrides = DIFFUSERS_SCHEDULERS.get(request.scheduler, (folder_config["_class_name"], {}))
@@ -120,7 +120,10 @@ def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.nd
         inputs = {"image": images.image, "strength": request.strength}
     elif images is not None and images.image is not None:
         inputs |= {"image": images.image, "mask_image": images.mask, "strength": request.strength}
-        inputs["padding_mask_crop"] = request.padding_mask_crop
+        if "padding_mask_crop" in inspect.signature(pipe.__call__).parameters:  # Flux Fill's has none
+            inputs["padding_mask_crop"] = request.padding_mask_crop
+    if images is not None and images.control is not None:
+        inputs["control_image"] = images.control
     if images is not None and images.controls:
         # diffusers' ControlNet pipelines take lists for several ControlNets, plain values for one
         def per_controlnet(values: list) -> object:
@@ -131,13 +134,16 @@ def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.nd
         inputs["controlnet_conditioning_scale"] = per_controlnet([c.scale for c in controls])
         inputs["control_guidance_start"] = per_controlnet([c.start for c in controls])
         inputs["control_guidance_end"] = per_controlnet([c.end for c in controls])
+    if request.negative_prompts is not None:
+        inputs["negative_prompt"] = request.negative_prompts
     if request.true_cfg_scale is not None:
         inputs["true_cfg_scale"] = request.true_cfg_scale
+    if "strength" not in inspect.signature(pipe.__call__).parameters:  # Flux Kontext's image is a reference
+        inputs.pop("strength", None)
     if "height" in inspect.signature(pipe.__call__).parameters:  # SD's img2img pipeline takes the image's size
         inputs |= {"height": request.height, "width": request.width}
     result = pipe(
         prompt=request.prompts,
-        negative_prompt=request.negative_prompts,
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
         num_images_per_prompt=request.images_per_prompt,

@@ -154,13 +154,56 @@ def build_tiny_flux(folder: Path) -> None:
     """Flux.1 dev architecture: CLIP-L (pooled) and T5, a transformer with one double-stream and one
     single-stream block and embedded guidance, 2x2-packed 16-channel latents, flow matching with a
     resolution-dependent shift; 1024x1024 native, as diffusers' FluxPipeline has it."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline
+
+    FluxPipeline(**tiny_flux_components(in_channels=64)).save_pretrained(folder)
+
+
+def build_tiny_flux_fill(folder: Path) -> None:
+    """Flux.1 Fill: tiny-flux's layout with a transformer that also takes the masked image's 16 latent
+    channels and the mask's 64 (one per pixel of a latent cell), each packed 2x2."""
+    from diffusers import FluxFillPipeline
+
+    FluxFillPipeline(**tiny_flux_components(in_channels=4 * (16 + 16 + 64))).save_pretrained(folder)
+
+
+def build_tiny_flux_control(folder: Path) -> None:
+    """Flux.1 Canny/Depth: tiny-flux's layout with a transformer that also takes the control image's
+    16 latent channels, packed 2x2."""
+    from diffusers import FluxControlPipeline
+
+    FluxControlPipeline(**tiny_flux_components(in_channels=4 * (16 + 16))).save_pretrained(folder)
+
+
+KONTEXT_ATTENTION_SHARPNESS = 8.0
+"""How much tiny-flux-kontext's query and key norms scale their outputs."""
+
+
+def build_tiny_flux_kontext(folder: Path) -> None:
+    """Flux.1 Kontext: tiny-flux's layout (the same transformer width: the reference image's tokens join
+    the sequence, not the channels), named by its pipeline class. Its query and key norms are scaled up,
+    as training sharpens them: random ones spread each token's attention over the reference's thousands
+    of tokens evenly, so the reference, and where its tokens sit, would barely show in the image."""
+    from diffusers import FluxKontextPipeline
+
+    components = tiny_flux_components(in_channels=64)
+    with torch.no_grad():
+        for name, parameter in components["transformer"].named_parameters():
+            if name.split(".")[-2] in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+                parameter.mul_(KONTEXT_ATTENTION_SHARPNESS)
+    FluxKontextPipeline(**components).save_pretrained(folder)
+
+
+def tiny_flux_components(in_channels: int) -> dict:
+    """tiny-flux's components, with a transformer of ``in_channels`` that outputs the 64 packed latent channels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     tokenizer, tokenizer_2 = byte_tokenizer(), t5_tokenizer(max_length=512)
     t5_hidden = 2 * TEXT_HIDDEN
     transformer = FluxTransformer2DModel(
         patch_size=1,
-        in_channels=64,
+        in_channels=in_channels,
+        out_channels=64 if in_channels != 64 else None,
         num_layers=1,
         num_single_layers=1,
         attention_head_dim=16,
@@ -178,22 +221,21 @@ def build_tiny_flux(folder: Path) -> None:
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    pipeline = FluxPipeline(
-        scheduler=scheduler,
-        vae=small_vae(
+    return {
+        "scheduler": scheduler,
+        "vae": small_vae(
             latent_channels=16,
             scaling_factor=0.3611,
             shift_factor=0.1159,
             use_quant_conv=False,
             use_post_quant_conv=False,
         ),
-        text_encoder=clip_text_encoder(tokenizer),
-        tokenizer=tokenizer,
-        text_encoder_2=t5_encoder(tokenizer_2, t5_hidden),
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
-    pipeline.save_pretrained(folder)
+        "text_encoder": clip_text_encoder(tokenizer),
+        "tokenizer": tokenizer,
+        "text_encoder_2": t5_encoder(tokenizer_2, t5_hidden),
+        "tokenizer_2": tokenizer_2,
+        "transformer": transformer,
+    }
 
 
 BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
@@ -201,6 +243,9 @@ BUILTIN_MODELS: dict[str, Callable[[Path], None]] = {
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-sd3": build_tiny_sd3,
     "tiny-flux": build_tiny_flux,
+    "tiny-flux-fill": build_tiny_flux_fill,
+    "tiny-flux-control": build_tiny_flux_control,
+    "tiny-flux-kontext": build_tiny_flux_kontext,
 }
 
 

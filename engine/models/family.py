@@ -109,9 +109,15 @@ class ModelConfig:
         Flux's does: its transformer then takes 4 times the VAE's channels); 1 for a UNet."""
         if "unet" in self.configs:
             return 1
-        if int(self.denoiser_config["in_channels"]) == 4 * self.latent_channels:
+        if self.denoiser_out_channels == 4 * self.latent_channels:
             return 2
         return int(self.denoiser_config.get("patch_size") or 1)
+
+    @property
+    def denoiser_out_channels(self) -> int:
+        """The denoiser's output channels: its input's where its config leaves them out (Flux's)."""
+        config = self.denoiser_config
+        return int(config.get("out_channels") or config["in_channels"])
 
     @property
     def size_multiple(self) -> int:
@@ -177,6 +183,36 @@ class ModelFamily(ABC):
     """How the family can read a prompt; the first is the default."""
     inpainting: bool = True
     controlnets: bool = True
+    negative_prompts: bool = True
+    """Whether the family's pipeline takes a negative prompt (Flux Fill's and Control's take none)."""
+    mask_crop: bool = True
+    """Whether inpainting takes ``padding_mask_crop``."""
+    image_to_image: bool = True
+    """Whether an input image without a mask means image-to-image."""
+    control_image: bool = False
+    """Whether the denoiser takes a control image's latents as extra channels (Flux Canny and Depth)."""
+    reference_image: bool = False
+    """Whether ``image`` is a reference the denoiser reads beside the latents (Flux Kontext)."""
+    reference_pixels: int = 0
+    """The most pixels such a reference is prepared at."""
+    inpaint_encodes_image: bool = False
+    """Whether inpainting encodes the input image even at full strength, drawing from the first
+    generator (Flux Fill's pipeline does; SD's skips it)."""
+
+    def size_for_image(self, width: int, height: int) -> tuple[int, int]:
+        """The size (width, height) an input image of this size is prepared at, and a request without one
+        takes: the image's own (Flux Kontext's: its preferred resolution nearest the image's aspect ratio)."""
+        return width, height
+
+    def inpainting_model(self, config: ModelConfig) -> bool:
+        """Whether the denoiser takes the mask and the masked image as extra channels (requests send both)."""
+        return config.inpainting_unet
+
+    def inpaint_channels(self, mask: torch.Tensor, masked_latents: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
+        """The denoiser's extra inpainting channels from the mask at image size and the masked image's
+        latents: SD's inpainting UNet takes the mask resized to the latent, then the latents."""
+        resized = torch.nn.functional.interpolate(mask, size=masked_latents.shape[2:])
+        return torch.cat([resized, masked_latents], dim=1)
 
     def first_step(self, steps: int, strength: float) -> int:
         """The step image-to-image starts from: the last ``strength`` of the schedule, rounded as the

@@ -53,8 +53,8 @@ class Flux(FlowMatchingFamily):
     def specs(self, config: ModelConfig) -> dict[str, ComponentSpec]:
         transformer, clip, t5 = (config.configs[name] for name in ("transformer", "text_encoder", "text_encoder_2"))
         tokens = t5_tokens(config)
-        channels = config.latent_channels
-        latent = ("batch", channels, "latent_height", "latent_width")
+        latent = ("batch", config.latent_channels, "latent_height", "latent_width")
+        sample = ("batch", int(transformer["in_channels"]) // 4, "latent_height", "latent_width")
         conditioning = (
             TensorSpec("encoder_hidden_states", ("batch", tokens, transformer["joint_attention_dim"])),
             TensorSpec("pooled_projections", ("batch", transformer["pooled_projection_dim"])),
@@ -77,7 +77,7 @@ class Flux(FlowMatchingFamily):
             "transformer": ComponentSpec(
                 name="transformer",
                 inputs=(
-                    TensorSpec("sample", latent),
+                    TensorSpec("sample", sample),
                     TIMESTEP,
                     *conditioning,
                     *((GUIDANCE,) if guidance_distilled(config) else ()),

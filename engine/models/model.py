@@ -25,6 +25,7 @@ from engine.models.controlnet import (
 )
 from engine.models.family import ModelConfig, ModelFamily
 from engine.models.flux import Flux
+from engine.models.flux_variants import VARIANTS, flux_variant
 from engine.models.sd import StableDiffusion
 from engine.models.sd3 import StableDiffusion3
 from engine.models.sdxl import StableDiffusionXL
@@ -32,7 +33,7 @@ from engine.spec import ComponentSpec
 
 log = logging.getLogger(__name__)
 
-FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())
+FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), *VARIANTS)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
@@ -169,8 +170,12 @@ def load_model(name: str, cache_dir: Path, revision: str | None = None) -> Model
     family = family_for(index["_class_name"])
     subfolders = {family.weight_folder(c) for c in family.components} | {"scheduler"}
     config = ModelConfig.read(folder, sorted(subfolders | set(family.text_encoders)))
-    model = Model(name=name, folder=folder, family=family, config=config)
-    missing = model.missing_files()
+    missing = Model(name=name, folder=folder, family=family, config=config).missing_files()
     if missing:
         raise ModelError(f"model folder {folder} is incomplete: missing {', '.join(missing)}")
-    return model
+    return Model(name=name, folder=folder, family=family_of(config, family), config=config)
+
+
+def family_of(config: ModelConfig, named: ModelFamily) -> ModelFamily:
+    """The family a folder is: its pipeline class's, or for Flux, the variant its transformer's input width says."""
+    return flux_variant(config) if isinstance(named, Flux) else named

@@ -174,14 +174,39 @@ class PooledTextModule(nn.Module):
         return (self.encoder(input_ids, output_hidden_states=False).pooler_output,)
 
 
+def packed(latents: torch.Tensor) -> torch.Tensor:
+    """Latents (batch, channels, height, width) as Flux's tokens: each 2x2 patch one token, channel by channel."""
+    batch, channels, height, width = latents.shape
+    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(batch, (height // 2) * (width // 2), channels * 4)
+
+
+def position_ids(latents: torch.Tensor, first: float = 0.0) -> torch.Tensor:
+    """Each token's position (``first``, row, column), as diffusers' ``_prepare_latent_image_ids``."""
+    height, width = latents.shape[2] // 2, latents.shape[3] // 2
+    ids = torch.zeros(height, width, 3, device=latents.device, dtype=latents.dtype)
+    if first:
+        ids[..., 0] = ids[..., 0] + first
+    ids[..., 1] = ids[..., 1] + torch.arange(height, device=latents.device)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(width, device=latents.device)[None, :]
+    return ids.reshape(-1, 3)
+
+
 class FluxTransformerModule(nn.Module):
     """Flux's transformer on unpacked latents: the 2x2 packing, the image and text position ids and the
     timestep's scaling to [0, 1] happen in the graph, as diffusers' FluxPipeline does them around it, so
-    the loop steps the same latents as for every other family."""
+    the loop steps the same latents as for every other family. Packing keeps a token's values channel by
+    channel, so extra input channels (Fill's masked image and mask, Control's control image) packed with
+    the latents are diffusers' packed tensors joined on the last axis; the output has the latents' channels.
 
-    def __init__(self, transformer: nn.Module):
+    With ``reference`` (Flux Kontext), an input after the text is a reference image's latents: its tokens
+    follow the image's in the sequence, with ids whose first coordinate is 1, and their output is dropped,
+    as ``FluxKontextPipeline`` does."""
+
+    def __init__(self, transformer: nn.Module, reference: bool = False):
         super().__init__()
         self.transformer = transformer
+        self.reference = reference
 
     def forward(
         self,
@@ -189,24 +214,26 @@ class FluxTransformerModule(nn.Module):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
-        *guidance: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> tuple[torch.Tensor]:
-        batch, channels, height, width = sample.shape
-        packed = sample.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
-        packed = packed.reshape(batch, (height // 2) * (width // 2), channels * 4)
-        image_ids = torch.zeros(height // 2, width // 2, 3, device=sample.device, dtype=sample.dtype)
-        image_ids[..., 1] = image_ids[..., 1] + torch.arange(height // 2, device=sample.device)[:, None]
-        image_ids[..., 2] = image_ids[..., 2] + torch.arange(width // 2, device=sample.device)[None, :]
+        batch, _, height, width = sample.shape
+        tokens, ids = packed(sample), position_ids(sample)
+        image_tokens = tokens.shape[1]
+        guidance = rest[1:] if self.reference else rest
+        if self.reference:
+            tokens = torch.cat([tokens, packed(rest[0])], dim=1)
+            ids = torch.cat([ids, position_ids(rest[0], first=1.0)], dim=0)
         text_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=sample.device, dtype=sample.dtype)
         velocity = self.transformer(
-            hidden_states=packed,
+            hidden_states=tokens,
             timestep=timestep / 1000,
             guidance=guidance[0] if guidance else None,
             pooled_projections=pooled_projections,
             encoder_hidden_states=encoder_hidden_states,
             txt_ids=text_ids,
-            img_ids=image_ids.reshape(-1, 3),
+            img_ids=ids,
             return_dict=False,
-        )[0]
-        velocity = velocity.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return (velocity.reshape(batch, channels, height, width),)
+        )[0][:, :image_tokens]
+        out_channels = self.transformer.out_channels // 4
+        velocity = velocity.reshape(batch, height // 2, width // 2, out_channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return (velocity.reshape(batch, out_channels, height, width),)

@@ -5,9 +5,9 @@ Runtime or TensorRT, per component. The loop keeps latents and scheduler math in
 fp32 whatever precision the UNet runs at. Text-to-image, image-to-image and inpainting
 (diffusers' ``StableDiffusionInpaintPipeline``: a 9-channel UNet takes the mask and the
 masked image's latents as extra channels, a 4-channel one has the kept region blended
-back after every step) share it, each steered by ControlNets when a request names them
-(diffusers' ControlNet pipelines: their residuals feed a controlled UNet at the steps where
-they act).
+back after every step; Flux Fill takes its mask and Flux Control its control image as extra
+channels too) share it, each steered by ControlNets when a request names them (diffusers'
+ControlNet pipelines: their residuals feed a controlled UNet at the steps where they act).
 
 Each stage's outputs are checked once for NaN and Inf (text embeddings, the VAE encoder's, the final
 latents, the decoded images: one reduction per stage, never per step). Where they are not finite,
@@ -133,19 +133,24 @@ class DiffusionPipeline:
         # 3. Prepare latents: one generator per image, drawn on the CPU so a seed gives the
         #    same image on every device.
         inpaint: Inpainting | None = None
+        channels: torch.Tensor | None = None
+        if prepared is not None and prepared.reference is not None:  # Flux Kontext's: no random draw
+            reference = prepared.reference
+            found = self._encode(timer, runners, [], lambda: self.images.reference_latents(reference, runners))
+            conditioning["image_latents"] = found.repeat(shape[0] * (2 if guidance else 1), 1, 1, 1)
+        if prepared is not None and prepared.control is not None:  # Flux Control's: drawn before the noise
+            control = prepared.control
+            channels = self._encode(
+                timer, runners, generators, lambda: self.images.control_latents(control, generators, runners)
+            )
         if prepared is None or prepared.image is None:
             latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
             latents = latents * initial_sigma(scheduler)
         elif prepared.mask is None:
             image = prepared.image
-            with timer.stage("vae_encode"):
-                moments = self._finite(
-                    ("vae_encoder",),
-                    runners,
-                    [],
-                    lambda: runners["vae_encoder"]({"images": image})["latent_moments"].float(),
-                    lambda found: [found],
-                )
+            moments = self._encode(
+                timer, runners, [], lambda: runners["vae_encoder"]({"images": image})["latent_moments"].float()
+            )
             latents = self.images.noised_image_latents(moments, generators, scheduler, timesteps[:1])
         else:
             with timer.stage("vae_encode"):
@@ -157,6 +162,7 @@ class DiffusionPipeline:
                     lambda found: (found.latents, found.channels, found.image_latents),
                 )
             latents = inpaint.latents
+            channels = inpaint.channels
 
         # 4. Denoising loop, each run on its own copy of the scheduler as it is now, so a rerun starts where
         #    the first run did.
@@ -178,6 +184,7 @@ class DiffusionPipeline:
                     generators,
                     controls,
                     inpaint,
+                    channels,
                     runners,
                     timer,
                     on_step,
@@ -231,6 +238,17 @@ class DiffusionPipeline:
             for generator, state in zip(generators, states, strict=True):
                 generator.set_state(state)
 
+    def _encode(
+        self,
+        timer: StageTimer,
+        runners: Mapping[str, ComponentCall],
+        generators: Sequence[torch.Generator],
+        run: Callable[[], torch.Tensor],
+    ) -> torch.Tensor:
+        """The VAE encoder's stage: ``run()``'s latents, once finite (see ``_finite``)."""
+        with timer.stage("vae_encode"):
+            return self._finite(("vae_encoder",), runners, generators, run, lambda found: [found])
+
     def _denoise(
         self,
         latents: torch.Tensor,
@@ -242,12 +260,15 @@ class DiffusionPipeline:
         generators: list[torch.Generator],
         controls: Sequence[Control],
         inpaint: Inpainting | None,
+        channels: torch.Tensor | None,
         runners: Mapping[str, ComponentCall],
         timer: StageTimer,
         on_step: StepCallback | None,
     ) -> torch.Tensor:
         """The latents after every step of ``timesteps``, with classifier-free guidance where
-        ``cfg_scale`` is given; ``options`` are the scheduler's extra ``step`` arguments (TCD's ``eta``)."""
+        ``cfg_scale`` is given, and the denoiser's extra input ``channels`` (an inpainting model's mask
+        and masked image, a Flux Control model's control image) joined to them where there are some;
+        ``options`` are the scheduler's extra ``step`` arguments (TCD's ``eta``)."""
         guidance = cfg_scale is not None
         denoiser_name = self.model.family.denoiser
         step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
@@ -259,9 +280,9 @@ class DiffusionPipeline:
                     model_input = scheduler.scale_model_input(model_input, timestep)
                 inputs = {"sample": model_input, "timestep": timestep.reshape(1), **conditioning}
                 residuals = self._residuals(controls, inputs, index, len(timesteps), runners, timer)
-                if inpaint is not None and inpaint.channels is not None:
-                    channels = torch.cat([inpaint.channels] * 2) if guidance else inpaint.channels
-                    inputs["sample"] = torch.cat([model_input, channels], dim=1)
+                if channels is not None:
+                    extra = torch.cat([channels] * 2) if guidance else channels
+                    inputs["sample"] = torch.cat([model_input, extra], dim=1)
                 denoiser = runners[denoiser_name] if residuals is None else runners[CONTROLLED_UNET]
                 noise_pred = denoiser({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
                 if cfg_scale is not None:

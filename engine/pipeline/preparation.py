@@ -43,6 +43,8 @@ class ImageInputs:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     controls: tuple[ControlImage, ...] = ()
+    control: Image.Image | None = None
+    """A Flux Control model's control image (its edge or depth map)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,10 @@ class PreparedImages:
     inputs: ImageInputs | None = None
     crop: tuple[int, int, int, int] | None = None
     controls: tuple[Control, ...] = ()
+    control: torch.Tensor | None = None
+    """A Flux Control model's control image as the VAE takes it."""
+    reference: torch.Tensor | None = None
+    """A Flux Kontext model's reference image as the VAE takes it, at its preferred resolution."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,11 @@ class ImagePreparation:
             crop = self.mask_processor.get_crop_region(inputs.mask, width, height, pad=request.padding_mask_crop)
             resize_mode = "fill"
         controls = tuple(self._control(control, request, crop, resize_mode) for control in inputs.controls)
+        if inputs.control is not None:  # Flux Control's pipeline normalizes it as an input image
+            return PreparedImages(None, control=self.preprocess(inputs.control, height, width))
+        if inputs.image is not None and self.model.family.reference_image:
+            reference_width, reference_height = self.model.family.size_for_image(*inputs.image.size)
+            return PreparedImages(None, reference=self.preprocess(inputs.image, reference_height, reference_width))
         if inputs.image is None:
             return PreparedImages(None, controls=controls)
         if inputs.mask is None:
@@ -160,17 +171,19 @@ class ImagePreparation:
     ) -> Inpainting:
         """Starting latents, and the mask and masked-image latents, with diffusers' random draws.
 
-        diffusers encodes the one input image with the first generator only, then draws each image's
-        noise, then encodes the masked image with the first generator again. A 4-channel UNet never
-        uses those masked-image latents: the draw is made all the same, without the encode, so the
-        first generator's later draws (ancestral schedulers) stay diffusers'.
+        diffusers encodes the one input image with the first generator only (at full strength only where
+        the family's pipeline does: Flux Fill's), then draws each image's noise, then encodes the masked
+        image with the first generator again. A 4-channel UNet never uses those masked-image latents:
+        the draw is made all the same, without the encode, so the first generator's later draws
+        (ancestral schedulers) stay diffusers'. The family lays out the extra channels (``inpaint_channels``).
         """
         assert prepared.mask is not None and prepared.image is not None
         images, latent_size = shape[0], shape[2:]
-        blends = not self.model.config.inpainting_unet
+        family = self.model.family
+        blends = not family.inpainting_model(self.model.config)
         full_strength = request.strength == 1.0
         image_latents = None
-        if blends or not full_strength:
+        if blends or not full_strength or family.inpaint_encodes_image:
             image_latents = self._encoded(prepared.image, generators[0], runners).repeat(images, 1, 1, 1)
         noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
         if full_strength:
@@ -184,7 +197,24 @@ class ImagePreparation:
             randn_tensor((1, *shape[1:]), generator=generators[0], device=self.device)  # the masked image's draw
             return Inpainting(latents, None, mask, image_latents, noise)
         masked_latents = self._encoded(masked_image, generators[0], runners).repeat(images, 1, 1, 1)
-        return Inpainting(latents, torch.cat([mask, masked_latents], dim=1), mask, image_latents, noise)
+        channels = family.inpaint_channels(
+            prepared.mask.repeat(images, 1, 1, 1), masked_latents, self.model.config.vae_scale_factor
+        )
+        return Inpainting(latents, channels, mask, image_latents, noise)
+
+    def control_latents(
+        self, image: torch.Tensor, generators: list[torch.Generator], runners: Mapping[str, ComponentCall]
+    ) -> torch.Tensor:
+        """A Flux Control model's extra channels: the control image's latent, sampled with each image's
+        generator before its noise is drawn and scaled, as ``FluxControlPipeline`` does."""
+        moments = runners["vae_encoder"]({"images": image})["latent_moments"].float()
+        return self._sampled_latents(moments, generators)
+
+    def reference_latents(self, image: torch.Tensor, runners: Mapping[str, ComponentCall]) -> torch.Tensor:
+        """A Flux Kontext reference's latent: the mean of the VAE's distribution (no draw), scaled, as
+        ``FluxKontextPipeline`` encodes it."""
+        moments = runners["vae_encoder"]({"images": image})["latent_moments"].float()
+        return self.latents.scale(moments[:, : moments.shape[1] // 2])
 
     def _encoded(
         self, image: torch.Tensor, generator: torch.Generator, runners: Mapping[str, ComponentCall]

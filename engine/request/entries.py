@@ -1,5 +1,5 @@
 """The entries of a request's lists: a LoRA (a file and its scale), a ControlNet (a folder, its control
-image, when it acts, and its preprocessing).
+image, when it acts, and its preprocessing), and a control image on its own (Flux Control's).
 
 Each keeps one shape from the schema to the pipeline and its metrics: frozen, so a resolved
 request holds them as they came.
@@ -36,26 +36,20 @@ class LoraEntry(BaseModel):
         return self
 
 
-class ControlNetEntry(BaseModel):
-    """One ControlNet of a request: a folder in CONTROLNET_DIR, its control image, and when it acts."""
+class ControlImageEntry(BaseModel):
+    """A control image and its preprocessing: a Flux Control model's ``control``, and every ControlNet's."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    name: str = Field(min_length=1, description="a ControlNet folder in CONTROLNET_DIR")
     image: str = Field(
         min_length=1, description="the control image, or with preprocess the photo it is made from: base64 or a URL"
     )
-    scale: float = Field(1.0, ge=0.0, le=MAX_CONTROLNET_SCALE, allow_inf_nan=False)
-    start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps before the ControlNet acts")
-    end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps after which it stops")
     preprocess: Literal["canny"] | None = Field(None, description="canny: OpenCV's edge map of the image")
     low: float | None = Field(None, ge=0.0, le=MAX_CANNY_THRESHOLD, description="Canny's lower threshold")
     high: float | None = Field(None, ge=0.0, le=MAX_CANNY_THRESHOLD, description="Canny's upper threshold")
 
     @model_validator(mode="after")
-    def _check_together(self) -> ControlNetEntry:
-        if self.start >= self.end:
-            raise rule("order", "start must be below end, got start {s} and end {e}", s=self.start, e=self.end)
+    def _check_preprocess(self) -> ControlImageEntry:
         if self.preprocess is None and (self.low is not None or self.high is not None):
             raise rule("preprocess", "low and high only apply with preprocess 'canny'")
         low, high = self.thresholds
@@ -68,3 +62,18 @@ class ControlNetEntry(BaseModel):
         """Canny's thresholds, the request's or the defaults."""
         defaults = CANNY_THRESHOLDS
         return (defaults[0] if self.low is None else self.low, defaults[1] if self.high is None else self.high)
+
+
+class ControlNetEntry(ControlImageEntry):
+    """One ControlNet of a request: a folder in CONTROLNET_DIR, its control image, and when it acts."""
+
+    name: str = Field(min_length=1, description="a ControlNet folder in CONTROLNET_DIR")
+    scale: float = Field(1.0, ge=0.0, le=MAX_CONTROLNET_SCALE, allow_inf_nan=False)
+    start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps before the ControlNet acts")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps after which it stops")
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> ControlNetEntry:
+        if self.start >= self.end:
+            raise rule("order", "start must be below end, got start {s} and end {e}", s=self.start, e=self.end)
+        return self

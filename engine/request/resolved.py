@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.prompts.syntax import PromptSyntax
-from engine.request.entries import ControlNetEntry, LoraEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry, LoraEntry
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,16 @@ class ResolvedRequest:
     padding_mask_crop: int | None = None
     controlnets: tuple[ControlNetEntry, ...] = ()
     true_cfg_scale: float | None = None
+    control: ControlImageEntry | None = None
+    """A Flux Control model's control image."""
 
     @property
     def mode(self) -> str:
-        """txt2img, img2img or inpaint, with '+controlnet' when ControlNets steer it."""
+        """txt2img, img2img or inpaint, with '+controlnet' when ControlNets steer it, '+control' with a
+        Flux Control model's control image."""
         base = "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
+        if self.control is not None:
+            return f"{base}+control"
         return f"{base}+controlnet" if self.controlnets else base
 
     @property

@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.common.errors import RequestError
 from engine.prompts.syntax import PromptSyntax
-from engine.request.entries import ControlNetEntry, LoraEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry, LoraEntry
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
 from engine.request.rules import MAX_SEED, cross_field_problems, field_location, rule, unencodable_texts
@@ -89,6 +89,9 @@ class GenerateRequest(BaseModel):
     loras: list[LoraEntry] | None = Field(None, description="LoRAs applied for this request, each with its scale")
     controlnets: list[ControlNetEntry] | None = Field(
         None, description="ControlNets steering this request, each with its control image"
+    )
+    control: ControlImageEntry | None = Field(
+        None, description="Flux Control (Canny, Depth) models: the control image, with preprocess canny the photo"
     )
 
     @field_validator("prompt", "negative_prompt")
@@ -217,6 +220,7 @@ class GenerateRequest(BaseModel):
             mask=self.mask,
             padding_mask_crop=self.padding_mask_crop,
             controlnets=tuple(self.controlnets or ()),
+            control=self.control,
         )
 
 
@@ -274,6 +278,8 @@ def _valid_fields(payload: dict[str, Any], failed: set[Any]) -> dict[str, Any]:
         values["loras"] = [LoraEntry.model_validate(entry) for entry in values["loras"]]
     if values.get("controlnets") is not None:
         values["controlnets"] = [ControlNetEntry.model_validate(entry) for entry in values["controlnets"]]
+    if values.get("control") is not None:
+        values["control"] = ControlImageEntry.model_validate(values["control"])
     return values
 
 

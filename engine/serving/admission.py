@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from PIL import Image
+
 from engine.common.downloads import limit_to_request
 from engine.common.errors import RequestError
 from engine.models.controlnet_folders import ControlNetFolders
@@ -25,7 +27,7 @@ from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
 from engine.prompts.syntax import PromptSyntaxError
 from engine.prompts.tokens import PromptLength
-from engine.request.entries import ControlNetEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry
 from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
@@ -109,7 +111,7 @@ class Admission:
         assert draft is not None and lengths is not None  # no problem: the schema gave a request
         limit_to_request(draft.timeout_s or self.limits.max_timeout_s)  # downloads end by the request's deadline
         inputs = self._load_images(draft, components)
-        request = draft.resolved(self.limits, _default_size(inputs))
+        request = draft.resolved(self.limits, self._default_size(inputs))
         request = replace(
             request,
             prompt_tokens=tuple(length.tokens for length in lengths["prompt"]),
@@ -124,9 +126,16 @@ class Admission:
             "mask": fields.get("mask") is not None and not family.inpainting,
             "controlnets": bool(fields.get("controlnets")) and not family.controlnets,
             "loras": bool(fields.get("loras")) and not family.lora_targets,
+            "padding_mask_crop": fields.get("padding_mask_crop") is not None and not family.mask_crop,
         }
         problems = [f"{field}: not supported for {family.name} models yet" for field, bad in unsupported.items() if bad]
-        if fields.get("true_cfg_scale") is not None and not family.true_cfg:
+        if not family.negative_prompts:
+            problems += [
+                f"{field}: {family.name} models take none"
+                for field in ("negative_prompt", "true_cfg_scale")
+                if fields.get(field) is not None
+            ]
+        elif fields.get("true_cfg_scale") is not None and not family.true_cfg:
             problems.append(f"true_cfg_scale: only for models with distilled guidance, not {family.name}")
         if (
             family.true_cfg
@@ -135,10 +144,24 @@ class Admission:
             and (fields["true_cfg_scale"] or 1.0) <= 1.0
         ):
             problems.append(f"negative_prompt: {family.name} models use one only with true_cfg_scale above 1")
-        if self.model.config.inpainting_unet and "mask" in fields and fields["mask"] is None:
+        if family.inpainting_model(self.model.config) and "mask" in fields and fields["mask"] is None:
             problems.append(
-                "mask: this is an inpainting model (its UNet takes the mask and the masked image as extra "
+                "mask: this is an inpainting model (its denoiser takes the mask and the masked image as extra "
                 "channels); send image and mask"
+            )
+        takes_image = family.image_to_image or family.inpainting or family.reference_image
+        if not takes_image and fields.get("image") is not None:
+            problems.append(f"image: {family.name} models take no input image")
+        if family.reference_image and "image" in fields and fields["image"] is None:
+            problems.append(f"image: {family.name} models edit an image; send image")
+        if family.reference_image and fields.get("strength") is not None:
+            problems.append(f"strength: {family.name} models take none (image is the reference to edit)")
+        if fields.get("control") is not None and not family.control_image:
+            problems.append("control: only for Flux Control models (Canny, Depth); ControlNets go in controlnets")
+        if family.control_image and "control" in fields and fields["control"] is None:
+            problems.append(
+                "control: this is a Flux Control model (its transformer takes a control image's latents as "
+                "extra channels); send control with the edge or depth map"
             )
         return problems
 
@@ -196,23 +219,29 @@ class Admission:
             problems.check(self._control_image, entry, component, f"controlnets[{index}]")
             for index, (entry, component) in enumerate(zip(draft.controlnets or (), components, strict=True))
         ]
+        control = problems.check(self._preprocessed, draft.control, "control") if draft.control is not None else None
         problems.raise_any()
-        if image is None and not controls:
+        if image is None and not controls and control is None:
             return None
-        return ImageInputs(image, mask, tuple(control for control in controls if control is not None))
+        return ImageInputs(image, mask, tuple(found for found in controls if found is not None), control)
+
+    def _preprocessed(self, entry: ControlImageEntry, field: str) -> Image.Image:
+        """A control image as given, or its edge map with preprocess canny."""
+        image = load_image(entry.image, self.image_limits, f"{field}.image")
+        return canny(image, *entry.thresholds) if entry.preprocess == "canny" else image
 
     def _control_image(self, control: ControlNetEntry, component: str, field: str) -> ControlImage:
         """A ``controlnets`` entry's control image (its edge map, with preprocess canny)."""
-        image = load_image(control.image, self.image_limits, f"{field}.image")
-        if control.preprocess == "canny":
-            image = canny(image, *control.thresholds)
+        image = self._preprocessed(control, field)
         return ControlImage(component, image, control.scale, control.start, control.end)
 
-
-def _default_size(inputs: ImageInputs | None) -> tuple[int, int] | None:
-    """The size a request without width and height takes: its input image's, else its first control image's."""
-    if inputs is None:
-        return None
-    if inputs.image is not None:
-        return inputs.image.size
-    return inputs.controls[0].image.size
+    def _default_size(self, inputs: ImageInputs | None) -> tuple[int, int] | None:
+        """The size a request without width and height takes: its input image's (Flux Kontext's: the
+        preferred resolution its reference is resized to), else its control image's."""
+        if inputs is None:
+            return None
+        if inputs.image is not None:
+            return self.model.family.size_for_image(*inputs.image.size)
+        if inputs.control is not None:
+            return inputs.control.size
+        return inputs.controls[0].image.size

@@ -80,18 +80,20 @@ def estimates(
     vae_precision: str,
     controlnets: Sequence[str] = (),
     encodes_image: bool = False,
+    reference_pixels: int = 0,
 ) -> list[Estimate]:
     """The activation peak of each stage that grows with the request, largest first, each stage at
     its own precision (SDXL's VAE runs in fp32 under fp16). ``controlnets`` are the ControlNet
     components the request runs (at the denoiser's precision); ``encodes_image`` is true for
-    image-to-image and inpainting."""
+    image-to-image and inpainting; ``reference_pixels`` is a reference image's size (Flux Kontext's),
+    whose tokens join the denoiser's sequence."""
     factor = config.vae_scale_factor
     rows = images * (2 if guidance else 1)
     latent_pixels = (height // factor) * (width // factor)
     vae_channels = config.configs["vae"]["block_out_channels"][0]
     vae_bytes = images * height * width * vae_channels * element_bytes(vae_precision) * VAE_LIVE_TENSORS
     size = element_bytes(denoiser_precision)
-    denoiser = denoiser_estimate(config, rows, latent_pixels, size)
+    denoiser = denoiser_estimate(config, rows, latent_pixels + reference_pixels // (factor * factor), size)
     found = [Estimate("vae_decoder", vae_bytes)]
     if controlnets and "unet" in config.configs:
         unet = config.configs["unet"]
@@ -101,7 +103,8 @@ def estimates(
         # every ControlNet after the first runs while the sum of those before it is held
         found += [Estimate(c, own + (residuals if index else 0)) for index, c in enumerate(controlnets)]
     if encodes_image:
-        encoder_bytes = height * width * vae_channels * element_bytes(vae_precision) * VAE_ENCODER_LIVE_TENSORS
+        encoded = max(height * width, reference_pixels)
+        encoder_bytes = encoded * vae_channels * element_bytes(vae_precision) * VAE_ENCODER_LIVE_TENSORS
         found.append(Estimate("vae_encoder", encoder_bytes))
     return sorted([denoiser, *found], key=lambda estimate: estimate.bytes, reverse=True)
 
@@ -204,7 +207,8 @@ def check_fits(
         denoiser,
         vae,
         controlnets,
-        encodes_image=request.image is not None,
+        encodes_image=request.image is not None or request.control is not None,
+        reference_pixels=family.reference_pixels if request.image is not None else 0,
     )
     relevant = [estimate for estimate in found if outside_engines(estimate.stage)]
     lora = sum(

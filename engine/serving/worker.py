@@ -257,12 +257,16 @@ class Worker:
         """One small generation at the native size, so the first request pays no first-run costs,
         then a CUDA graph of each engine's optimum shapes, so requests at those shapes replay it."""
         request = parse_request({"prompt": "warm-up", "num_inference_steps": 2, "seed": 0}, self.limits)
-        prepared = None
-        if self.model.config.inpainting_unet:  # an inpainting UNet warms up on an inpainting call: gray, all masked
-            size = (request.width, request.height)
+        family, size = self.model.family, (request.width, request.height)
+        gray, inputs = Image.new("RGB", size, (128, 128, 128)), None
+        if family.inpainting_model(self.model.config):  # it warms up on an inpainting call: gray, all masked
             request = replace(request, strength=self.limits.default_strength(True))
-            inputs = ImageInputs(Image.new("RGB", size, (128, 128, 128)), Image.new("L", size, 255))
-            prepared = self.pipeline.prepare_images(inputs, request)
+            inputs = ImageInputs(gray, Image.new("L", size, 255))
+        elif family.control_image:  # on a gray control image
+            inputs = ImageInputs(control=gray)
+        elif family.reference_image:  # on a gray reference image
+            inputs = ImageInputs(gray)
+        prepared = self.pipeline.prepare_images(inputs, request) if inputs is not None else None
         self.pipeline(request, [0], ChainCalls(self.chains), StageTimer(self.device), None, prepared)
         if self.settings.cuda_graphs:
             captured = self.tensorrt.capture_graphs()
