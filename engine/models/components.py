@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from engine.models.family import ModelConfig, load_pretrained
+from engine.models.config import ModelConfig
+from engine.models.family import load_pretrained
 from engine.models.modules import GUIDANCE_EMBEDDING, VaeDecoderModule, VaeEncoderModule
 from engine.spec import ComponentSpec, TensorSpec
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine.models.family import ModelConfig, ModelFamily
+from engine.models.config import ModelConfig
+from engine.models.family import ModelFamily
 from engine.prompts.syntax import PromptSyntax
 from engine.prompts.tokens import PromptLength
 from engine.schedulers import FLOW_SCHEDULERS

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from engine.models.components import TIMESTEP, token_ids, vae_module, vae_specs
-from engine.models.family import Encode, ModelConfig, PromptBatch, load_pretrained, repeat_for_images
+from engine.models.config import ModelConfig
+from engine.models.family import Encode, PromptBatch, load_pretrained, repeat_for_images
 from engine.models.flow import FlowMatchingFamily, flow_shift
 from engine.models.modules import FluxTransformerModule, PooledTextModule, T5Module
 from engine.spec import ComponentSpec, TensorSpec

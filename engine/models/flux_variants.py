@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from engine.common.errors import ModelError
-from engine.models.family import ModelConfig, load_pretrained
+from engine.models.config import ModelConfig
+from engine.models.family import load_pretrained
 from engine.models.flux import Flux
 from engine.models.modules import FluxTransformerModule
 from engine.spec import ComponentSpec, TensorSpec

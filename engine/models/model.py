@@ -13,6 +13,7 @@ import torch
 
 from engine.common.errors import ModelError
 from engine.models.builtin import BUILTIN_MODELS, builtin_model_folder
+from engine.models.config import ModelConfig
 from engine.models.controlnet import (
     CONTROLLED_UNET,
     ControlledUNetModule,
@@ -23,7 +24,7 @@ from engine.models.controlnet import (
     mismatches,
     read_controlnet_config,
 )
-from engine.models.family import ModelConfig, ModelFamily
+from engine.models.family import ModelFamily
 from engine.models.flux import Flux
 from engine.models.flux_variants import VARIANTS, flux_variant
 from engine.models.sd import StableDiffusion

@@ -9,15 +9,8 @@ from typing import Any, ClassVar
 import torch
 
 from engine.models.components import token_ids, unet_spec, vae_module, vae_specs
-from engine.models.family import (
-    Encode,
-    LoraTarget,
-    ModelConfig,
-    ModelFamily,
-    PromptBatch,
-    load_pretrained,
-    repeat_for_images,
-)
+from engine.models.config import ModelConfig
+from engine.models.family import Encode, LoraTarget, ModelFamily, PromptBatch, load_pretrained, repeat_for_images
 from engine.models.modules import TextEncoderModule, UNetModule
 from engine.prompts.tokens import apply_weights, chunk_count, chunked_inputs, joined
 from engine.spec import ComponentSpec, TensorSpec

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from engine.models.components import TIMESTEP, token_ids, vae_module, vae_specs
-from engine.models.family import Encode, ModelConfig, PromptBatch, load_pretrained, repeat_for_images
+from engine.models.config import ModelConfig
+from engine.models.family import Encode, PromptBatch, load_pretrained, repeat_for_images
 from engine.models.flow import FlowMatchingFamily, flow_shift
 from engine.models.modules import SD3TransformerModule, T5Module, TextEncoderModule
 from engine.spec import ComponentSpec, TensorSpec

@@ -16,13 +16,12 @@ runs again from the same random state, so the image is the one a sound run gives
 is left, the request fails with ``NonFiniteOutput`` rather than succeeding with a black image.
 
 The images a request brings are prepared in ``engine.pipeline.preparation``; the VAE's latent
-scaling and noising are in ``engine.pipeline.latents``.
+scaling and noising are in ``engine.pipeline.latents``; the step loop itself is in
+``engine.pipeline.denoise``.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -37,13 +36,12 @@ from engine.common.metrics import StageTimer
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.family import PromptBatch
 from engine.models.model import Model
+from engine.pipeline.denoise import Denoising, StepCallback, denoise
 from engine.pipeline.latents import LatentScaling, initial_sigma
-from engine.pipeline.preparation import Control, ImageInputs, ImagePreparation, Inpainting, PreparedImages
+from engine.pipeline.preparation import ImageInputs, ImagePreparation, Inpainting, PreparedImages
 from engine.request.resolved import ResolvedRequest
 from engine.schedulers import make_scheduler, step_options
 
-StepCallback = Callable[[int, int], None]
-"""Called after each denoising step with (steps done, steps in all); may raise to stop."""
 Result = TypeVar("Result")
 
 
@@ -59,10 +57,6 @@ def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Whether every float value is finite: one reduction per tensor and one device sync for them all."""
     checks = [torch.isfinite(tensor).all() for tensor in tensors if tensor is not None and tensor.is_floating_point()]
     return bool(torch.stack(checks).all()) if checks else True
-
-
-def _accepts(function: Callable, name: str) -> bool:
-    return name in inspect.signature(function).parameters
 
 
 class DiffusionPipeline:
@@ -166,29 +160,26 @@ class DiffusionPipeline:
 
         # 4. Denoising loop, each run on its own copy of the scheduler as it is now, so a rerun starts where
         #    the first run did.
-        controls = prepared.controls if prepared is not None else ()
-        start, noisy = scheduler, latents
-        denoising = (model.family.denoiser, CONTROLLED_UNET, *(control.component for control in controls))
+        run = Denoising(
+            denoiser=model.family.denoiser,
+            scheduler=scheduler,
+            timesteps=timesteps,
+            conditioning=conditioning,
+            cfg_scale=cfg_scale,
+            options=step_options(request.scheduler),
+            generators=generators,
+            controls=prepared.controls if prepared is not None else (),
+            inpaint=inpaint,
+            channels=channels,
+        )
+        noisy = latents
+        stepped = (run.denoiser, CONTROLLED_UNET, *(control.component for control in run.controls))
         with timer.stage("denoise"):
             latents = self._finite(
-                denoising,
+                stepped,
                 runners,
                 generators,
-                lambda: self._denoise(
-                    noisy,
-                    copy.deepcopy(start),
-                    timesteps,
-                    conditioning,
-                    cfg_scale,
-                    step_options(request.scheduler),
-                    generators,
-                    controls,
-                    inpaint,
-                    channels,
-                    runners,
-                    timer,
-                    on_step,
-                ),
+                lambda: denoise(noisy, run, runners, timer, on_step),
                 lambda found: [found],
             )
 
@@ -248,75 +239,6 @@ class DiffusionPipeline:
         """The VAE encoder's stage: ``run()``'s latents, once finite (see ``_finite``)."""
         with timer.stage("vae_encode"):
             return self._finite(("vae_encoder",), runners, generators, run, lambda found: [found])
-
-    def _denoise(
-        self,
-        latents: torch.Tensor,
-        scheduler: SchedulerMixin,
-        timesteps: torch.Tensor,
-        conditioning: Mapping[str, torch.Tensor],
-        cfg_scale: float | None,
-        options: Mapping[str, object],
-        generators: list[torch.Generator],
-        controls: Sequence[Control],
-        inpaint: Inpainting | None,
-        channels: torch.Tensor | None,
-        runners: Mapping[str, ComponentCall],
-        timer: StageTimer,
-        on_step: StepCallback | None,
-    ) -> torch.Tensor:
-        """The latents after every step of ``timesteps``, with classifier-free guidance where
-        ``cfg_scale`` is given, and the denoiser's extra input ``channels`` (an inpainting model's mask
-        and masked image, a Flux Control model's control image) joined to them where there are some;
-        ``options`` are the scheduler's extra ``step`` arguments (TCD's ``eta``)."""
-        guidance = cfg_scale is not None
-        denoiser_name = self.model.family.denoiser
-        step_kwargs = {"generator": generators} if _accepts(scheduler.step, "generator") else {}
-        step_kwargs |= options
-        for index, timestep in enumerate(timesteps):
-            with timer.step():
-                model_input = torch.cat([latents] * 2) if guidance else latents
-                if hasattr(scheduler, "scale_model_input"):  # flow matching feeds latents as they are
-                    model_input = scheduler.scale_model_input(model_input, timestep)
-                inputs = {"sample": model_input, "timestep": timestep.reshape(1), **conditioning}
-                residuals = self._residuals(controls, inputs, index, len(timesteps), runners, timer)
-                if channels is not None:
-                    extra = torch.cat([channels] * 2) if guidance else channels
-                    inputs["sample"] = torch.cat([model_input, extra], dim=1)
-                denoiser = runners[denoiser_name] if residuals is None else runners[CONTROLLED_UNET]
-                noise_pred = denoiser({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
-                if cfg_scale is not None:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + cfg_scale * (noise_text - noise_uncond)
-                latents = scheduler.step(noise_pred, timestep, latents, **step_kwargs, return_dict=False)[0]
-                if inpaint is not None and inpaint.channels is None:
-                    latents = inpaint.blend(latents, scheduler, timesteps, index)
-            if on_step is not None:
-                on_step(index + 1, len(timesteps))
-        return latents
-
-    @staticmethod
-    def _residuals(
-        controls: Sequence[Control],
-        inputs: Mapping[str, torch.Tensor],
-        index: int,
-        steps: int,
-        runners: Mapping[str, ComponentCall],
-        timer: StageTimer,
-    ) -> dict[str, torch.Tensor] | None:
-        """The ControlNets' residuals for one step, each scaled and then summed in request order, as
-        diffusers' ``MultiControlNetModel``; None when none acts at this step. A ControlNet whose
-        scale is 0 here is not run: its residuals would add exact zeros."""
-        total: dict[str, torch.Tensor] | None = None
-        for control in controls:
-            scale = control.scale_at(index, steps)
-            if scale == 0.0:
-                continue
-            with timer.stage(control.component):
-                outputs = runners[control.component]({**inputs, "controlnet_cond": control.image})
-            scaled = {name: value * scale for name, value in outputs.items()}
-            total = scaled if total is None else {name: total[name] + scaled[name] for name in total}
-        return total
 
     def prepare_images(self, inputs: ImageInputs, request: ResolvedRequest) -> PreparedImages:
         """The request's images as this loop takes them (see ``ImagePreparation.prepare``)."""

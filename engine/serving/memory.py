@@ -38,8 +38,8 @@ import torch
 
 from engine.common.dtypes import PRECISION_DTYPES
 from engine.common.errors import RequestError
+from engine.models.config import ModelConfig
 from engine.models.controlnet import CONTROLLED_UNET, controlnet_component
-from engine.models.family import ModelConfig
 
 if TYPE_CHECKING:
     from engine.backends.base import Runner
