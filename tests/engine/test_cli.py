@@ -16,7 +16,8 @@ from tests.conftest import ROOT
         (
             {"MODEL": "/models/nope"},
             1,
-            "error: MODEL=/models/nope: not a built-in model (tiny, tiny-sdxl, tiny-sd3, tiny-flux)",
+            "error: MODEL=/models/nope: not a built-in model (tiny, tiny-sdxl, tiny-sd3, tiny-flux, "
+            "tiny-flux-fill, tiny-flux-control, tiny-flux-kontext)",
         ),
         (
             {"BACKEND": "foo"},
