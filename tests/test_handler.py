@@ -113,6 +113,10 @@ def test_api_server_answers_runsync(api_server):
 
 
 def test_api_server_keeps_answering_after_bad_requests(api_server):
+    """The same worker answers after bad requests: its job after them is not a cold start, whichever
+    test made the server's first job."""
+    first = runsync(api_server, {"prompt": "first", "num_inference_steps": 2, "seed": 1}).json()
+    assert first["status"] == "COMPLETED"
     for bad in ({"prompt": "x", "width": 65}, {"width": 64}, {"prompt": "x", "scheduler": "nope"}):
         body = runsync(api_server, bad).json()
         assert body["status"] == "FAILED"
