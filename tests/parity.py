@@ -57,6 +57,24 @@ def bf16_flux(cache_dir: Path, target: Path) -> Path:
     return target
 
 
+def held_out_flux_transformer(config: dict, seed: int) -> torch.nn.Module:
+    """A Flux transformer unlike the built-ins' over ``config``'s channels: no guidance embedding, two
+    double-stream and two single-stream blocks, three heads, other rotary axes; random from ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return diffusers.FluxTransformer2DModel.from_config(
+            {
+                **config,
+                "guidance_embeds": False,
+                "num_layers": 2,
+                "num_single_layers": 2,
+                "num_attention_heads": 3,
+                "attention_head_dim": 8,
+                "axes_dims_rope": (2, 2, 4),
+            }
+        )
+
+
 def as_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
@@ -85,7 +103,10 @@ def cpu_worker(model: str, cache_dir: Path, engine_dir: Path, backend: str = "to
 
 
 def diffusers_pipe(cls, worker: Worker, **extra):
-    """diffusers' pipeline ``cls`` on the worker's model folder, quiet."""
+    """diffusers' pipeline ``cls`` on the worker's model folder, quiet, without the safety checker where
+    the pipeline has one (the worker has none, and the tiny folders hold none)."""
+    if "safety_checker" in inspect.signature(cls.__init__).parameters:
+        extra.setdefault("safety_checker", None)
     pipe = cls.from_pretrained(worker.model.folder, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxImg2ImgPipeline, FluxPipeline
 
 from engine.models.builtin import builtin_model_folder
 from tests.conftest import run_export
@@ -18,6 +17,7 @@ from tests.parity import (
     decoded,
     diffusers_pipe,
     generate,
+    held_out_flux_transformer,
     picture,
     reference_images,
     to_base64,
@@ -30,19 +30,7 @@ def held_out_schnell(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     double-stream and two single-stream blocks, other heads; nothing in its name says schnell."""
     folder = tmp_path_factory.mktemp("held-out-flux")
     base = FluxPipeline.from_pretrained(builtin_model_folder("tiny-flux", cache_dir))
-    with torch.random.fork_rng():
-        torch.manual_seed(13)
-        transformer = FluxTransformer2DModel.from_config(
-            {
-                **base.transformer.config,
-                "guidance_embeds": False,
-                "num_layers": 2,
-                "num_single_layers": 2,
-                "num_attention_heads": 3,
-                "attention_head_dim": 8,
-                "axes_dims_rope": (2, 2, 4),
-            }
-        )
+    transformer = held_out_flux_transformer(base.transformer.config, seed=13)
     FluxPipeline(**{**base.components, "transformer": transformer}).save_pretrained(folder)
     return folder
 

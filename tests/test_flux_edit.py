@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import FluxControlPipeline, FluxFillPipeline, FluxKontextPipeline, FluxTransformer2DModel
+from diffusers import FluxControlPipeline, FluxFillPipeline, FluxKontextPipeline
 from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 from PIL import Image, ImageDraw
 
@@ -28,6 +27,7 @@ from tests.parity import (
     decoded,
     diffusers_pipe,
     generate,
+    held_out_flux_transformer,
     picture,
     reference_images,
     to_base64,
@@ -75,19 +75,7 @@ def held_out_fill(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """tiny-flux-fill's encoders and VAE with another Fill transformer: two blocks of each kind, three
     heads, other rotary axes, no guidance embedding; its model_index.json names FluxPipeline."""
     base = FluxFillPipeline.from_pretrained(builtin_model_folder("tiny-flux-fill", cache_dir))
-    with torch.random.fork_rng():
-        torch.manual_seed(17)
-        transformer = FluxTransformer2DModel.from_config(
-            {
-                **base.transformer.config,
-                "guidance_embeds": False,
-                "num_layers": 2,
-                "num_single_layers": 2,
-                "num_attention_heads": 3,
-                "attention_head_dim": 8,
-                "axes_dims_rope": (2, 2, 4),
-            }
-        )
+    transformer = held_out_flux_transformer(base.transformer.config, seed=17)
     folder = tmp_path_factory.mktemp("held-out-fill")
     FluxFillPipeline(**{**base.components, "transformer": transformer}).save_pretrained(folder)
     return edited_copy(folder, folder.parent / "held-out-fill-as-flux", "FluxPipeline")

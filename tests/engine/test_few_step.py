@@ -28,32 +28,29 @@ from engine.models.builtin import builtin_model_folder
 from engine.serving.worker import Worker
 from engine.settings import Settings
 from tests.conftest import run_export
-from tests.parity import TOLERANCE, assert_same_images, decoded, generate, reference_images
+from tests.parity import (
+    TOLERANCE,
+    assert_same_images,
+    cpu_worker,
+    decoded,
+    diffusers_pipe,
+    generate,
+    reference_images,
+)
 
 NEW_SCHEDULERS = ("lcm", "tcd", "euler_trailing", "euler_a_trailing", "dpmpp_2m_sde_karras")
 
 
-def make_worker(model: str, cache_dir, engine_dir) -> Worker:
-    return Worker(Settings(model=model, cache_dir=cache_dir, engine_dir=engine_dir, device="cpu", backend="torch"))
-
-
-def reference(cls, worker: Worker):
-    extra = {"safety_checker": None} if cls is StableDiffusionPipeline else {}
-    pipe = cls.from_pretrained(worker.model.folder, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def sd(cache_dir, tmp_path_factory):
-    worker = make_worker("tiny", cache_dir, tmp_path_factory.mktemp("sd"))
-    return worker, reference(StableDiffusionPipeline, worker)
+    worker = cpu_worker("tiny", cache_dir, tmp_path_factory.mktemp("sd"))
+    return worker, diffusers_pipe(StableDiffusionPipeline, worker)
 
 
 @pytest.fixture(scope="module")
 def sdxl(cache_dir, tmp_path_factory):
-    worker = make_worker("tiny-sdxl", cache_dir, tmp_path_factory.mktemp("sdxl"))
-    return worker, reference(StableDiffusionXLPipeline, worker)
+    worker = cpu_worker("tiny-sdxl", cache_dir, tmp_path_factory.mktemp("sdxl"))
+    return worker, diffusers_pipe(StableDiffusionXLPipeline, worker)
 
 
 def few_step(steps: int, seed: int, **extra) -> dict:
@@ -155,8 +152,8 @@ def lightning(cache_dir, tmp_path_factory):
         unet = UNet2DConditionModel.from_config({**base.unet.config, "attention_head_dim": 4})
     scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config, timestep_spacing="trailing", steps_offset=0)
     StableDiffusionXLPipeline(**{**base.components, "unet": unet, "scheduler": scheduler}).save_pretrained(folder)
-    worker = make_worker(str(folder), cache_dir, tmp_path_factory.mktemp("lightning-engines"))
-    return worker, reference(StableDiffusionXLPipeline, worker)
+    worker = cpu_worker(str(folder), cache_dir, tmp_path_factory.mktemp("lightning-engines"))
+    return worker, diffusers_pipe(StableDiffusionXLPipeline, worker)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -180,8 +177,8 @@ def lcm_distilled(cache_dir, tmp_path_factory):
         torch.nn.init.normal_(unet.time_embedding.cond_proj.weight, std=0.5)
     scheduler = LCMScheduler.from_config(base.scheduler.config)
     StableDiffusionPipeline(**{**base.components, "unet": unet, "scheduler": scheduler}).save_pretrained(folder)
-    worker = make_worker(str(folder), cache_dir, tmp_path_factory.mktemp("lcm-engines"))
-    return worker, reference(StableDiffusionPipeline, worker)
+    worker = cpu_worker(str(folder), cache_dir, tmp_path_factory.mktemp("lcm-engines"))
+    return worker, diffusers_pipe(StableDiffusionPipeline, worker)
 
 
 @pytest.mark.parametrize(("steps", "guidance"), [(1, 8.5), (4, 3.0)])
@@ -206,10 +203,10 @@ def test_an_lcm_distilled_sdxl_unet_takes_the_embedding_after_its_added_conditio
     StableDiffusionXLPipeline(**{**base.components, "unet": unet, "scheduler": scheduler}).save_pretrained(
         tmp_path / "lcm-sdxl"
     )
-    worker = make_worker(str(tmp_path / "lcm-sdxl"), cache_dir, tmp_path / "engines")
+    worker = cpu_worker(str(tmp_path / "lcm-sdxl"), cache_dir, tmp_path / "engines")
     assert worker.model.specs["unet"].input_names[-3:] == ["text_embeds", "time_ids", "timestep_cond"]
     payload = few_step(2, 7, guidance_scale=6.0, num_images=2)
-    pipe = reference(StableDiffusionXLPipeline, worker)
+    pipe = diffusers_pipe(StableDiffusionXLPipeline, worker)
     assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
 
 
@@ -242,7 +239,7 @@ def test_an_lcm_pipeline_folder_runs_with_its_pipeline_defaults(lcm_distilled, c
     LatentConsistencyModelPipeline(
         **{**base.components, "safety_checker": None, "feature_extractor": None}, requires_safety_checker=False
     ).save_pretrained(folder)
-    worker = make_worker(str(folder), cache_dir, tmp_path / "engines")
+    worker = cpu_worker(str(folder), cache_dir, tmp_path / "engines")
     payload = {"prompt": "a red fox", "width": 64, "height": 64, "seed": 3}
     request, _ = worker.resolve(payload)
     assert (request.steps, request.guidance_scale) == (4, 8.5)

@@ -15,35 +15,22 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from engine.serving.worker import Worker
-from engine.settings import Settings
-from tests.parity import assert_same_images, generate, picture, reference_images, to_base64
+from tests.parity import assert_same_images, cpu_worker, diffusers_pipe, generate, picture, reference_images, to_base64
 
 SD = StableDiffusionPipeline, StableDiffusionImg2ImgPipeline
 SDXL = StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline
 
 
-def make_worker(model: str, cache_dir, engine_dir) -> Worker:
-    return Worker(Settings(model=model, cache_dir=cache_dir, engine_dir=engine_dir, device="cpu", backend="torch"))
-
-
-def reference(cls, worker: Worker):
-    extra = {"safety_checker": None} if cls in SD else {}
-    pipe = cls.from_pretrained(worker.model.folder, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def sd(cache_dir, tmp_path_factory):
-    worker = make_worker("tiny", cache_dir, tmp_path_factory.mktemp("sd"))
-    return worker, reference(SD[0], worker), reference(SD[1], worker)
+    worker = cpu_worker("tiny", cache_dir, tmp_path_factory.mktemp("sd"))
+    return worker, diffusers_pipe(SD[0], worker), diffusers_pipe(SD[1], worker)
 
 
 @pytest.fixture(scope="module")
 def sdxl(cache_dir, tmp_path_factory):
-    worker = make_worker("tiny-sdxl", cache_dir, tmp_path_factory.mktemp("sdxl"))
-    return worker, reference(SDXL[0], worker), reference(SDXL[1], worker)
+    worker = cpu_worker("tiny-sdxl", cache_dir, tmp_path_factory.mktemp("sdxl"))
+    return worker, diffusers_pipe(SDXL[0], worker), diffusers_pipe(SDXL[1], worker)
 
 
 TEXT_TO_IMAGE = [
