@@ -74,7 +74,9 @@ class GenerateRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_images: int = Field(1, ge=1)
-    scheduler: str | None = None
+    scheduler: str | None = Field(
+        None, max_length=64, description="a name in any accepted style; bounded, since a refusal quotes it"
+    )
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(90, ge=1, le=100, description="jpeg and webp quality")
     timeout_s: float | None = Field(None, gt=0)

@@ -156,3 +156,9 @@ def test_an_unknown_scheduler_is_refused_with_the_names_it_could_be(typed):
     message = errors_of({"prompt": "a", "scheduler": typed})
     assert message.startswith("scheduler: must be one of ddim, ddpm,") and f"got '{typed}'" in message
     assert "tcd" in message and "DPM++ 2M Karras" in message
+
+
+def test_a_huge_scheduler_name_is_refused_without_being_quoted_back():
+    message = errors_of({"prompt": "a", "scheduler": "+" * 1_000_000})
+    assert message.startswith("scheduler: ") and "64 characters" in message
+    assert len(message) < 200, "the refusal (and the worker's log line) must not carry the request's megabyte"
