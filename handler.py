@@ -18,7 +18,11 @@ if LOCAL_TEST:
     # The SDK logs to stdout and echoes each result three times; keep stdout to the one response line.
     os.environ.setdefault("RUNPOD_LOG_LEVEL", "WARN")
 
+from engine.serving.heap import freeze_imports, pause_collector  # noqa: E402 - imports only gc
 from engine.serving.sdk import start_import  # noqa: E402 - imports neither torch nor the SDK
+
+# Until start() has loaded the worker (and settled the collector), see engine/serving/heap.py.
+pause_collector()
 
 # The SDK's import runs in the background while the worker's own imports and loading run.
 runpod_import = start_import()
@@ -30,6 +34,7 @@ ON_RUNPOD = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))
 
 cold_start = ColdStart()
 cold_start.mark("import")
+freeze_imports()
 startup = start(cold_start)
 runpod_import.join()
 import runpod  # noqa: E402 - imported by the thread above; this only binds the name (or raises its error)

@@ -15,6 +15,7 @@ from engine.common.errors import ConfigError, WorkerError
 from engine.common.logs import configure_logging
 from engine.common.metrics import ColdStart
 from engine.serving import fitness
+from engine.serving.heap import settle_collector
 from engine.serving.worker import Worker
 from engine.settings import Settings, load_settings
 
@@ -55,6 +56,17 @@ def _bound(check: Callable[[Settings], None], settings: Settings) -> Callable[[]
 
 
 def start(cold_start: ColdStart) -> Startup:
+    """Loads the worker; whatever happened, the garbage collector is then settled (see heap.py)."""
+    startup = _load(cold_start)
+    settle_collector()
+    cold_start.mark("settle_heap")
+    if startup.worker is not None:
+        log.info("cold start", extra={"fields": {"init_ms": cold_start.summary()}})
+        write_ready_file(startup.worker.settings)
+    return startup
+
+
+def _load(cold_start: ColdStart) -> Startup:
     try:
         settings = load_settings()
     except ConfigError as error:
@@ -73,8 +85,6 @@ def start(cold_start: ColdStart) -> Startup:
     except Exception as error:  # its text may name server paths: it stays in the log
         log.critical("the worker failed to start", exc_info=error)
         return Startup(settings, None, f"{type(error).__name__} (the worker's log has the details)")
-    log.info("cold start", extra={"fields": {"init_ms": cold_start.summary()}})
-    write_ready_file(settings)
     return Startup(settings, worker, None)
 
 
