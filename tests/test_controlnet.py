@@ -278,6 +278,17 @@ def test_bad_controlnet_entries_get_a_named_error(cache_dir, tmp_path, controlne
     assert worker.handle({"id": "ok", "input": controlled(entry())})["status"] == "success"
 
 
+def test_a_refused_request_adds_no_controlnet_to_the_model(cache_dir, tmp_path, controlnet_dir):
+    """A request whose ControlNet is fine but whose size is not is refused, and the model is as it was."""
+    worker = worker_for("tiny", cache_dir, tmp_path, controlnet_dir)
+    specs = set(worker.model.specs)
+    response = worker.handle({"id": "bad", "input": controlled(entry("depth"), width=65)})
+    assert response["status"] == "error" and "width" in response["error"]
+    assert (set(worker.model.specs), worker.model.controlnets, set(worker.chains)) == (specs, {}, specs)
+    assert worker.handle({"id": "ok", "input": controlled(entry("depth"))})["status"] == "success"
+    assert "controlnet.depth" in worker.model.controlnets and "controlnet.depth" in worker.chains
+
+
 def export_with_controlnets(store: Path, cache_dir: Path, controlnet_dir: Path, *extra: str) -> str:
     """`python -m export` (ONNX only) with ``CONTROLNET_DIR`` set; its output."""
     command, env = export_command(store, cache_dir, "--skip-engines", *extra)

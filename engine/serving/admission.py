@@ -171,7 +171,7 @@ class Admission:
         if not self.model.family.controlnets:
             return ()  # the family check names the field
         found = [
-            problems.check(self.controlnets.component, entry.name, f"controlnets[{index}].name")
+            problems.check(self.controlnets.check, entry.name, f"controlnets[{index}].name")
             for index, entry in enumerate(entries)
         ]
         return tuple(component for component in found if component is not None)

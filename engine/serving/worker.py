@@ -250,6 +250,8 @@ class Worker:
         after admission, so a refused request loads nothing."""
         admitted = self.admission.admit(payload)
         if admitted.controlnets:
+            for component in admitted.controlnets:
+                self.controlnets.add(component)
             self._add_controlnet_chains(list(admitted.controlnets))
         return admitted.request, admitted.inputs
 
