@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class WorkerError(Exception):
     """An expected failure whose message is fit to return to the caller as is."""
@@ -42,3 +47,23 @@ class OutputTooLarge(WorkerError):
 class NonFiniteOutput(WorkerError):
     """A component produced NaN or Inf and no runner left in its chain computes it in finite values: the
     request's seed, LoRAs or scales push the model out of range. Nothing is wrong with the worker."""
+
+
+class Problems:
+    """The problems of one request, gathered from checks that each raise a RequestError."""
+
+    def __init__(self, found: Iterable[str] = ()):
+        self.found = list(found)
+
+    def check(self, run: Callable[..., T], *args: Any) -> T | None:
+        """What ``run`` returns, or None with its RequestError's message kept."""
+        try:
+            return run(*args)
+        except RequestError as error:
+            self.found.append(str(error))
+            return None
+
+    def raise_any(self) -> None:
+        """One RequestError naming every problem found, each once, in the order found."""
+        if self.found:
+            raise RequestError("; ".join(dict.fromkeys(self.found)))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engine.common.errors import RequestError
+from engine.common.errors import Problems, RequestError
 from engine.common.logs import redact_urls
 from engine.lora.factors import LoraWeights, LowRank, read_lora
 from engine.lora.files import LoraFile, LoraFiles, Refusals, shown
@@ -88,22 +88,26 @@ class LoraLibrary:
         self._lock = threading.Lock()
 
     def select(self, entries: Sequence[LoraEntry]) -> LoraSelection:
-        """Every entry resolved and read; the first bad one raises a RequestError naming it."""
+        """Every entry resolved and read; one RequestError names every bad one."""
         if not entries:
             return NO_LORAS
         if not self.model.family.lora_targets:
             raise RequestError(f"loras: the {self.model.family.name} family does not support LoRA")
+        problems = Problems()
         applied = []
         weights = []
         for index, entry in enumerate(entries):
             field = f"loras[{index}].{'name' if entry.name is not None else 'url'}"
             file = (
-                self.files.by_name(entry.name, field)
+                problems.check(self.files.by_name, entry.name, field)
                 if entry.name is not None
-                else self.files.by_url(entry.url or "", field, [earlier.path for earlier, _ in applied])
+                else problems.check(self.files.by_url, entry.url or "", field, [earlier.path for earlier, _ in applied])
             )
-            weights.append((entry.scale, self._weights(file, field)))
-            applied.append((file, entry.scale))
+            read = problems.check(self._weights, file, field) if file is not None else None
+            if file is not None and read is not None:
+                weights.append((entry.scale, read))
+                applied.append((file, entry.scale))
+        problems.raise_any()
         patches = {}
         for component in self.model.family.lora_targets:
             terms: dict[str, list[tuple[float, LowRank]]] = {}

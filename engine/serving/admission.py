@@ -14,14 +14,14 @@ the worker to give runner chains after admission.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any
 
 from PIL import Image
 
 from engine.common.downloads import limit_to_request
-from engine.common.errors import RequestError
+from engine.common.errors import Problems
 from engine.models.controlnet_folders import ControlNetFolders
 from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
@@ -33,8 +33,6 @@ from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
 from engine.request.schema import GenerateRequest, check_request
 from engine.settings import Settings
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,26 +61,6 @@ def model_limits(settings: Settings, model: Model) -> Limits:
         max_side=config.max_side,
         prompt_syntaxes=family.prompt_syntaxes,
     )
-
-
-class Problems:
-    """The problems of one request, gathered from checks that each raise a RequestError."""
-
-    def __init__(self, found: Iterable[str] = ()):
-        self.found = list(found)
-
-    def check(self, run: Callable[..., T], *args: Any) -> T | None:
-        """What ``run`` returns, or None with its RequestError's message kept."""
-        try:
-            return run(*args)
-        except RequestError as error:
-            self.found.append(str(error))
-            return None
-
-    def raise_any(self) -> None:
-        """One RequestError naming every problem found, each once, in the order found."""
-        if self.found:
-            raise RequestError("; ".join(dict.fromkeys(self.found)))
 
 
 class Admission:

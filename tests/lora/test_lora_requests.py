@@ -129,6 +129,12 @@ def test_nothing_is_applied_when_an_entry_is_bad_and_the_worker_serves_on(worker
     assert np.array_equal(image_of(worker.handle({"input": PAYLOAD})), base)
 
 
+def test_every_bad_entry_is_named_in_one_error(worker):
+    message = error_of(worker, [{"name": "missing"}, {"name": "old.ckpt"}])
+    first, second = "loras[0].name: no LoRA named 'missing'", "loras[1].name: .ckpt files are refused"
+    assert message.startswith(f"{first}; {second}")
+
+
 def test_unknown_names_show_neither_the_folder_nor_its_files(worker, lora_dir):
     message = error_of(worker, [{"name": "missing"}])
     assert message == "loras[0].name: no LoRA named 'missing'"
