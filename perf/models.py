@@ -63,7 +63,7 @@ def build_sd15(folder: Path, inpainting: bool = False) -> None:
     ``inpainting``, SD 1.5 inpainting's UNet: 9 input channels (latents, mask, masked-image latents)."""
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
-    from engine.models.builtin import byte_tokenizer, sd_scheduler
+    from engine.models.builtin_parts import byte_tokenizer, sd_scheduler
 
     tokenizer = byte_tokenizer()
     text_encoder = clip_vit_l(tokenizer)
@@ -118,7 +118,7 @@ def build_flux_wide(folder: Path, double_blocks: int = 2, single_blocks: int = 2
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from engine.models.builtin import byte_tokenizer, t5_tokenizer
+    from engine.models.builtin_parts import byte_tokenizer, t5_tokenizer
 
     tokenizer, tokenizer_2 = byte_tokenizer(), t5_tokenizer(max_length=512)
     text_encoder = clip_vit_l(tokenizer)

@@ -10,7 +10,7 @@ the request's own ``timeout_s``) and fails once, after a grace period, the serve
 than ``DOWNLOAD_MIN_BYTES_PER_S``. Every read blocks for at most a few seconds of silence,
 and a server sending a byte at a time is cut off too: a watcher thread shuts down the
 download's sockets when a rule breaks. The worker sets the limits for the request in a
-context variable (``download_limits``, ``limit_to_request``), so callers pass only the URL.
+context variable (see ``engine.common.download_limits``), so callers pass only the URL.
 
 Every failure is a RequestError naming the request's field, with a fixed text per kind of
 failure: the URL's user info and query string, the proxy's address and the server's words go
@@ -29,10 +29,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+from engine.common.download_limits import DownloadLimits, current_limits
 from engine.common.errors import RequestError
 
 log = logging.getLogger(__name__)
@@ -46,49 +46,6 @@ WATCH_EVERY_S = 0.1
 
 def size_text(count: float) -> str:
     return f"{count / 1e6:.1f} MB" if count >= 100_000 else f"{count / 1e3:.0f} KB"
-
-
-@dataclass(frozen=True)
-class DownloadLimits:
-    """How long a download may take and how slowly its server may send."""
-
-    timeout_s: float = 60.0
-    min_bytes_per_s: float = 50_000.0
-    grace_s: float = 5.0
-    """How long a download may run below the minimum rate before it is held to it (counted from the
-    connection, so a server that is silent before its headers is held to it too)."""
-    started: float | None = None
-    """``time.monotonic()`` when the job began."""
-    request_deadline: float | None = None
-    """``time.monotonic()`` when the request's ``timeout_s`` runs out."""
-    request_timeout_s: float | None = None
-
-
-DEFAULT_LIMITS = DownloadLimits()
-"""Outside a job (a direct call): the settings' defaults, with no request deadline."""
-_limits: contextvars.ContextVar[DownloadLimits | None] = contextvars.ContextVar("download_limits", default=None)
-
-
-def current_limits() -> DownloadLimits:
-    return _limits.get() or DEFAULT_LIMITS
-
-
-@contextlib.contextmanager
-def download_limits(timeout_s: float, min_bytes_per_s: float, grace_s: float = 5.0) -> Iterator[None]:
-    """Within: downloads follow the deployment's limits (the worker wraps each job in it)."""
-    token = _limits.set(DownloadLimits(timeout_s, min_bytes_per_s, grace_s, started=time.monotonic()))
-    try:
-        yield
-    finally:
-        _limits.reset(token)
-
-
-def limit_to_request(timeout_s: float) -> None:
-    """Within the current ``download_limits``: downloads also end by the request's deadline, ``timeout_s``
-    after the job began. Outside one it does nothing, so no deadline outlives its job."""
-    limits = _limits.get()
-    if limits is not None and limits.started is not None:
-        _limits.set(replace(limits, request_deadline=limits.started + timeout_s, request_timeout_s=timeout_s))
 
 
 def check_url(url: str, field: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from engine.common.downloads import limit_to_request
+from engine.common.download_limits import limit_to_request
 from engine.common.errors import Problems
 from engine.models.controlnet_folders import ControlNetFolders
 from engine.models.model import Model

@@ -22,7 +22,7 @@ from PIL import Image
 from engine.backends.assemble import build_chains, share_torch_weights
 from engine.backends.chain import ChainCalls, RunnerChain
 from engine.backends.torch import LazyTorchRunner
-from engine.common.downloads import download_limits
+from engine.common.download_limits import download_limits
 from engine.common.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
 from engine.common.faults import DeviceFaults, is_out_of_memory
 from engine.common.logs import request_context

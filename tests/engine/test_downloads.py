@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator
 import pytest
 import runpod.serverless.utils.rp_ssrf  # noqa: F401 - imported here, not inside the first timed download
 
-from engine.common.downloads import download, download_limits, download_to, limit_to_request
+from engine.common.download_limits import download_limits, limit_to_request
+from engine.common.downloads import download, download_to
 from engine.common.errors import RequestError
 from engine.common.logs import JsonFormatter
 
