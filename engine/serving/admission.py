@@ -167,7 +167,7 @@ class Admission:
         if negatives is not None and {"guidance_scale", "true_cfg_scale"} <= fields.keys():
             scale = self.limits.default_guidance_scale if guidance[0] is None else guidance[0]
             if family.classifier_free_scale(scale, guidance[1], True) is not None:
-                texts["negative_prompt"] = negatives * len(prompts) if prompts and len(negatives) == 1 else negatives
+                texts["negative_prompt"] = negatives  # as sent: one serves every prompt, named once
         syntax = fields.get("prompt_syntax") or self.limits.prompt_syntaxes[0]
         lengths = {}
         for field, found in texts.items():

@@ -12,11 +12,14 @@ The tiny models' tokenizer spells words out, so 200 characters are about 170 tok
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from compel import Compel, ReturnedEmbeddingsType
 from compel.embeddings_provider import SplitLongTextMode
 
+from engine.common.errors import RequestError
 from engine.prompts.tokens import chunked_inputs, tokenize_prompt
 from tests.prompts.conftest import conditioning
 
@@ -133,3 +136,12 @@ def test_break_encodes_each_part_as_its_own_chunk(request, family):
     torch.testing.assert_close(joined["encoder_hidden_states"][1], expected[1], rtol=0, atol=1e-6)
     if "text_embeds" in joined:
         torch.testing.assert_close(joined["text_embeds"][1], second["text_embeds"][1], rtol=0, atol=1e-6)
+
+
+def test_one_negative_prompt_too_long_is_named_once_however_many_prompts_it_serves(sd):
+    worker, _ = sd
+    payload = {"prompt": ["a fox", "a cat", "a hare"], "negative_prompt": "blur " * 300}
+    with pytest.raises(RequestError) as refused:
+        worker.admission.admit(payload)
+    rule = r"negative_prompt: \d+ tokens make \d+ chunks of 75; at most \d+ \(\d+ tokens, MAX_PROMPT_CHUNKS\)"
+    assert re.fullmatch(rule, str(refused.value)), refused.value
