@@ -124,6 +124,12 @@ class LoraFiles:
         self._lock = threading.Lock()
 
     def by_name(self, name: str, field: str) -> LoraFile:
+        target = self.locate(name, field)
+        return LoraFile(name, target, self._digest(target))
+
+    def locate(self, name: str, field: str) -> Path:
+        """The file a ``name`` entry means, checked without reading it whole (name rules, inside the
+        folder, a safetensors header): admission runs this before any download."""
         check_name(name, field)
         path = Path(name)
         if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -141,7 +147,7 @@ class LoraFiles:
             check_safetensors(target)
         except HeaderError as error:
             raise RequestError(f"{field}: {name!r} is {error}") from None
-        return LoraFile(name, target, self._digest(target))
+        return target
 
     def by_url(self, url: str, field: str, in_use: Collection[Path] = ()) -> LoraFile:
         """The file at ``url``, from the cache or downloaded into it; ``in_use`` (the request's other

@@ -2,14 +2,16 @@
 
 Every check of a request happens here, in two rounds. The first costs no download: the
 schema (types, ranges, rules across fields), what the model's family offers, the mask an
-inpainting model needs, the ControlNet folders against the model, and the prompts' length
-in the text encoders' tokens. Each of these reads the fields that passed the schema on their
-own, so one bad field does not hide another field's problem; a check whose field failed is
+inpainting model needs, the ControlNet folders against the model, the LoRA files named from
+LORA_DIR (found, their headers read), and the prompts' length in the text encoders' tokens.
+Each of these reads the fields that passed the schema on their own, so one bad field does
+not hide another field's problem; a check whose field failed is
 skipped, the schema has named it. Only a request that passes them all has its input, mask
 and control images fetched and decoded, so a refusal never waits for a download; then the
 size in pixels, which an input image can set. What comes out has every default filled in
 and its token and chunk counts measured; the ControlNet components it names are listed, for
-the worker to give runner chains after admission.
+the worker to give runner chains after admission. LoRA URLs are fetched, and LoRA files read
+whole, by the worker after admission, once the request's memory check has passed without them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image
 
 from engine.common.download_limits import limit_to_request
 from engine.common.errors import Problems
+from engine.lora.files import LoraFiles
 from engine.models.controlnet_folders import ControlNetFolders
 from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
@@ -66,9 +69,10 @@ def model_limits(settings: Settings, model: Model) -> Limits:
 class Admission:
     """The checks one model's worker runs on every job's input."""
 
-    def __init__(self, settings: Settings, model: Model, controlnets: ControlNetFolders):
+    def __init__(self, settings: Settings, model: Model, controlnets: ControlNetFolders, loras: LoraFiles):
         self.model = model
         self.controlnets = controlnets
+        self.loras = loras
         self.max_prompt_chunks = settings.max_prompt_chunks
         self.limits = model_limits(settings, model)
         self.image_limits = ImageLimits(
@@ -83,6 +87,7 @@ class Admission:
         problems = Problems(checked.problems)
         problems.found += self._family_problems(fields)
         components = self._controlnet_components(fields, problems)
+        self._locate_loras(fields, problems)
         lengths = problems.check(self._measure_prompts, fields)
         problems.raise_any()
         draft = checked.request
@@ -153,6 +158,15 @@ class Admission:
             for index, entry in enumerate(entries)
         ]
         return tuple(component for component in found if component is not None)
+
+    def _locate_loras(self, fields: Mapping[str, Any], problems: Problems) -> None:
+        """Each LoRA named from LORA_DIR found and its header read, its problem kept in ``problems``; URLs
+        are fetched (and LoRA files read whole) after admission, once the memory check has passed."""
+        if not self.model.family.lora_targets:
+            return  # the family check names the field
+        for index, entry in enumerate(fields.get("loras") or ()):
+            if entry.name is not None:
+                problems.check(self.loras.locate, entry.name, f"loras[{index}].name")
 
     def _measure_prompts(self, fields: Mapping[str, Any]) -> dict[str, list[PromptLength]]:
         """Each prompt's (and each negative prompt's the family encodes) token and chunk counts; refuses

@@ -81,7 +81,7 @@ class Worker:
             self._preload_controlnets(settings.preload_controlnets)
             self.cold_start.mark("controlnets_load")
         self.delivery = Delivery(settings)
-        self.admission = Admission(settings, self.model, self.controlnets)
+        self.admission = Admission(settings, self.model, self.controlnets, self.loras.files)
         self.limits = self.admission.limits
         log.info(
             "worker ready",

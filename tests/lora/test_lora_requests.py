@@ -135,6 +135,13 @@ def test_every_bad_entry_is_named_in_one_error(worker):
     assert message.startswith(f"{first}; {second}")
 
 
+def test_a_lora_name_is_checked_with_the_rest_of_the_request(worker):
+    """A bad name and a bad width in one reply: names are found at admission, before anything is read."""
+    response = worker.handle({"input": {**PAYLOAD, "width": 65, "loras": [{"name": "missing"}]}})
+    assert response["status"] == "error"
+    assert "width" in response["error"] and "loras[0].name: no LoRA named 'missing'" in response["error"]
+
+
 def test_unknown_names_show_neither_the_folder_nor_its_files(worker, lora_dir):
     message = error_of(worker, [{"name": "missing"}])
     assert message == "loras[0].name: no LoRA named 'missing'"
