@@ -5,10 +5,10 @@ schema (types, ranges, rules across fields), what the model's family offers, the
 inpainting model needs, the ControlNet folders against the model, the LoRA files named from
 LORA_DIR (found, their headers read), and the prompts' length in the text encoders' tokens.
 Each of these reads the fields that passed the schema on their own, so one bad field does
-not hide another field's problem; a check whose field failed is
-skipped, the schema has named it. Only a request that passes them all has its input, mask
-and control images fetched and decoded, so a refusal never waits for a download; then the
-size in pixels, which an input image can set. What comes out has every default filled in
+not hide another field's problem; a check whose field failed is skipped, the schema has
+named it. Only a request that passes them all has its input, mask and control images
+fetched and decoded, so a refusal never waits for a download; then the size in pixels,
+which an input image can set. What comes out has every default filled in
 and its token and chunk counts measured; the ControlNet components it names are listed, for
 the worker to give runner chains after admission. LoRA URLs are fetched, and LoRA files read
 whole, by the worker after admission, once the request's memory check has passed without them.
