@@ -10,6 +10,8 @@ tiny model on two cores. So the collector is paused from the first line; what th
 half a million; and once the worker is loaded, one collection frees whatever loading left in
 cycles (an exception's frames holding a host buffer, say) before the survivors are frozen too.
 The collections that requests trigger then scan only what requests make, never the model.
+A frozen object dropped in a cycle later (a runner replaced after a fault, say) is freed only
+by a collection that unfreezes first: the worker runs one after a failed request.
 """
 
 from __future__ import annotations
@@ -32,3 +34,11 @@ def settle_collector() -> None:
     gc.collect()
     gc.freeze()
     gc.enable()
+
+
+def collect_everything() -> None:
+    """A collection that sees the frozen objects too, then freezes the survivors again: after a fault,
+    whatever start-up made and the fault dropped in a cycle is freed with the rest."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()

@@ -7,7 +7,6 @@ the worker itself keeps serving.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import secrets
 import threading
@@ -39,6 +38,7 @@ from engine.request.schema import parse_request
 from engine.serving.admission import Admission
 from engine.serving.delivery import Delivery, EncodedImage
 from engine.serving.encode import encode_image
+from engine.serving.heap import collect_everything
 from engine.serving.memory import check_fits
 from engine.serving.report import Ran, controlnet_metrics, job_metrics
 from engine.settings import Settings, TorchFallback
@@ -173,7 +173,7 @@ class Worker:
         return self._error(job_id, f"internal error: the worker logged the details (request {job_id})")
 
     def _free_memory(self) -> None:
-        gc.collect()
+        collect_everything()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

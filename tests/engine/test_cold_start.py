@@ -10,7 +10,7 @@ import weakref
 import pytest
 
 from engine.common.metrics import ColdStart
-from engine.serving.heap import freeze_imports, pause_collector, settle_collector
+from engine.serving.heap import collect_everything, freeze_imports, pause_collector, settle_collector
 from engine.serving.startup import start
 from tests.conftest import use_settings_env
 
@@ -50,6 +50,23 @@ def test_the_collector_pauses_for_start_up_and_frees_what_loading_dropped(collec
     assert dropped() is None, "the cycle loading dropped is freed, not frozen"
     assert gc.isenabled()
     assert not tracked(survivor), "what loading kept is frozen too"
+
+
+def test_after_a_fault_a_frozen_object_dropped_in_a_cycle_is_freed(collector_restored):
+    runner = Node()
+    runner.partner = Node()
+    runner.partner.partner = runner
+    settle_collector()
+    assert not tracked(runner), "start-up's objects are frozen"
+    replaced = weakref.ref(runner)
+    del runner
+    gc.collect()
+    assert replaced() is not None, "an ordinary collection does not see a frozen cycle"
+    collect_everything()
+    assert replaced() is None
+    survivor = Node()
+    collect_everything()
+    assert not tracked(survivor), "what survives is frozen again"
 
 
 @pytest.mark.parametrize("model", ["tiny", "/nonexistent/model"], ids=["started", "failed"])
