@@ -21,6 +21,8 @@ from engine.common.errors import ConfigError
 from engine.sizes import parse_ranges
 
 RUNPOD_VOLUME = Path("/runpod-volume")
+RUNPOD_MODEL_CACHE = RUNPOD_VOLUME / "huggingface-cache" / "hub"
+"""Where RunPod's "cached models" endpoint setting puts the model, in huggingface_hub's cache layout."""
 
 
 class Backend(str, Enum):
@@ -78,7 +80,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", protected_namespaces=())
 
     model: str = Field("tiny", description="built-in name, local diffusers folder, or hub id")
-    model_revision: str | None = Field(None, description="hub revision when MODEL is a hub id")
+    model_revision: str | None = Field(
+        None, description="hub revision when MODEL is a hub id: a branch or tag, or a commit hash"
+    )
+    model_cache_dir: Path = Field(
+        RUNPOD_MODEL_CACHE,
+        description="RunPod's model cache (huggingface_hub's layout), read first for a hub id, with no network call",
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir)
     engine_dir: Path = Field(default_factory=default_engine_dir)
     export_work_dir: Path = Field(

@@ -59,9 +59,12 @@ class Worker:
         self.device = resolve_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
         self.faults = DeviceFaults(self.device)
-        self.model: Model = load_model(settings.model, settings.cache_dir, settings.model_revision)
+        self.model: Model = load_model(
+            settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir
+        )
         self.store = Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s)
         self.cold_start.mark("model_resolve")
+        self.cold_start.note("model_source", self.model.source.value)
         read_before = (READS.bytes, READS.seconds)
         self._chains_lock = threading.Lock()
         self.chains = self._build_chains()
@@ -85,7 +88,14 @@ class Worker:
         self.limits = self.admission.limits
         log.info(
             "worker ready",
-            extra={"fields": {"model": settings.model, "device": str(self.device), "precision": self.precision}},
+            extra={
+                "fields": {
+                    "model": settings.model,
+                    "model_source": self.model.source.value,
+                    "device": str(self.device),
+                    "precision": self.precision,
+                }
+            },
         )
 
     def _build_chains(self) -> dict[str, RunnerChain]:
