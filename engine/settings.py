@@ -189,6 +189,16 @@ class Settings(BaseSettings):
         7 * 24 * 3600, ge=1, le=7 * 24 * 3600, description="lifetime of an uploaded image's presigned URL (S3's most)"
     )
 
+    port: int = Field(80, ge=1, le=65535, description="HTTP mode (python -m engine.serve): the API's port")
+    port_health: int | None = Field(
+        None, ge=1, le=65535, description="HTTP mode: the port of GET /ping (RunPod's health check); default PORT"
+    )
+    http_max_waiting: int = Field(
+        2, ge=0, description="HTTP mode: requests waiting while one generates; one more is refused with 429"
+    )
+    http_max_body_bytes: int = Field(64_000_000, gt=0, description="HTTP mode: the largest request body")
+    http_host: str = Field("0.0.0.0", description="HTTP mode: the address the server listens on")
+
     log_level: str = "INFO"
 
     @field_validator("component_backends", mode="before")
