@@ -19,7 +19,11 @@ from engine.common.errors import ModelError
 
 log = logging.getLogger(__name__)
 
-HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
+HUB_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+"""A diffusers folder's files: the index at the top, each component's config, tokenizer and weights below it
+(a repository's single-file checkpoints at the top level are not read)."""
+HUB_IGNORED = ["*.fp16.*", "*non_ema*", "safety_checker/*"]
+"""Weight variants and the safety checker, which the worker never loads (a few GB for SD 1.5)."""
 COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 
 
@@ -109,7 +113,9 @@ def download(name: str, model_cache: Path, revision: str | None) -> Path:
     at = f" at revision {revision!r}" if revision else ""
     log.info("MODEL=%s%s is not in the model cache %s: fetching it from the Hugging Face hub", name, at, model_cache)
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(
+            snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED)
+        )
     except Exception as error:  # offline, unknown repo, gated: the hub's errors are many and untyped
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         detail = str(error).splitlines()[0] if str(error) else "no detail"

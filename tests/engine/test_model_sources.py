@@ -130,3 +130,35 @@ def test_the_cold_start_reports_the_model_source(hub_cache, make_settings, offli
     assert response["status"] == "success", response
     assert response["metrics"]["init_ms"]["model_source"] == "model_cache"
     assert offline == []
+
+
+def test_a_download_takes_the_diffusers_files_and_leaves_variants_and_single_file_checkpoints():
+    from huggingface_hub.utils import filter_repo_objects
+
+    from engine.models.sources import HUB_IGNORED, HUB_PATTERNS
+
+    repo = [
+        "model_index.json",
+        "README.md",
+        "v1-5-pruned.safetensors",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.non_ema.safetensors",
+        "safety_checker/model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer_2/spiece.model",
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+    ]
+    assert list(filter_repo_objects(repo, allow_patterns=HUB_PATTERNS, ignore_patterns=HUB_IGNORED)) == [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer_2/spiece.model",
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+    ]
