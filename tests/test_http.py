@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from engine.http.app import create_app, health_app
 from engine.http.service import Busy, Gate, Service
 from engine.serving.startup import Startup
-from engine.serving.worker import Worker
+from engine.serving.worker import Answer, Worker
 from engine.settings import Settings
 from tests.engine.test_delivery import KEYS
 
@@ -84,6 +84,21 @@ def test_ping_says_starting_ready_or_failed_as_runpod_reads_it(settings, worker)
     health = TestClient(health_app(serving(settings, worker)))
     assert health.get("/ping").status_code == 200
     assert health.post("/generate", json={"input": {"prompt": "a fox"}}).status_code == 404
+
+
+def test_a_gpu_fault_that_asks_for_a_new_worker_turns_ping_unhealthy(settings):
+    class FaultyWorker:
+        def answer(self, job: dict, progress: object = None, upload: bool = False) -> Answer:
+            message = "the GPU failed; this worker will be replaced (request x)"
+            return Answer({"status": "error", "error": message, "refresh_worker": True}, RuntimeError("CUDA"))
+
+    client = TestClient(create_app(serving(settings, FaultyWorker())))
+    assert client.get("/ping").status_code == 200
+    response = client.post("/generate", json={"input": {"prompt": "a fox"}})
+    assert response.status_code == 500 and response.json()["refresh_worker"] is True
+    ping = client.get("/ping")
+    assert ping.status_code == 503 and "the GPU failed" in ping.json()["error"]
+    assert "the GPU failed" in openai_error(client.post("/v1/images/generations", json={"prompt": "a"}), 503, None)
 
 
 def test_a_request_while_the_worker_starts_is_told_to_retry(settings):
