@@ -164,3 +164,13 @@ def test_a_request_while_another_runs_gets_429_with_retry_after(server):
     assert refused is not None, "no request was refused while the slow one ran"
     assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["status"] == "error"
     assert slow[0].status_code == 200
+
+
+def test_a_bad_setting_ends_the_server_with_one_line_naming_it(cache_dir, tmp_path):
+    env = worker_env(cache_dir, tmp_path / "engines", PORT="0", HTTP_MAX_WAITING="-1")
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.serve"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("error: PORT: ") and "HTTP_MAX_WAITING: " in line
