@@ -68,4 +68,7 @@ RUN python -m compileall -q engine export perf
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s --retries=3 \
     CMD ["/bin/sh", "-c", "test -s \"$READY_FILE\" && kill -0 \"$(cat \"$READY_FILE\")\""]
 
+# Queue endpoints run the handler. Load-balancing endpoints run HTTP mode instead: set the template's container
+# start command to `python -u -m engine.serve`; it listens on PORT (80 by default) with /ping on PORT_HEALTH.
+EXPOSE 80
 CMD ["python", "-u", "handler.py"]

@@ -21,6 +21,8 @@ from engine.common.errors import ConfigError
 from engine.sizes import parse_ranges
 
 RUNPOD_VOLUME = Path("/runpod-volume")
+RUNPOD_MODEL_CACHE = RUNPOD_VOLUME / "huggingface-cache" / "hub"
+"""Where RunPod's "cached models" endpoint setting puts the model, in huggingface_hub's cache layout."""
 
 
 class Backend(str, Enum):
@@ -78,7 +80,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", protected_namespaces=())
 
     model: str = Field("tiny", description="built-in name, local diffusers folder, or hub id")
-    model_revision: str | None = Field(None, description="hub revision when MODEL is a hub id")
+    model_revision: str | None = Field(
+        None, description="hub revision when MODEL is a hub id: a branch or tag, or a commit hash"
+    )
+    model_cache_dir: Path = Field(
+        RUNPOD_MODEL_CACHE,
+        description="RunPod's model cache (huggingface_hub's layout), read first for a hub id, with no network call",
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir)
     engine_dir: Path = Field(default_factory=default_engine_dir)
     export_work_dir: Path = Field(
@@ -180,6 +188,16 @@ class Settings(BaseSettings):
     bucket_url_expiry_s: int = Field(
         7 * 24 * 3600, ge=1, le=7 * 24 * 3600, description="lifetime of an uploaded image's presigned URL (S3's most)"
     )
+
+    port: int = Field(80, ge=1, le=65535, description="HTTP mode (python -m engine.serve): the API's port")
+    port_health: int | None = Field(
+        None, ge=1, le=65535, description="HTTP mode: the port of GET /ping (RunPod's health check); default PORT"
+    )
+    http_max_waiting: int = Field(
+        2, ge=0, description="HTTP mode: requests waiting while one generates; one more is refused with 429"
+    )
+    http_max_body_bytes: int = Field(64_000_000, gt=0, description="HTTP mode: the largest request body")
+    http_host: str = Field("0.0.0.0", description="HTTP mode: the address the server listens on")
 
     log_level: str = "INFO"
 

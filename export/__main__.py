@@ -139,7 +139,7 @@ def export(args: argparse.Namespace) -> int:
     configure_logging("WARNING" if settings.log_level.upper() == "INFO" else settings.log_level)
     device = resolve_device(settings.device)
     exporter = Exporter(
-        model=load_model(settings.model, settings.cache_dir, settings.model_revision),
+        model=load_model(settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir),
         store=Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s),
         device=device,
         precision=export_precision(settings.precision, device),

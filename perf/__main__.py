@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(**({"model": args.model} if args.model else {}))
     configure_logging("ERROR")
-    model = load_model(settings.model, settings.cache_dir, settings.model_revision)
+    model = load_model(settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir)
     scenarios = default_scenarios(model, args.steps)
     if args.controlnet:
         scenarios.append(controlnet_scenario(model, args.steps, args.controlnet))

@@ -103,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     if "onnxruntime" in args.backends:
         export = [sys.executable, "-m", "export", "--model", settings.model, "--skip-engines"]
         subprocess.run(export, cwd=ROOT, env=env, capture_output=True, check=True)
-    folder = resolve_model_folder(settings.model, settings.cache_dir, settings.model_revision)
+    folder = resolve_model_folder(settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir)
     job = JOB["input"]
     script = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(folder), job["prompt"], str(job["num_inference_steps"])]
     script.append(str(job["seed"]))
     floor: list[Timed] = []
     plain: list[Timed] = []
     runs: dict[str, list[Timed]] = {backend: [] for backend in args.backends}
-    phases: dict[str, dict[str, float]] = {}
+    phases: dict[str, dict[str, float | str]] = {}
     for _ in range(args.runs):
         floor.append(until_first_line([sys.executable, "-c", "import torch; print('imported')"], env))
         plain.append(until_first_line(script, env))
@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, timed in rows.items():
         ratio = statistics.median(t.seconds / p.seconds for t, p in zip(timed, plain, strict=True))
         backend = label.rpartition(", ")[2]
-        detail = ", ".join(f"{k} {v:.0f}" for k, v in phases.get(backend, {}).items() if not k.startswith("store_read"))
+        detail = ", ".join(
+            f"{k} {v:.0f}"
+            for k, v in phases.get(backend, {}).items()
+            if isinstance(v, float) and not k.startswith("store_read")
+        )
         seconds = statistics.median(t.seconds for t in timed)
         cpu = statistics.median(t.cpu_seconds for t in timed)
         print(f"| {label} | {seconds:.2f} | {ratio:.2f} | {cpu:.2f} | {detail} |")

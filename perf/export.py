@@ -96,7 +96,7 @@ def print_table(rows: list[dict], wall_s: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(**({"model": args.model} if args.model else {}))
-    model = load_model(settings.model, settings.cache_dir, settings.model_revision)
+    model = load_model(settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir)
     weights = {component: weight_bytes(model, component) for component in model.components}
     with tempfile.TemporaryDirectory(prefix="perf-export-") as engine_dir:
         wall_s = run_export(settings.model, args.precision, args.components, Path(engine_dir))

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(**({"model": args.model} if args.model else {}))
     configure_logging("ERROR")
-    model = load_model(settings.model, settings.cache_dir, settings.model_revision)
+    model = load_model(settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir)
     with tempfile.TemporaryDirectory(prefix="perf-loras-") as temporary:
         lora_dir = args.lora_dir or Path(temporary)
         if args.lora_dir is None:

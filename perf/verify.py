@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     payload |= {"num_inference_steps": args.steps, "seed": 42, "scheduler": "euler", "num_images": 1}
     with tempfile.TemporaryDirectory() as loras:
         settings = load_settings().model_copy(update={"lora_dir": Path(loras), "backend": Backend(args.backend)})
-        model = load_model(settings.model, settings.cache_dir, settings.model_revision)
+        model = load_model(settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir)
         write_pair(model, Path(loras), rank=4)
         graphs = args.backend == "tensorrt" and settings.cuda_graphs
         candidate = run_candidate(settings, payload, graphs)

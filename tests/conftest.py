@@ -176,3 +176,24 @@ def store(exported: Path, tmp_path: Path) -> Store:
 @pytest.fixture
 def model(cache_dir: Path):
     return load_model("tiny", cache_dir)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 API on a loopback port, with the bucket ``images`` (keys test-key, test-secret)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="test-key",
+        aws_secret_access_key="test-secret",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="images")
+    yield endpoint
+    server.stop()

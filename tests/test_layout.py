@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine.lora", "engine.backends"),
     ("engine.pipeline",),
     ("engine.serving", "engine.__main__"),
+    ("engine.http", "engine.serve"),
     ("export",),
     ("perf",),
 ]

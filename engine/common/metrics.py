@@ -167,6 +167,8 @@ class ColdStart:
         self._last = self._start
         self.phases_ms: dict[str, float] = {}
         self.store_read: tuple[int, float] | None = None
+        self.notes: dict[str, str] = {}
+        """Facts of the start-up that are not times, such as ``model_source``."""
         self.reported = False
 
     def record_store_read(self, count: int, seconds: float) -> None:
@@ -178,15 +180,19 @@ class ColdStart:
         self.phases_ms[phase] = round((now - self._last) * 1000.0, 1)
         self._last = now
 
-    def summary(self) -> dict[str, float]:
-        summary = {**self.phases_ms, "total": round((self._last - self._start) * 1000.0, 1)}
+    def note(self, name: str, value: str) -> None:
+        self.notes[name] = value
+
+    def summary(self) -> dict[str, float | str]:
+        summary: dict[str, float | str] = {**self.phases_ms, "total": round((self._last - self._start) * 1000.0, 1)}
         if self.store_read is not None and self.store_read[0]:
             count, seconds = self.store_read
             summary["store_read_mb"] = round(count / 1e6, 1)
             summary["store_read_mb_per_s"] = round(count / 1e6 / max(seconds, 1e-6), 1)
+        summary.update(self.notes)
         return summary
 
-    def take_first(self) -> dict[str, float] | None:
+    def take_first(self) -> dict[str, float | str] | None:
         """The breakdown the first time it is asked for, None afterwards."""
         if self.reported:
             return None

@@ -30,13 +30,14 @@ from engine.models.flux_variants import VARIANTS, flux_variant
 from engine.models.sd import StableDiffusion
 from engine.models.sd3 import StableDiffusion3
 from engine.models.sdxl import StableDiffusionXL
+from engine.models.sources import ModelLocation, ModelSource, is_hub_id, local_folder, locate_hub_model
+from engine.settings import RUNPOD_MODEL_CACHE as MODEL_CACHE
 from engine.spec import ComponentSpec
 
 log = logging.getLogger(__name__)
 
 FAMILIES: tuple[ModelFamily, ...] = (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), *VARIANTS)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors"]
 
 
 def family_for(pipeline_class: str) -> ModelFamily:
@@ -47,31 +48,29 @@ def family_for(pipeline_class: str) -> ModelFamily:
     raise ModelError(f"unsupported pipeline {pipeline_class!r}; supported: {known}")
 
 
-def resolve_model_folder(name: str, cache_dir: Path, revision: str | None = None) -> Path:
-    """A built-in name, a local diffusers folder, or (explicitly) a Hugging Face hub id."""
+def locate_model(
+    name: str, cache_dir: Path, revision: str | None = None, model_cache: Path = MODEL_CACHE
+) -> ModelLocation:
+    """A built-in name, a hub id (RunPod's model cache, a local folder of that name, or a download), or a local
+    diffusers folder; with where it was found."""
     if name in BUILTIN_MODELS:
-        return builtin_model_folder(name, cache_dir)
+        return ModelLocation(builtin_model_folder(name, cache_dir), ModelSource.BUILTIN)
+    if is_hub_id(name):
+        return locate_hub_model(name, model_cache, revision)
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"{path} is not a diffusers model folder: model_index.json is missing")
-        return path.resolve()
-    if name.count("/") == 1 and not name.startswith(("/", ".", "~")):
-        from huggingface_hub import snapshot_download
-
-        log.info("downloading %s from the Hugging Face hub", name)
-        try:
-            return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
-        except Exception as error:  # offline, unknown repo, gated: the hub's errors are many and untyped
-            raise ModelError(
-                f"MODEL={name}: cannot download it from the Hugging Face hub ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else 'no detail'}); download it once and set MODEL "
-                "to its local folder"
-            ) from error
+        return ModelLocation(local_folder(path), ModelSource.FOLDER)
     builtins = ", ".join(BUILTIN_MODELS)
     raise ModelError(
         f"MODEL={name}: not a built-in model ({builtins}), an existing diffusers folder, or a hub id (owner/name)"
     )
+
+
+def resolve_model_folder(
+    name: str, cache_dir: Path, revision: str | None = None, model_cache: Path = MODEL_CACHE
+) -> Path:
+    """The folder ``locate_model`` finds."""
+    return locate_model(name, cache_dir, revision, model_cache).folder
 
 
 @dataclass
@@ -82,6 +81,8 @@ class Model:
     folder: Path
     family: ModelFamily
     config: ModelConfig
+    source: ModelSource = ModelSource.FOLDER
+    """Where the folder was found: built in, RunPod's model cache, a local folder, or the hub."""
     controlnets: dict[str, Path] = field(default_factory=dict)
     """Components added for ControlNets (``controlnet.<name>``), each with its folder."""
 
@@ -165,8 +166,9 @@ class Model:
         return missing
 
 
-def load_model(name: str, cache_dir: Path, revision: str | None = None) -> Model:
-    folder = resolve_model_folder(name, cache_dir, revision)
+def load_model(name: str, cache_dir: Path, revision: str | None = None, model_cache: Path = MODEL_CACHE) -> Model:
+    location = locate_model(name, cache_dir, revision, model_cache)
+    folder = location.folder
     index = json.loads((folder / "model_index.json").read_text())
     family = family_for(index["_class_name"])
     subfolders = {family.weight_folder(c) for c in family.components} | {"scheduler"}
@@ -174,7 +176,7 @@ def load_model(name: str, cache_dir: Path, revision: str | None = None) -> Model
     missing = Model(name=name, folder=folder, family=family, config=config).missing_files()
     if missing:
         raise ModelError(f"model folder {folder} is incomplete: missing {', '.join(missing)}")
-    return Model(name=name, folder=folder, family=family_of(config, family), config=config)
+    return Model(name=name, folder=folder, family=family_of(config, family), config=config, source=location.source)
 
 
 def family_of(config: ModelConfig, named: ModelFamily) -> ModelFamily:

@@ -54,12 +54,15 @@ class Delivery:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    def deliver(self, job_id: str, images: list[EncodedImage]) -> tuple[list[dict[str, Any]], str]:
-        """Output items and how they were delivered ("inline", "bucket", or inline after a failed upload)."""
+    def deliver(
+        self, job_id: str, images: list[EncodedImage], upload: bool = False
+    ) -> tuple[list[dict[str, Any]], str]:
+        """Output items and how they were delivered ("inline", "bucket", or inline after a failed upload);
+        ``upload`` asks for the bucket whatever the size, as ALWAYS_UPLOAD does for every job."""
         size = inline_size(images)
         fits = size <= self.settings.max_inline_bytes
         how = "inline"
-        if self.settings.bucket_configured and (self.settings.always_upload or not fits):
+        if self.settings.bucket_configured and (self.settings.always_upload or upload or not fits):
             try:
                 return self._upload_all(job_id, images), "bucket"
             except UploadFailed as error:

@@ -31,7 +31,7 @@ def gpu_visible(settings: Settings) -> None:
 
 def model_complete(settings: Settings) -> None:
     """The model folder exists and holds every file its family needs (load_model checks)."""
-    load_model(settings.model, settings.cache_dir, settings.model_revision)
+    load_model(settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir)
 
 
 def engine_store_readable(settings: Settings) -> None:

@@ -40,7 +40,7 @@ def job_metrics(
     device: torch.device,
     precision: str,
     engines: Sequence[TensorRTBackend],
-    init_ms: dict[str, float] | None,
+    init_ms: dict[str, float | str] | None,
 ) -> dict[str, Any]:
     """The request's figures, with the cold start's breakdown (``init_ms``) on a worker's first job."""
     timer, calls = ran.timer, ran.calls

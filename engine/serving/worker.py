@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,14 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[dict[str, Any]], None]
 
 
+@dataclass(frozen=True)
+class Answer:
+    """A job's response, and the exception that made it an error (None on success)."""
+
+    response: dict[str, Any]
+    error: Exception | None = None
+
+
 class Worker:
     """One model, its runner chains and the pipeline, loaded once per process."""
 
@@ -59,9 +67,12 @@ class Worker:
         self.device = resolve_device(settings.device)
         self.precision = resolve_precision(settings.precision, self.device)
         self.faults = DeviceFaults(self.device)
-        self.model: Model = load_model(settings.model, settings.cache_dir, settings.model_revision)
+        self.model: Model = load_model(
+            settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir
+        )
         self.store = Store(settings.engine_dir, settings.lock_stale_s, settings.lock_heartbeat_s)
         self.cold_start.mark("model_resolve")
+        self.cold_start.note("model_source", self.model.source.value)
         read_before = (READS.bytes, READS.seconds)
         self._chains_lock = threading.Lock()
         self.chains = self._build_chains()
@@ -85,7 +96,14 @@ class Worker:
         self.limits = self.admission.limits
         log.info(
             "worker ready",
-            extra={"fields": {"model": settings.model, "device": str(self.device), "precision": self.precision}},
+            extra={
+                "fields": {
+                    "model": settings.model,
+                    "model_source": self.model.source.value,
+                    "device": str(self.device),
+                    "precision": self.precision,
+                }
+            },
         )
 
     def _build_chains(self) -> dict[str, RunnerChain]:
@@ -141,17 +159,22 @@ class Worker:
 
     def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         """A RunPod job in, a response dict out; never raises for a bad job."""
+        return self.answer(job, progress).response
+
+    def answer(self, job: dict[str, Any], progress: ProgressCallback | None = None, upload: bool = False) -> Answer:
+        """``handle``'s response with the exception behind an error, for a caller that maps it to a status
+        code; ``upload`` sends the images to the bucket whatever their size."""
         job_id = str(job.get("id", "local"))
         downloads = download_limits(self.settings.download_timeout_s, self.settings.download_min_bytes_per_s)
         with request_context(job_id), downloads:
             started = time.perf_counter()
             try:
-                return self._generate(job.get("input"), job_id, started, progress)
+                return Answer(self._generate(job.get("input"), job_id, started, progress, upload))
             except WorkerError as error:
                 log.warning("job failed: %s", error)
-                return self._error(job_id, str(error))
+                return Answer(self._error(job_id, str(error)), error)
             except Exception as error:
-                return self._fault(job_id, error)
+                return Answer(self._fault(job_id, error), error)
 
     def _error(self, job_id: str, message: str, **extra: Any) -> dict[str, Any]:
         return {"status": "error", "error": message, "request_id": job_id, **extra}
@@ -192,7 +215,9 @@ class Worker:
 
         return on_step
 
-    def _generate(self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None) -> dict[str, Any]:
+    def _generate(
+        self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None, upload: bool = False
+    ) -> dict[str, Any]:
         timer = StageTimer(self.device)
         request, inputs = self.resolve(payload)
         self._check_memory(request)
@@ -222,7 +247,7 @@ class Worker:
                 )
                 for seed, image in zip(seeds, images, strict=True)
             ]
-            output, delivery = self.delivery.deliver(job_id, encoded)
+            output, delivery = self.delivery.deliver(job_id, encoded, upload)
         metrics = job_metrics(
             request,
             Ran(job_id, started, timer, calls, self.model.scheduler_config["_class_name"], graphs),

@@ -27,7 +27,7 @@ from tests.conftest import ROOT
         (
             {"MODEL": "nobody/no-such-model", "HF_HUB_OFFLINE": "1"},
             1,
-            "error: MODEL=nobody/no-such-model: cannot download it from the Hugging Face hub",
+            "error: MODEL=nobody/no-such-model: not in the model cache",
         ),
     ],
 )

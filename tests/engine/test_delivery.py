@@ -6,7 +6,6 @@ import base64
 import logging
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 import requests
 
@@ -18,25 +17,6 @@ from tests.conftest import free_port
 
 REQUEST = {"prompt": "a red fox", "num_inference_steps": 2, "seed": 9, "num_images": 2}
 KEYS = {"bucket_access_key_id": "test-key", "bucket_secret_access_key": "test-secret", "bucket_name": "images"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="test-key",
-        aws_secret_access_key="test-secret",
-        region_name="us-east-1",
-    ).create_bucket(Bucket="images")
-    yield endpoint
-    server.stop()
 
 
 @pytest.fixture(scope="module")

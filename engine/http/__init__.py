@@ -1,0 +1,1 @@
+"""HTTP mode: the worker behind an ASGI app, for RunPod's load-balancing endpoints."""
