@@ -66,6 +66,7 @@ def payload(name: str, scale: float = 0.8, lora: bool = False) -> dict:
 def test_onnxruntime_matches_torch(workers, name, lora):
     torch_image = image_of(workers["torch"].handle({"input": payload(name, lora=lora)}))
     response = workers["onnxruntime"].handle({"input": payload(name, lora=lora)})
+    assert response["status"] == "success", response
     backends = response["metrics"]["backends"]
     assert set(backends.values()) == {"onnxruntime"}, response["metrics"]["fallbacks"]
     assert {"image_encoder.models", "unet_ip"} <= set(backends)
