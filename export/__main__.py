@@ -29,7 +29,7 @@ from engine.devices import resolve_device, resolve_precision
 from engine.lora.ip_adapters import IpAdapterFiles
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
-from engine.models.ip_adapter import IP_DENOISER
+from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
 from engine.models.model import Model, load_model
 from engine.settings import Precision, Settings, load_settings
 from engine.sizes import parse_ranges
@@ -138,12 +138,14 @@ def summarize(artifact: Artifact) -> str:
     return f"{artifact.path.name}  max |{artifact.key.kind} - torch| {worst:.2e}"
 
 
-def add_ip_adapters(model: Model, settings: Settings, names: list[str]) -> list[str]:
-    """The components that serve the named IP-Adapters (each checked against the model), made part of it."""
+def add_ip_adapters(model: Model, settings: Settings, names: list[str], controlled: bool) -> list[str]:
+    """The components that serve the named IP-Adapters (each checked against the model), made part of it:
+    with ``controlled`` (ControlNets exported too), the controlled IP denoiser as well."""
     assert settings.ip_adapter_dir is not None  # Settings fills it in
     files = IpAdapterFiles(settings.ip_adapter_dir, model, settings.max_lora_bytes)
     adapters = [files.resolve(name, "--ip-adapters") for name in names]
-    return list(dict.fromkeys([*(c for a in adapters for c in (a.encoder, a.projection)), IP_DENOISER]))
+    denoisers = (IP_DENOISER, CONTROLLED_IP_DENOISER) if controlled else (IP_DENOISER,)
+    return list(dict.fromkeys([*(c for a in adapters for c in (a.encoder, a.projection)), *denoisers]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +176,7 @@ def export(args: argparse.Namespace) -> int:
     if controlnets:
         components += [*controlnets, CONTROLLED_UNET]
     if args.ip_adapters:
-        components += add_ip_adapters(model, settings, args.ip_adapters)
+        components += add_ip_adapters(model, settings, args.ip_adapters, controlled=bool(controlnets))
     builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
     summary = []
     with tqdm(components, desc="export", unit="component") as bar:

@@ -126,7 +126,9 @@ class SharedTorchRunner(Runner):
 
 class AdapterTorchRunner(SharedTorchRunner):
     """The IP denoiser on the UNet's torch runner: the UNet's weights (and LoRA state) are that runner's,
-    the IP matrices are the wrapper's own, set from their base values as the patch asks."""
+    the IP matrices are the wrapper's own, set from their base values as the patch asks. Its weights are
+    the patch's only while the owner's are and its own were set last with that key (two IP denoisers
+    share an owner: the plain and the controlled one)."""
 
     def __init__(
         self,
@@ -138,6 +140,16 @@ class AdapterTorchRunner(SharedTorchRunner):
         super().__init__(spec, owner, wrap)
         self.own_prefix = own_prefix
         self._own_base: dict[str, torch.Tensor] = {}
+        self._own_key: str | None = None
+
+    @property
+    def weights_key(self) -> str | None:  # type: ignore[override]
+        key = self.owner.weights_key
+        return key if key == self._own_key else None
+
+    @weights_key.setter
+    def weights_key(self, key: str | None) -> None:
+        self.owner.weights_key = self._own_key = key
 
     def _wrapped(self) -> torch.nn.Module:
         if self._module is None:

@@ -5,12 +5,12 @@ keys) has two parts. Its image projection turns the image encoder's output into 
 the UNet's cross-attention width; each is a component of its own (``ip_projection.<name>``), as is
 each image encoder folder (``image_encoder.<key>``). Its ``to_k_ip``/``to_v_ip`` matrices give every
 cross-attention layer a second attention over those tokens, added at the request's scale: that is
-the IP denoiser (``unet_ip``), the UNet with the tokens (``ip_tokens``, any count) and the scale
-(``ip_scale``) as inputs and diffusers' own ``IPAdapterAttnProcessor2_0`` in its cross-attention
-layers. Its IP matrices are parameters like the UNet's, so switching adapters is a weight patch
-(base + delta, as a LoRA switch); their base values are fixed placeholders, distinct per matrix,
-so an export's weight map finds each by content. A request without image prompts runs the plain
-UNet.
+the IP denoiser (``unet_ip``; ``unet_controlled_ip`` for the controlled UNet), the UNet with the
+tokens (``ip_tokens``, any count) and the scale (``ip_scale``) as inputs and diffusers' own
+``IPAdapterAttnProcessor2_0`` in its cross-attention layers. Its IP matrices are parameters like the
+UNet's, so switching adapters is a weight patch (base + delta, as a LoRA switch); their base values
+are fixed placeholders, distinct per matrix, so an export's weight map finds each by content. A
+request without image prompts runs the plain UNet.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from engine.spec import ComponentSpec, TensorSpec
 
 IP_DENOISER = "unet_ip"
 """The UNet variant with image-prompt inputs; it shares the UNet's weights, fingerprint and LoRAs."""
+CONTROLLED_IP_DENOISER = "unet_controlled_ip"
+"""The controlled UNet (ControlNet residuals) with the same image-prompt inputs, for steps where a
+ControlNet acts in a request with image prompts."""
 IMAGE_ENCODER_PREFIX = "image_encoder."
 PROJECTION_PREFIX = "ip_projection."
 IP_TOKENS = "ip_tokens"

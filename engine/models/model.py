@@ -28,6 +28,7 @@ from engine.models.family import ModelFamily
 from engine.models.flux import Flux
 from engine.models.flux_variants import VARIANTS, flux_variant
 from engine.models.ip_adapter import (
+    CONTROLLED_IP_DENOISER,
     IMAGE_ENCODER_PREFIX,
     IP_DENOISER,
     PROJECTION_PREFIX,
@@ -165,6 +166,9 @@ class Model:
         self.specs[projection] = projection_spec(projection, layout, sequence)
         denoiser = ip_denoiser_spec(self.specs["unet"], IP_DENOISER, layout.cross_attention_dim)
         self.specs.setdefault(IP_DENOISER, denoiser)
+        self.specs.setdefault(CONTROLLED_UNET, controlled_unet_spec(self.specs["unet"], self.config.configs["unet"]))
+        controlled = ip_denoiser_spec(self.specs[CONTROLLED_UNET], CONTROLLED_IP_DENOISER, layout.cross_attention_dim)
+        self.specs.setdefault(CONTROLLED_IP_DENOISER, controlled)
         self.image_encoders[encoder_component] = encoder
         self.ip_files[projection] = file
         return encoder_component, projection
@@ -182,7 +186,7 @@ class Model:
             return self.ip_files[component]
         if component in self.image_encoders:
             return self.image_encoders[component]
-        unet = component in (CONTROLLED_UNET, IP_DENOISER)
+        unet = component in (CONTROLLED_UNET, IP_DENOISER, CONTROLLED_IP_DENOISER)
         return self.folder / self.family.weight_folder("unet" if unet else component)
 
     def torch_module(self, component: str, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
@@ -193,6 +197,8 @@ class Model:
             return self.controlled_unet(self.family.torch_module("unet", self.folder, dtype, weights))
         if component == IP_DENOISER:
             return self.ip_denoiser(self.family.torch_module("unet", self.folder, dtype, weights))
+        if component == CONTROLLED_IP_DENOISER:
+            return self.controlled_ip_denoiser(self.family.torch_module("unet", self.folder, dtype, weights))
         if component in self.image_encoders:
             from transformers import CLIPVisionModelWithProjection
 
@@ -209,6 +215,10 @@ class Model:
     def ip_denoiser(unet: torch.nn.Module) -> torch.nn.Module:
         """The IP denoiser on the weights of a UNet module (a fresh one, or the torch runner's own)."""
         return IPAdapterDenoiser(unet, unet.unet)
+
+    def controlled_ip_denoiser(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The controlled IP denoiser on the weights of a UNet module."""
+        return IPAdapterDenoiser(self.controlled_unet(unet), unet.unet)
 
     def controlled_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The controlled UNet on the weights of a UNet module (a fresh one, or the torch runner's own)."""

@@ -36,7 +36,7 @@ from engine.common.errors import NonFiniteOutput
 from engine.common.metrics import StageTimer
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.family import PromptBatch
-from engine.models.ip_adapter import IP_DENOISER
+from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
 from engine.models.model import Model
 from engine.pipeline.denoise import Denoising, StepCallback, denoise
 from engine.pipeline.image_prompts import ImagePrompt, image_prompt_inputs
@@ -118,7 +118,7 @@ class DiffusionPipeline:
                 lambda encoded: encoded.values(),
             )
         conditioning |= model.family.denoiser_inputs(model.config, request.guidance_scale)
-        denoiser = model.family.denoiser
+        denoiser, controlled = model.family.denoiser, CONTROLLED_UNET
         for prompt in image_prompts:  # 1b. Encode the image prompts, as diffusers' prepare_ip_adapter_image_embeds
             with timer.stage("image_encoder"):
                 conditioning |= self._finite(
@@ -128,7 +128,7 @@ class DiffusionPipeline:
                     functools.partial(image_prompt_inputs, prompt, runners, request.num_images, guidance, self.device),
                     lambda found: found.values(),
                 )
-            denoiser = IP_DENOISER
+            denoiser, controlled = IP_DENOISER, CONTROLLED_IP_DENOISER
 
         # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
         factor = model.config.vae_scale_factor
@@ -185,11 +185,12 @@ class DiffusionPipeline:
             options=step_options(request.scheduler),
             generators=generators,
             controls=prepared.controls if prepared is not None else (),
+            controlled=controlled,
             inpaint=inpaint,
             channels=channels,
         )
         noisy = latents
-        stepped = (run.denoiser, CONTROLLED_UNET, *(control.component for control in run.controls))
+        stepped = (run.denoiser, run.controlled, *(control.component for control in run.controls))
         with timer.stage("denoise"):
             latents = self._finite(
                 stepped,

@@ -164,8 +164,6 @@ class Admission:
             problems.append(f"image: {family.name} models edit an image; send image")
         if family.reference_image and fields.get("strength") is not None:
             problems.append(f"strength: {family.name} models take none (image is the reference to edit)")
-        if fields.get("ip_adapters") and fields.get("controlnets") and family.ip_adapters:
-            problems.append("ip_adapters: not with controlnets in the same request yet")
         if fields.get("control") is not None and not family.control_image:
             problems.append("control: only for Flux Control models (Canny, Depth); ControlNets go in controlnets")
         if family.control_image and "control" in fields and fields["control"] is None:

@@ -33,7 +33,7 @@ from engine.lora.ip_adapters import Adapter, IpAdapterFiles, adapter_patch
 from engine.lora.library import NO_LORAS, LoraLibrary, LoraSelection
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
-from engine.models.ip_adapter import IP_DENOISER, IP_PARAMETERS
+from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER, IP_PARAMETERS
 from engine.models.model import Model, load_model
 from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
 from engine.request.resolved import ResolvedRequest
@@ -143,25 +143,26 @@ class Worker:
             self.tensorrt.adopt(engines)  # one stream and scratch for all the engines
             self._load_torch_weights(chains, chains if load_now else ())
 
-    def _add_ip_adapter_chains(self, adapters: tuple[Adapter, ...]) -> None:
+    def _add_ip_adapter_chains(self, adapters: tuple[Adapter, ...], controlled: bool) -> None:
         """Runner chains for the image encoders and projections a request is the first to use, and for the
-        IP denoiser; its torch fallback runs the UNet's own torch module with the IP processors added."""
+        IP denoiser (its controlled variant too where ControlNets act); their torch fallbacks run the UNet's
+        own torch module with the IP processors added."""
+        wraps = {IP_DENOISER: self.model.ip_denoiser, CONTROLLED_IP_DENOISER: self.model.controlled_ip_denoiser}
         with self._chains_lock:
             wanted = [c for adapter in adapters for c in (adapter.encoder, adapter.projection)]
-            missing = list(dict.fromkeys(c for c in (*wanted, IP_DENOISER) if c not in self.chains))
+            denoisers = (IP_DENOISER, CONTROLLED_IP_DENOISER) if controlled else (IP_DENOISER,)
+            missing = list(dict.fromkeys(c for c in (*wanted, *denoisers) if c not in self.chains))
             if not missing:
                 return
             chains, engines = build_chains(
                 self.model, self.settings, self.store, self.device, self.precision, components=missing
             )
-            if IP_DENOISER in chains:
-                owners = [r for r in self.chains["unet"].runners if isinstance(r, LazyTorchRunner)]
-                runners = chains[IP_DENOISER].runners
+            owners = [r for r in self.chains["unet"].runners if isinstance(r, LazyTorchRunner)]
+            for component in set(wraps) & set(chains):
+                runners = chains[component].runners
                 for position, runner in enumerate(runners):
                     if isinstance(runner, LazyTorchRunner) and owners:
-                        runners[position] = AdapterTorchRunner(
-                            runner.spec, owners[0], self.model.ip_denoiser, IP_PARAMETERS
-                        )
+                        runners[position] = AdapterTorchRunner(runner.spec, owners[0], wraps[component], IP_PARAMETERS)
             self.chains.update(chains)
             self.tensorrt.adopt(engines)
 
@@ -233,8 +234,8 @@ class Worker:
         patches = dict(loras.patches)
         if "unet" in patches:  # the controlled UNet has the UNet's weights, LoRAs included
             patches[CONTROLLED_UNET] = patches["unet"]
-        for adapter in admitted.adapters:  # the IP denoiser: the adapter's IP matrices with the UNet's LoRAs
-            patches[IP_DENOISER] = adapter_patch(adapter, patches.get("unet"))
+        for adapter in admitted.adapters:  # the IP denoisers: the adapter's IP matrices with the UNet's LoRAs
+            patches[IP_DENOISER] = patches[CONTROLLED_IP_DENOISER] = adapter_patch(adapter, patches.get("unet"))
         calls = ChainCalls(self.chains, patches)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)
@@ -291,7 +292,7 @@ class Worker:
         if admitted.controlnets:
             self._add_controlnet_chains(list(admitted.controlnets))
         if admitted.adapters:
-            self._add_ip_adapter_chains(admitted.adapters)
+            self._add_ip_adapter_chains(admitted.adapters, controlled=bool(admitted.controlnets))
         return admitted
 
     def warmup(self) -> None:

@@ -106,6 +106,44 @@ def test_image_prompts_match_diffusers(workers, cache_dir, model, name, scale, l
     assert "unet" not in response["metrics"]["backends"], "an image prompt runs the IP denoiser alone"
 
 
+def test_controlnets_and_image_prompts_together_match_diffusers(workers, cache_dir, tmp_path):
+    """A ControlNet acting on part of the steps: the controlled IP denoiser there, the IP denoiser elsewhere,
+    against diffusers' ControlNet pipeline after ``load_ip_adapter``."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    from engine.models.builtin import builtin_model_folder
+    from tests.test_controlnet import control_picture, make_controlnet
+
+    worker, root = workers("tiny")
+    make_controlnet(builtin_model_folder("tiny", cache_dir), tmp_path / "edges", seed=1)
+    worker.controlnets.root = tmp_path
+    scale, start = 0.8, 0.5
+    payload = ip_payload("models/plus", 0.7)
+    payload["controlnets"] = [{"name": "edges", "image": to_base64(control_picture()), "scale": scale, "start": start}]
+    response = worker.handle({"input": payload})
+    assert {"unet_ip", "unet_controlled_ip"} <= set(response["metrics"]["backends"]), response
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        worker.model.folder, controlnet=ControlNetModel.from_pretrained(tmp_path / "edges"), safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.feature_extractor = None
+    pipe.load_ip_adapter(str(root), subfolder="models", weight_name="plus.safetensors")
+    pipe.set_ip_adapter_scale(0.7)
+    reference = pipe(
+        PAYLOAD["prompt"],
+        image=control_picture(),
+        num_inference_steps=PAYLOAD["num_inference_steps"],
+        width=PAYLOAD["width"],
+        height=PAYLOAD["height"],
+        generator=torch.Generator().manual_seed(PAYLOAD["seed"]),
+        ip_adapter_image=image_prompt(0),
+        controlnet_conditioning_scale=scale,
+        control_guidance_start=start,
+    ).images[0]
+    difference = np.abs(image_of(response) - np.asarray(reference, dtype=np.int16)).max()
+    assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"], ids=["sd", "sdxl"])
 def test_several_images_join_their_tokens_as_diffusers(workers, cache_dir, model):
     worker, root = workers(model)

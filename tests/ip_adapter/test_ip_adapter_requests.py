@@ -119,15 +119,6 @@ def test_more_adapters_than_max_ip_adapters_are_refused(worker):
     assert "ip_adapters: at most 1 per request (MAX_IP_ADAPTERS), got 2" in error_of(worker, ip_adapters=[entry] * 2)
 
 
-def test_controlnets_and_image_prompts_together_are_refused(worker):
-    error = error_of(
-        worker,
-        ip_adapters=[{"name": "models/plain", "image": IMAGE}],
-        controlnets=[{"name": "x", "image": IMAGE}],
-    )
-    assert "ip_adapters: not with controlnets in the same request yet" in error
-
-
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
 def test_families_without_ip_adapters_refuse_the_field(cache_dir, folder, make_settings, model):
     settings = make_settings(model=model, ip_adapter_dir=folder)
