@@ -154,11 +154,15 @@ class Model:
             found.append(f"its projection reads {layout.embed_dim} values where the image encoder gives {output}")
         return "; ".join(found[:3])
 
-    def add_ip_adapter(self, name: str, file: Path, encoder: Path, layout: AdapterLayout) -> tuple[str, str]:
+    def add_ip_adapter(
+        self, name: str, file: Path, sha256: str, encoder: Path, layout: AdapterLayout
+    ) -> tuple[str, str]:
         """Makes a checked adapter's image encoder and projection components of the model, with the IP
-        denoiser; returns the encoder's and the projection's component names."""
+        denoisers; returns the encoder's and the projection's component names. The projection's name
+        carries the file's hash, so a file replaced under the same name is a new component, never the
+        old one's runners."""
         encoder_component = f"{IMAGE_ENCODER_PREFIX}{_component_name(encoder.parent.name or 'root')}"
-        projection = f"{PROJECTION_PREFIX}{_component_name(name)}"
+        projection = f"{PROJECTION_PREFIX}{_component_name(name)}-{sha256[:8]}"
         encoder_spec = image_encoder_spec(encoder_component, json.loads((encoder / "config.json").read_text()))
         self.specs[encoder_component] = encoder_spec
         sequence = encoder_spec.outputs[1].shape[1]

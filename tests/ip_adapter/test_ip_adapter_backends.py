@@ -31,7 +31,7 @@ def store(cache_dir: Path, sd_adapters: Path, tmp_path_factory: pytest.TempPathF
     env["IP_ADAPTER_DIR"] = str(sd_adapters)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    for component in ("image_encoder.models", "ip_projection.models--plain", "ip_projection.models--plus", "unet_ip"):
+    for component in ("image_encoder.models", "ip_projection.models--plain-", "ip_projection.models--plus-", "unet_ip"):
         assert component in done.stdout
     return engine_dir
 
