@@ -150,3 +150,28 @@ def test_several_images_join_their_tokens_as_diffusers(workers, cache_dir, model
     reference = diffusers_image(model, cache_dir, root, "models/plain", 0.8, images=2)
     difference = np.abs(image_of(worker.handle({"input": ip_payload("models/plain", 0.8, images=2)})) - reference).max()
     assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
+
+
+def test_image_to_image_with_an_image_prompt_matches_diffusers(workers, cache_dir):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    worker, root = workers("tiny")
+    start = image_prompt(7, size=64).resize((64, 64))
+    payload = {**ip_payload("models/plain", 0.9), "image": to_base64(start), "strength": 0.7}
+    response = worker.handle({"input": payload})
+    assert response["metrics"]["mode"] == "img2img+ip_adapter"
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(worker.model.folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.feature_extractor = None
+    pipe.load_ip_adapter(str(root), subfolder="models", weight_name="plain.safetensors")
+    pipe.set_ip_adapter_scale(0.9)
+    reference = pipe(
+        PAYLOAD["prompt"],
+        image=start,
+        strength=0.7,
+        num_inference_steps=PAYLOAD["num_inference_steps"],
+        generator=torch.Generator().manual_seed(PAYLOAD["seed"]),
+        ip_adapter_image=image_prompt(0),
+    ).images[0]
+    difference = np.abs(image_of(response) - np.asarray(reference, dtype=np.int16)).max()
+    assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
