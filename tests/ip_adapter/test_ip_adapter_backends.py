@@ -24,22 +24,26 @@ from tests.parity import TOLERANCE
 ADAPTERS = ("models/plain", "models/plus", "models/plain-b")
 
 
+def export(engine_dir: Path, cache_dir: Path, adapters: Path, *extra: str) -> subprocess.CompletedProcess:
+    command, env = export_command(engine_dir, cache_dir, "--skip-engines", "--ip-adapters", *ADAPTERS, *extra)
+    env["IP_ADAPTER_DIR"] = str(adapters)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
 @pytest.fixture(scope="module")
 def store(cache_dir: Path, sd_adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     engine_dir = tmp_path_factory.mktemp("ip-exported")
-    command, env = export_command(engine_dir, cache_dir, "--skip-engines", "--ip-adapters", *ADAPTERS)
-    env["IP_ADAPTER_DIR"] = str(sd_adapters)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    done = export(engine_dir, cache_dir, sd_adapters)
     assert done.returncode == 0, done.stderr[-3000:]
     for component in ("image_encoder.models", "ip_projection.models--plain-", "ip_projection.models--plus-", "unet_ip"):
         assert component in done.stdout
     return engine_dir
 
 
-def worker(cache_dir: Path, store: Path, root: Path, backend: str) -> Worker:
+def worker(cache_dir: Path, store: Path, root: Path, backend: str, model: str = "tiny") -> Worker:
     return Worker(
         Settings(
-            model="tiny",
+            model=model,
             cache_dir=cache_dir,
             engine_dir=store,
             ip_adapter_dir=root,
@@ -86,3 +90,18 @@ def test_switching_adapters_is_a_patch_from_the_base(workers):
     assert np.array_equal(first_a, second_a)
     assert not np.array_equal(first_a, b)
     assert np.array_equal(image_of(ort.handle({"input": PAYLOAD})), image_of(plain))
+
+
+def test_onnxruntime_matches_torch_for_sdxl(cache_dir, sdxl_adapters, tmp_path):
+    done = export(tmp_path, cache_dir, sdxl_adapters, "--model", "tiny-sdxl")
+    assert done.returncode == 0, done.stderr[-3000:]
+    images = {}
+    for backend in ("torch", "onnxruntime"):
+        response = worker(cache_dir, tmp_path, sdxl_adapters, backend, "tiny-sdxl").handle(
+            {"input": payload("models/plus")}
+        )
+        assert response["status"] == "success", response
+        assert response["metrics"]["backends"]["unet_ip"] == backend
+        images[backend] = image_of(response)
+    difference = np.abs(images["onnxruntime"] - images["torch"]).max()
+    assert difference <= TOLERANCE, f"{difference}/255 from torch"
