@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.backends.assemble import build_chains, share_torch_weights
+from engine.backends.assemble import build_chains, share_adapter_weights, share_torch_weights
 from engine.backends.chain import ChainCalls, RunnerChain
-from engine.backends.torch import AdapterTorchRunner, LazyTorchRunner
+from engine.backends.torch import LazyTorchRunner
 from engine.common.downloads import download_limits
 from engine.common.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
 from engine.common.faults import DeviceFaults, is_out_of_memory
@@ -157,12 +157,8 @@ class Worker:
             chains, engines = build_chains(
                 self.model, self.settings, self.store, self.device, self.precision, components=missing
             )
-            owners = [r for r in self.chains["unet"].runners if isinstance(r, LazyTorchRunner)]
             for component in set(wraps) & set(chains):
-                runners = chains[component].runners
-                for position, runner in enumerate(runners):
-                    if isinstance(runner, LazyTorchRunner) and owners:
-                        runners[position] = AdapterTorchRunner(runner.spec, owners[0], wraps[component], IP_PARAMETERS)
+                share_adapter_weights(chains[component], self.chains["unet"], wraps[component], IP_PARAMETERS)
             self.chains.update(chains)
             self.tensorrt.adopt(engines)
 
