@@ -82,7 +82,8 @@ def plus_projection_state(cross: int, embed: int, generator: torch.Generator) ->
 
 
 def write_adapter(model: Model, path: Path, kind: str, seed: int) -> Path:
-    """A random IP-Adapter for ``model``: ``plain`` (ImageProjection, 4 tokens) or ``plus`` (the resampler)."""
+    """A random IP-Adapter for ``model``: ``plain`` (ImageProjection, 4 tokens), ``plus`` (the resampler, 16)
+    or ``full`` (Full Face: one token per hidden state of the encoder)."""
     generator = torch.Generator().manual_seed(seed)
     shapes = _attention_shapes(model)
     cross = shapes[0][1]
@@ -98,6 +99,16 @@ def write_adapter(model: Model, path: Path, kind: str, seed: int) -> Path:
             "norm.weight": 1 + random(cross, std=0.1),
             "norm.bias": random(cross, std=0.1),
         }
+    elif kind == "full":  # Full Face: a feed-forward on each hidden state, then a norm
+        hidden_size = ENCODER["hidden_size"]
+        projection = {
+            "proj.0.weight": random(hidden_size, hidden_size),
+            "proj.0.bias": random(hidden_size),
+            "proj.2.weight": random(cross, hidden_size),
+            "proj.2.bias": random(cross),
+            "proj.3.weight": 1 + random(cross, std=0.1),
+            "proj.3.bias": random(cross, std=0.1),
+        }
     else:
         projection = plus_projection_state(cross, ENCODER["hidden_size"], generator)
     layers = {}
@@ -112,12 +123,13 @@ def write_adapter(model: Model, path: Path, kind: str, seed: int) -> Path:
 
 
 def write_adapters(model: Model, root: Path) -> Path:
-    """``models/plain``, ``models/plus`` and ``models/plain-b`` (another plain one), with
+    """``models/plain``, ``models/plus``, ``models/plain-b`` (another plain one) and ``models/full-face``, with
     ``models/image_encoder/`` beside them, as h94/IP-Adapter's ``models/`` folder holds them."""
     write_image_encoder(root / "models" / "image_encoder")
     write_adapter(model, root / "models" / "plain.safetensors", "plain", seed=1)
     write_adapter(model, root / "models" / "plus.safetensors", "plus", seed=2)
     write_adapter(model, root / "models" / "plain-b.safetensors", "plain", seed=3)
+    write_adapter(model, root / "models" / "full-face.safetensors", "full", seed=4)
     return root
 
 

@@ -47,7 +47,7 @@ class AdapterLayout:
     """plain (``ImageProjection``), plus (``IPAdapterPlusImageProjection``: Plus, Plus Face) or full
     (``IPAdapterFullImageProjection``: Full Face)."""
     tokens: int
-    """Image tokens per image prompt."""
+    """Image tokens per image prompt (Full Face: one per hidden state of its encoder, 257 for ViT-H)."""
     cross_attention_dim: int
     embed_dim: int
     """The width of the image encoder output the projection reads."""
@@ -107,10 +107,11 @@ def image_encoder_spec(component: str, config: Mapping[str, Any]) -> ComponentSp
 def projection_spec(component: str, layout: AdapterLayout, sequence: int) -> ComponentSpec:
     """An adapter's image projection: one image's encoder output in, its tokens out."""
     embeds = ("ip_images", sequence, layout.embed_dim) if layout.hidden_states else ("ip_images", layout.embed_dim)
+    tokens = sequence if layout.kind == "full" else layout.tokens
     return ComponentSpec(
         name=component,
         inputs=(TensorSpec("image_embeds", embeds),),
-        outputs=(TensorSpec(IP_TOKENS, ("ip_images", layout.tokens, layout.cross_attention_dim)),),
+        outputs=(TensorSpec(IP_TOKENS, ("ip_images", tokens, layout.cross_attention_dim)),),
     )
 
 

@@ -2,8 +2,8 @@
 
 The reference is diffusers' pipeline after ``load_ip_adapter`` (the adapter file and the
 ``image_encoder/`` folder beside it), ``set_ip_adapter_scale`` and ``ip_adapter_image``; the worker
-must give the same image within 2/255 per pixel, for SD and SDXL, plain and Plus adapters, at two
-scales, and with a LoRA in the same request.
+must give the same image within 2/255 per pixel, for SD and SDXL, plain, Plus and Full Face adapters,
+at two scales, with a LoRA in the same request, with a ControlNet, and for image-to-image.
 """
 
 from __future__ import annotations
@@ -87,11 +87,14 @@ CASES = [
     ("models/plain", 0.5, ()),
     ("models/plus", 0.7, ()),
     ("models/plus", 1.0, (("c", 1.0),)),
+    ("models/full-face", 0.6, ()),
 ]
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"], ids=["sd", "sdxl"])
-@pytest.mark.parametrize(("name", "scale", "loras"), CASES, ids=["plain-1", "plain-0.5", "plus-0.7", "plus+lora"])
+@pytest.mark.parametrize(
+    ("name", "scale", "loras"), CASES, ids=["plain-1", "plain-0.5", "plus-0.7", "plus+lora", "full-face"]
+)
 def test_image_prompts_match_diffusers(workers, cache_dir, model, name, scale, loras):
     worker, root = workers(model)
     reference = diffusers_image(model, cache_dir, root, name, scale, loras)

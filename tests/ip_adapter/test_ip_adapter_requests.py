@@ -32,6 +32,8 @@ def folder(sd_adapters: Path, sdxl_adapters: Path, cache_dir: Path) -> Path:
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(models / "lora.safetensors"))
     write_adapter("tiny-sdxl", cache_dir, models / "for-sdxl.safetensors", "plain", seed=4)
     write_adapter("tiny", cache_dir, sd_adapters / "lonely" / "plain.safetensors", "plain", seed=5)
+    face_id = {"image_proj.norm.weight": torch.ones(32), "ip_adapter.1.to_k_ip.weight": torch.zeros(32, 32)}
+    save_file(face_id, str(models / "face-id.safetensors"))
     return sd_adapters
 
 
@@ -93,6 +95,7 @@ def error_of(worker: Worker, **fields: object) -> str:
         ),
         ({"name": "models/for-sdxl", "image": IMAGE}, "ip_adapters[0].name: 'models/for-sdxl': made for another model"),
         ({"name": "lonely/plain", "image": IMAGE}, "ip_adapters[0].name: 'lonely/plain': no image encoder"),
+        ({"name": "models/face-id", "image": IMAGE}, "'models/face-id': it is a FaceID adapter"),
         ({"name": "models/plain", "image": "not base64!"}, "ip_adapters[0].image:"),
         ({"name": "models/plain", "images": [IMAGE, "bad"]}, "ip_adapters[0].images[1]:"),
     ],
