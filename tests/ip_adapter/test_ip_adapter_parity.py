@@ -178,3 +178,31 @@ def test_image_to_image_with_an_image_prompt_matches_diffusers(workers, cache_di
     ).images[0]
     difference = np.abs(image_of(response) - np.asarray(reference, dtype=np.int16)).max()
     assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
+
+
+def test_inpainting_with_an_image_prompt_matches_diffusers(workers, cache_dir):
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    worker, root = workers("tiny")
+    start = image_prompt(7, size=64).resize((64, 64))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 56))
+    payload = {**ip_payload("models/plus", 0.8), "image": to_base64(start), "mask": to_base64(mask)}
+    response = worker.handle({"input": payload})
+    assert response["metrics"]["mode"] == "inpaint+ip_adapter"
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(worker.model.folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.feature_extractor = None
+    pipe.load_ip_adapter(str(root), subfolder="models", weight_name="plus.safetensors")
+    pipe.set_ip_adapter_scale(0.8)
+    reference = pipe(
+        PAYLOAD["prompt"],
+        image=start,
+        mask_image=mask,
+        num_inference_steps=PAYLOAD["num_inference_steps"],
+        generator=torch.Generator().manual_seed(PAYLOAD["seed"]),
+        ip_adapter_image=image_prompt(0),
+    ).images[0]
+    difference = np.abs(image_of(response) - np.asarray(reference, dtype=np.int16)).max()
+    assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
