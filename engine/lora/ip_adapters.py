@@ -147,7 +147,8 @@ class IpAdapterFiles:
         if not all(torch.isfinite(value).all() for part in state.values() for value in part.values()):
             raise RequestError(f"{named}: holds NaN or Inf values")
         relative = path.relative_to(self.root.resolve()).with_suffix("").as_posix()
-        encoder_component, projection = self.model.add_ip_adapter(relative, path, sha256, encoder, layout)
+        with self._lock:  # the model's specs change: one adapter at a time
+            encoder_component, projection = self.model.add_ip_adapter(relative, path, sha256, encoder, layout)
         weights = adapter_weights(state["ip_adapter"], self.model.ip_layers)
         return Adapter(name, sha256, layout, encoder_component, projection, weights)
 
