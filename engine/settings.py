@@ -141,6 +141,14 @@ class Settings(BaseSettings):
         "volume when it is mounted, else under CACHE_DIR",
     )
     max_controlnets: int = Field(2, ge=0, description="ControlNets per request")
+    ip_adapter_dir: Path | None = Field(
+        None,
+        description="IP-Adapter files (safetensors, each with its image_encoder/ folder beside it) a request names. "
+        "Default: ip_adapters/ on the network volume when it is mounted, else under CACHE_DIR",
+    )
+    max_ip_adapters: int = Field(
+        1, ge=0, le=1, description="IP-Adapters per request: the IP denoiser has one adapter slot"
+    )
     preload_controlnets: str = Field(
         "",
         description="ControlNets of CONTROLNET_DIR (comma-separated names, or 'all' for every one that fits the "
@@ -218,6 +226,8 @@ class Settings(BaseSettings):
         if self.controlnet_dir is None:
             on_volume = RUNPOD_VOLUME.is_dir()
             self.controlnet_dir = (RUNPOD_VOLUME if on_volume else self.cache_dir) / "controlnets"
+        if self.ip_adapter_dir is None:
+            self.ip_adapter_dir = (RUNPOD_VOLUME if RUNPOD_VOLUME.is_dir() else self.cache_dir) / "ip_adapters"
         return self
 
     @model_validator(mode="after")

@@ -30,6 +30,10 @@ class Dims:
     prompt_chunks: int = 1
     reference_height: int | None = None
     reference_width: int | None = None
+    ip_tokens: int = 4
+    """Image-prompt tokens the IP denoiser reads per row (4 per image for a plain IP-Adapter, 16 for Plus)."""
+    ip_images: int = 1
+    """Image prompts an image encoder and a projection take in one call."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ class ComponentSpec:
                 "latent_width": dims.width // self.latent_factor,
                 "reference_latent_height": (dims.reference_height or dims.height) // self.latent_factor,
                 "reference_latent_width": (dims.reference_width or dims.width) // self.latent_factor,
+                "ip_images": dims.ip_images,
+                "ip_tokens": dims.ip_tokens,
             }
         )
 

@@ -3,9 +3,10 @@
     python -m export --model tiny
     MODEL=/models/sd15 ENGINE_DIR=/runpod-volume/engines python -m export
     python -m export --controlnets canny depth
+    python -m export --ip-adapters models/ip-adapter_sd15 models/ip-adapter-plus_sd15
 
 ControlNets in CONTROLNET_DIR that fit the model are exported too, with the controlled UNet
-they feed.
+they feed; IP-Adapters of IP_ADAPTER_DIR when named, with the IP denoiser.
 
 Safe to run from many processes or hosts at once: each artifact is built once, under
 a lock, and published atomically; artifacts already in the store are checked and kept.
@@ -25,8 +26,10 @@ from engine.common.cli import run_command
 from engine.common.errors import RequestError, WorkerError
 from engine.common.logs import configure_logging
 from engine.devices import resolve_device, resolve_precision
+from engine.lora.ip_adapters import IpAdapterFiles
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
+from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
 from engine.models.model import Model, load_model
 from engine.settings import Precision, Settings, load_settings
 from engine.sizes import parse_ranges
@@ -59,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAME",
         help="ControlNet folders in CONTROLNET_DIR to export, with the controlled UNet (no names: all that fit); "
         "default: all that fit, unless --components is given",
+    )
+    parser.add_argument(
+        "--ip-adapters",
+        nargs="+",
+        metavar="NAME",
+        help="IP-Adapter files in IP_ADAPTER_DIR to export: each one's image encoder and projection, with the "
+        "IP denoiser (default: none)",
     )
     return parser.parse_args(argv)
 
@@ -128,6 +138,16 @@ def summarize(artifact: Artifact) -> str:
     return f"{artifact.path.name}  max |{artifact.key.kind} - torch| {worst:.2e}"
 
 
+def add_ip_adapters(model: Model, settings: Settings, names: list[str], controlled: bool) -> list[str]:
+    """The components that serve the named IP-Adapters (each checked against the model), made part of it:
+    with ``controlled`` (ControlNets exported too), the controlled IP denoiser as well."""
+    assert settings.ip_adapter_dir is not None  # Settings fills it in
+    files = IpAdapterFiles(settings.ip_adapter_dir, model, settings.max_lora_bytes)
+    adapters = [files.resolve(name, "--ip-adapters") for name in names]
+    denoisers = (IP_DENOISER, CONTROLLED_IP_DENOISER) if controlled else (IP_DENOISER,)
+    return list(dict.fromkeys([*(c for a in adapters for c in (a.encoder, a.projection)), *denoisers]))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_command(lambda: export(args))
@@ -155,6 +175,8 @@ def export(args: argparse.Namespace) -> int:
         controlnets, skipped = add_controlnets(model, settings, args.controlnets)
     if controlnets:
         components += [*controlnets, CONTROLLED_UNET]
+    if args.ip_adapters:
+        components += add_ip_adapters(model, settings, args.ip_adapters, controlled=bool(controlnets))
     builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
     summary = []
     with tqdm(components, desc="export", unit="component") as bar:

@@ -33,7 +33,8 @@ ISOLATE_FROM_BYTES = 2**30
 def weight_bytes(model: Model, component: str) -> int:
     """Bytes of the weight files a component is loaded from."""
     folder = model.component_folder(component)
-    return sum(path.stat().st_size for path in folder.iterdir() if path.suffix in WEIGHT_SUFFIXES)
+    files = [folder] if folder.is_file() else list(folder.iterdir())
+    return sum(path.stat().st_size for path in files if path.suffix in WEIGHT_SUFFIXES)
 
 
 def load_module(model: Model, component: str, device: torch.device) -> torch.nn.Module:

@@ -21,7 +21,7 @@ from engine.backends.chain import RunnerChain
 from engine.backends.tensorrt.loading import load_tensorrt
 from engine.backends.tensorrt.runner import TensorRTBackend
 from engine.backends.tensorrt.runtime import gpu_tag
-from engine.backends.torch import LazyTorchRunner, SharedTorchRunner
+from engine.backends.torch import AdapterTorchRunner, LazyTorchRunner, SharedTorchRunner
 from engine.common.dtypes import PRECISION_DTYPES
 from engine.common.errors import ArtifactError, BackendUnavailable, NotBuilt
 from engine.models.model import Model
@@ -188,3 +188,14 @@ def share_torch_weights(
     for position, runner in enumerate(chain.runners):
         if isinstance(runner, LazyTorchRunner) and owners:
             chain.runners[position] = SharedTorchRunner(runner.spec, owners[0], wrap)
+
+
+def share_adapter_weights(
+    chain: RunnerChain, owner: RunnerChain, wrap: Callable[[torch.nn.Module], torch.nn.Module], own_prefix: str
+) -> None:
+    """``share_torch_weights`` for an IP denoiser: its torch runner runs ``owner``'s module, wrapped, and
+    keeps the wrapper's own parameters (those under ``own_prefix``, the adapter's matrices) itself."""
+    owners = [runner for runner in owner.runners if isinstance(runner, LazyTorchRunner)]
+    for position, runner in enumerate(chain.runners):
+        if isinstance(runner, LazyTorchRunner) and owners:
+            chain.runners[position] = AdapterTorchRunner(runner.spec, owners[0], wrap, own_prefix)

@@ -122,3 +122,67 @@ class SharedTorchRunner(Runner):
         with torch.inference_mode():
             outputs = self._module(*(inputs[name] for name in self.spec.input_names))
         return dict(zip(self.spec.output_names, outputs, strict=True))
+
+
+class AdapterTorchRunner(SharedTorchRunner):
+    """The IP denoiser on the UNet's torch runner: the UNet's weights (and LoRA state) are that runner's,
+    the IP matrices are the wrapper's own, set from their base values as the patch asks. Its weights are
+    the patch's only while the owner's are and its own were set last with that key (two IP denoisers
+    share an owner: the plain and the controlled one)."""
+
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        owner: LazyTorchRunner,
+        wrap: Callable[[torch.nn.Module], torch.nn.Module],
+        own_prefix: str,
+    ):
+        super().__init__(spec, owner, wrap)
+        self.own_prefix = own_prefix
+        self._own_base: dict[str, torch.Tensor] = {}
+        self._own_key: str | None = None
+
+    @property
+    def weights_key(self) -> str | None:  # type: ignore[override]
+        key = self.owner.weights_key
+        return key if key == self._own_key else None
+
+    @weights_key.setter
+    def weights_key(self, key: str | None) -> None:
+        self.owner.weights_key = self._own_key = key
+
+    def _wrapped(self) -> torch.nn.Module:
+        if self._module is None:
+            self._module = self._wrap(self.owner.ensure_loaded().module)
+            self._own_base = {
+                name: parameter.detach().clone()
+                for name, parameter in self._module.named_parameters()
+                if name.startswith(self.own_prefix)
+            }
+        return self._module
+
+    def apply_patch(self, patch: WeightPatch | None) -> None:
+        names = set(patch.names) if patch is not None else set()
+        own = {name for name in names if name.startswith(self.own_prefix)}
+        self.owner.apply_patch(_Subset(patch, names - own) if patch is not None and names - own else None)
+        parameters = dict(self._wrapped().named_parameters())
+        with torch.no_grad():
+            for name, base in self._own_base.items():
+                value = base.float() + patch.delta(name, self.device) if patch is not None and name in own else base
+                parameters[name].copy_(value.to(parameters[name].dtype))
+
+    def run(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self._wrapped()
+        return super().run(inputs)
+
+
+class _Subset:
+    """Some of a patch's parameters, under the patch's key."""
+
+    def __init__(self, patch: WeightPatch, names: set[str]):
+        self.key = patch.key
+        self.names = sorted(names)
+        self._patch = patch
+
+    def delta(self, name: str, device: torch.device) -> torch.Tensor:
+        return self._patch.delta(name, device)

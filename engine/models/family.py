@@ -85,6 +85,8 @@ class ModelFamily(ABC):
     """How the family can read a prompt; the first is the default."""
     inpainting: bool = True
     controlnets: bool = True
+    ip_adapters: bool = True
+    """Whether requests may add image prompts through IP-Adapters (UNet families: SD and SDXL)."""
     negative_prompts: bool = True
     """Whether the family's pipeline takes a negative prompt (Flux Fill's and Control's take none)."""
     mask_crop: bool = True

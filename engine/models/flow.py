@@ -19,6 +19,9 @@ class FlowMatchingFamily(ModelFamily):
     prompt_syntaxes: tuple[PromptSyntax, ...] = ("plain",)
     inpainting = False
     controlnets = False
+    ip_adapters = False
+    """Flux's IP-Adapter (XLabs' layout) adds its image tokens in the transformer's blocks through its own
+    processors and encoder; SD3's is a different design again. Neither is the UNet's cross-attention."""
     default_inpaint_strength = 1.0
     t5: tuple[str, str]
     """The T5 encoder's component and tokenizer."""

@@ -27,6 +27,20 @@ from engine.models.controlnet import (
 from engine.models.family import ModelFamily
 from engine.models.flux import Flux
 from engine.models.flux_variants import VARIANTS, flux_variant
+from engine.models.ip_adapter import (
+    CONTROLLED_IP_DENOISER,
+    IMAGE_ENCODER_PREFIX,
+    IP_DENOISER,
+    PROJECTION_PREFIX,
+    AdapterLayout,
+    ImageEncoderModule,
+    IPAdapterDenoiser,
+    image_encoder_spec,
+    ip_denoiser_spec,
+    load_projection,
+    projection_spec,
+    split_state,
+)
 from engine.models.sd import StableDiffusion
 from engine.models.sd3 import StableDiffusion3
 from engine.models.sdxl import StableDiffusionXL
@@ -85,6 +99,10 @@ class Model:
     """Where the folder was found: built in, RunPod's model cache, a local folder, or the hub."""
     controlnets: dict[str, Path] = field(default_factory=dict)
     """Components added for ControlNets (``controlnet.<name>``), each with its folder."""
+    ip_files: dict[str, Path] = field(default_factory=dict)
+    """Components added for IP-Adapters' projections (``ip_projection.<name>``), each with its file."""
+    image_encoders: dict[str, Path] = field(default_factory=dict)
+    """Components added for IP-Adapters' image encoders (``image_encoder.<folder>``), each with its folder."""
 
     @cached_property
     def specs(self) -> dict[str, ComponentSpec]:
@@ -106,6 +124,61 @@ class Model:
         return component
 
     @property
+    def ip_layers(self) -> int:
+        """The UNet's cross-attention layers: each takes an IP-Adapter's to_k_ip and to_v_ip."""
+        return sum(1 for name in self._unet_shapes if name.endswith("attn2.to_k.weight"))
+
+    @cached_property
+    def _unet_shapes(self) -> dict[str, tuple[int, ...]]:
+        module = self.family.torch_module("unet", self.folder, torch.float32, weights=False)
+        return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+    def ip_adapter_mismatches(self, layout: AdapterLayout, layers: dict[str, torch.Tensor], encoder: Path) -> str:
+        """Why an adapter (its layout and ``ip_adapter`` part) and its image encoder cannot serve this model's
+        UNet, in words; empty when they can."""
+        found = []
+        width = self.config.configs["unet"].get("cross_attention_dim")
+        if layout.cross_attention_dim != width:
+            found.append(f"cross-attention width {layout.cross_attention_dim} where the UNet has {width}")
+        shapes = [shape for name, shape in self._unet_shapes.items() if name.endswith("attn2.to_k.weight")]
+        for index, shape in enumerate(shapes):
+            for matrix in ("to_k_ip", "to_v_ip"):
+                value = layers.get(f"{2 * index + 1}.{matrix}.weight")
+                if value is None or tuple(value.shape) != shape:
+                    key = f"ip_adapter.{2 * index + 1}.{matrix}.weight"
+                    found.append(f"{key} is {_shape(value)}, the UNet needs {shape}")
+        if len(layers) != 2 * len(shapes):
+            found.append(f"{len(layers) // 2} IP attention layers where the UNet has {len(shapes)}")
+        spec = image_encoder_spec("image_encoder", json.loads((encoder / "config.json").read_text()))
+        output = spec.outputs[1 if layout.hidden_states else 0].shape[-1]
+        if output != layout.embed_dim:
+            found.append(f"its projection reads {layout.embed_dim} values where the image encoder gives {output}")
+        return "; ".join(found[:3])
+
+    def add_ip_adapter(
+        self, name: str, file: Path, sha256: str, encoder: Path, layout: AdapterLayout
+    ) -> tuple[str, str]:
+        """Makes a checked adapter's image encoder and projection components of the model, with the IP
+        denoisers; returns the encoder's and the projection's component names. The projection's name
+        carries the file's hash, so a file replaced under the same name is a new component, never the
+        old one's runners."""
+        encoder_component = f"{IMAGE_ENCODER_PREFIX}{_component_name(encoder.parent.name or 'root')}"
+        projection = f"{PROJECTION_PREFIX}{_component_name(name)}-{sha256[:8]}"
+        encoder_spec = image_encoder_spec(encoder_component, json.loads((encoder / "config.json").read_text()))
+        self.specs[encoder_component] = encoder_spec
+        sequence = encoder_spec.outputs[1].shape[1]
+        assert isinstance(sequence, int)
+        self.specs[projection] = projection_spec(projection, layout, sequence)
+        denoiser = ip_denoiser_spec(self.specs["unet"], IP_DENOISER, layout.cross_attention_dim)
+        self.specs.setdefault(IP_DENOISER, denoiser)
+        self.specs.setdefault(CONTROLLED_UNET, controlled_unet_spec(self.specs["unet"], self.config.configs["unet"]))
+        controlled = ip_denoiser_spec(self.specs[CONTROLLED_UNET], CONTROLLED_IP_DENOISER, layout.cross_attention_dim)
+        self.specs.setdefault(CONTROLLED_IP_DENOISER, controlled)
+        self.image_encoders[encoder_component] = encoder
+        self.ip_files[projection] = file
+        return encoder_component, projection
+
+    @property
     def added_cond_names(self) -> tuple[str, ...]:
         """The UNet's conditioning inputs after the text embeddings (SDXL's pooled embeds and time ids)."""
         return tuple(self.specs["unet"].input_names[3:])
@@ -114,7 +187,12 @@ class Model:
         """The folder whose files (config and weights) a component is built from."""
         if component in self.controlnets:
             return self.controlnets[component]
-        return self.folder / self.family.weight_folder("unet" if component == CONTROLLED_UNET else component)
+        if component in self.ip_files:
+            return self.ip_files[component]
+        if component in self.image_encoders:
+            return self.image_encoders[component]
+        unet = component in (CONTROLLED_UNET, IP_DENOISER, CONTROLLED_IP_DENOISER)
+        return self.folder / self.family.weight_folder("unet" if unet else component)
 
     def torch_module(self, component: str, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
         """The module export traces and the torch backend runs, for any component the model has."""
@@ -122,7 +200,30 @@ class Model:
             return load_controlnet(self.controlnets[component], dtype, self.added_cond_names)
         if component == CONTROLLED_UNET:
             return self.controlled_unet(self.family.torch_module("unet", self.folder, dtype, weights))
+        if component == IP_DENOISER:
+            return self.ip_denoiser(self.family.torch_module("unet", self.folder, dtype, weights))
+        if component == CONTROLLED_IP_DENOISER:
+            return self.controlled_ip_denoiser(self.family.torch_module("unet", self.folder, dtype, weights))
+        if component in self.image_encoders:
+            from transformers import CLIPVisionModelWithProjection
+
+            encoder = CLIPVisionModelWithProjection.from_pretrained(self.image_encoders[component], torch_dtype=dtype)
+            return ImageEncoderModule(encoder.eval().requires_grad_(False))
+        if component in self.ip_files:
+            from safetensors.torch import load_file
+
+            state = split_state(load_file(str(self.ip_files[component])))
+            return load_projection(state["image_proj"], dtype)
         return self.family.torch_module(component, self.folder, dtype, weights)
+
+    @staticmethod
+    def ip_denoiser(unet: torch.nn.Module) -> torch.nn.Module:
+        """The IP denoiser on the weights of a UNet module (a fresh one, or the torch runner's own)."""
+        return IPAdapterDenoiser(unet, unet.unet)
+
+    def controlled_ip_denoiser(self, unet: torch.nn.Module) -> torch.nn.Module:
+        """The controlled IP denoiser on the weights of a UNet module."""
+        return IPAdapterDenoiser(self.controlled_unet(unet), unet.unet)
 
     def controlled_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The controlled UNet on the weights of a UNet module (a fresh one, or the torch runner's own)."""
@@ -164,6 +265,15 @@ class Model:
             if not (self.folder / sub).is_dir():
                 missing.append(f"{sub}/")
         return missing
+
+
+def _component_name(name: str) -> str:
+    """A name with subfolders as one component name (``models/ip-adapter_sd15`` -> ``models--ip-adapter_sd15``)."""
+    return name.replace("/", "--")
+
+
+def _shape(value: torch.Tensor | None) -> str:
+    return "missing" if value is None else str(tuple(value.shape))
 
 
 def load_model(name: str, cache_dir: Path, revision: str | None = None, model_cache: Path = MODEL_CACHE) -> Model:

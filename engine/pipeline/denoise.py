@@ -44,6 +44,8 @@ class Denoising:
     generators: list[torch.Generator]
     """One per image; the scheduler's ``step`` draws from them where it takes a generator."""
     controls: Sequence[Control] = ()
+    controlled: str = CONTROLLED_UNET
+    """The component steps where a ControlNet acts run (the controlled UNet, or its IP variant)."""
     inpaint: Inpainting | None = None
     channels: torch.Tensor | None = None
     """The denoiser's extra input channels (an inpainting model's mask and masked image, a Flux Control
@@ -77,7 +79,7 @@ def denoise(
             if channels is not None:
                 extra = torch.cat([channels] * 2) if guidance else channels
                 inputs["sample"] = torch.cat([model_input, extra], dim=1)
-            denoiser = runners[run.denoiser] if residuals is None else runners[CONTROLLED_UNET]
+            denoiser = runners[run.denoiser] if residuals is None else runners[run.controlled]
             noise_pred = denoiser({**inputs, **(residuals or {})})["noise_pred"].to(latents.dtype)
             if cfg_scale is not None:
                 noise_uncond, noise_text = noise_pred.chunk(2)

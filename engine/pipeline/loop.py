@@ -22,6 +22,7 @@ scaling and noising are in ``engine.pipeline.latents``; the step loop itself is 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
 
@@ -35,8 +36,10 @@ from engine.common.errors import NonFiniteOutput
 from engine.common.metrics import StageTimer
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.family import PromptBatch
+from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
 from engine.models.model import Model
 from engine.pipeline.denoise import Denoising, StepCallback, denoise
+from engine.pipeline.image_prompts import ImagePrompt, image_prompt_inputs
 from engine.pipeline.latents import LatentScaling, initial_sigma
 from engine.pipeline.preparation import ImageInputs, ImagePreparation, Inpainting, PreparedImages
 from engine.request.resolved import ResolvedRequest
@@ -76,13 +79,15 @@ class DiffusionPipeline:
         timer: StageTimer,
         on_step: StepCallback | None = None,
         prepared: PreparedImages | None = None,
+        image_prompts: Sequence[ImagePrompt] = (),
     ) -> list[Image.Image]:
         """One image per seed, in prompt order (each prompt's images together).
 
         With ``prepared`` (from ``prepare_images``) holding an image, it is image-to-image: the image
         is encoded, noised to the timestep ``request.strength`` starts from, and denoised from there;
         or, with a mask, inpainting. Its ControlNets add their residuals to the UNet's, each scaled,
-        at the steps between its start and end.
+        at the steps between its start and end. With ``image_prompts`` (an IP-Adapter's), the IP
+        denoiser runs every step with their tokens.
         """
         model = self.model
         # An LCM-distilled UNet takes the guidance scale as an embedding instead, as diffusers' pipelines run it.
@@ -113,6 +118,17 @@ class DiffusionPipeline:
                 lambda encoded: encoded.values(),
             )
         conditioning |= model.family.denoiser_inputs(model.config, request.guidance_scale)
+        denoiser, controlled = model.family.denoiser, CONTROLLED_UNET
+        for prompt in image_prompts:  # 1b. Encode the image prompts, as diffusers' prepare_ip_adapter_image_embeds
+            with timer.stage("image_encoder"):
+                conditioning |= self._finite(
+                    (prompt.encoder, prompt.projection),
+                    runners,
+                    [],
+                    functools.partial(image_prompt_inputs, prompt, runners, request.num_images, guidance, self.device),
+                    lambda found: found.values(),
+                )
+            denoiser, controlled = IP_DENOISER, CONTROLLED_IP_DENOISER
 
         # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
         factor = model.config.vae_scale_factor
@@ -161,7 +177,7 @@ class DiffusionPipeline:
         # 4. Denoising loop, each run on its own copy of the scheduler as it is now, so a rerun starts where
         #    the first run did.
         run = Denoising(
-            denoiser=model.family.denoiser,
+            denoiser=denoiser,
             scheduler=scheduler,
             timesteps=timesteps,
             conditioning=conditioning,
@@ -169,11 +185,12 @@ class DiffusionPipeline:
             options=step_options(request.scheduler),
             generators=generators,
             controls=prepared.controls if prepared is not None else (),
+            controlled=controlled,
             inpaint=inpaint,
             channels=channels,
         )
         noisy = latents
-        stepped = (run.denoiser, CONTROLLED_UNET, *(control.component for control in run.controls))
+        stepped = (run.denoiser, run.controlled, *(control.component for control in run.controls))
         with timer.stage("denoise"):
             latents = self._finite(
                 stepped,

@@ -31,6 +31,7 @@ class Limits:
     max_timeout_s: float
     max_loras: int = 4
     max_controlnets: int = 2
+    max_ip_adapters: int = 1
     max_prompt_weight: float = 3.0
     inpaint_strength: float = 1.0
     """The family's inpainting default, as its diffusers pipeline has it."""
@@ -61,6 +62,7 @@ class Limits:
             max_timeout_s=settings.max_timeout_s,
             max_loras=settings.max_loras,
             max_controlnets=settings.max_controlnets,
+            max_ip_adapters=settings.max_ip_adapters,
             max_prompt_weight=settings.max_prompt_weight,
             **model,
         )

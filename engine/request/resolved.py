@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.prompts.syntax import PromptSyntax
-from engine.request.entries import ControlImageEntry, ControlNetEntry, LoraEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry, IpAdapterEntry, LoraEntry
 
 
 @dataclass(frozen=True)
@@ -42,15 +42,18 @@ class ResolvedRequest:
     true_cfg_scale: float | None = None
     control: ControlImageEntry | None = None
     """A Flux Control model's control image."""
+    ip_adapters: tuple[IpAdapterEntry, ...] = ()
 
     @property
     def mode(self) -> str:
         """txt2img, img2img or inpaint, with '+controlnet' when ControlNets steer it, '+control' with a
-        Flux Control model's control image."""
+        Flux Control model's control image, then '+ip_adapter' with image prompts."""
         base = "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
         if self.control is not None:
-            return f"{base}+control"
-        return f"{base}+controlnet" if self.controlnets else base
+            base = f"{base}+control"
+        elif self.controlnets:
+            base = f"{base}+controlnet"
+        return f"{base}+ip_adapter" if self.ip_adapters else base
 
     @property
     def guidance(self) -> tuple[float, float | None, bool]:

@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.common.errors import RequestError
 from engine.prompts.syntax import PromptSyntax
-from engine.request.entries import ControlImageEntry, ControlNetEntry, LoraEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry, IpAdapterEntry, LoraEntry
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
 from engine.request.rules import MAX_SEED, cross_field_problems, field_location, rule, unencodable_texts
@@ -94,6 +94,9 @@ class GenerateRequest(BaseModel):
     )
     control: ControlImageEntry | None = Field(
         None, description="Flux Control (Canny, Depth) models: the control image, with preprocess canny the photo"
+    )
+    ip_adapters: list[IpAdapterEntry] | None = Field(
+        None, description="IP-Adapters: image prompts, each adapter with its images and scale"
     )
 
     @field_validator("prompt", "negative_prompt")
@@ -174,6 +177,16 @@ class GenerateRequest(BaseModel):
             raise rule("too_many", "at most {n} per request (MAX_CONTROLNETS), got {v}", n=limit, v=len(entries))
         return entries
 
+    @field_validator("ip_adapters")
+    @classmethod
+    def _check_ip_adapters(
+        cls, entries: list[IpAdapterEntry] | None, info: ValidationInfo
+    ) -> list[IpAdapterEntry] | None:
+        limit = _limits(info).max_ip_adapters
+        if entries is not None and len(entries) > limit:
+            raise rule("too_many", "at most {n} per request (MAX_IP_ADAPTERS), got {v}", n=limit, v=len(entries))
+        return entries
+
     @field_validator("timeout_s")
     @classmethod
     def _check_timeout(cls, timeout: float | None, info: ValidationInfo) -> float | None:
@@ -223,6 +236,7 @@ class GenerateRequest(BaseModel):
             padding_mask_crop=self.padding_mask_crop,
             controlnets=tuple(self.controlnets or ()),
             control=self.control,
+            ip_adapters=tuple(self.ip_adapters or ()),
         )
 
 
@@ -282,6 +296,8 @@ def _valid_fields(payload: dict[str, Any], failed: set[Any]) -> dict[str, Any]:
         values["controlnets"] = [ControlNetEntry.model_validate(entry) for entry in values["controlnets"]]
     if values.get("control") is not None:
         values["control"] = ControlImageEntry.model_validate(values["control"])
+    if values.get("ip_adapters") is not None:
+        values["ip_adapters"] = [IpAdapterEntry.model_validate(entry) for entry in values["ip_adapters"]]
     return values
 
 

@@ -3,15 +3,16 @@
 Every check of a request happens here, in two rounds. The first costs no download: the
 schema (types, ranges, rules across fields), what the model's family offers, the mask an
 inpainting model needs, the ControlNet folders against the model, the LoRA files named from
-LORA_DIR (found, their headers read), and the prompts' length in the text encoders' tokens.
-Each of these reads the fields that passed the schema on their own, so one bad field does
-not hide another field's problem; a check whose field failed is skipped, the schema has
-named it. Only a request that passes them all has its input, mask and control images
-fetched and decoded, so a refusal never waits for a download; then the size in pixels,
-which an input image can set. What comes out has every default filled in
-and its token and chunk counts measured; the ControlNet components it names are listed, for
-the worker to give runner chains after admission. LoRA URLs are fetched, and LoRA files read
-whole, by the worker after admission, once the request's memory check has passed without them.
+LORA_DIR (found, their headers read), the IP-Adapter files, and the prompts' length in the
+text encoders' tokens. Each of these reads the fields that passed the schema on their own, so
+one bad field does not hide another field's problem; a check whose field failed is skipped,
+the schema has named it. Only a request that passes them all has its input, mask and control
+images (and IP-Adapter image prompts) fetched and decoded, so a refusal never waits for a
+download; then the size in pixels, which an input image can set. What comes out has every
+default filled in and its token and chunk counts measured; the ControlNet and IP-Adapter
+components it names are listed, for the worker to give runner chains after admission. LoRA
+URLs are fetched, and LoRA files read whole, by the worker after admission, once the
+request's memory check has passed without them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from PIL import Image
 from engine.common.download_limits import limit_to_request
 from engine.common.errors import Problems
 from engine.lora.files import LoraFiles
+from engine.lora.ip_adapters import Adapter, IpAdapterFiles
 from engine.models.controlnet_folders import ControlNetFolders
 from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
+from engine.pipeline.image_prompts import ImagePrompt
 from engine.prompts.syntax import PromptSyntaxError
 from engine.prompts.tokens import PromptLength
-from engine.request.entries import ControlImageEntry, ControlNetEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry, IpAdapterEntry
 from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
@@ -46,6 +49,9 @@ class Admitted:
     request: ResolvedRequest
     inputs: ImageInputs | None
     controlnets: tuple[str, ...] = ()
+    adapters: tuple[Adapter, ...] = ()
+    """The IP-Adapters the request names, checked, in order."""
+    image_prompts: tuple[ImagePrompt, ...] = ()
 
 
 def model_limits(settings: Settings, model: Model) -> Limits:
@@ -69,10 +75,18 @@ def model_limits(settings: Settings, model: Model) -> Limits:
 class Admission:
     """The checks one model's worker runs on every job's input."""
 
-    def __init__(self, settings: Settings, model: Model, controlnets: ControlNetFolders, loras: LoraFiles):
+    def __init__(
+        self,
+        settings: Settings,
+        model: Model,
+        controlnets: ControlNetFolders,
+        loras: LoraFiles,
+        ip_adapters: IpAdapterFiles,
+    ):
         self.model = model
         self.controlnets = controlnets
         self.loras = loras
+        self.ip_adapters = ip_adapters
         self.max_prompt_chunks = settings.max_prompt_chunks
         self.limits = model_limits(settings, model)
         self.image_limits = ImageLimits(
@@ -88,19 +102,20 @@ class Admission:
         problems.found += self._family_problems(fields)
         components = self._controlnet_components(fields, problems)
         self._locate_loras(fields, problems)
+        adapters = self._adapters(fields, problems)
         lengths = problems.check(self._measure_prompts, fields)
         problems.raise_any()
         draft = checked.request
         assert draft is not None and lengths is not None  # no problem: the schema gave a request
         limit_to_request(draft.timeout_s or self.limits.max_timeout_s)  # downloads end by the request's deadline
-        inputs = self._load_images(draft, components)
+        inputs, prompts = self._load_images(draft, components, adapters)
         request = draft.resolved(self.limits, self._default_size(inputs))
         request = replace(
             request,
             prompt_tokens=tuple(length.tokens for length in lengths["prompt"]),
             prompt_chunks=max(length.chunks for found in lengths.values() for length in found),
         )
-        return Admitted(request, inputs, components)
+        return Admitted(request, inputs, components, adapters, prompts)
 
     def _family_problems(self, fields: Mapping[str, Any]) -> list[str]:
         """What the model's family does not offer yet, and the mask an inpainting model needs, by field."""
@@ -110,6 +125,7 @@ class Admission:
             "controlnets": bool(fields.get("controlnets")) and not family.controlnets,
             "loras": bool(fields.get("loras")) and not family.lora_targets,
             "padding_mask_crop": fields.get("padding_mask_crop") is not None and not family.mask_crop,
+            "ip_adapters": bool(fields.get("ip_adapters")) and not family.ip_adapters,
         }
         problems = [f"{field}: not supported for {family.name} models yet" for field, bad in unsupported.items() if bad]
         if not family.negative_prompts:
@@ -168,6 +184,18 @@ class Admission:
             if entry.name is not None:
                 problems.check(self.loras.locate, entry.name, f"loras[{index}].name")
 
+    def _adapters(self, fields: Mapping[str, Any], problems: Problems) -> tuple[Adapter, ...]:
+        """Each ``ip_adapters`` entry's file, checked against the model; each entry's problem kept in
+        ``problems``."""
+        entries: list[IpAdapterEntry] = fields.get("ip_adapters") or []
+        if not self.model.family.ip_adapters:
+            return ()  # the family check names the field
+        found = [
+            problems.check(self.ip_adapters.resolve, entry.name, f"ip_adapters[{index}].name")
+            for index, entry in enumerate(entries)
+        ]
+        return tuple(adapter for adapter in found if adapter is not None)
+
     def _measure_prompts(self, fields: Mapping[str, Any]) -> dict[str, list[PromptLength]]:
         """Each prompt's (and each negative prompt's the family encodes) token and chunk counts; refuses
         a prompt past MAX_PROMPT_CHUNKS. A field that failed the schema, or whose weights it could not
@@ -199,9 +227,11 @@ class Admission:
         ).raise_any()
         return lengths
 
-    def _load_images(self, draft: GenerateRequest, components: tuple[str, ...]) -> ImageInputs | None:
-        """The input image, mask and control images, decoded (control images through their preprocessing);
-        every one that cannot be read is named in one RequestError."""
+    def _load_images(
+        self, draft: GenerateRequest, components: tuple[str, ...], adapters: tuple[Adapter, ...]
+    ) -> tuple[ImageInputs | None, tuple[ImagePrompt, ...]]:
+        """The input image, mask, control images and image prompts, decoded (control images through their
+        preprocessing); every one that cannot be read is named in one RequestError."""
         problems = Problems()
         image = problems.check(load_image, draft.image, self.image_limits) if draft.image is not None else None
         mask = problems.check(load_image, draft.mask, self.image_limits, "mask") if draft.mask is not None else None
@@ -212,10 +242,39 @@ class Admission:
             for index, (entry, component) in enumerate(zip(draft.controlnets or (), components, strict=True))
         ]
         control = problems.check(self._preprocessed, draft.control, "control") if draft.control is not None else None
+        prompts = [
+            self._image_prompt(entry, adapter, index, problems)
+            for index, (entry, adapter) in enumerate(zip(draft.ip_adapters or (), adapters, strict=True))
+        ]
         problems.raise_any()
+        image_prompts = tuple(prompt for prompt in prompts if prompt is not None)
         if image is None and not controls and control is None:
+            return None, image_prompts
+        return ImageInputs(image, mask, tuple(found for found in controls if found is not None), control), image_prompts
+
+    def _image_prompt(
+        self, entry: IpAdapterEntry, adapter: Adapter, index: int, problems: Problems
+    ) -> ImagePrompt | None:
+        """An ``ip_adapters`` entry's images, decoded, with its adapter's components and scale."""
+        field = f"ip_adapters[{index}].image" if entry.image is not None else f"ip_adapters[{index}].images"
+        sources = entry.prompts
+        named = [field] if entry.image is not None else [f"{field}[{number}]" for number in range(len(sources))]
+        images = [
+            problems.check(load_image, source, self.image_limits, name)
+            for source, name in zip(sources, named, strict=True)
+        ]
+        if any(image is None for image in images):
             return None
-        return ImageInputs(image, mask, tuple(found for found in controls if found is not None), control)
+        side = self.model.specs[adapter.encoder].inputs[0].shape[-1]
+        assert isinstance(side, int)
+        return ImagePrompt(
+            adapter.encoder,
+            adapter.projection,
+            tuple(image for image in images if image is not None),
+            entry.scale,
+            adapter.layout.hidden_states,
+            side,
+        )
 
     def _preprocessed(self, entry: ControlImageEntry, field: str) -> Image.Image:
         """A control image as given, or its edge map with preprocess canny."""

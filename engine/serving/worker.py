@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from engine.backends.assemble import build_chains, share_torch_weights
+from engine.backends.assemble import build_chains, share_adapter_weights, share_torch_weights
 from engine.backends.chain import ChainCalls, RunnerChain
 from engine.backends.torch import LazyTorchRunner
 from engine.common.download_limits import download_limits
@@ -28,14 +28,16 @@ from engine.common.logs import request_context
 from engine.common.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.devices import resolve_device, resolve_precision
 from engine.lora.files import LoraFiles
+from engine.lora.ip_adapters import Adapter, IpAdapterFiles, adapter_patch
 from engine.lora.library import NO_LORAS, LoraLibrary, LoraSelection
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
+from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER, IP_PARAMETERS
 from engine.models.model import Model, load_model
 from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
 from engine.request.resolved import ResolvedRequest
 from engine.request.schema import parse_request
-from engine.serving.admission import Admission
+from engine.serving.admission import Admission, Admitted
 from engine.serving.delivery import Delivery, EncodedImage
 from engine.serving.encode import encode_image
 from engine.serving.heap import collect_everything
@@ -91,8 +93,10 @@ class Worker:
         if settings.preload_controlnets:
             self._preload_controlnets(settings.preload_controlnets)
             self.cold_start.mark("controlnets_load")
+        assert settings.ip_adapter_dir is not None  # Settings fills it in
+        self.ip_adapters = IpAdapterFiles(settings.ip_adapter_dir, self.model, settings.max_lora_bytes)
         self.delivery = Delivery(settings)
-        self.admission = Admission(settings, self.model, self.controlnets, self.loras.files)
+        self.admission = Admission(settings, self.model, self.controlnets, self.loras.files, self.ip_adapters)
         self.limits = self.admission.limits
         log.info(
             "worker ready",
@@ -157,6 +161,25 @@ class Worker:
             self.tensorrt.adopt(engines)  # one stream and scratch for all the engines
             self._load_torch_weights(chains, chains if load_now else ())
 
+    def _add_ip_adapter_chains(self, adapters: tuple[Adapter, ...], controlled: bool) -> None:
+        """Runner chains for the image encoders and projections a request is the first to use, and for the
+        IP denoiser (its controlled variant too where ControlNets act); their torch fallbacks run the UNet's
+        own torch module with the IP processors added."""
+        wraps = {IP_DENOISER: self.model.ip_denoiser, CONTROLLED_IP_DENOISER: self.model.controlled_ip_denoiser}
+        with self._chains_lock:
+            wanted = [c for adapter in adapters for c in (adapter.encoder, adapter.projection)]
+            denoisers = (IP_DENOISER, CONTROLLED_IP_DENOISER) if controlled else (IP_DENOISER,)
+            missing = list(dict.fromkeys(c for c in (*wanted, *denoisers) if c not in self.chains))
+            if not missing:
+                return
+            chains, engines = build_chains(
+                self.model, self.settings, self.store, self.device, self.precision, components=missing
+            )
+            for component in set(wraps) & set(chains):
+                share_adapter_weights(chains[component], self.chains["unet"], wraps[component], IP_PARAMETERS)
+            self.chains.update(chains)
+            self.tensorrt.adopt(engines)
+
     def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         """A RunPod job in, a response dict out; never raises for a bad job."""
         return self.answer(job, progress).response
@@ -219,7 +242,8 @@ class Worker:
         self, payload: Any, job_id: str, started: float, progress: ProgressCallback | None, upload: bool = False
     ) -> dict[str, Any]:
         timer = StageTimer(self.device)
-        request, inputs = self.resolve(payload)
+        admitted = self._admit(payload)
+        request, inputs = admitted.request, admitted.inputs
         self._check_memory(request)
         with timer.stage("lora_load") if request.loras else contextlib.nullcontext():
             loras = self.loras.select(request.loras)  # every entry checked before any weight changes
@@ -231,11 +255,13 @@ class Worker:
         patches = dict(loras.patches)
         if "unet" in patches:  # the controlled UNet has the UNet's weights, LoRAs included
             patches[CONTROLLED_UNET] = patches["unet"]
+        for adapter in admitted.adapters:  # the IP denoisers: the adapter's IP matrices with the UNet's LoRAs
+            patches[IP_DENOISER] = patches[CONTROLLED_IP_DENOISER] = adapter_patch(adapter, patches.get("unet"))
         calls = ChainCalls(self.chains, patches)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)
         graphs = self.tensorrt.graph_counts()
-        images = self.pipeline(request, seeds, calls, timer, on_step, prepared)
+        images = self.pipeline(request, seeds, calls, timer, on_step, prepared, admitted.image_prompts)
         with timer.stage("output_encode"):
             encoded = [
                 EncodedImage(
@@ -257,6 +283,11 @@ class Worker:
             self.cold_start.take_first(),
         )
         metrics["loras"] = loras.metrics()
+        if admitted.adapters:
+            metrics["ip_adapters"] = [
+                {"name": adapter.name, "sha256": adapter.sha256, "kind": adapter.layout.kind, "scale": entry.scale}
+                for adapter, entry in zip(admitted.adapters, request.ip_adapters, strict=True)
+            ]
         if request.controlnets and inputs is not None:
             metrics["controlnets"] = controlnet_metrics(request.controlnets, inputs.controls, timer)
         metrics["delivery"] = delivery
@@ -273,12 +304,19 @@ class Worker:
     def resolve(self, payload: Any) -> tuple[ResolvedRequest, ImageInputs | None]:
         """The admitted request and its images; the ControlNets it names get their runner chains now,
         after admission, so a refused request loads nothing."""
+        admitted = self._admit(payload)
+        return admitted.request, admitted.inputs
+
+    def _admit(self, payload: Any) -> Admitted:
+        """``resolve``'s admission, whole: with the IP-Adapters and image prompts, whose chains it adds."""
         admitted = self.admission.admit(payload)
         if admitted.controlnets:
             for component in admitted.controlnets:
                 self.controlnets.add(component)
             self._add_controlnet_chains(list(admitted.controlnets))
-        return admitted.request, admitted.inputs
+        if admitted.adapters:
+            self._add_ip_adapter_chains(admitted.adapters, controlled=bool(admitted.controlnets))
+        return admitted
 
     def warmup(self) -> None:
         """One small generation at the native size, so the first request pays no first-run costs,

@@ -18,7 +18,11 @@ if TYPE_CHECKING:
 
 
 def folder_fingerprint(folder: Path, file_digest: Callable[[Path], str], salt: str = "") -> str:
+    """Every file of ``folder``, or ``folder`` alone where it is one file (an IP-Adapter's projection)."""
     digest = hashlib.sha256(salt.encode())
+    if folder.is_file():
+        digest.update(f"{folder.name}\0{file_digest(folder)}\n".encode())
+        return digest.hexdigest()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
         digest.update(f"{path.relative_to(folder)}\0{file_digest(path)}\n".encode())
     return digest.hexdigest()

@@ -5,7 +5,8 @@ pixels, images per request), or ``SIZExBATCH`` for a static profile. Each compon
 spec turns it into per-input min/opt/max shapes, in latent units for the UNet and VAE
 and with the classifier-free-guidance doubling where the component batches it. Text
 encoders and the UNet also cover prompts from one chunk of 77 tokens (the optimum) to
-``MAX_PROMPT_CHUNKS`` chunks. Pure logic: it runs and is tested without TensorRT.
+``MAX_PROMPT_CHUNKS`` chunks; IP-Adapter components from one image prompt (4 tokens) to
+``MAX_IP_ADAPTER_IMAGES`` (16 tokens each: Plus's). Pure logic: it runs and is tested without TensorRT.
 """
 
 from __future__ import annotations
@@ -13,8 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from engine.request.entries import MAX_IP_ADAPTER_IMAGES
 from engine.sizes import SizeRange
 from engine.spec import ComponentSpec, Dims, Shape
+
+MAX_IP_TOKENS = 16 * MAX_IP_ADAPTER_IMAGES
+"""The most image-prompt tokens an IP denoiser engine covers: Plus's 16 per image (Full Face's 257 are not)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,14 @@ def profile_for(spec: ComponentSpec, size_range: SizeRange, max_prompt_chunks: i
     else:
         low = size_range.opt_size if size_range.static else size_range.min_size
         minimum = spec.input_shapes(Dims(1, low, low), guidance=size_range.static)
-        most = Dims(size_range.max_batch, size_range.max_size, size_range.max_size, max_prompt_chunks)
+        most = Dims(
+            size_range.max_batch,
+            size_range.max_size,
+            size_range.max_size,
+            max_prompt_chunks,
+            ip_tokens=MAX_IP_TOKENS,
+            ip_images=MAX_IP_ADAPTER_IMAGES,
+        )
         maximum = spec.input_shapes(most, guidance=True)
     inputs = tuple((name, ShapeRange(minimum[name], optimum[name], maximum[name])) for name in spec.input_names)
     label = size_range.label

@@ -1,0 +1,165 @@
+"""IP-Adapter files a request names, checked like LoRA files, and the weight patch each makes of the IP denoiser.
+
+A name is a safetensors file under ``IP_ADAPTER_DIR`` (subfolders allowed, never outside it; pickle
+formats refused), in diffusers' ``load_ip_adapter`` layout, with the CLIP image encoder it was
+trained with in an ``image_encoder/`` folder beside it (as diffusers' default ``image_encoder_folder``
+finds it, h94/IP-Adapter's ``models/`` and ``sdxl_models/`` layouts). Its header is checked before
+the file is read, then its layout and shapes against the model's UNet and the encoder, so a file no
+backend could use is a request error naming the entry. A checked adapter becomes components of the
+model (its projection, its encoder, the IP denoiser), served by runner chains like any other.
+
+The adapter's ``to_k_ip``/``to_v_ip`` matrices reach the IP denoiser as a patch, as a LoRA's do: the
+patch sets each to the file's value (base + delta from the base the graph holds), together with the
+request's LoRAs on the UNet's own weights, so one runner holds one adapter and one LoRA set at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.common.errors import RequestError
+from engine.common.names import check_name
+from engine.lora.files import PICKLE_SUFFIXES, SUFFIX
+from engine.lora.headers import HeaderError, check_safetensors
+from engine.lora.library import WeightPatch
+from engine.models.ip_adapter import AdapterLayout, adapter_layout, adapter_weights, placeholder, split_state
+from engine.models.model import WEIGHT_SUFFIXES, Model
+
+log = logging.getLogger(__name__)
+
+ENCODER_FOLDER = "image_encoder"
+KEPT_FILES = 2
+"""Adapter files kept read in memory (the IP matrices of SD 1.5's are 44 MB in fp16, SDXL's 0.7 GB)."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A checked adapter file and the components that serve it."""
+
+    name: str
+    sha256: str
+    layout: AdapterLayout
+    encoder: str
+    """The image encoder's component."""
+    projection: str
+    """The adapter's projection's component."""
+    weights: dict[str, torch.Tensor]
+    """The IP denoiser's parameters this adapter sets (its ``to_k_ip``/``to_v_ip``)."""
+
+
+@dataclass(frozen=True)
+class AdapterPatch:
+    """The IP denoiser's weights for one request: an adapter's IP matrices and the UNet's LoRA patch."""
+
+    key: str
+    adapter: Adapter
+    lora: WeightPatch | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [*(self.lora.names if self.lora is not None else ()), *self.adapter.weights]
+
+    def delta(self, name: str, device: torch.device) -> torch.Tensor:
+        """A LoRA's delta, or for an IP matrix the file's value less the placeholder base."""
+        if name in self.adapter.weights:
+            value = self.adapter.weights[name].to(device=device, dtype=torch.float32)
+            return value - placeholder(name, tuple(value.shape)).to(device)
+        assert self.lora is not None
+        return self.lora.delta(name, device)
+
+
+def adapter_patch(adapter: Adapter, lora: WeightPatch | None) -> AdapterPatch:
+    key = hashlib.sha256(f"{adapter.sha256}/{lora.key if lora is not None else ''}".encode()).hexdigest()[:16]
+    return AdapterPatch(key, adapter, lora)
+
+
+class IpAdapterFiles:
+    """The IP-Adapters in ``root`` for one model: each name resolved, checked and read once."""
+
+    def __init__(self, root: Path, model: Model, max_bytes: int):
+        self.root = root
+        self.model = model
+        self.max_bytes = max_bytes
+        self._read: OrderedDict[str, Adapter] = OrderedDict()
+        self._digests: dict[tuple[Path, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, name: str, field: str) -> Adapter:
+        """The adapter ``name`` names, checked against the model; a RequestError under ``field`` otherwise."""
+        family = self.model.family
+        if not family.ip_adapters:
+            raise RequestError(f"{field}: IP-Adapters are not supported for {family.name} models")
+        target = self._path(name, field)
+        try:
+            check_safetensors(target, self.max_bytes)
+        except HeaderError as error:
+            raise RequestError(f"{field}: {name!r} is {str(error).replace('LoRA', 'IP-Adapter')}") from None
+        sha256 = self._digest(target)
+        with self._lock:
+            if sha256 in self._read:
+                self._read.move_to_end(sha256)
+                return self._read[sha256]
+        adapter = self._read_adapter(name, target, sha256, field)
+        with self._lock:
+            self._read[sha256] = adapter
+            while len(self._read) > KEPT_FILES:
+                self._read.popitem(last=False)
+        return adapter
+
+    def _path(self, name: str, field: str) -> Path:
+        check_name(name, field)
+        path = Path(name)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise RequestError(f"{field}: {path.suffix} files are refused (pickle can run code); use .safetensors")
+        if path.suffix.lower() != SUFFIX:
+            path = path.with_name(path.name + SUFFIX)
+        root = self.root.resolve()
+        target = (root / path).resolve()
+        if path.is_absolute() or {".", ".."} & set(name.split("/")) or not target.is_relative_to(root):
+            raise RequestError(f"{field}: must name a file inside the IP-Adapter folder, got {name!r}")
+        if not target.is_file():
+            log.info("%s: no IP-Adapter %r under %s", field, name, self.root)
+            raise RequestError(f"{field}: no IP-Adapter named {name!r}")
+        return target
+
+    def _read_adapter(self, name: str, path: Path, sha256: str, field: str) -> Adapter:
+        from safetensors.torch import load_file
+
+        named = f"{field}: {name!r}"
+        try:
+            state = split_state(load_file(str(path)))
+            layout = adapter_layout(state)
+        except (ValueError, OSError) as error:
+            raise RequestError(f"{named}: {error}") from None
+        encoder = path.parent / ENCODER_FOLDER
+        if not (encoder / "config.json").is_file() or not any(p.suffix in WEIGHT_SUFFIXES for p in encoder.iterdir()):
+            raise RequestError(f"{named}: no image encoder (a CLIP vision folder named {ENCODER_FOLDER}/ beside it)")
+        problems = self.model.ip_adapter_mismatches(layout, state["ip_adapter"], encoder)
+        if problems:
+            raise RequestError(f"{named}: made for another model than this {self.model.family.name} one: {problems}")
+        if not all(torch.isfinite(value).all() for part in state.values() for value in part.values()):
+            raise RequestError(f"{named}: holds NaN or Inf values")
+        relative = path.relative_to(self.root.resolve()).with_suffix("").as_posix()
+        with self._lock:  # the model's specs change: one adapter at a time
+            encoder_component, projection = self.model.add_ip_adapter(relative, path, sha256, encoder, layout)
+        weights = adapter_weights(state["ip_adapter"], self.model.ip_layers)
+        return Adapter(name, sha256, layout, encoder_component, projection, weights)
+
+    def _digest(self, path: Path) -> str:
+        """sha256 of a file, computed once per version of it."""
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        if key not in self._digests:
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                while chunk := handle.read(16 * 2**20):
+                    digest.update(chunk)
+            self._digests[key] = digest.hexdigest()
+        return self._digests[key]
