@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.common.errors import RequestError
+from engine.lora.files import LoraFiles
 from engine.lora.ip_adapters import IpAdapterFiles
 from engine.models.controlnet_folders import ControlNetFolders
 from engine.models.model import load_model
@@ -127,7 +128,11 @@ def test_families_without_ip_adapters_refuse_the_field(cache_dir, folder, make_s
     settings = make_settings(model=model, ip_adapter_dir=folder)
     loaded = load_model(model, cache_dir)
     admission = Admission(
-        settings, loaded, ControlNetFolders(folder, loaded), IpAdapterFiles(folder, loaded, settings.max_lora_bytes)
+        settings,
+        loaded,
+        ControlNetFolders(folder, loaded),
+        LoraFiles(folder, settings.max_lora_bytes, int(settings.lora_cache_gb * 1e9)),
+        IpAdapterFiles(folder, loaded, settings.max_lora_bytes),
     )
     payload = {"prompt": "a fox", "ip_adapters": [{"name": "models/plain", "image": IMAGE}]}
     with pytest.raises(RequestError, match=rf"ip_adapters: not supported for {loaded.family.name} models"):
