@@ -166,7 +166,7 @@ class DiffusionPipeline:
             timesteps=timesteps,
             conditioning=conditioning,
             cfg_scale=cfg_scale,
-            options=step_options(request.scheduler),
+            options=step_options(request.scheduler, model.scheduler_config["_class_name"], request.eta),
             generators=generators,
             controls=prepared.controls if prepared is not None else (),
             inpaint=inpaint,

@@ -42,6 +42,8 @@ class ResolvedRequest:
     true_cfg_scale: float | None = None
     control: ControlImageEntry | None = None
     """A Flux Control model's control image."""
+    eta: float | None = None
+    """The scheduler's ``eta`` where it takes one (TCD, DDIM); None for its default."""
 
     @property
     def mode(self) -> str:

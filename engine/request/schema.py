@@ -77,6 +77,13 @@ class GenerateRequest(BaseModel):
     scheduler: str | None = Field(
         None, max_length=64, description="a name in any accepted style; bounded, since a refusal quotes it"
     )
+    eta: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="the stochasticity of schedulers that take it (tcd, ddim); default tcd 0.3, ddim 0",
+    )
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(90, ge=1, le=100, description="jpeg and webp quality")
     timeout_s: float | None = Field(None, gt=0)
@@ -212,6 +219,7 @@ class GenerateRequest(BaseModel):
             true_cfg_scale=self.true_cfg_scale,
             seed=self.seed,
             scheduler=self.scheduler,
+            eta=self.eta,
             output_format=self.output_format,
             quality=self.quality,
             timeout_s=min(self.timeout_s or limits.max_timeout_s, limits.max_timeout_s),

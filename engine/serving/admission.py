@@ -62,6 +62,7 @@ def model_limits(settings: Settings, model: Model) -> Limits:
         size_multiple=config.size_multiple,
         max_side=config.max_side,
         prompt_syntaxes=family.prompt_syntaxes,
+        model_scheduler=model.scheduler_config["_class_name"],
     )
 
 
