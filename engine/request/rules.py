@@ -52,7 +52,7 @@ def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
         problems.append("padding_mask_crop: only applies with a mask")
     steps = values.get("num_inference_steps") or limits.default_steps
     effective = limits.default_strength(mask is not None) if strength is None else strength
-    if image is not None and "strength" in values and int(steps * effective) < 1:
+    if image is not None and "strength" in values and not limits.reference_image and int(steps * effective) < 1:
         problems.append(f"strength: with {steps} steps it must be at least {1 / steps:.3g} to denoise at all")
     problems += eta_problems(values, limits)
     return problems
