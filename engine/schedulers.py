@@ -5,8 +5,9 @@ the model's: ``_karras``, ``_trailing``) or a name AUTOMATIC1111 or ComfyUI user
 it, read case-insensitively (``canonical_name``): ``DPM++ 2M Karras``, ``Euler a``,
 ``dpmpp_2m karras``, ``euler_ancestral``, ``euler sgm_uniform``.
 
-A fresh scheduler is made per request (``from_config`` is cheap), so concurrent
-requests never share a scheduler's step state.
+Each request steps a scheduler of its own (``engine.pipeline.schedules`` copies one set up per
+name, step count and size), so concurrent requests never share a scheduler's step state. A request's
+``eta`` goes to every ``step`` of the schedulers that take one (``ETA_DEFAULTS``).
 """
 
 from __future__ import annotations

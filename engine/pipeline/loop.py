@@ -39,8 +39,9 @@ from engine.models.model import Model
 from engine.pipeline.denoise import Denoising, StepCallback, denoise
 from engine.pipeline.latents import LatentScaling, initial_sigma
 from engine.pipeline.preparation import ImageInputs, ImagePreparation, Inpainting, PreparedImages
+from engine.pipeline.schedules import Schedules
 from engine.request.resolved import ResolvedRequest
-from engine.schedulers import make_scheduler, step_options
+from engine.schedulers import step_options
 
 Result = TypeVar("Result")
 
@@ -67,6 +68,7 @@ class DiffusionPipeline:
         self.device = device
         self.images = ImagePreparation(model, device)
         self.latents = LatentScaling(model, device)
+        self.schedules = Schedules(model, device)
 
     def __call__(
         self,
@@ -114,12 +116,10 @@ class DiffusionPipeline:
             )
         conditioning |= model.family.denoiser_inputs(model.config, request.guidance_scale)
 
-        # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
+        # 2. Prepare timesteps on the request's own scheduler; image-to-image and inpainting start part-way.
         factor = model.config.vae_scale_factor
         shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
-        scheduler = make_scheduler(request.scheduler, model.scheduler_config, seeds)
-        options = model.family.timestep_options(model.config, scheduler, request.steps, shape)
-        scheduler.set_timesteps(request.steps, device=self.device, **options)
+        scheduler = self.schedules.scheduler(request.scheduler, request.steps, shape, seeds)
         timesteps = scheduler.timesteps
         if prepared is not None and prepared.image is not None:
             timesteps = self._truncate_timesteps(scheduler, model.family.first_step(request.steps, request.strength))
