@@ -114,6 +114,19 @@ def canonical_name(name: str) -> str | None:
     return candidate if candidate in SCHEDULERS else None
 
 
+FLOW_EULER_NAMES = ("euler", "euler_trailing")
+"""What SD3's and Flux's users type for their sampler (Forge's ``Euler``, ComfyUI's ``euler`` with
+``simple`` or ``sgm_uniform``): on a flow-matching model, ``flow_euler`` with the model's own shift."""
+
+
+def offered_name(name: str, offered: Sequence[str]) -> str | None:
+    """``canonical_name``, where a model offering ``flow_euler`` reads the Euler names as it."""
+    found = canonical_name(name)
+    if found not in offered and "flow_euler" in offered and found in FLOW_EULER_NAMES:
+        return "flow_euler"
+    return found
+
+
 def make_scheduler(name: str | None, model_config: dict[str, Any], seeds: Sequence[int] = ()) -> SchedulerMixin:
     """The named scheduler on the model's config (prediction type, betas, spacing), or the model's own.
 

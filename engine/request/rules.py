@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.prompts.syntax import weight_problems
 from engine.request.limits import Limits
-from engine.schedulers import ETA_DEFAULTS, canonical_name, eta_names, scheduler_class
+from engine.schedulers import ETA_DEFAULTS, eta_names, offered_name, scheduler_class
 
 MAX_SEED = 2**63 - 1
 
@@ -64,7 +64,7 @@ def eta_problems(values: dict[str, Any], limits: Limits) -> list[str]:
     if values.get("eta") is None or "scheduler" not in values:
         return []
     typed = values["scheduler"]  # as sent where another field failed, else our name for it
-    name = canonical_name(typed) if typed is not None else None
+    name = offered_name(typed, limits.schedulers) if typed is not None else None
     if (typed is not None and name is None) or scheduler_class(name, limits.model_scheduler) in ETA_DEFAULTS:
         return []
     own = f" ({limits.model_scheduler})" if limits.model_scheduler else ""

@@ -28,7 +28,7 @@ from engine.request.entries import ControlImageEntry, ControlNetEntry, LoraEntry
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
 from engine.request.rules import MAX_SEED, cross_field_problems, field_location, rule, unencodable_texts
-from engine.schedulers import canonical_name
+from engine.schedulers import offered_name
 
 MAX_PROMPT_CHARS = 10_000
 
@@ -145,7 +145,7 @@ class GenerateRequest(BaseModel):
         if name is None:
             return None
         names = _limits(info).schedulers
-        found = canonical_name(name)
+        found = offered_name(name, names)
         if found not in names:
             raise rule(
                 "unknown",

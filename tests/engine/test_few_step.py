@@ -133,6 +133,16 @@ def test_aliases_give_the_same_images_as_our_names(sd, typed, ours):
     )
 
 
+@pytest.mark.parametrize("typed", ["Euler", "euler simple", "euler sgm_uniform", "flow_euler"])
+def test_a_flux_model_reads_the_euler_names_its_users_type_as_flow_euler(cache_dir, tmp_path, typed):
+    worker = cpu_worker("tiny-flux", cache_dir, tmp_path)
+    payload = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
+    assert worker.resolve({**payload, "scheduler": typed})[0].scheduler == "flow_euler"
+    assert np.array_equal(generate(worker, {**payload, "scheduler": typed})[0], generate(worker, payload)[0])
+    with pytest.raises(RequestError, match=r"^scheduler: must be one of flow_euler for this model"):
+        worker.resolve({**payload, "scheduler": "Euler a"})
+
+
 @pytest.fixture(scope="module")
 def lightning(cache_dir, tmp_path_factory):
     """A held-out SDXL folder shipped as SDXL-Lightning is: Euler with trailing timesteps and no step offset,
