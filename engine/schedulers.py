@@ -5,8 +5,9 @@ the model's: ``_karras``, ``_trailing``) or a name AUTOMATIC1111 or ComfyUI user
 it, read case-insensitively (``canonical_name``): ``DPM++ 2M Karras``, ``Euler a``,
 ``dpmpp_2m karras``, ``euler_ancestral``, ``euler sgm_uniform``.
 
-A fresh scheduler is made per request (``from_config`` is cheap), so concurrent
-requests never share a scheduler's step state.
+Each request steps a scheduler of its own (``engine.pipeline.schedules`` copies one set up per
+name, step count and size), so concurrent requests never share a scheduler's step state. A request's
+``eta`` goes to every ``step`` of the schedulers that take one (``ETA_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SchedulerChoice:
-    """A diffusers scheduler class, the settings it overrides in the model's config, and the extra
-    arguments of its every ``step``."""
+    """A diffusers scheduler class and the settings it overrides in the model's config."""
 
     class_name: str
     overrides: dict[str, Any] = field(default_factory=dict)
-    step_options: dict[str, Any] = field(default_factory=dict)
 
 
 TRAILING = {"timestep_spacing": "trailing"}
@@ -37,6 +36,10 @@ KARRAS = {"use_karras_sigmas": True}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
 TCD_ETA = 0.3
 """TCD's stochasticity (gamma in the paper): the value diffusers' TCD examples use."""
+ETA_DEFAULTS: dict[str, float] = {"DDIMScheduler": 0.0, "TCDScheduler": TCD_ETA}
+"""The schedulers whose ``step`` takes ``eta`` (a request's ``eta``), with the value a request without one
+gets: DDIM's 0 as diffusers' pipelines pass it, TCD's as diffusers' TCD examples. Kept by class name, so
+the request schema reads it without importing diffusers."""
 
 SCHEDULERS: dict[str, SchedulerChoice] = {
     "ddim": SchedulerChoice("DDIMScheduler"),
@@ -55,7 +58,7 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
     "dpmpp_sde_karras": SchedulerChoice("DPMSolverSDEScheduler", KARRAS),
     "unipc": SchedulerChoice("UniPCMultistepScheduler"),
     "lcm": SchedulerChoice("LCMScheduler"),
-    "tcd": SchedulerChoice("TCDScheduler", step_options={"eta": TCD_ETA}),
+    "tcd": SchedulerChoice("TCDScheduler"),
     "flow_euler": SchedulerChoice("FlowMatchEulerDiscreteScheduler"),
 }
 REQUIRES = {"DPMSolverSDEScheduler": "torchsde"}
@@ -111,6 +114,19 @@ def canonical_name(name: str) -> str | None:
     return candidate if candidate in SCHEDULERS else None
 
 
+FLOW_EULER_NAMES = ("euler", "euler_trailing")
+"""What SD3's and Flux's users type for their sampler (Forge's ``Euler``, ComfyUI's ``euler`` with
+``simple`` or ``sgm_uniform``): on a flow-matching model, ``flow_euler`` with the model's own shift."""
+
+
+def offered_name(name: str, offered: Sequence[str]) -> str | None:
+    """``canonical_name``, where a model offering ``flow_euler`` reads the Euler names as it."""
+    found = canonical_name(name)
+    if found not in offered and "flow_euler" in offered and found in FLOW_EULER_NAMES:
+        return "flow_euler"
+    return found
+
+
 def make_scheduler(name: str | None, model_config: dict[str, Any], seeds: Sequence[int] = ()) -> SchedulerMixin:
     """The named scheduler on the model's config (prediction type, betas, spacing), or the model's own.
 
@@ -127,6 +143,20 @@ def make_scheduler(name: str | None, model_config: dict[str, Any], seeds: Sequen
     return cls.from_config(model_config, **overrides)
 
 
-def step_options(name: str | None) -> dict[str, Any]:
-    """Extra arguments of the named scheduler's ``step`` (TCD's ``eta``); none for the model's own."""
-    return dict(SCHEDULERS[name].step_options) if name is not None else {}
+def scheduler_class(name: str | None, model_class: str) -> str:
+    """The diffusers class a request's scheduler runs: the named one's, or the model's own (``model_class``)."""
+    return model_class if name is None else SCHEDULERS[name].class_name
+
+
+def eta_names(names: Sequence[str]) -> list[str]:
+    """Those of ``names`` whose scheduler takes ``eta``."""
+    return [name for name in names if SCHEDULERS[name].class_name in ETA_DEFAULTS]
+
+
+def step_options(name: str | None, model_class: str, eta: float | None = None) -> dict[str, Any]:
+    """Extra arguments of every ``step`` of the scheduler a request runs: ``eta`` where it takes one, the
+    request's or the scheduler's default (``ETA_DEFAULTS``); none for the others."""
+    default = ETA_DEFAULTS.get(scheduler_class(name, model_class))
+    if default is None:
+        return {}
+    return {"eta": default if eta is None else eta}

@@ -9,7 +9,7 @@ dimensions that a ``Dims`` resolves for one request.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -98,6 +98,10 @@ class ComponentSpec:
     the unconditional and the conditional inputs into one call."""
     tokens_per_chunk: int = 77
     """The text encoder's sequence length, which one prompt chunk fills."""
+    reference_sides: tuple[int, int, int] | None = None
+    """The smallest, optimum and largest side in pixels of a reference image the component reads (Flux
+    Kontext's, always resized to one of its preferred resolutions): an engine's profile covers these
+    on the reference axes whatever image sizes it covers, so every reference runs on it."""
 
     def sizes(self, dims: Dims, guidance: bool = True) -> dict[str, int]:
         multiplier = self.batch_multiplier if guidance else 1
@@ -116,6 +120,16 @@ class ComponentSpec:
                 "ip_tokens": dims.ip_tokens,
             }
         )
+
+    def reference_within(self, dims: Dims) -> Dims:
+        """``dims`` with its reference image's sides (the image's where not given) moved inside
+        ``reference_sides``, where the component has them; the sizes a reference can have."""
+        if self.reference_sides is None:
+            return dims
+        least, _, most = self.reference_sides
+        height = min(max(dims.reference_height or dims.height, least), most)
+        width = min(max(dims.reference_width or dims.width, least), most)
+        return replace(dims, reference_height=height, reference_width=width)
 
     @property
     def follows_prompt_length(self) -> bool:

@@ -173,12 +173,14 @@ def validation_record(backend: str, device: torch.device, references: list[Refer
 
 
 def covered_dims(spec: ComponentSpec, profile: Profile, candidates: list[Dims]) -> list[Dims]:
-    """The validation sizes an engine's profile covers, or its optimum when it covers none of them."""
+    """The validation sizes an engine's profile covers, or its optimum when it covers none of them; a
+    reference image (Flux Kontext's) at a size it can have (``ComponentSpec.reference_within``)."""
+    candidates = [spec.reference_within(d) for d in candidates]
     covered = [d for d in candidates if profile.unsupported_reason(spec.input_shapes(d)) is None]
     if covered:
         return covered
     batch, height, width = 1, *_optimum_size(spec, profile)
-    return [Dims(batch, height, width)]
+    return [spec.reference_within(Dims(batch, height, width))]
 
 
 def _optimum_size(spec: ComponentSpec, profile: Profile) -> tuple[int, int]:

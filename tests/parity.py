@@ -170,7 +170,7 @@ def reference_images(pipe, worker: Worker, payload: dict, **extra) -> list[np.nd
         num_images_per_prompt=request.images_per_prompt,
         generator=[torch.Generator().manual_seed(seed) for seed in seeds],
         **inputs,
-        **DIFFUSERS_CALL_OPTIONS.get(request.scheduler, {}),
+        **({"eta": request.eta} if request.eta is not None else DIFFUSERS_CALL_OPTIONS.get(request.scheduler, {})),
         **extra,
     )
     return [as_array(image) for image in result.images]

@@ -276,3 +276,21 @@ def test_kontext_on_onnxruntime_matches_torch(cache_dir, tmp_path):
     assert actual["metrics"]["backends"]["transformer"] == "onnxruntime", actual["metrics"]["fallbacks"]
     for ours, theirs in zip(decoded(actual), decoded(expected), strict=True):
         assert np.abs(ours - theirs).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "mode"),
+    [
+        ("tiny-flux-kontext", {"image": to_base64(picture(64, 64)), "num_inference_steps": 1}, "edit"),
+        ("tiny-flux-fill", {"image": to_base64(picture(64, 64)), "mask": to_base64(mask(64, 64))}, "inpaint"),
+        ("tiny-flux", {"image": to_base64(picture(64, 64))}, "img2img"),
+    ],
+)
+def test_the_mode_in_the_metrics_says_what_the_request_does(cache_dir, tmp_path, model, extra, mode):
+    """Kontext's reference is never re-noised, so one step is a whole edit (img2img's default strength
+    would leave no step)."""
+    worker = cpu_worker(model, cache_dir, tmp_path)
+    payload = {"prompt": "a fox", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 1, **extra}
+    response = worker.handle({"id": "m", "input": payload})
+    assert response["status"] == "success", response
+    assert response["metrics"]["mode"] == mode

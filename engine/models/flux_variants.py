@@ -81,6 +81,8 @@ PREFERRED_KONTEXT_RESOLUTIONS = (
     (1568, 672),
 )
 """(width, height) pairs of about 1024² pixels that Kontext was trained at, as diffusers lists them."""
+KONTEXT_OPTIMUM = 1024
+"""The side of the preferred resolution of square images, which engines are tuned for."""
 KONTEXT_MULTIPLE = 16
 """The VAE's factor times the 2x2 packing: the multiple ``FluxKontextPipeline`` rounds sizes to."""
 
@@ -100,7 +102,9 @@ class FluxKontext(Flux):
             "image_latents", ("batch", config.latent_channels, "reference_latent_height", "reference_latent_width")
         )
         inputs = (*transformer.inputs[:4], reference, *transformer.inputs[4:])
-        return {**specs, "transformer": replace(transformer, inputs=inputs)}
+        sides = [side for size in PREFERRED_KONTEXT_RESOLUTIONS for side in size]
+        reference_sides = (min(sides), KONTEXT_OPTIMUM, max(sides))
+        return {**specs, "transformer": replace(transformer, inputs=inputs, reference_sides=reference_sides)}
 
     def torch_module(self, component: str, folder: Path, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
         if component == "transformer":

@@ -42,8 +42,9 @@ from engine.pipeline.denoise import Denoising, StepCallback, denoise
 from engine.pipeline.image_prompts import ImagePrompt, image_prompt_inputs
 from engine.pipeline.latents import LatentScaling, initial_sigma
 from engine.pipeline.preparation import ImageInputs, ImagePreparation, Inpainting, PreparedImages
+from engine.pipeline.schedules import Schedules
 from engine.request.resolved import ResolvedRequest
-from engine.schedulers import make_scheduler, step_options
+from engine.schedulers import step_options
 
 Result = TypeVar("Result")
 
@@ -70,6 +71,7 @@ class DiffusionPipeline:
         self.device = device
         self.images = ImagePreparation(model, device)
         self.latents = LatentScaling(model, device)
+        self.schedules = Schedules(model, device)
 
     def __call__(
         self,
@@ -130,12 +132,10 @@ class DiffusionPipeline:
                 )
             denoiser, controlled = IP_DENOISER, CONTROLLED_IP_DENOISER
 
-        # 2. Prepare timesteps on a fresh scheduler; image-to-image and inpainting start part-way.
+        # 2. Prepare timesteps on the request's own scheduler; image-to-image and inpainting start part-way.
         factor = model.config.vae_scale_factor
         shape = (request.num_images, model.config.latent_channels, request.height // factor, request.width // factor)
-        scheduler = make_scheduler(request.scheduler, model.scheduler_config, seeds)
-        options = model.family.timestep_options(model.config, scheduler, request.steps, shape)
-        scheduler.set_timesteps(request.steps, device=self.device, **options)
+        scheduler = self.schedules.scheduler(request.scheduler, request.steps, shape, seeds)
         timesteps = scheduler.timesteps
         if prepared is not None and prepared.image is not None:
             timesteps = self._truncate_timesteps(scheduler, model.family.first_step(request.steps, request.strength))
@@ -182,7 +182,7 @@ class DiffusionPipeline:
             timesteps=timesteps,
             conditioning=conditioning,
             cfg_scale=cfg_scale,
-            options=step_options(request.scheduler),
+            options=step_options(request.scheduler, model.scheduler_config["_class_name"], request.eta),
             generators=generators,
             controls=prepared.controls if prepared is not None else (),
             controlled=controlled,

@@ -41,6 +41,11 @@ class Limits:
     """Width and height are multiples of this: the VAE's factor, times a transformer's patch size."""
     prompt_syntaxes: tuple[PromptSyntax, ...] = ("a1111", "plain")
     """How the family reads prompts; the first is the default."""
+    reference_image: bool = False
+    """Whether ``image`` is a reference the model edits (Flux Kontext), never re-noised: no ``strength``."""
+    model_scheduler: str = ""
+    """The diffusers class of the model folder's own scheduler, which a request without ``scheduler`` runs
+    (empty where unknown)."""
 
     def default_strength(self, inpainting: bool) -> float:
         return self.inpaint_strength if inpainting else DEFAULT_STRENGTH
@@ -48,7 +53,8 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: Settings, native_size: int, default_guidance_scale: float, **model: Any) -> Limits:
         """The deployment's limits from ``settings``; the model's (``inpaint_strength``, ``schedulers``,
-        ``size_multiple``, ``prompt_syntaxes``, and a ``max_side`` below the settings') as keywords."""
+        ``size_multiple``, ``prompt_syntaxes``, ``reference_image``, ``model_scheduler``, and a ``max_side`` below the
+        settings') as keywords."""
         return cls(
             native_size=native_size,
             default_steps=settings.default_steps,

@@ -43,12 +43,19 @@ class ResolvedRequest:
     control: ControlImageEntry | None = None
     """A Flux Control model's control image."""
     ip_adapters: tuple[IpAdapterEntry, ...] = ()
+    eta: float | None = None
+    """The scheduler's ``eta`` where it takes one (TCD, DDIM); None for its default."""
+    reference_image: bool = False
+    """Whether ``image`` is a reference the model edits (Flux Kontext), not a start to re-noise."""
 
     @property
     def mode(self) -> str:
-        """txt2img, img2img or inpaint, with '+controlnet' when ControlNets steer it, '+control' with a
-        Flux Control model's control image, then '+ip_adapter' with image prompts."""
-        base = "inpaint" if self.mask is not None else "img2img" if self.image is not None else "txt2img"
+        """txt2img, img2img, inpaint or edit (a Flux Kontext model's reference image), with '+controlnet'
+        when ControlNets steer it, '+control' with a Flux Control model's control image, then
+        '+ip_adapter' with image prompts."""
+        base = "inpaint" if self.mask is not None else "txt2img" if self.image is None else "img2img"
+        if base == "img2img" and self.reference_image:
+            base = "edit"
         if self.control is not None:
             base = f"{base}+control"
         elif self.controlnets:

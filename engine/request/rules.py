@@ -12,6 +12,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.prompts.syntax import weight_problems
 from engine.request.limits import Limits
+from engine.schedulers import ETA_DEFAULTS, eta_names, offered_name, scheduler_class
 
 MAX_SEED = 2**63 - 1
 
@@ -51,9 +52,25 @@ def cross_field_problems(values: dict[str, Any], limits: Limits) -> list[str]:
         problems.append("padding_mask_crop: only applies with a mask")
     steps = values.get("num_inference_steps") or limits.default_steps
     effective = limits.default_strength(mask is not None) if strength is None else strength
-    if image is not None and "strength" in values and int(steps * effective) < 1:
+    if image is not None and "strength" in values and not limits.reference_image and int(steps * effective) < 1:
         problems.append(f"strength: with {steps} steps it must be at least {1 / steps:.3g} to denoise at all")
+    problems += eta_problems(values, limits)
     return problems
+
+
+def eta_problems(values: dict[str, Any], limits: Limits) -> list[str]:
+    """``eta`` is refused where the request's scheduler (named, or the model's own) takes none; the refusal
+    names it by our name, whichever style it was typed in."""
+    if values.get("eta") is None or "scheduler" not in values:
+        return []
+    typed = values["scheduler"]  # as sent where another field failed, else our name for it
+    name = offered_name(typed, limits.schedulers) if typed is not None else None
+    if (typed is not None and name is None) or scheduler_class(name, limits.model_scheduler) in ETA_DEFAULTS:
+        return []
+    own = f" ({limits.model_scheduler})" if limits.model_scheduler else ""
+    runs = f"scheduler '{name}'" if name is not None else f"the model's own scheduler{own}"
+    takes = ", ".join(eta_names(limits.schedulers)) or "none of this model's"
+    return [f"eta: only applies with a scheduler that takes it ({takes}); {runs} takes none"]
 
 
 def prompt_weight_problems(field: str, texts: list[str] | None, max_weight: float) -> list[str]:

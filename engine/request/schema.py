@@ -28,7 +28,7 @@ from engine.request.entries import ControlImageEntry, ControlNetEntry, IpAdapter
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
 from engine.request.rules import MAX_SEED, cross_field_problems, field_location, rule, unencodable_texts
-from engine.schedulers import canonical_name
+from engine.schedulers import offered_name
 
 MAX_PROMPT_CHARS = 10_000
 
@@ -76,6 +76,13 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1)
     scheduler: str | None = Field(
         None, max_length=64, description="a name in any accepted style; bounded, since a refusal quotes it"
+    )
+    eta: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="the stochasticity of schedulers that take it (tcd, ddim); default tcd 0.3, ddim 0",
     )
     output_format: Literal["png", "jpeg", "webp"] = "png"
     quality: int = Field(90, ge=1, le=100, description="jpeg and webp quality")
@@ -141,7 +148,7 @@ class GenerateRequest(BaseModel):
         if name is None:
             return None
         names = _limits(info).schedulers
-        found = canonical_name(name)
+        found = offered_name(name, names)
         if found not in names:
             raise rule(
                 "unknown",
@@ -225,6 +232,7 @@ class GenerateRequest(BaseModel):
             true_cfg_scale=self.true_cfg_scale,
             seed=self.seed,
             scheduler=self.scheduler,
+            eta=self.eta,
             output_format=self.output_format,
             quality=self.quality,
             timeout_s=min(self.timeout_s or limits.max_timeout_s, limits.max_timeout_s),

@@ -69,6 +69,8 @@ def model_limits(settings: Settings, model: Model) -> Limits:
         size_multiple=config.size_multiple,
         max_side=config.max_side,
         prompt_syntaxes=family.prompt_syntaxes,
+        reference_image=family.reference_image,
+        model_scheduler=model.scheduler_config["_class_name"],
     )
 
 
@@ -114,6 +116,7 @@ class Admission:
             request,
             prompt_tokens=tuple(length.tokens for length in lengths["prompt"]),
             prompt_chunks=max(length.chunks for found in lengths.values() for length in found),
+            reference_image=self.limits.reference_image,
         )
         return Admitted(request, inputs, components, adapters, prompts)
 

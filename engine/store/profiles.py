@@ -85,27 +85,35 @@ def profile_for(spec: ComponentSpec, size_range: SizeRange, max_prompt_chunks: i
     The minimum runs without guidance (one row per image); optimum and maximum with it.
     Prompts run from one chunk (the minimum and the optimum) to ``max_prompt_chunks``; a
     component whose shapes follow the prompt's length says its token range in the label.
-    A static range gives one shape, the optimum with guidance.
+    A static range gives one shape, the optimum with guidance. A reference image's axes (Flux
+    Kontext's) span the spec's ``reference_sides``, whatever the range, and the label says so.
     """
-    optimum = spec.input_shapes(Dims(1, size_range.opt_size, size_range.opt_size), guidance=True)
-    if size_range.static and max_prompt_chunks == 1:
+    least, best, most = spec.reference_sides or (None, None, None)
+    opt = size_range.opt_size
+    optimum = spec.input_shapes(Dims(1, opt, opt, reference_height=best, reference_width=best), guidance=True)
+    if size_range.static and max_prompt_chunks == 1 and spec.reference_sides is None:
         minimum = maximum = optimum
     else:
-        low = size_range.opt_size if size_range.static else size_range.min_size
-        minimum = spec.input_shapes(Dims(1, low, low), guidance=size_range.static)
-        most = Dims(
+        low, high = (opt, opt) if size_range.static else (size_range.min_size, size_range.max_size)
+        smallest = Dims(1, low, low, reference_height=least, reference_width=least)
+        minimum = spec.input_shapes(smallest, guidance=size_range.static)
+        largest = Dims(
             size_range.max_batch,
-            size_range.max_size,
-            size_range.max_size,
+            high,
+            high,
             max_prompt_chunks,
+            reference_height=most,
+            reference_width=most,
             ip_tokens=MAX_IP_TOKENS,
             ip_images=MAX_IP_ADAPTER_IMAGES,
         )
-        maximum = spec.input_shapes(most, guidance=True)
+        maximum = spec.input_shapes(largest, guidance=True)
     inputs = tuple((name, ShapeRange(minimum[name], optimum[name], maximum[name])) for name in spec.input_names)
     label = size_range.label
     if spec.follows_prompt_length:
         label += f"+{max_prompt_chunks * spec.tokens_per_chunk}tok"
+    if spec.reference_sides is not None:
+        label += f"+ref{least}-{most}"
     return Profile(label=label, inputs=inputs)
 
 

@@ -1,6 +1,6 @@
 """Few-step schedulers and checkpoints against diffusers' own pipelines, same inputs, same seed.
 
-Each new scheduler at 1, 2 and 4 steps on SD (a spread of them on SDXL); a held-out SDXL folder
+Each new scheduler at 1, 2, 4 and 8 steps on SD and on SDXL; a held-out SDXL folder
 whose scheduler config is already a Lightning-style trailing Euler; a held-out LCM-distilled
 UNet (``time_cond_proj_dim``) with its LCM scheduler; and the names AUTOMATIC1111 and ComfyUI
 users type, which must give the same images as ours.
@@ -65,18 +65,16 @@ def few_step(steps: int, seed: int, **extra) -> dict:
     }
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4])
+STEPS = (1, 2, 4, 8)
+
+
+@pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("scheduler", NEW_SCHEDULERS)
-def test_sd_few_step_schedulers_match_diffusers(sd, scheduler, steps):
-    worker, pipe = sd
-    payload = few_step(steps, steps, scheduler=scheduler, negative_prompt="blurry")
-    assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
-
-
-@pytest.mark.parametrize(("scheduler", "steps"), zip(NEW_SCHEDULERS, [4, 2, 1, 4, 2], strict=True))
-def test_sdxl_few_step_schedulers_match_diffusers(sdxl, scheduler, steps):
-    worker, pipe = sdxl
-    payload = few_step(steps, 10 + steps, scheduler=scheduler)
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_few_step_schedulers_match_diffusers(request, family, scheduler, steps):
+    worker, pipe = request.getfixturevalue(family)
+    extra = {"negative_prompt": "blurry"} if family == "sd" else {}
+    payload = few_step(steps, steps + (10 if family == "sdxl" else 0), scheduler=scheduler, **extra)
     assert_same_images(generate(worker, payload), reference_images(pipe, worker, payload))
 
 
@@ -92,15 +90,9 @@ def needs_torchsde() -> None:
     pytest.importorskip("torchsde", reason="DPM++ SDE needs torchsde, a dependency this environment lacks")
 
 
-@pytest.mark.parametrize(
-    ("family", "scheduler", "steps"),
-    [
-        ("sd", "dpmpp_sde_karras", 1),
-        ("sd", "dpmpp_sde_karras", 2),
-        ("sd", "dpmpp_sde", 4),
-        ("sdxl", "dpmpp_sde_karras", 4),
-    ],
-)
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("scheduler", ["dpmpp_sde", "dpmpp_sde_karras"])
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
 def test_dpmpp_sde_matches_diffusers_seeded_per_image(request, family, scheduler, steps):
     needs_torchsde()
     worker, pipe = request.getfixturevalue(family)
@@ -141,6 +133,16 @@ def test_aliases_give_the_same_images_as_our_names(sd, typed, ours):
     )
 
 
+@pytest.mark.parametrize("typed", ["Euler", "euler simple", "euler sgm_uniform", "flow_euler"])
+def test_a_flux_model_reads_the_euler_names_its_users_type_as_flow_euler(cache_dir, tmp_path, typed):
+    worker = cpu_worker("tiny-flux", cache_dir, tmp_path)
+    payload = {"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 3}
+    assert worker.resolve({**payload, "scheduler": typed})[0].scheduler == "flow_euler"
+    assert np.array_equal(generate(worker, {**payload, "scheduler": typed})[0], generate(worker, payload)[0])
+    with pytest.raises(RequestError, match=r"^scheduler: must be one of flow_euler for this model"):
+        worker.resolve({**payload, "scheduler": "Euler a"})
+
+
 @pytest.fixture(scope="module")
 def lightning(cache_dir, tmp_path_factory):
     """A held-out SDXL folder shipped as SDXL-Lightning is: Euler with trailing timesteps and no step offset,
@@ -156,7 +158,7 @@ def lightning(cache_dir, tmp_path_factory):
     return worker, diffusers_pipe(StableDiffusionXLPipeline, worker)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("steps", STEPS)
 def test_a_trailing_folder_runs_with_its_own_schedule(lightning, steps):
     worker, pipe = lightning
     payload = few_step(steps, 20 + steps, guidance_scale=0.0)
@@ -181,7 +183,7 @@ def lcm_distilled(cache_dir, tmp_path_factory):
     return worker, diffusers_pipe(StableDiffusionPipeline, worker)
 
 
-@pytest.mark.parametrize(("steps", "guidance"), [(1, 8.5), (4, 3.0)])
+@pytest.mark.parametrize(("steps", "guidance"), [(1, 8.5), (4, 3.0), (8, 1.5)])
 def test_an_lcm_distilled_unet_takes_guidance_as_an_embedding(lcm_distilled, steps, guidance):
     worker, pipe = lcm_distilled
     assert "timestep_cond" in worker.model.specs["unet"].input_names

@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from engine.models.model import load_model
+from engine.serving.worker import Worker
 from perf.lora_files import write_lora
 
 PIPELINES = {"tiny": StableDiffusionPipeline, "tiny-sdxl": StableDiffusionXLPipeline}
@@ -51,3 +52,21 @@ def image_of(response: dict) -> np.ndarray:
     assert response["status"] == "success", response
     data = base64.b64decode(response["output"][0]["image"])
     return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+
+def make_worker(model, cache_dir, engine_dir, lora_dir, backend) -> Worker:
+    """A CPU worker for ``model`` on ``backend`` with LoRAs from ``lora_dir`` (onnxruntime without a torch
+    fallback, so a LoRA it cannot apply fails the test)."""
+    from engine.settings import Settings
+
+    return Worker(
+        Settings(
+            model=model,
+            cache_dir=cache_dir,
+            engine_dir=engine_dir,
+            lora_dir=lora_dir,
+            device="cpu",
+            backend=backend,
+            torch_fallback="off" if backend == "onnxruntime" else "lazy",
+        )
+    )

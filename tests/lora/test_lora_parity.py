@@ -13,8 +13,7 @@ import pytest
 import torch
 from diffusers import LCMScheduler
 
-from engine.serving.worker import Worker
-from tests.lora.conftest import PAYLOAD, image_of, reference_pipeline
+from tests.lora.conftest import PAYLOAD, image_of, make_worker, reference_pipeline
 from tests.parity import TOLERANCE
 
 CASES = {
@@ -48,22 +47,6 @@ def diffusers_image(model: str, cache_dir, folder, loras: list[tuple[str, float]
         **call,
     ).images[0]
     return np.asarray(image, dtype=np.int16)
-
-
-def make_worker(model, cache_dir, engine_dir, lora_dir, backend) -> Worker:
-    from engine.settings import Settings
-
-    return Worker(
-        Settings(
-            model=model,
-            cache_dir=cache_dir,
-            engine_dir=engine_dir,
-            lora_dir=lora_dir,
-            device="cpu",
-            backend=backend,
-            torch_fallback="off" if backend == "onnxruntime" else "lazy",
-        )
-    )
 
 
 @pytest.fixture(scope="module")
