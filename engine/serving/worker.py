@@ -9,18 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from PIL import Image
 
-from engine.backends.assemble import build_chains, share_adapter_weights, share_torch_weights
-from engine.backends.chain import ChainCalls, RunnerChain
-from engine.backends.torch import LazyTorchRunner
+from engine.backends.chain import ChainCalls
 from engine.common.download_limits import download_limits
 from engine.common.errors import ConfigError, DeadlineExceeded, RequestError, WorkerError
 from engine.common.faults import DeviceFaults, is_out_of_memory
@@ -28,22 +25,23 @@ from engine.common.logs import request_context
 from engine.common.metrics import ColdStart, StageTimer, reset_peak_memory
 from engine.devices import resolve_device, resolve_precision
 from engine.lora.files import LoraFiles
-from engine.lora.ip_adapters import Adapter, IpAdapterFiles, adapter_patch
+from engine.lora.ip_adapters import IpAdapterFiles, adapter_patch
 from engine.lora.library import NO_LORAS, LoraLibrary, LoraSelection
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
-from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER, IP_PARAMETERS
+from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
 from engine.models.model import Model, load_model
 from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
 from engine.request.resolved import ResolvedRequest
 from engine.request.schema import parse_request
 from engine.serving.admission import Admission, Admitted
+from engine.serving.chains import ServedChains
 from engine.serving.delivery import Delivery, EncodedImage
 from engine.serving.encode import encode_image
 from engine.serving.heap import collect_everything
 from engine.serving.memory import check_fits
 from engine.serving.report import Ran, controlnet_metrics, job_metrics
-from engine.settings import Settings, TorchFallback
+from engine.settings import Settings
 from engine.store.artifact import READS
 from engine.store.store import Store
 
@@ -76,8 +74,8 @@ class Worker:
         self.cold_start.mark("model_resolve")
         self.cold_start.note("model_source", self.model.source.value)
         read_before = (READS.bytes, READS.seconds)
-        self._chains_lock = threading.Lock()
-        self.chains = self._build_chains()
+        self.served = ServedChains(self.model, settings, self.store, self.device, self.precision)
+        self.chains, self.tensorrt = self.served.chains, self.served.tensorrt
         self.cold_start.record_store_read(READS.bytes - read_before[0], READS.seconds - read_before[1])
         self.model.tokenizers  # noqa: B018 - load now, not in the first request
         self.cold_start.mark("runners_load")
@@ -110,21 +108,6 @@ class Worker:
             },
         )
 
-    def _build_chains(self) -> dict[str, RunnerChain]:
-        """The runner chains, with the torch weights loaded as ``_load_torch_weights`` says."""
-        chains, self.tensorrt = build_chains(self.model, self.settings, self.store, self.device, self.precision)
-        self._load_torch_weights(chains, (*self.model.family.text_encoders, self.model.family.denoiser, "vae_decoder"))
-        return chains
-
-    def _load_torch_weights(self, chains: Mapping[str, RunnerChain], needed: Collection[str]) -> None:
-        """Loads torch weights now where a request would load them anyway (torch is the first choice for a
-        ``needed`` component) or where ``TORCH_FALLBACK=eager`` asks for it."""
-        eager = self.settings.torch_fallback is TorchFallback.EAGER
-        for component, chain in chains.items():
-            for position, runner in enumerate(chain.runners):
-                if isinstance(runner, LazyTorchRunner) and (eager or (position == 0 and component in needed)):
-                    runner.ensure_loaded()
-
     def _preload_controlnets(self, names: str) -> None:
         """The runner chains of the ControlNets PRELOAD_CONTROLNETS names ('all': every one that fits),
         with their torch weights, as a request naming them would load them."""
@@ -142,43 +125,7 @@ class Worker:
             except RequestError as error:
                 raise ConfigError(str(error)) from None
         if components:
-            self._add_controlnet_chains(components, load_now=True)
-
-    def _add_controlnet_chains(self, components: list[str], load_now: bool = False) -> None:
-        """Runner chains for ControlNets a request is the first to use (or ``load_now``, preloaded, with
-        their torch weights), and for the controlled UNet; its torch fallback runs the UNet's own torch
-        module, so the weights are not loaded twice."""
-        with self._chains_lock:
-            missing = [c for c in (*components, CONTROLLED_UNET) if c not in self.chains]
-            if not missing:
-                return
-            chains, engines = build_chains(
-                self.model, self.settings, self.store, self.device, self.precision, components=missing
-            )
-            if CONTROLLED_UNET in chains:
-                share_torch_weights(chains[CONTROLLED_UNET], self.chains["unet"], self.model.controlled_unet)
-            self.chains.update(chains)
-            self.tensorrt.adopt(engines)  # one stream and scratch for all the engines
-            self._load_torch_weights(chains, chains if load_now else ())
-
-    def _add_ip_adapter_chains(self, adapters: tuple[Adapter, ...], controlled: bool) -> None:
-        """Runner chains for the image encoders and projections a request is the first to use, and for the
-        IP denoiser (its controlled variant too where ControlNets act); their torch fallbacks run the UNet's
-        own torch module with the IP processors added."""
-        wraps = {IP_DENOISER: self.model.ip_denoiser, CONTROLLED_IP_DENOISER: self.model.controlled_ip_denoiser}
-        with self._chains_lock:
-            wanted = [c for adapter in adapters for c in (adapter.encoder, adapter.projection)]
-            denoisers = (IP_DENOISER, CONTROLLED_IP_DENOISER) if controlled else (IP_DENOISER,)
-            missing = list(dict.fromkeys(c for c in (*wanted, *denoisers) if c not in self.chains))
-            if not missing:
-                return
-            chains, engines = build_chains(
-                self.model, self.settings, self.store, self.device, self.precision, components=missing
-            )
-            for component in set(wraps) & set(chains):
-                share_adapter_weights(chains[component], self.chains["unet"], wraps[component], IP_PARAMETERS)
-            self.chains.update(chains)
-            self.tensorrt.adopt(engines)
+            self.served.add_controlnets(components, load_now=True)
 
     def handle(self, job: dict[str, Any], progress: ProgressCallback | None = None) -> dict[str, Any]:
         """A RunPod job in, a response dict out; never raises for a bad job."""
@@ -313,9 +260,9 @@ class Worker:
         if admitted.controlnets:
             for component in admitted.controlnets:
                 self.controlnets.add(component)
-            self._add_controlnet_chains(list(admitted.controlnets))
+            self.served.add_controlnets(list(admitted.controlnets))
         if admitted.adapters:
-            self._add_ip_adapter_chains(admitted.adapters, controlled=bool(admitted.controlnets))
+            self.served.add_ip_adapters(admitted.adapters, controlled=bool(admitted.controlnets))
         return admitted
 
     def warmup(self) -> None:
