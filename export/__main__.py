@@ -3,6 +3,7 @@
     python -m export --model tiny
     MODEL=/models/sd15 ENGINE_DIR=/runpod-volume/engines python -m export
     python -m export --controlnets canny depth
+    python -m export --quantize fp8 --calib-steps 20 --calib-size 512
 
 ControlNets in CONTROLNET_DIR that fit the model are exported too, with the controlled UNet
 they feed.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -28,10 +30,12 @@ from engine.devices import resolve_device, resolve_precision
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
 from engine.models.model import Model, load_model
-from engine.settings import Precision, Settings, load_settings
+from engine.settings import Precision, Quantize, Settings, load_settings
 from engine.sizes import parse_ranges
 from engine.store.artifact import Artifact
 from engine.store.store import Store
+from export.quantize.recipe import Recipe, default_prompts_file, read_prompts, resolve_format
+from export.quantize.stage import QuantizedExporter
 from export.stagelog import StageLog
 from export.stages import EngineBuilder, Exporter
 from export.tensorrt import BuildOptions
@@ -53,6 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="overrides DEVICE")
     parser.add_argument("--precision", choices=[p.value for p in Precision], help="overrides PRECISION")
     parser.add_argument("--skip-engines", action="store_true", help="ONNX only, even on a GPU")
+    parser.add_argument(
+        "--quantize",
+        choices=[q.value for q in Quantize],
+        help="overrides QUANTIZE: the denoiser also as a quantized graph (auto: by the GPU's compute capability)",
+    )
+    parser.add_argument("--calib-prompts", type=Path, help="calibration prompts, one a line (default: the shipped set)")
+    parser.add_argument("--calib-steps", type=int, help="overrides CALIB_STEPS")
+    parser.add_argument("--calib-size", type=int, help="overrides CALIB_SIZE")
     parser.add_argument(
         "--controlnets",
         nargs="*",
@@ -128,13 +140,33 @@ def summarize(artifact: Artifact) -> str:
     return f"{artifact.path.name}  max |{artifact.key.kind} - torch| {worst:.2e}"
 
 
+def quantized_exporter(settings: Settings, exporter: Exporter, prompts: Path | None) -> QuantizedExporter | None:
+    """The exporter of the denoiser's quantized graph that QUANTIZE asks for, or None. Model Optimizer is
+    imported only from here on."""
+    device = exporter.device
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    quant_format = resolve_format(settings.quantize.value, capability)
+    if quant_format is None:
+        if settings.quantize is not Quantize.NONE:
+            print(f"quantize={settings.quantize.value}: no quantized format for this device ({device}); none made")
+        return None
+    recipe = Recipe(
+        quant_format,
+        tuple(read_prompts(prompts or default_prompts_file())),
+        settings.calib_steps,
+        settings.calib_size,
+    )
+    return QuantizedExporter(exporter.model, exporter.store, device, settings, recipe)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_command(lambda: export(args))
 
 
 def export(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in ("model", "device", "precision") if getattr(args, name)}
+    names = ("model", "device", "precision", "quantize", "calib_steps", "calib_size")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name)}
     settings = load_settings(**overrides)
     configure_logging("WARNING" if settings.log_level.upper() == "INFO" else settings.log_level)
     device = resolve_device(settings.device)
@@ -163,6 +195,14 @@ def export(args: argparse.Namespace) -> int:
             onnx = exporter.onnx(component, stages)
             engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
             summary.append((component, [onnx, *engines], stages))
+        quantized = quantized_exporter(settings, exporter, args.calib_prompts)
+        if quantized is not None and model.family.denoiser in components:
+            component = model.family.denoiser
+            bar.set_postfix_str(f"{component}: {quantized.recipe.format.value}")
+            stages = StageLog(device=device)
+            onnx = quantized.onnx(component, exporter.component_precision(component), stages)
+            engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
+            summary.append((f"{component} {quantized.recipe.format.value}", [onnx, *engines], stages))
     print(f"engine store: {settings.engine_dir}\n{engines_note}")
     for line in skipped:
         print(f"  {line}")
