@@ -26,7 +26,7 @@ from engine.backends.tensorrt.runtime import gpu_model, gpu_tag
 from engine.common.cli import run_command
 from engine.common.errors import RequestError, WorkerError
 from engine.common.logs import configure_logging
-from engine.devices import resolve_device, resolve_precision
+from engine.devices import resolve_device, resolve_precision, resolve_quantization
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
 from engine.models.model import Model, load_model
@@ -34,7 +34,7 @@ from engine.settings import Precision, Quantize, Settings, load_settings
 from engine.sizes import parse_ranges
 from engine.store.artifact import Artifact
 from engine.store.store import Store
-from export.quantize.recipe import Recipe, default_prompts_file, read_prompts, resolve_format
+from export.quantize.recipe import QuantFormat, Recipe, default_prompts_file, read_prompts
 from export.quantize.stage import QuantizedExporter
 from export.stagelog import StageLog
 from export.stages import EngineBuilder, Exporter
@@ -144,14 +144,13 @@ def quantized_exporter(settings: Settings, exporter: Exporter, prompts: Path | N
     """The exporter of the denoiser's quantized graph that QUANTIZE asks for, or None. Model Optimizer is
     imported only from here on."""
     device = exporter.device
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    quant_format = resolve_format(settings.quantize.value, capability)
-    if quant_format is None:
+    quantization = resolve_quantization(settings.quantize, device)
+    if quantization is None:
         if settings.quantize is not Quantize.NONE:
             print(f"quantize={settings.quantize.value}: no quantized format for this device ({device}); none made")
         return None
     recipe = Recipe(
-        quant_format,
+        QuantFormat(quantization),
         tuple(read_prompts(prompts or default_prompts_file())),
         settings.calib_steps,
         settings.calib_size,

@@ -57,32 +57,6 @@ BITS: dict[QuantFormat, dict[str, Any]] = {
 }
 
 
-def auto_format(capability: tuple[int, int] | None) -> QuantFormat | None:
-    """The format a GPU of this compute capability runs fastest: NVFP4 from Blackwell (10.0), FP8 from Ada
-    (8.9), INT8 from Ampere (8.0); none below, and none without a GPU."""
-    if capability is None:
-        return None
-    if capability >= (10, 0):
-        return QuantFormat.NVFP4
-    if capability >= (8, 9):
-        return QuantFormat.FP8
-    if capability >= (8, 0):
-        return QuantFormat.INT8
-    return None
-
-
-def resolve_format(requested: str, capability: tuple[int, int] | None) -> QuantFormat | None:
-    """``none``, ``auto`` or a format name, as QUANTIZE or ``--quantize`` gives it."""
-    if requested == "none":
-        return None
-    if requested == "auto":
-        return auto_format(capability)
-    try:
-        return QuantFormat(requested)
-    except ValueError:
-        raise WorkerError(f"quantize: {requested!r} is not one of none, auto, fp8, int8, nvfp4") from None
-
-
 def modelopt_config(quant_format: QuantFormat) -> dict[str, Any]:
     """The ``mtq.quantize`` configuration for a format, in ModelOpt 0.47's list form."""
     if quant_format is QuantFormat.INT8:

@@ -144,7 +144,6 @@ class QuantizedExporter:
                     graph = optimize(raw_dir / ONNX_FILE, staging.path / ONNX_FILE, spec, precision)
             with stages.stage("validate"):
                 parity = self.validate(component, staging.path, precision, traced.references)
-            (staging.path / TWIN_FILE).unlink(missing_ok=True)
             staging.info.update(
                 model=self.model.name,
                 quantization={
