@@ -71,6 +71,8 @@ def modelopt_config(quant_format: QuantFormat) -> dict[str, Any]:
         {"quantizer_name": "*input_quantizer", "cfg": activation},
         *({"quantizer_name": f"{pattern}", "enable": False} for pattern in UNQUANTIZED),
     ]
+    if quant_format is QuantFormat.NVFP4:  # the example's check_conv_and_mha: FP4 for Linear layers only
+        entries.append({"quantizer_name": "*", "parent_class": "nn.Conv2d", "enable": False})
     return {"quant_cfg": entries, "algorithm": algorithm}
 
 
@@ -121,7 +123,8 @@ class Recipe:
         return modelopt_config(self.format)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"format": self.format.value, "config": self.config}
+        config = json.loads(json.dumps(self.config))  # block sizes are keyed by axis: -1 becomes "-1"
+        return asdict(self) | {"format": self.format.value, "config": config}
 
     @property
     def digest(self) -> str:
