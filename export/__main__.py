@@ -149,6 +149,11 @@ def quantized_exporter(settings: Settings, exporter: Exporter, prompts: Path | N
         if settings.quantize is not Quantize.NONE:
             print(f"quantize={settings.quantize.value}: no quantized format for this device ({device}); none made")
         return None
+    if quantization == "nvfp4" and device.type != "cuda":
+        raise WorkerError(
+            "quantize=nvfp4 needs a CUDA device: Model Optimizer's NVFP4 quantizer (dynamic 16-element blocks) "
+            "runs on CUDA only; export it on the GPU"
+        )
     recipe = Recipe(
         QuantFormat(quantization),
         tuple(read_prompts(prompts or default_prompts_file())),
@@ -187,6 +192,7 @@ def export(args: argparse.Namespace) -> int:
     if controlnets:
         components += [*controlnets, CONTROLLED_UNET]
     builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
+    quantized = quantized_exporter(settings, exporter, args.calib_prompts)
     summary = []
     with tqdm(components, desc="export", unit="component") as bar:
         for component in bar:
@@ -194,7 +200,6 @@ def export(args: argparse.Namespace) -> int:
             onnx = exporter.onnx(component, stages)
             engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
             summary.append((component, [onnx, *engines], stages))
-        quantized = quantized_exporter(settings, exporter, args.calib_prompts)
         if quantized is not None and model.family.denoiser in components:
             component = model.family.denoiser
             bar.set_postfix_str(f"{component}: {quantized.recipe.format.value}")

@@ -14,6 +14,7 @@ type skips calibration.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,12 +24,29 @@ from engine.backends.chain import ChainCalls
 from engine.backends.torch import TorchRunner
 from engine.common.metrics import StageTimer
 from engine.request.schema import parse_request
-from engine.settings import Backend, Precision, Quantize, Settings
+from engine.settings import Backend, Precision, Quantize, Settings, TorchFallback
 from export.quantize.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.pt"
+
+
+def calibration_settings(settings: Settings, component: str, empty_store: Path) -> Settings:
+    """The worker's settings for calibration: torch in fp32, unquantized, and the denoiser's own weights
+    never loaded (its chain asks onnxruntime first, in an empty store, so its torch runner stays lazy
+    until the module being calibrated replaces it): one copy of a large denoiser in memory, not two."""
+    return settings.model_copy(
+        update={
+            "backend": Backend.TORCH,
+            "component_backends": {component: Backend.ONNXRUNTIME},
+            "engine_dir": empty_store,
+            "precision": Precision.FP32,
+            "quantize": Quantize.NONE,
+            "torch_fallback": TorchFallback.LAZY,
+            "warmup": False,
+        }
+    )
 
 
 def pipeline_loop(settings: Settings, recipe: Recipe, component: str) -> Callable[[torch.nn.Module], None]:
@@ -38,13 +56,11 @@ def pipeline_loop(settings: Settings, recipe: Recipe, component: str) -> Callabl
     def forward_loop(module: torch.nn.Module) -> None:
         from engine.serving.worker import Worker
 
-        worker = Worker(
-            settings.model_copy(
-                update={"backend": Backend.TORCH, "precision": Precision.FP32, "quantize": Quantize.NONE}
-            )
-        )
+        with tempfile.TemporaryDirectory(prefix="calibration-") as empty_store:
+            worker = Worker(calibration_settings(settings, component, Path(empty_store)))
         chain = worker.chains[component]
         chain.runners = [TorchRunner(chain.runners[-1].spec, module, "fp32", worker.device)]
+        chain.unavailable.clear()
         for index, prompt in enumerate(recipe.prompts):
             payload = {
                 "prompt": prompt,
