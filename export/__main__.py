@@ -137,7 +137,15 @@ def stage_summary(stages: StageLog) -> str:
 
 def summarize(artifact: Artifact) -> str:
     worst = max((r["max_abs_error"] for r in artifact.manifest.get("parity", [])), default=0.0)
-    return f"{artifact.path.name}  max |{artifact.key.kind} - torch| {worst:.2e}"
+    line = f"{artifact.path.name}  max |{artifact.key.kind} - torch| {worst:.2e}"
+    quantization = artifact.manifest.get("quantization")
+    if not quantization:
+        return line
+    size = sum(entry["size"] for name, entry in artifact.files.items() if name != "twin.onnx") / 2**30
+    calibrated = artifact.manifest.get("stage_seconds", {}).get("calibrate")
+    calibration = f"calibrated in {calibrated:.0f}s" if calibrated else "calibration reused"
+    against = " (fake-quantized)" if artifact.key.kind == "onnx" else ""
+    return f"{line}{against}, {size:.2f} GiB, {calibration}"
 
 
 def quantized_exporter(settings: Settings, exporter: Exporter, prompts: Path | None) -> QuantizedExporter | None:
