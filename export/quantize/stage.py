@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,13 +45,27 @@ log = logging.getLogger(__name__)
 
 
 QUANTIZED_TOLERANCES = {
-    "int8": Tolerance(atol=1e-2, rtol=5e-2),
-    "fp8": Tolerance(atol=1e-2, rtol=5e-2),
+    "int8": Tolerance(atol=1e-2, rtol=1e-1),
+    "fp8": Tolerance(atol=1e-2, rtol=1.5e-1),
 }
-"""onnxruntime's Q/DQ graph against the fake-quantized torch module. Both quantize the same values with the
-same scales, but torch multiplies by 1/scale where onnxruntime divides by scale, so a value within an
-ulp of a rounding boundary can land one step apart, and a deep network carries that step on: measured
-on the tiny UNet at 64-128 px, 2.5% of the output's largest value at most for INT8 (mean 0.1%)."""
+"""onnxruntime's Q/DQ graph against the fake-quantized torch module, in fractions of the largest output.
+Both quantize with the same scales, but not identically: torch multiplies by 1/scale where onnxruntime
+divides by the scale, and ModelOpt's INT8 clamps at -127 where QuantizeLinear clamps at -128, so some
+values land one step apart, and a deep network carries the steps on. Measured (max |diff|, outputs of
+about 1.4): tiny UNet INT8 4.8e-2, FP8 1.2e-2; full-size SD 1.5 UNet (random weights) INT8 6.5e-2, FP8
+1.3e-1. Loose: it catches wrong scales, missing or misplaced Q/DQ pairs, not a one-step rounding."""
+
+
+@contextmanager
+def working_folder(folder: Path) -> Iterator[None]:
+    """Runs in ``folder``: graph folding of an FP8 graph leaves onnx's uuid-named external data files in the
+    working directory, and here they go with the scratch folder."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 @dataclass
@@ -143,7 +160,7 @@ class QuantizedExporter:
                 stages.merge(traced.stages)
                 if traced.calibrated:
                     self.publish_calibration(calibration_artifact, calibration_file, traced, stages)
-                with stages.stage("optimize"):
+                with stages.stage("optimize"), working_folder(raw_dir):
                     graph = optimize(raw_dir / ONNX_FILE, staging.path / ONNX_FILE, spec, precision)
             with stages.stage("validate"):
                 parity = self.validate(component, staging.path, precision, traced.references)
