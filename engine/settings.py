@@ -56,6 +56,16 @@ class Precision(str, Enum):
     BF16 = "bf16"
 
 
+class Quantize(str, Enum):
+    """QUANTIZE: the denoiser's quantized graph or engine, served first where the store has one."""
+
+    NONE = "none"
+    AUTO = "auto"
+    FP8 = "fp8"
+    INT8 = "int8"
+    NVFP4 = "nvfp4"
+
+
 def default_cache_dir() -> Path:
     """Local cache for built-in models and, off RunPod, the engine store."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -99,6 +109,13 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     precision: Precision = Precision.AUTO
+    quantize: Quantize = Field(
+        Quantize.NONE,
+        description="the denoiser quantized (changes images; opt in): fp8, int8, nvfp4, or auto by the GPU's "
+        "compute capability (nvfp4 from 10.0, fp8 from 8.9, int8 from 8.0); `make engines` exports it",
+    )
+    calib_steps: int = Field(20, ge=1, description="denoising steps per calibration prompt (QUANTIZE)")
+    calib_size: int = Field(512, ge=64, description="image side calibration runs at (QUANTIZE)")
 
     max_image_side: int = Field(2048, ge=64)
     min_image_side: int = Field(64, ge=8)

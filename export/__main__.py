@@ -4,6 +4,7 @@
     MODEL=/models/sd15 ENGINE_DIR=/runpod-volume/engines python -m export
     python -m export --controlnets canny depth
     python -m export --ip-adapters models/ip-adapter_sd15 models/ip-adapter-plus_sd15
+    python -m export --quantize fp8 --calib-steps 20 --calib-size 512
 
 ControlNets in CONTROLNET_DIR that fit the model are exported too, with the controlled UNet
 they feed; IP-Adapters of IP_ADAPTER_DIR when named, with the IP denoiser.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -25,16 +27,18 @@ from engine.backends.tensorrt.runtime import gpu_model, gpu_tag
 from engine.common.cli import run_command
 from engine.common.errors import RequestError, WorkerError
 from engine.common.logs import configure_logging
-from engine.devices import resolve_device, resolve_precision
+from engine.devices import resolve_device, resolve_precision, resolve_quantization
 from engine.lora.ip_adapters import IpAdapterFiles
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
 from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
 from engine.models.model import Model, load_model
-from engine.settings import Precision, Settings, load_settings
+from engine.settings import Precision, Quantize, Settings, load_settings
 from engine.sizes import parse_ranges
 from engine.store.artifact import Artifact
 from engine.store.store import Store
+from export.quantize.recipe import QuantFormat, Recipe, default_prompts_file, read_prompts
+from export.quantize.stage import QuantizedExporter
 from export.stagelog import StageLog
 from export.stages import EngineBuilder, Exporter
 from export.tensorrt import BuildOptions
@@ -56,6 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="overrides DEVICE")
     parser.add_argument("--precision", choices=[p.value for p in Precision], help="overrides PRECISION")
     parser.add_argument("--skip-engines", action="store_true", help="ONNX only, even on a GPU")
+    parser.add_argument(
+        "--quantize",
+        choices=[q.value for q in Quantize],
+        help="overrides QUANTIZE: the denoiser also as a quantized graph (auto: by the GPU's compute capability)",
+    )
+    parser.add_argument("--calib-prompts", type=Path, help="calibration prompts, one a line (default: the shipped set)")
+    parser.add_argument("--calib-steps", type=int, help="overrides CALIB_STEPS")
+    parser.add_argument("--calib-size", type=int, help="overrides CALIB_SIZE")
     parser.add_argument(
         "--controlnets",
         nargs="*",
@@ -135,7 +147,38 @@ def stage_summary(stages: StageLog) -> str:
 
 def summarize(artifact: Artifact) -> str:
     worst = max((r["max_abs_error"] for r in artifact.manifest.get("parity", [])), default=0.0)
-    return f"{artifact.path.name}  max |{artifact.key.kind} - torch| {worst:.2e}"
+    line = f"{artifact.path.name}  max |{artifact.key.kind} - torch| {worst:.2e}"
+    quantization = artifact.manifest.get("quantization")
+    if not quantization:
+        return line
+    size = sum(entry["size"] for name, entry in artifact.files.items() if name != "twin.onnx") / 2**30
+    calibrated = artifact.manifest.get("stage_seconds", {}).get("calibrate")
+    calibration = f"calibrated in {calibrated:.0f}s" if calibrated else "calibration reused"
+    against = " (fake-quantized)" if artifact.key.kind == "onnx" else ""
+    return f"{line}{against}, {size:.2f} GiB, {calibration}"
+
+
+def quantized_exporter(settings: Settings, exporter: Exporter, prompts: Path | None) -> QuantizedExporter | None:
+    """The exporter of the denoiser's quantized graph that QUANTIZE asks for, or None. Model Optimizer is
+    imported only from here on."""
+    device = exporter.device
+    quantization = resolve_quantization(settings.quantize, device)
+    if quantization is None:
+        if settings.quantize is not Quantize.NONE:
+            print(f"quantize={settings.quantize.value}: no quantized format for this device ({device}); none made")
+        return None
+    if quantization == "nvfp4" and device.type != "cuda":
+        raise WorkerError(
+            "quantize=nvfp4 needs a CUDA device: Model Optimizer's NVFP4 quantizer (dynamic 16-element blocks) "
+            "runs on CUDA only; export it on the GPU"
+        )
+    recipe = Recipe(
+        QuantFormat(quantization),
+        tuple(read_prompts(prompts or default_prompts_file())),
+        settings.calib_steps,
+        settings.calib_size,
+    )
+    return QuantizedExporter(exporter.model, exporter.store, device, settings, recipe)
 
 
 def add_ip_adapters(model: Model, settings: Settings, names: list[str], controlled: bool) -> list[str]:
@@ -154,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in ("model", "device", "precision") if getattr(args, name)}
+    names = ("model", "device", "precision", "quantize", "calib_steps", "calib_size")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name)}
     settings = load_settings(**overrides)
     configure_logging("WARNING" if settings.log_level.upper() == "INFO" else settings.log_level)
     device = resolve_device(settings.device)
@@ -178,6 +222,7 @@ def export(args: argparse.Namespace) -> int:
     if args.ip_adapters:
         components += add_ip_adapters(model, settings, args.ip_adapters, controlled=bool(controlnets))
     builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
+    quantized = quantized_exporter(settings, exporter, args.calib_prompts)
     summary = []
     with tqdm(components, desc="export", unit="component") as bar:
         for component in bar:
@@ -185,6 +230,13 @@ def export(args: argparse.Namespace) -> int:
             onnx = exporter.onnx(component, stages)
             engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
             summary.append((component, [onnx, *engines], stages))
+        if quantized is not None and model.family.denoiser in components:
+            component = model.family.denoiser
+            bar.set_postfix_str(f"{component}: {quantized.recipe.format.value}")
+            stages = StageLog(device=device)
+            onnx = quantized.onnx(component, exporter.component_precision(component), stages)
+            engines = [exporter.engine(component, onnx, builder, stages)] if builder else []
+            summary.append((f"{component} {quantized.recipe.format.value}", [onnx, *engines], stages))
     print(f"engine store: {settings.engine_dir}\n{engines_note}")
     for line in skipped:
         print(f"  {line}")

@@ -104,8 +104,15 @@ def reference_outputs(
     return references
 
 
-def compare(spec: ComponentSpec, references: list[Reference], candidate: Runner, precision: str) -> list[Comparison]:
-    tolerance = TOLERANCES[precision]
+def compare(
+    spec: ComponentSpec,
+    references: list[Reference],
+    candidate: Runner,
+    precision: str,
+    tolerance: Tolerance | None = None,
+) -> list[Comparison]:
+    """Each output at each reference's shape; within ``tolerance``, by default the precision's."""
+    tolerance = tolerance or TOLERANCES[precision]
     results = []
     for reference in references:
         actual = candidate(reference.inputs)

@@ -1,6 +1,7 @@
 """`python -m perf.export`: what `make engines` costs for a model: time and peak memory per stage.
 
     python -m perf.export --model /models/sd15 --precision fp16
+    python -m perf.export --model /models/sd15 --components unet --quantize int8 --calib-steps 4 --calib-size 256
 
 Runs `python -m export` as a user would, into a fresh store (nothing cached), then reads
 each artifact's manifest and prints per component and stage the seconds and the peak
@@ -36,11 +37,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
     parser.add_argument("--components", nargs="+", help="default: every component")
     parser.add_argument("--out", type=Path, default=Path("perf/results"))
+    parser.add_argument("--quantize", choices=["none", "auto", "fp8", "int8", "nvfp4"], default="none")
+    parser.add_argument("--calib-prompts", type=Path, help="passed to python -m export")
+    parser.add_argument("--calib-steps", type=int, help="passed to python -m export")
+    parser.add_argument("--calib-size", type=int, help="passed to python -m export")
     return parser.parse_args(argv)
 
 
-def run_export(model: str, precision: str, components: list[str] | None, engine_dir: Path) -> float:
-    command = [sys.executable, "-m", "export", "--model", model, "--precision", precision, "--skip-engines"]
+def quantize_args(args: argparse.Namespace) -> list[str]:
+    """The quantization options for `python -m export`."""
+    extra = ["--quantize", args.quantize]
+    for name in ("calib_prompts", "calib_steps", "calib_size"):
+        if getattr(args, name) is not None:
+            extra += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return extra
+
+
+def run_export(
+    model: str, precision: str, components: list[str] | None, engine_dir: Path, extra: list[str] = ()
+) -> float:
+    command = [sys.executable, "-m", "export", "--model", model, "--precision", precision, "--skip-engines", *extra]
     if components:
         command += ["--components", *components]
     started = time.perf_counter()
@@ -57,13 +73,13 @@ def figures(engine_dir: Path, weights: dict[str, int]) -> list[dict]:
         rows.append(
             {
                 "component": component,
-                "precision": artifact.key.precision,
+                "precision": artifact.key.quantization or artifact.key.precision,
                 "weights_mb": round(weights[component] / 2**20, 1),
                 "artifact_mb": round(sum(f["size"] for f in artifact.files.values()) / 2**20, 1),
                 "seconds": manifest["stage_seconds"],
                 "peak_rss_mb": peaks,
                 "peak_cuda_mb": manifest.get("stage_peak_cuda_mb", {}),
-                "max_abs_error": max(entry["max_abs_error"] for entry in manifest["parity"]),
+                "max_abs_error": max((entry["max_abs_error"] for entry in manifest["parity"]), default=float("nan")),
                 "validation": manifest["validation"],
             }
         )
@@ -88,8 +104,8 @@ def print_table(rows: list[dict], wall_s: float) -> None:
         validation = row["validation"]
         print(
             f"  {row['component']:<14} {row['precision']}  artifact {row['artifact_mb'] / 1024:.2f} GiB, "
-            f"max |onnx - torch| {row['max_abs_error']:.2e} at {', '.join(validation['shapes'])} "
-            f"({validation['backend']} on {validation['device']})"
+            f"max |onnx - torch| {row['max_abs_error']:.2e} at {', '.join(validation.get('shapes', []))} "
+            f"({validation.get('compared') or validation['backend'] + ' on ' + validation['device']})"
         )
 
 
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(settings.model, settings.cache_dir, settings.model_revision, settings.model_cache_dir)
     weights = {component: weight_bytes(model, component) for component in model.components}
     with tempfile.TemporaryDirectory(prefix="perf-export-") as engine_dir:
-        wall_s = run_export(settings.model, args.precision, args.components, Path(engine_dir))
+        wall_s = run_export(settings.model, args.precision, args.components, Path(engine_dir), quantize_args(args))
         rows = figures(Path(engine_dir), weights)
     print_table(rows, wall_s)
     folder = args.out / time.strftime("%Y%m%d-%H%M%S")

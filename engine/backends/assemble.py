@@ -18,12 +18,19 @@ from pathlib import Path
 import torch
 
 from engine.backends.chain import RunnerChain
+from engine.backends.quantized import (
+    QuantizedRunner,
+    load_quantized_onnxruntime,
+    load_quantized_tensorrt,
+    quantized_name,
+)
 from engine.backends.tensorrt.loading import load_tensorrt
 from engine.backends.tensorrt.runner import TensorRTBackend
 from engine.backends.tensorrt.runtime import gpu_tag
 from engine.backends.torch import AdapterTorchRunner, LazyTorchRunner, SharedTorchRunner
 from engine.common.dtypes import PRECISION_DTYPES
 from engine.common.errors import ArtifactError, BackendUnavailable, NotBuilt
+from engine.devices import resolve_quantization
 from engine.models.model import Model
 from engine.settings import Backend, Settings, TorchFallback
 from engine.sizes import parse_ranges
@@ -79,6 +86,37 @@ def graph_weight_map(store: Store, spec: ComponentSpec, fingerprint: str, precis
         return None
 
 
+def add_quantized(
+    runners: list,
+    unavailable: dict[str, str],
+    backend: Backend,
+    tensorrt: TensorRTBackend,
+    store: Store,
+    spec: ComponentSpec,
+    fingerprint: str,
+    precision: str,
+    quantization: str,
+    device: torch.device,
+) -> None:
+    """The quantized runner of ``backend`` into ``runners``, or why there is none into ``unavailable``."""
+    label = f"{backend.value} {quantization}"
+    if backend is Backend.TENSORRT:
+        name = quantized_name(spec.name, quantization)
+        if name in tensorrt.runners:
+            runners.append(QuantizedRunner(tensorrt.runners[name], quantization))
+        else:
+            unavailable[label] = tensorrt.unavailable.get(name, f"no {quantization} engine")
+        return
+    try:
+        runners.append(load_quantized_onnxruntime(store, spec, fingerprint, precision, quantization, device))
+    except (ArtifactError, BackendUnavailable, OSError) as error:
+        log.warning("%s: %s unavailable: %s", spec.name, label, error)
+        unavailable[label] = str(error) if not isinstance(error, OSError) else UNREADABLE
+    except Exception as error:  # onnxruntime refusing the graph: the unquantized one serves
+        log.exception("%s: %s could not be loaded", spec.name, label)
+        unavailable[label] = f"could not be loaded ({type(error).__name__}; the worker logged why)"
+
+
 def export_hint(model: str, public: bool = False) -> str:
     """The command that builds what is missing; ``public`` (for callers) names a local model folder
     by its setting, not by the server's path."""
@@ -128,7 +166,32 @@ def build_chains(
             reason = f"the engines could not be loaded ({type(error).__name__}; the worker logged why)"
             tensorrt = TensorRTBackend({}, dict.fromkeys(tensorrt_components, reason))
 
+    quantization = resolve_quantization(settings.quantize, device)
+    denoiser = model.family.denoiser
+    quantized = quantization is not None and denoiser in components
+    if quantized and denoiser in tensorrt_components and tensorrt_runs_on(device):
+        spec = model.specs[denoiser]
+        try:
+            load_quantized_tensorrt(
+                tensorrt,
+                store,
+                (spec, fingerprint(denoiser), precisions[denoiser]),
+                quantization,
+                device,
+                gpu_tag(device),
+                settings.cuda_graphs,
+                settings.cuda_graph_shapes,
+                profiles_label(component_profiles(spec, ranges, settings.max_prompt_chunks)),
+            )
+        except Exception as error:  # the unquantized engine serves
+            log.exception("the %s engine could not be loaded", quantization)
+            tensorrt.unavailable[quantized_name(denoiser, quantization)] = (
+                f"could not be loaded ({type(error).__name__})"
+            )
+
     for component, runner in tensorrt.runners.items():
+        if runner.quantization is not None or component not in model.specs:
+            continue
         runner.weight_map = graph_weight_map(
             store, model.specs[component], fingerprint(component), precisions[component]
         )
@@ -138,6 +201,9 @@ def build_chains(
     for component, backends in wanted.items():
         spec, runners, unavailable = model.specs[component], [], {}
         for backend in backends:
+            if quantized and component == denoiser:
+                add_quantized(runners, unavailable, backend, tensorrt, store, spec, fingerprint(component),
+                              precisions[component], quantization, device)  # fmt: skip
             try:
                 if backend is Backend.TENSORRT:
                     if component in tensorrt.missing:

@@ -22,6 +22,8 @@ class Runner(ABC):
     """Runs one component: named tensors in, named tensors out, on the worker's device."""
 
     backend: str
+    quantization: str | None = None
+    """fp8, int8 or nvfp4 where the runner serves a quantized graph (see ``engine.backends.quantized``)."""
 
     def __init__(self, spec: ComponentSpec, precision: str, device: torch.device):
         self.spec = spec
@@ -29,6 +31,11 @@ class Runner(ABC):
         self.device = device
         self.weights_key: str | None = None
         """The key of the LoRA patch the weights carry; None for the base weights."""
+
+    @property
+    def precision_label(self) -> str:
+        """The precision ``metrics.precisions`` names."""
+        return self.precision
 
     def apply_patch(self, patch: WeightPatch | None) -> None:
         """Sets the weights to base + patch (None: the base weights), computed from the base every time,

@@ -136,7 +136,7 @@ class RunnerChain:
             return []
         runners = list(self.runners)
         later = runners[runners.index(runner) + 1 :] if runner in runners else []
-        found = [candidate for candidate in later if candidate.precision == "fp32"]
+        found = [c for c in later if c.precision == "fp32" and c.quantization is None]
         return found if self.fp32_standby is None else [*found, self.fp32_standby]
 
     @staticmethod
@@ -204,7 +204,7 @@ class ChainCalls(Mapping[str, ComponentCall]):
         )
         self._last[component] = runner
         _add(self._backends, component, runner.backend)
-        _add(self._precisions, component, runner.precision)
+        _add(self._precisions, component, runner.precision_label)
         return outputs
 
     def _patched(self, seconds: float) -> None:

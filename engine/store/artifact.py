@@ -21,6 +21,8 @@ from typing import Any
 from engine.common.errors import ArtifactError
 
 CHUNK = 16 * 2**20
+QUANTIZED_FIELDS = ("quantization", "recipe")
+"""Key fields left out of the digest when unset, so unquantized artifacts keep the keys they had."""
 
 
 @dataclass(frozen=True)
@@ -35,15 +37,20 @@ class ArtifactKey:
     gpu: str | None = None
     tensorrt: str | None = None
     profile: str | None = None
+    quantization: str | None = None
+    """fp8, int8 or nvfp4 for a quantized graph or engine (None: unquantized)."""
+    recipe: str | None = None
+    """The hash of a quantized artifact's calibration recipe (prompts, steps, size, ModelOpt, config)."""
 
     @property
     def digest(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True)
+        fields = {name: value for name, value in asdict(self).items() if name not in QUANTIZED_FIELDS or value}
+        canonical = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
     @property
     def dirname(self) -> str:
-        return f"{self.component}-{self.kind}-{self.precision}-{self.digest}"
+        return f"{self.component}-{self.kind}-{self.quantization or self.precision}-{self.digest}"
 
 
 @dataclass

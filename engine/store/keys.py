@@ -42,8 +42,36 @@ def onnx_key(spec: ComponentSpec, fingerprint: str, precision: str) -> ArtifactK
     )
 
 
+def quantized_onnx_key(
+    spec: ComponentSpec, fingerprint: str, precision: str, quantization: str, recipe: str
+) -> ArtifactKey:
+    """A quantized graph: the unquantized graph's key, its format and the hash of its calibration recipe;
+    ``precision`` is what its unquantized layers run at."""
+    return replace(onnx_key(spec, fingerprint, precision), quantization=quantization, recipe=recipe)
+
+
+def calibration_key(spec: ComponentSpec, fingerprint: str, quantization: str, recipe: str) -> ArtifactKey:
+    """Calibration statistics, shared by every export and engine of one recipe, whatever the GPU."""
+    return replace(onnx_key(spec, fingerprint, "fp32"), kind="calibration", quantization=quantization, recipe=recipe)
+
+
 def engine_key(
-    spec: ComponentSpec, fingerprint: str, precision: str, gpu: str, tensorrt: str, profile: str
+    spec: ComponentSpec,
+    fingerprint: str,
+    precision: str,
+    gpu: str,
+    tensorrt: str,
+    profile: str,
+    quantization: str | None = None,
+    recipe: str | None = None,
 ) -> ArtifactKey:
     """An engine follows its ONNX export's key and adds the GPU, the TensorRT version and the profile."""
-    return replace(onnx_key(spec, fingerprint, precision), kind="tensorrt", gpu=gpu, tensorrt=tensorrt, profile=profile)
+    return replace(
+        onnx_key(spec, fingerprint, precision),
+        kind="tensorrt",
+        gpu=gpu,
+        tensorrt=tensorrt,
+        profile=profile,
+        quantization=quantization,
+        recipe=recipe,
+    )

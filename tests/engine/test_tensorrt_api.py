@@ -48,6 +48,10 @@ REMOVED_IN_TENSORRT_11 = [
     ("ICudaEngine", "get_binding_shape"),
     ("ICudaEngine", "device_memory_size"),
     ("IBuilderConfig", "max_workspace_size"),
+    ("BuilderFlag", "INT8"),  # quantized graphs carry their Q/DQ ops: no precision flag builds them
+    ("BuilderFlag", "FP8"),
+    ("BuilderFlag", "FP4"),
+    ("IBuilderConfig", "int8_calibrator"),
 ]
 
 

@@ -27,9 +27,19 @@ from engine.store.store import Store
 log = logging.getLogger(__name__)
 
 
-def engines_for_gpu(store: Store, spec: ComponentSpec, fingerprint: str, precision: str, gpu: str) -> list[Artifact]:
-    """Every engine built for this component, weights, precision and GPU, whatever its TensorRT version."""
-    return store.find(kind="tensorrt", component=spec.name, fingerprint=fingerprint, precision=precision, gpu=gpu)
+def engines_for_gpu(
+    store: Store, spec: ComponentSpec, fingerprint: str, precision: str, gpu: str, quantization: str | None = None
+) -> list[Artifact]:
+    """Every engine built for this component, weights, precision, quantization (None: unquantized) and GPU,
+    whatever its TensorRT version."""
+    return store.find(
+        kind="tensorrt",
+        component=spec.name,
+        fingerprint=fingerprint,
+        precision=precision,
+        gpu=gpu,
+        quantization=quantization,
+    )
 
 
 def runnable(artifact: Artifact, spec: ComponentSpec, version: str) -> bool:
@@ -87,6 +97,7 @@ def load_tensorrt(
     trt: ModuleType | None = None,
     max_shapes: int = 4,
     profile_labels: Mapping[str, str] | None = None,
+    quantization: str | None = None,
 ) -> TensorRTBackend:
     """Engines for each component (spec, fingerprint, precision); a plan that does not load is skipped.
 
@@ -103,7 +114,7 @@ def load_tensorrt(
     missing: list[str] = []
     for component, (spec, fingerprint, precision) in components.items():
         reasons = []
-        for_gpu = engines_for_gpu(store, spec, fingerprint, precision, gpu)
+        for_gpu = engines_for_gpu(store, spec, fingerprint, precision, gpu, quantization)
         newer = [a for a in for_gpu if built_by_newer(str(a.key.tensorrt), version)]
         for artifact in newer:  # never deserialized: the plan cannot load here, and trying costs time and memory
             log.info("skipping engine %s: %s", artifact.path.name, version_refusal(str(artifact.key.tensorrt), version))
@@ -129,7 +140,8 @@ def load_tensorrt(
         if component not in loaded and reasons:
             unavailable[component] = "; ".join(reasons)
         elif component not in loaded:
-            unavailable[component] = f"no engine for {gpu} and TensorRT {version} in the engine store" + "".join(
+            what = f"no {quantization} engine" if quantization else "no engine"
+            unavailable[component] = f"{what} for {gpu} and TensorRT {version} in the engine store" + "".join(
                 f" ({artifact.path.name}: {version_refusal(str(artifact.key.tensorrt), version)})" for artifact in newer
             )
             missing.append(component)

@@ -1,0 +1,222 @@
+"""One quantized component through the stages: calibrate (or restore) -> trace -> optimize -> check -> publish.
+
+The torch side runs as the unquantized export's does, in a child process for a large component:
+the module is loaded once, its fp32 outputs kept (to state the quantization's own error),
+calibrated by the worker's pipeline or restored from the store's calibration artifact, its
+fake-quantized outputs taken as the reference, and traced. The graph is then checked on
+onnxruntime against the fake-quantized module (FP8 through its standard-op twin), and the
+manifest says what was compared with what.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from engine.backends.onnxruntime import OnnxRuntimeRunner
+from engine.backends.quantized import TWIN_FILE
+from engine.models.model import Model
+from engine.settings import Settings
+from engine.spec import Dims
+from engine.store.artifact import Artifact
+from engine.store.fingerprint import component_fingerprint
+from engine.store.keys import ONNX_FILE, calibration_key, quantized_onnx_key
+from engine.store.staging import Staging, scratch_folder
+from export.onnx import export_dims, export_onnx
+from export.optimize import optimize
+from export.quantize import calibrate as calibration
+from export.quantize.recipe import Recipe
+from export.quantize.twin import cpu_twin
+from export.stagelog import StageLog
+from export.stages import tool_versions
+from export.trace import ISOLATE_FROM_BYTES, load_module, references_for, weight_bytes
+from export.validate import Reference, Tolerance, check, compare, validation_dims
+
+log = logging.getLogger(__name__)
+
+
+QUANTIZED_TOLERANCES = {
+    "int8": Tolerance(atol=1e-2, rtol=1e-1),
+    "fp8": Tolerance(atol=1e-2, rtol=1.5e-1),
+}
+"""onnxruntime's Q/DQ graph against the fake-quantized torch module, in fractions of the largest output.
+Both quantize with the same scales, but not identically: torch multiplies by 1/scale where onnxruntime
+divides by the scale, and ModelOpt's INT8 clamps at -127 where QuantizeLinear clamps at -128, so some
+values land one step apart, and a deep network carries the steps on. Measured (max |diff|, outputs of
+about 1.4): tiny UNet INT8 4.8e-2, FP8 1.2e-2; full-size SD 1.5 UNet (random weights) INT8 6.5e-2, FP8
+1.3e-1. Loose: it catches wrong scales, missing or misplaced Q/DQ pairs, not a one-step rounding."""
+
+
+@contextmanager
+def working_folder(folder: Path) -> Iterator[None]:
+    """Runs in ``folder``: graph folding of an FP8 graph leaves onnx's uuid-named external data files in the
+    working directory, and here they go with the scratch folder."""
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@dataclass
+class QuantizedTrace:
+    references: list[Reference]
+    """The fake-quantized module's outputs: what the graph is checked against."""
+    fp32_error: float
+    """max |fake-quantized - fp32| over the references: the quantization's own error."""
+    quantizers: int
+    calibrated: bool
+    """False when the statistics were restored from the store."""
+    stages: StageLog
+
+
+def quantized_trace(
+    model: Model,
+    component: str,
+    device: str,
+    dims: list[Dims],
+    raw: Path,
+    settings: Settings,
+    recipe: Recipe,
+    calibration_file: Path,
+) -> QuantizedTrace:
+    """Calibrates (saving to ``calibration_file``) or, where that file exists, restores from it; then
+    references at ``dims`` and the raw graph at ``raw``."""
+    stages = StageLog(device=torch.device(device))
+    with stages.stage("load"):
+        module = load_module(model, component, torch.device(device))
+    with stages.stage("reference fp32"):
+        fp32 = references_for(model, component, module, dims)
+    restored = calibration_file.exists()
+    if restored:
+        with stages.stage("restore calibration"):
+            module = calibration.restore(module, calibration_file)
+    else:
+        with stages.stage("calibrate"):
+            calibration.calibrate(module, recipe, calibration.pipeline_loop(settings, recipe, component))
+            calibration.save(module, calibration_file.parent)
+    with stages.stage("reference"):
+        references = references_for(model, component, module, dims)
+    with stages.stage("export"):
+        export_onnx(module, model.specs[component], export_dims(model), raw)
+    error = max(
+        float((quantized.outputs[name] - exact.outputs[name]).abs().max())
+        for quantized, exact in zip(references, fp32, strict=True)
+        for name in exact.outputs
+    )
+    return QuantizedTrace(references, error, calibration.quantizer_count(module), not restored, stages)
+
+
+def run_trace(model: Model, component: str, *args) -> QuantizedTrace:
+    """``quantized_trace``, in a child process when the component is large (see ``export.trace``)."""
+    if weight_bytes(model, component) < ISOLATE_FROM_BYTES:
+        return quantized_trace(model, component, *args)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(quantized_trace, model, component, *args).result()
+
+
+@dataclass
+class QuantizedExporter:
+    """Quantized graphs of a model's components into the store, each with its calibration artifact."""
+
+    model: Model
+    store: object
+    device: torch.device
+    settings: Settings
+    recipe: Recipe
+
+    def onnx(self, component: str, precision: str, stages: StageLog) -> Artifact:
+        spec = self.model.specs[component]
+        quant = self.recipe.format.value
+        with stages.stage("fingerprint"):
+            fingerprint = component_fingerprint(self.model, component, self.store.file_digest)
+        key = quantized_onnx_key(spec, fingerprint, precision, quant, self.recipe.digest)
+        calibration_artifact = calibration_key(spec, fingerprint, quant, self.recipe.digest)
+
+        def build(staging: Staging) -> None:
+            cpu = torch.device("cpu")
+            with scratch_folder(self.settings.export_work_dir) as raw_dir:
+                found = self.store.get(calibration_artifact)
+                calibration_file = raw_dir / calibration.CALIBRATION_FILE
+                if found is not None:
+                    found.verify()
+                    shutil.copyfile(found.file(calibration.CALIBRATION_FILE), calibration_file)
+                dims = validation_dims(self.model, cpu)
+                stages.on_stage("quantize")
+                traced = run_trace(
+                    self.model, component, str(self.device), dims, raw_dir / ONNX_FILE,
+                    self.settings, self.recipe, calibration_file,
+                )  # fmt: skip
+                stages.merge(traced.stages)
+                if traced.calibrated:
+                    self.publish_calibration(calibration_artifact, calibration_file, traced, stages)
+                with stages.stage("optimize"), working_folder(raw_dir):
+                    graph = optimize(raw_dir / ONNX_FILE, staging.path / ONNX_FILE, spec, precision)
+            with stages.stage("validate"):
+                parity = self.validate(component, staging.path, precision, traced.references)
+            staging.info.update(
+                model=self.model.name,
+                quantization={
+                    "format": quant,
+                    "recipe": self.recipe.to_json(),
+                    "recipe_hash": self.recipe.digest,
+                    "calibration": calibration_artifact.dirname,
+                    "calibrated_here": traced.calibrated,
+                    "quantizers": traced.quantizers,
+                    "max_abs_error_vs_fp32_torch": traced.fp32_error,
+                },
+                graph=asdict(graph),
+                parity=parity,
+                validation=self.validation_record(quant, traced.references),
+                tools=tool_versions(),
+                **stages.report(),
+            )
+
+        return self.store.ensure(key, build)
+
+    def validate(self, component: str, folder: Path, precision: str, references: list[Reference]) -> list[dict]:
+        """The graph (or its twin) on onnxruntime's CPU provider against the fake-quantized module; nothing where
+        no twin exists (NVFP4's ``trt::`` ops: its engine is checked against torch on the GPU instead)."""
+        spec = self.model.specs[component]
+        try:
+            graph = cpu_twin(folder / ONNX_FILE, folder / TWIN_FILE)
+        except ValueError as error:
+            log.warning("%s: not checked on onnxruntime: %s", component, error)
+            return []
+        candidate = OnnxRuntimeRunner(spec, graph, precision, torch.device("cpu"))
+        tolerance = QUANTIZED_TOLERANCES[self.recipe.format.value]
+        return check(spec, "onnxruntime", compare(spec, references, candidate, precision, tolerance))
+
+    @staticmethod
+    def validation_record(quant: str, references: list[Reference]) -> dict:
+        if quant == "nvfp4":
+            return {"backend": None, "compared": "nothing on onnxruntime: no standard twin of TensorRT's FP4 ops"}
+        how = "the graph as exported" if quant == "int8" else "its twin with opset-21 float8 Q/DQ ops"
+        return {
+            "backend": "onnxruntime",
+            "device": "cpu",
+            "shapes": [r.shape for r in references],
+            "compared": f"{how} against the fake-quantized torch module (ModelOpt), fp32 inputs",
+        }
+
+    def publish_calibration(self, key, calibration_file: Path, traced: QuantizedTrace, stages: StageLog) -> None:
+        def build(staging: Staging) -> None:
+            shutil.copyfile(calibration_file, staging.path / calibration.CALIBRATION_FILE)
+            staging.info.update(
+                model=self.model.name,
+                recipe=self.recipe.to_json(),
+                quantizers=traced.quantizers,
+                calibrate_seconds=traced.stages.seconds.get("calibrate"),
+            )
+
+        self.store.ensure(key, build)
