@@ -10,7 +10,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +32,7 @@ from engine.models.controlnet_folders import ControlNetFolders, found_controlnet
 from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
 from engine.models.model import Model, load_model
 from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
+from engine.pipeline.image_prompts import ImagePrompt
 from engine.request.resolved import ResolvedRequest
 from engine.request.schema import parse_request
 from engine.serving.admission import Admission, Admitted
@@ -191,11 +192,11 @@ class Worker:
         timer = StageTimer(self.device)
         admitted = self._admit(payload)
         request, inputs = admitted.request, admitted.inputs
-        self._check_memory(request)
+        self._check_memory(request, image_prompts=admitted.image_prompts)
         with timer.stage("lora_load") if request.loras else contextlib.nullcontext():
             loras = self.loras.select(request.loras)  # every entry checked before any weight changes
         if loras.patches:
-            self._check_memory(request, loras)
+            self._check_memory(request, loras, admitted.image_prompts)
         prepared = self.pipeline.prepare_images(inputs, request) if inputs is not None else None
         base_seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
         seeds = [base_seed + index for index in range(request.num_images)]
@@ -241,12 +242,16 @@ class Worker:
         log.info("job done", extra={"fields": {"process_time": metrics["process_time"], "delivery": delivery}})
         return {"status": "success", "output": output, "metrics": metrics}
 
-    def _check_memory(self, request: ResolvedRequest, loras: LoraSelection = NO_LORAS) -> None:
+    def _check_memory(
+        self, request: ResolvedRequest, loras: LoraSelection = NO_LORAS, image_prompts: Sequence[ImagePrompt] = ()
+    ) -> None:
         """Refuses a request that cannot fit the memory left (see ``engine.serving.memory``). It runs before
         the LoRAs are read, and again after with them, so a request too large on its own is refused before
         any LoRA is fetched."""
         if self.settings.memory_guard:
-            check_fits(request, loras, self.model, self.chains, self.device, self.precision, self.settings)
+            check_fits(
+                request, loras, self.model, self.chains, self.device, self.precision, self.settings, image_prompts
+            )
 
     def resolve(self, payload: Any) -> tuple[ResolvedRequest, ImageInputs | None]:
         """The admitted request and its images; the ControlNets it names get their runner chains now,

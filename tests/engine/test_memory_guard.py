@@ -15,10 +15,21 @@ from engine.backends.base import Runner
 from engine.common.errors import RequestError
 from engine.models.builtin import builtin_model_folder
 from engine.models.controlnet import CONTROLLED_UNET
+from engine.models.ip_adapter import IP_DENOISER
 from engine.models.model import load_model
 from engine.request.entries import LoraEntry
-from engine.serving.memory import available_bytes, cuda_room, estimates, patch_bytes, residual_elements
+from engine.serving.memory import (
+    ImagePromptLoad,
+    available_bytes,
+    cuda_room,
+    estimates,
+    image_encoder_bytes,
+    image_prompt_load,
+    patch_bytes,
+    residual_elements,
+)
 from engine.serving.worker import Worker
+from perf.ip_adapter_files import write_adapter, write_image_encoder
 from perf.lora_files import write_lora
 from tests.parity import picture, to_base64
 from tests.test_controlnet import make_controlnet
@@ -192,4 +203,64 @@ def test_a_lora_sets_patched_weights_count_on_top_of_the_peak(make_settings, roo
     assert worker.handle({"input": {**PLAIN, "loras": [{"name": "a"}]}})["status"] == "success"
     assert worker.handle({"input": {**PLAIN, "loras": [{"name": "a"}]}})["status"] == "success", (
         "a set the weights already carry adds nothing"
+    )
+
+
+@pytest.fixture
+def ip_worker(make_settings, cache_dir, tmp_path) -> Worker:
+    """A torch worker with one tiny plain IP-Adapter (``models/plain``) and its image encoder."""
+    write_image_encoder(tmp_path / "models" / "image_encoder")
+    write_adapter(load_model("tiny", cache_dir), tmp_path / "models" / "plain.safetensors", "plain", seed=1)
+    return Worker(make_settings(backend="torch", min_free_memory_gb=0, ip_adapter_dir=tmp_path))
+
+
+def ip_estimates(worker: Worker, payload: dict) -> dict[str, int]:
+    admitted = worker._admit(payload)
+    loads = [image_prompt_load(prompt, worker.model) for prompt in admitted.image_prompts]
+    found = estimates(worker.model.config, 1, 64, 64, True, "fp32", "fp32", image_prompts=loads)
+    return {e.stage: e.bytes for e in found}
+
+
+def test_an_image_prompts_encoder_counts(ip_worker, room, monkeypatch):
+    """With the denoisers and the VAE on engines, the torch image encoder is what an image prompt adds:
+    two images take twice one's."""
+    one = {**PLAIN, "ip_adapters": [{"name": "models/plain", "image": to_base64(picture(80, 72))}]}
+    two = {**PLAIN, "ip_adapters": [{"name": "models/plain", "images": [to_base64(picture(80, 72))] * 2}]}
+    encoder = next(stage for stage in ip_estimates(ip_worker, one) if stage.startswith("image_encoder."))
+    assert ip_estimates(ip_worker, two)[encoder] == 2 * ip_estimates(ip_worker, one)[encoder] > 0
+    as_on_a_gpu_with_engines(ip_worker, ["unet", IP_DENOISER, "vae_decoder"], monkeypatch)
+    room[0] = ip_estimates(ip_worker, one)[encoder] - 1
+    ip_worker._check_memory(ip_worker.resolve(PLAIN)[0])
+    with pytest.raises(RequestError, match=rf"GiB of GPU in {encoder}"):
+        ip_worker._check_memory(ip_worker.resolve(one)[0], image_prompts=ip_worker._admit(one).image_prompts)
+    room[0] += 1
+    ip_worker._check_memory(ip_worker.resolve(one)[0], image_prompts=ip_worker._admit(one).image_prompts)
+
+
+def test_the_ip_denoisers_second_attention_counts(ip_worker, room, monkeypatch):
+    """With the VAE and the image encoder on engines, the torch IP denoiser's peak is the UNet's plus its
+    attention over the image tokens (output and one map per head): the room for a plain request is short."""
+    prompted = {**PLAIN, "ip_adapters": [{"name": "models/plain", "image": to_base64(picture(80, 72))}]}
+    unet = ip_estimates(ip_worker, prompted)["unet"]
+    plain = ip_estimates(ip_worker, PLAIN)["unet"]
+    heads, channels = 8, ip_worker.model.config.configs["unet"]["block_out_channels"][0]
+    assert unet - plain == 2 * 8 * 8 * (channels + heads * 4) * 4  # two rows, 8x8 latents, four tokens, fp32
+    encoder = next(stage for stage in ip_estimates(ip_worker, prompted) if stage.startswith("image_encoder."))
+    as_on_a_gpu_with_engines(ip_worker, ["vae_decoder", encoder], monkeypatch)
+    room[0] = unet - 1
+    ip_worker._check_memory(ip_worker.resolve(PLAIN)[0])
+    admitted = ip_worker._admit(prompted)
+    with pytest.raises(RequestError, match="GiB of GPU in unet"):
+        ip_worker._check_memory(admitted.request, image_prompts=admitted.image_prompts)
+    room[0] += 1
+    ip_worker._check_memory(admitted.request, image_prompts=admitted.image_prompts)
+
+
+def test_the_image_encoder_estimate_follows_the_measured_vit_h_figure():
+    """A random ViT-H/14 (257 tokens of 1280) peaked 66 MB per image above its weights (eager attention;
+    50 MB with SDPA): covered, with a margin."""
+    vit_h = ImagePromptLoad("image_encoder.h", 1, 257, 1280, 4)
+    assert 66e6 <= image_encoder_bytes(vit_h, 4) <= 1.25 * 66e6
+    assert image_encoder_bytes(ImagePromptLoad("image_encoder.h", 3, 257, 1280, 4), 4) == 3 * image_encoder_bytes(
+        vit_h, 4
     )
