@@ -111,6 +111,46 @@ class Refusals:
                 self._rules.popitem(last=False)
 
 
+def named_file(root: Path, name: str, field: str, kind: str) -> Path:
+    """The safetensors file ``name`` means under ``root`` (the suffix may be left out), refused under ``field``
+    when it breaks the name rules, is a pickle, lies outside ``root`` or is not there; ``kind`` names what the
+    folder holds (LoRA, IP-Adapter) in the refusal."""
+    check_name(name, field)
+    path = Path(name)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise RequestError(f"{field}: {path.suffix} files are refused (pickle can run code); use .safetensors")
+    if path.suffix.lower() != SUFFIX:
+        path = path.with_name(path.name + SUFFIX)
+    resolved_root = root.resolve()
+    target = (resolved_root / path).resolve()
+    if path.is_absolute() or {".", ".."} & set(name.split("/")) or not target.is_relative_to(resolved_root):
+        raise RequestError(f"{field}: must name a file inside the {kind} folder, got {name!r}")
+    if not target.is_file():
+        log.info("%s: no %s %r under %s", field, kind, name, root)
+        raise RequestError(f"{field}: no {kind} named {name!r}")
+    return target
+
+
+class FileDigests:
+    """sha256 of named files, each computed once per version of the file (its size and mtime)."""
+
+    def __init__(self) -> None:
+        self._digests: dict[tuple[Path, int, int], str] = {}
+        self._lock = threading.Lock()
+
+    def of(self, path: Path) -> str:
+        stat = path.stat()
+        key = (path, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key not in self._digests:
+                digest = hashlib.sha256()
+                with path.open("rb") as handle:
+                    while chunk := handle.read(HASH_CHUNK):
+                        digest.update(chunk)
+                self._digests[key] = digest.hexdigest()
+            return self._digests[key]
+
+
 class LoraFiles:
     """Resolves request entries to local safetensors files with their sha256; URL downloads are kept
     under ``LORA_DIR/cache`` up to ``cache_bytes``."""
@@ -120,29 +160,17 @@ class LoraFiles:
         self.max_bytes = max_bytes
         self.cache_bytes = cache_bytes
         self.refused = Refusals()
-        self._digests: dict[tuple[Path, int, int], str] = {}
+        self._digests = FileDigests()
         self._lock = threading.Lock()
 
     def by_name(self, name: str, field: str) -> LoraFile:
         target = self.locate(name, field)
-        return LoraFile(name, target, self._digest(target))
+        return LoraFile(name, target, self._digests.of(target))
 
     def locate(self, name: str, field: str) -> Path:
         """The file a ``name`` entry means, checked without reading it whole (name rules, inside the
         folder, a safetensors header): admission runs this before any download."""
-        check_name(name, field)
-        path = Path(name)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise RequestError(f"{field}: {path.suffix} files are refused (pickle can run code); use .safetensors")
-        if path.suffix.lower() != SUFFIX:
-            path = path.with_name(path.name + SUFFIX)
-        root = self.root.resolve()
-        target = (root / path).resolve()
-        if path.is_absolute() or {".", ".."} & set(name.split("/")) or not target.is_relative_to(root):
-            raise RequestError(f"{field}: must name a file inside the LoRA folder, got {name!r}")
-        if not target.is_file():
-            log.info("%s: no LoRA %r under %s", field, name, self.root)
-            raise RequestError(f"{field}: no LoRA named {name!r}")
+        target = named_file(self.root, name, field, "LoRA")
         try:
             check_safetensors(target)
         except HeaderError as error:
@@ -234,19 +262,6 @@ class LoraFiles:
                         path.unlink(missing_ok=True)
         if evicted:
             log.info("LoRA cache: %d least recently used files evicted, %s kept", len(evicted), size_text(total))
-
-    def _digest(self, path: Path) -> str:
-        """sha256 of a named file, computed once per version of the file."""
-        stat = path.stat()
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            if key not in self._digests:
-                digest = hashlib.sha256()
-                with path.open("rb") as handle:
-                    while chunk := handle.read(HASH_CHUNK):
-                        digest.update(chunk)
-                self._digests[key] = digest.hexdigest()
-            return self._digests[key]
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from engine.common.errors import RequestError
-from engine.common.names import check_name
-from engine.lora.files import PICKLE_SUFFIXES, SUFFIX
+from engine.lora.files import FileDigests, named_file
 from engine.lora.headers import HeaderError, check_safetensors
 from engine.lora.library import WeightPatch
 from engine.models.ip_adapter import AdapterLayout, adapter_layout, adapter_weights, placeholder, split_state
@@ -88,7 +87,7 @@ class IpAdapterFiles:
         self.model = model
         self.max_bytes = max_bytes
         self._read: OrderedDict[str, Adapter] = OrderedDict()
-        self._digests: dict[tuple[Path, int, int], str] = {}
+        self._digests = FileDigests()
         self._lock = threading.Lock()
 
     def resolve(self, name: str, field: str) -> Adapter:
@@ -96,12 +95,12 @@ class IpAdapterFiles:
         family = self.model.family
         if not family.ip_adapters:
             raise RequestError(f"{field}: IP-Adapters are not supported for {family.name} models")
-        target = self._path(name, field)
+        target = named_file(self.root, name, field, "IP-Adapter")
         try:
             check_safetensors(target, self.max_bytes)
         except HeaderError as error:
             raise RequestError(f"{field}: {name!r} is {str(error).replace('LoRA', 'IP-Adapter')}") from None
-        sha256 = self._digest(target)
+        sha256 = self._digests.of(target)
         with self._lock:
             if sha256 in self._read:
                 self._read.move_to_end(sha256)
@@ -112,22 +111,6 @@ class IpAdapterFiles:
             while len(self._read) > KEPT_FILES:
                 self._read.popitem(last=False)
         return adapter
-
-    def _path(self, name: str, field: str) -> Path:
-        check_name(name, field)
-        path = Path(name)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise RequestError(f"{field}: {path.suffix} files are refused (pickle can run code); use .safetensors")
-        if path.suffix.lower() != SUFFIX:
-            path = path.with_name(path.name + SUFFIX)
-        root = self.root.resolve()
-        target = (root / path).resolve()
-        if path.is_absolute() or {".", ".."} & set(name.split("/")) or not target.is_relative_to(root):
-            raise RequestError(f"{field}: must name a file inside the IP-Adapter folder, got {name!r}")
-        if not target.is_file():
-            log.info("%s: no IP-Adapter %r under %s", field, name, self.root)
-            raise RequestError(f"{field}: no IP-Adapter named {name!r}")
-        return target
 
     def _read_adapter(self, name: str, path: Path, sha256: str, field: str) -> Adapter:
         from safetensors.torch import load_file
@@ -151,15 +134,3 @@ class IpAdapterFiles:
             encoder_component, projection = self.model.add_ip_adapter(relative, path, sha256, encoder, layout)
         weights = adapter_weights(state["ip_adapter"], self.model.ip_layers)
         return Adapter(name, sha256, layout, encoder_component, projection, weights)
-
-    def _digest(self, path: Path) -> str:
-        """sha256 of a file, computed once per version of it."""
-        stat = path.stat()
-        key = (path, stat.st_size, stat.st_mtime_ns)
-        if key not in self._digests:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                while chunk := handle.read(16 * 2**20):
-                    digest.update(chunk)
-            self._digests[key] = digest.hexdigest()
-        return self._digests[key]
