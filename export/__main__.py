@@ -181,11 +181,11 @@ def quantized_exporter(settings: Settings, exporter: Exporter, prompts: Path | N
     return QuantizedExporter(exporter.model, exporter.store, device, settings, recipe)
 
 
-def add_ip_adapters(model: Model, settings: Settings, names: list[str], controlled: bool) -> list[str]:
+def add_ip_adapters(model: Model, settings: Settings, store: Store, names: list[str], controlled: bool) -> list[str]:
     """The components that serve the named IP-Adapters (each checked against the model), made part of it:
     with ``controlled`` (ControlNets exported too), the controlled IP denoiser as well."""
     assert settings.ip_adapter_dir is not None  # Settings fills it in
-    files = IpAdapterFiles(settings.ip_adapter_dir, model, settings.max_lora_bytes)
+    files = IpAdapterFiles(settings.ip_adapter_dir, model, settings.max_lora_bytes, store.file_digest)
     adapters = [files.resolve(name, "--ip-adapters") for name in names]
     denoisers = (IP_DENOISER, CONTROLLED_IP_DENOISER) if controlled else (IP_DENOISER,)
     return list(dict.fromkeys([*(c for a in adapters for c in (a.encoder, a.projection)), *denoisers]))
@@ -220,7 +220,7 @@ def export(args: argparse.Namespace) -> int:
     if controlnets:
         components += [*controlnets, CONTROLLED_UNET]
     if args.ip_adapters:
-        components += add_ip_adapters(model, settings, args.ip_adapters, controlled=bool(controlnets))
+        components += add_ip_adapters(model, settings, exporter.store, args.ip_adapters, controlled=bool(controlnets))
     builder, engines_note = engine_builder(settings, exporter, args.skip_engines)
     quantized = quantized_exporter(settings, exporter, args.calib_prompts)
     summary = []

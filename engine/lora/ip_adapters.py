@@ -19,6 +19,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from engine.lora.headers import HeaderError, check_safetensors
 from engine.lora.library import WeightPatch
 from engine.models.ip_adapter import AdapterLayout, adapter_layout, adapter_weights, placeholder, split_state
 from engine.models.model import WEIGHT_SUFFIXES, Model
+from engine.store.fingerprint import folder_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +84,14 @@ def adapter_patch(adapter: Adapter, lora: WeightPatch | None) -> AdapterPatch:
 class IpAdapterFiles:
     """The IP-Adapters in ``root`` for one model: each name resolved, checked and read once."""
 
-    def __init__(self, root: Path, model: Model, max_bytes: int):
+    def __init__(self, root: Path, model: Model, max_bytes: int, file_digest: Callable[[Path], str] | None = None):
+        """``file_digest`` hashes files once per version; the worker passes its store's, whose memo the
+        artifact keys use too, so an encoder's weights are not hashed twice."""
         self.root = root
         self.model = model
         self.max_bytes = max_bytes
-        self._read: OrderedDict[str, Adapter] = OrderedDict()
-        self._digests = FileDigests()
+        self._read: OrderedDict[tuple[str, str], Adapter] = OrderedDict()
+        self._digest = file_digest or FileDigests().of
         self._lock = threading.Lock()
 
     def resolve(self, name: str, field: str) -> Adapter:
@@ -100,20 +104,29 @@ class IpAdapterFiles:
             check_safetensors(target, self.max_bytes)
         except HeaderError as error:
             raise RequestError(f"{field}: {name!r} is {str(error).replace('LoRA', 'IP-Adapter')}") from None
-        sha256 = self._digests.of(target)
+        sha256 = self._digest(target)
+        encoder = target.parent / ENCODER_FOLDER
+        if not (encoder / "config.json").is_file() or not any(p.suffix in WEIGHT_SUFFIXES for p in encoder.iterdir()):
+            missing = f"no image encoder (a CLIP vision folder named {ENCODER_FOLDER}/ beside it)"
+            raise RequestError(f"{field}: {name!r}: {missing}")
+        # The encoder's files are part of the adapter's identity: one replaced beside an unchanged file is
+        # another encoder, never the old one's runners.
+        key = (sha256, folder_fingerprint(encoder, self._digest))
         with self._lock:
-            if sha256 in self._read:
-                self._read.move_to_end(sha256)
-                return self._read[sha256]
-        adapter = self._read_adapter(name, target, sha256, field)
+            if key in self._read:
+                self._read.move_to_end(key)
+                return self._read[key]
+        adapter = self._read_adapter(name, target, key, encoder, field)
         with self._lock:
-            self._read[sha256] = adapter
+            self._read[key] = adapter
             while len(self._read) > KEPT_FILES:
                 self._read.popitem(last=False)
         return adapter
 
-    def _read_adapter(self, name: str, path: Path, sha256: str, field: str) -> Adapter:
+    def _read_adapter(self, name: str, path: Path, key: tuple[str, str], encoder: Path, field: str) -> Adapter:
         from safetensors.torch import load_file
+
+        sha256, encoder_digest = key
 
         named = f"{field}: {name!r}"
         try:
@@ -121,9 +134,6 @@ class IpAdapterFiles:
             layout = adapter_layout(state)
         except (ValueError, OSError) as error:
             raise RequestError(f"{named}: {error}") from None
-        encoder = path.parent / ENCODER_FOLDER
-        if not (encoder / "config.json").is_file() or not any(p.suffix in WEIGHT_SUFFIXES for p in encoder.iterdir()):
-            raise RequestError(f"{named}: no image encoder (a CLIP vision folder named {ENCODER_FOLDER}/ beside it)")
         problems = self.model.ip_adapter_mismatches(layout, state["ip_adapter"], encoder)
         if problems:
             raise RequestError(f"{named}: made for another model than this {self.model.family.name} one: {problems}")
@@ -131,6 +141,8 @@ class IpAdapterFiles:
             raise RequestError(f"{named}: holds NaN or Inf values")
         relative = path.relative_to(self.root.resolve()).with_suffix("").as_posix()
         with self._lock:  # the model's specs change: one adapter at a time
-            encoder_component, projection = self.model.add_ip_adapter(relative, path, sha256, encoder, layout)
+            encoder_component, projection = self.model.add_ip_adapter(
+                relative, path, sha256, encoder, encoder_digest, layout
+            )
         weights = adapter_weights(state["ip_adapter"], self.model.ip_layers)
         return Adapter(name, sha256, layout, encoder_component, projection, weights)

@@ -156,13 +156,15 @@ class Model:
         return "; ".join(found[:3])
 
     def add_ip_adapter(
-        self, name: str, file: Path, sha256: str, encoder: Path, layout: AdapterLayout
+        self, name: str, file: Path, sha256: str, encoder: Path, encoder_digest: str, layout: AdapterLayout
     ) -> tuple[str, str]:
         """Makes a checked adapter's image encoder and projection components of the model, with the IP
-        denoisers; returns the encoder's and the projection's component names. The projection's name
-        carries the file's hash, so a file replaced under the same name is a new component, never the
-        old one's runners."""
-        encoder_component = f"{IMAGE_ENCODER_PREFIX}{_component_name(encoder.parent.name or 'root')}"
+        denoisers; returns the encoder's and the projection's component names. Each name carries its files'
+        hash (the projection's file, the encoder folder's fingerprint) and the encoder's its folder's path,
+        so a file replaced under the same name, or two encoders in folders of the same name, are other
+        components, never one's runners serving the other."""
+        folder = _component_name(Path(name).parent.as_posix()) if Path(name).parent != Path() else "root"
+        encoder_component = f"{IMAGE_ENCODER_PREFIX}{folder}-{encoder_digest[:8]}"
         projection = f"{PROJECTION_PREFIX}{_component_name(name)}-{sha256[:8]}"
         encoder_spec = image_encoder_spec(encoder_component, json.loads((encoder / "config.json").read_text()))
         self.specs[encoder_component] = encoder_spec

@@ -93,7 +93,9 @@ class Worker:
             self._preload_controlnets(settings.preload_controlnets)
             self.cold_start.mark("controlnets_load")
         assert settings.ip_adapter_dir is not None  # Settings fills it in
-        self.ip_adapters = IpAdapterFiles(settings.ip_adapter_dir, self.model, settings.max_lora_bytes)
+        self.ip_adapters = IpAdapterFiles(
+            settings.ip_adapter_dir, self.model, settings.max_lora_bytes, self.store.file_digest
+        )
         self.delivery = Delivery(settings)
         self.admission = Admission(settings, self.model, self.controlnets, self.loras.files, self.ip_adapters)
         self.limits = self.admission.limits
