@@ -5,7 +5,8 @@
 #                --build-arg MODEL_PATH=/models/baked -t trt-diffusion-worker:sd15 .
 #
 # By default the model and the engine store are read from the network volume
-# (/runpod-volume); BAKE_MODEL downloads a hub model into the image instead.
+# (/runpod-volume); BAKE_MODEL downloads a hub model into the image instead, the same
+# files as the worker's own hub download (engine/models/sources.py).
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
@@ -29,7 +30,8 @@ ARG BAKE_MODEL=""
 RUN mkdir -p /models && if [ -n "$BAKE_MODEL" ]; then \
       python -c "import sys; from huggingface_hub import snapshot_download; \
 snapshot_download(sys.argv[1], local_dir='/models/baked', \
-allow_patterns=['*.json', '*.txt', '*.model', '*.safetensors'], ignore_patterns=['*.fp16.*', '*non_ema*'])" \
+allow_patterns=['model_index.json', '*/*.json', '*/*.txt', '*/*.model', '*/*.safetensors'], \
+ignore_patterns=['*.fp16.*', '*non_ema*', 'safety_checker/*'])" \
       "$BAKE_MODEL"; \
     fi
 
