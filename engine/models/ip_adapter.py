@@ -3,7 +3,7 @@
 An IP-Adapter file (diffusers' ``load_ip_adapter`` layout: ``image_proj.*`` and ``ip_adapter.*``
 keys) has two parts. Its image projection turns the image encoder's output into a few tokens of
 the UNet's cross-attention width; each is a component of its own (``ip_projection.<name>``), as is
-each image encoder folder (``image_encoder.<key>``). Its ``to_k_ip``/``to_v_ip`` matrices give every
+each image encoder folder (``image_encoder.<folder>-<fingerprint>``). Its ``to_k_ip``/``to_v_ip`` matrices give every
 cross-attention layer a second attention over those tokens, added at the request's scale: that is
 the IP denoiser (``unet_ip``; ``unet_controlled_ip`` for the controlled UNet), the UNet with the
 tokens (``ip_tokens``, any count) and the scale (``ip_scale``) as inputs and diffusers' own

@@ -102,7 +102,7 @@ class Model:
     ip_files: dict[str, Path] = field(default_factory=dict)
     """Components added for IP-Adapters' projections (``ip_projection.<name>``), each with its file."""
     image_encoders: dict[str, Path] = field(default_factory=dict)
-    """Components added for IP-Adapters' image encoders (``image_encoder.<folder>``), each with its folder."""
+    """Components added for IP-Adapters' image encoders (``image_encoder.<folder>-<fingerprint>``), each with its folder."""
 
     @cached_property
     def specs(self) -> dict[str, ComponentSpec]:
