@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from PIL import Image
 
 from engine.models.builtin_parts import byte_tokenizer, clip_text_encoder, sd_scheduler, small_vae
 from engine.models.model import load_model
@@ -131,6 +132,7 @@ def held_out(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextmanager
 def serve(held_out: Path, cache_dir: Path, name: str, backend: str, engine_dir: Path) -> Iterator[str]:
+    """The SDK's local API server for folder ``name`` on ``backend``, with every folder's adapters."""
     model = str(held_out / "models" / name)
     adapters = str(held_out / "adapters")
     env = worker_env(
@@ -179,7 +181,7 @@ def served(url: str, payload: dict) -> dict:
     return body["output"]
 
 
-def diffusers_images(held_out: Path, name: str, kind: str, image) -> list[np.ndarray]:
+def diffusers_images(held_out: Path, name: str, kind: str, image: Image.Image) -> list[np.ndarray]:
     """diffusers' pipeline on the folder with the adapter loaded, at each of ``SCALES``."""
     pipe = PIPELINES[name].from_pretrained(held_out / "models" / name)
     pipe.set_progress_bar_config(disable=True)
@@ -202,11 +204,11 @@ def diffusers_images(held_out: Path, name: str, kind: str, image) -> list[np.nda
 
 
 CASES = [
-    ("sd/torch", "plain", 71),
-    ("sd/torch", "plus", 72),
-    ("xl/torch", "plain", 73),
-    ("xl/torch", "plus", 74),
-    ("xl/onnxruntime", "plus", 75),
+    ("sd/torch", "plain", 91),
+    ("sd/torch", "plus", 92),
+    ("xl/torch", "plain", 93),
+    ("xl/torch", "plus", 94),
+    ("xl/onnxruntime", "plus", 95),
 ]
 """The server (folder and backend), the adapter's kind and the image prompt's seed."""
 
@@ -231,9 +233,10 @@ def test_held_out_folders_adapters_through_the_api_match_diffusers(servers, held
 @pytest.mark.parametrize(("name", "other"), [("sd", "xl"), ("xl", "sd")])
 def test_an_adapter_for_the_other_folder_is_refused_and_the_server_answers_on(servers, name, other):
     url = servers[f"{name}/torch"]
-    image = to_base64(image_prompt(76, size=72))
+    image = to_base64(image_prompt(96, size=72))
     body = runsync(url, {**PAYLOAD, "ip_adapters": [{"name": f"{other}/plain", "image": image}]}).json()
     assert body["status"] == "FAILED", body
     assert f"ip_adapters[0].name: '{other}/plain': made for another model" in body["error"], body["error"]
+    assert "cross-attention width" in body["error"], body["error"]
     assert "Traceback" not in body["error"], body["error"]
     assert served(url, PAYLOAD)["status"] == "success"
