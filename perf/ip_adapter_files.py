@@ -7,6 +7,7 @@ repository's keys), with a small CLIP vision encoder beside them: for the tests 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -81,9 +82,10 @@ def plus_projection_state(cross: int, embed: int, generator: torch.Generator) ->
     return state
 
 
-def write_adapter(model: Model, path: Path, kind: str, seed: int) -> Path:
+def write_adapter(model: Model, path: Path, kind: str, seed: int, encoder: Mapping[str, int] = ENCODER) -> Path:
     """A random IP-Adapter for ``model``: ``plain`` (ImageProjection, 4 tokens), ``plus`` (the resampler, 16)
-    or ``full`` (Full Face: one token per hidden state of the encoder)."""
+    or ``full`` (Full Face: one token per hidden state of the encoder), its projection reading the widths of
+    the CLIP vision ``encoder`` config it goes with."""
     generator = torch.Generator().manual_seed(seed)
     shapes = _attention_shapes(model)
     cross = shapes[0][1]
@@ -92,7 +94,7 @@ def write_adapter(model: Model, path: Path, kind: str, seed: int) -> Path:
         return torch.randn(shape, generator=generator) * std
 
     if kind == "plain":
-        embed = ENCODER["projection_dim"]
+        embed = encoder["projection_dim"]
         projection = {
             "proj.weight": random(4 * cross, embed),
             "proj.bias": random(4 * cross),
@@ -100,7 +102,7 @@ def write_adapter(model: Model, path: Path, kind: str, seed: int) -> Path:
             "norm.bias": random(cross, std=0.1),
         }
     elif kind == "full":  # Full Face: a feed-forward on each hidden state, then a norm
-        hidden_size = ENCODER["hidden_size"]
+        hidden_size = encoder["hidden_size"]
         projection = {
             "proj.0.weight": random(hidden_size, hidden_size),
             "proj.0.bias": random(hidden_size),
@@ -110,7 +112,7 @@ def write_adapter(model: Model, path: Path, kind: str, seed: int) -> Path:
             "proj.3.bias": random(cross, std=0.1),
         }
     else:
-        projection = plus_projection_state(cross, ENCODER["hidden_size"], generator)
+        projection = plus_projection_state(cross, encoder["hidden_size"], generator)
     layers = {}
     for index, (hidden, width) in enumerate(shapes):
         layers[f"{2 * index + 1}.to_k_ip.weight"] = random(hidden, width, std=0.3)
