@@ -9,10 +9,10 @@ the IP denoiser (``unet_ip``; ``unet_controlled_ip`` for the controlled UNet), t
 tokens (``ip_tokens``, any count) and the scales (``ip_scale``: one per cross-attention layer, as
 diffusers' ``set_ip_adapter_scale`` sets each processor's, so one graph serves a plain number and
 per-block InstantStyle scales) as inputs and diffusers' own ``IPAdapterAttnProcessor2_0`` in its
-cross-attention layers. Its IP matrices are parameters like the
-UNet's, so switching adapters is a weight patch (base + delta, as a LoRA switch); their base values
-are fixed placeholders, distinct per matrix, so an export's weight map finds each by content. A
-request without image prompts runs the plain UNet.
+cross-attention layers. Its IP matrices are parameters like the UNet's, so switching adapters is a
+weight patch (base + delta, as a LoRA switch); their base values are fixed placeholders, distinct
+per matrix, so an export's weight map finds each by content. A request without image prompts runs
+the plain UNet.
 """
 
 from __future__ import annotations

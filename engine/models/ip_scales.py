@@ -33,7 +33,7 @@ def attention_blocks(unet: nn.Module) -> dict[str, tuple[list[str], int]]:
                 for index, block in enumerate(getattr(unet, f"{side}_blocks"))
                 if hasattr(block, "attentions")
             ],
-            layers + (side == "up"),
+            layers + 1 if side == "up" else layers,
         )
         for side in SIDES
     }
