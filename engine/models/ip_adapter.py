@@ -6,11 +6,13 @@ the UNet's cross-attention width; each is a component of its own (``ip_projectio
 each image encoder folder (``image_encoder.<folder>-<fingerprint>``). Its ``to_k_ip``/``to_v_ip`` matrices give every
 cross-attention layer a second attention over those tokens, added at the request's scale: that is
 the IP denoiser (``unet_ip``; ``unet_controlled_ip`` for the controlled UNet), the UNet with the
-tokens (``ip_tokens``, any count) and the scale (``ip_scale``) as inputs and diffusers' own
-``IPAdapterAttnProcessor2_0`` in its cross-attention layers. Its IP matrices are parameters like the
-UNet's, so switching adapters is a weight patch (base + delta, as a LoRA switch); their base values
-are fixed placeholders, distinct per matrix, so an export's weight map finds each by content. A
-request without image prompts runs the plain UNet.
+tokens (``ip_tokens``, any count) and the scales (``ip_scale``: one per cross-attention layer, as
+diffusers' ``set_ip_adapter_scale`` sets each processor's, so one graph serves a plain number and
+per-block InstantStyle scales) as inputs and diffusers' own ``IPAdapterAttnProcessor2_0`` in its
+cross-attention layers. Its IP matrices are parameters like the UNet's, so switching adapters is a
+weight patch (base + delta, as a LoRA switch); their base values are fixed placeholders, distinct
+per matrix, so an export's weight map finds each by content. A request without image prompts runs
+the plain UNet.
 """
 
 from __future__ import annotations
@@ -115,10 +117,11 @@ def projection_spec(component: str, layout: AdapterLayout, sequence: int) -> Com
     )
 
 
-def ip_denoiser_spec(denoiser: ComponentSpec, component: str, cross_attention_dim: int) -> ComponentSpec:
-    """A denoiser's spec with the image tokens (every image's, joined) and the scale as its last inputs."""
+def ip_denoiser_spec(denoiser: ComponentSpec, component: str, cross_attention_dim: int, layers: int) -> ComponentSpec:
+    """A denoiser's spec with the image tokens (every image's, joined) and the scales, one per cross-attention
+    layer in the order of ``cross_attention_processors``, as its last inputs."""
     tokens = TensorSpec(IP_TOKENS, ("batch", "ip_tokens", cross_attention_dim))
-    scale = TensorSpec(IP_SCALE, (1,), value_range=(0.0, 1.0), keep_fp32=True)
+    scale = TensorSpec(IP_SCALE, (layers,), value_range=(0.0, 1.0), keep_fp32=True)
     return replace(denoiser, name=component, inputs=(*denoiser.inputs, tokens, scale))
 
 
@@ -207,10 +210,10 @@ class IPAdapterDenoiser(nn.Module):
         self._processors = processors
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        *rest, tokens, scale = inputs
+        *rest, tokens, scales = inputs
         sample, timestep, text, *added = rest
-        for processor in self.ip:
-            processor.scale = [scale.to(sample.dtype)]
+        for processor, scale in zip(self.ip, scales.to(sample.dtype), strict=True):
+            processor.scale = [scale]
         before = self.unet.attn_processors
         self.unet.set_attn_processor(dict(self._processors))  # it empties the dict it is given
         try:

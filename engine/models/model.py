@@ -129,9 +129,14 @@ class Model:
         return sum(1 for name in self._unet_shapes if name.endswith("attn2.to_k.weight"))
 
     @cached_property
+    def meta_unet(self) -> torch.nn.Module:
+        """The UNet (diffusers' ``UNet2DConditionModel``) built from its config on the meta device: its layout,
+        nothing loaded."""
+        return self.family.torch_module("unet", self.folder, torch.float32, weights=False).unet
+
+    @cached_property
     def _unet_shapes(self) -> dict[str, tuple[int, ...]]:
-        module = self.family.torch_module("unet", self.folder, torch.float32, weights=False)
-        return {name: tuple(p.shape) for name, p in module.named_parameters()}
+        return {name: tuple(p.shape) for name, p in self.meta_unet.named_parameters()}
 
     def ip_adapter_mismatches(self, layout: AdapterLayout, layers: dict[str, torch.Tensor], encoder: Path) -> str:
         """Why an adapter (its layout and ``ip_adapter`` part) and its image encoder cannot serve this model's
@@ -171,10 +176,11 @@ class Model:
         sequence = encoder_spec.outputs[1].shape[1]
         assert isinstance(sequence, int)
         self.specs[projection] = projection_spec(projection, layout, sequence)
-        denoiser = ip_denoiser_spec(self.specs["unet"], IP_DENOISER, layout.cross_attention_dim)
+        width, layers = layout.cross_attention_dim, self.ip_layers
+        denoiser = ip_denoiser_spec(self.specs["unet"], IP_DENOISER, width, layers)
         self.specs.setdefault(IP_DENOISER, denoiser)
         self.specs.setdefault(CONTROLLED_UNET, controlled_unet_spec(self.specs["unet"], self.config.configs["unet"]))
-        controlled = ip_denoiser_spec(self.specs[CONTROLLED_UNET], CONTROLLED_IP_DENOISER, layout.cross_attention_dim)
+        controlled = ip_denoiser_spec(self.specs[CONTROLLED_UNET], CONTROLLED_IP_DENOISER, width, layers)
         self.specs.setdefault(CONTROLLED_IP_DENOISER, controlled)
         self.image_encoders[encoder_component] = encoder
         self.ip_files[projection] = file

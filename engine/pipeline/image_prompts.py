@@ -21,12 +21,13 @@ from engine.models.ip_adapter import IP_SCALE, IP_TOKENS
 
 @dataclass(frozen=True)
 class ImagePrompt:
-    """One IP-Adapter of a request: its components, its decoded images and its scale."""
+    """One IP-Adapter of a request: its components, its decoded images and its scales."""
 
     encoder: str
     projection: str
     images: tuple[Image.Image, ...]
-    scale: float
+    scales: tuple[float, ...]
+    """One per cross-attention layer, in the order of ``cross_attention_processors`` (``engine.models.ip_scales``)."""
     hidden_states: bool
     """Whether the projection reads the encoder's penultimate hidden states (Plus, Full Face)."""
     image_size: int
@@ -46,7 +47,7 @@ def image_prompt_inputs(
     prompt: ImagePrompt, runners: Mapping[str, ComponentCall], rows: int, guidance: bool, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """The IP denoiser's ``ip_tokens`` (one row per denoiser row, negatives first with guidance) and
-    ``ip_scale``."""
+    ``ip_scale`` (a value per cross-attention layer)."""
     pixels = preprocess(prompt, device)
     output = "hidden_states" if prompt.hidden_states else "image_embeds"
     embeds = runners[prompt.encoder]({"pixel_values": pixels})[output].float()
@@ -60,7 +61,8 @@ def image_prompt_inputs(
         tokens = torch.cat([negative_tokens.expand(rows, -1, -1), tokens.expand(rows, -1, -1)])
     else:
         tokens = tokens.expand(rows, -1, -1)
-    return {IP_TOKENS: tokens.contiguous(), IP_SCALE: torch.tensor([prompt.scale], device=device)}
+    scales = torch.tensor(prompt.scales, dtype=torch.float32, device=device)
+    return {IP_TOKENS: tokens.contiguous(), IP_SCALE: scales}
 
 
 def _tokens(prompt: ImagePrompt, runners: Mapping[str, ComponentCall], embeds: torch.Tensor) -> torch.Tensor:

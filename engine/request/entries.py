@@ -1,6 +1,6 @@
 """The entries of a request's lists: a LoRA (a file and its scale), a ControlNet (a folder, its control
-image, when it acts, and its preprocessing), a control image on its own (Flux Control's), and an
-IP-Adapter (a file, its image prompts and its scale).
+image, when it acts, and its preprocessing), and a control image on its own (Flux Control's); an
+IP-Adapter's is in ``engine.request.ip_adapter_entry``.
 
 Each keeps one shape from the schema to the pipeline and its metrics: frozen, so a resolved
 request holds them as they came.
@@ -8,7 +8,7 @@ request holds them as they came.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -16,9 +16,6 @@ from engine.request.rules import rule
 
 MAX_LORA_SCALE = 4.0
 MAX_CONTROLNET_SCALE = 4.0
-MAX_IP_ADAPTER_SCALE = 4.0
-MAX_IP_ADAPTER_IMAGES = 4
-"""Image prompts one IP-Adapter takes: their tokens are joined (4 per image for a plain adapter, 16 for Plus)."""
 MAX_CANNY_THRESHOLD = 2000.0
 CANNY_THRESHOLDS = (100.0, 200.0)
 """OpenCV Canny's lower and upper thresholds when a request gives none, as diffusers' examples use."""
@@ -81,28 +78,3 @@ class ControlNetEntry(ControlImageEntry):
         if self.start >= self.end:
             raise rule("order", "start must be below end, got start {s} and end {e}", s=self.start, e=self.end)
         return self
-
-
-class IpAdapterEntry(BaseModel):
-    """One IP-Adapter of a request: a file in IP_ADAPTER_DIR, its image prompt (or prompts), and its scale,
-    a number as diffusers' ``set_ip_adapter_scale`` takes it."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    name: str = Field(min_length=1, description="a file in IP_ADAPTER_DIR, with or without .safetensors")
-    image: str | None = Field(None, min_length=1, description="the image prompt: base64 or an http(s) URL")
-    images: list[Annotated[str, Field(min_length=1)]] | None = Field(
-        None, min_length=1, max_length=MAX_IP_ADAPTER_IMAGES, description="several image prompts, joined"
-    )
-    scale: float = Field(1.0, ge=0.0, le=MAX_IP_ADAPTER_SCALE, allow_inf_nan=False)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> IpAdapterEntry:
-        if (self.image is None) == (self.images is None):
-            raise rule("one_of", "give either image or images")
-        return self
-
-    @property
-    def prompts(self) -> tuple[str, ...]:
-        """The image prompts, one or several, in order."""
-        return (self.image,) if self.image is not None else tuple(self.images or ())

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.prompts.syntax import PromptSyntax
-from engine.request.entries import ControlImageEntry, ControlNetEntry, IpAdapterEntry, LoraEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry, LoraEntry
+from engine.request.ip_adapter_entry import IpAdapterEntry
 
 
 @dataclass(frozen=True)

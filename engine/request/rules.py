@@ -6,6 +6,7 @@ reported in one round, whichever fields failed on their own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic_core import PydanticCustomError
@@ -18,7 +19,8 @@ MAX_SEED = 2**63 - 1
 
 
 def rule(kind: str, message: str, **values: Any) -> PydanticCustomError:
-    """A broken rule as pydantic reports it: its kind, and a message naming the rule."""
+    """A broken rule as pydantic reports it: its kind, and a message naming the rule. A rule broken inside
+    a field's value says where with ``at`` (keys and list positions), which the field's location gains."""
     return PydanticCustomError(kind, message, values)
 
 
@@ -88,6 +90,11 @@ def field_location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
     return text or "input"
+
+
+def error_location(error: Mapping[str, Any]) -> str:
+    """Where one of pydantic's errors is: its location, and below it the ``at`` of a rule that gives one."""
+    return field_location((*error["loc"], *error.get("ctx", {}).get("at", ())))
 
 
 def unencodable_texts(payload: dict[str, Any]) -> list[str]:

@@ -24,10 +24,11 @@ from pydantic_core import PydanticCustomError
 
 from engine.common.errors import RequestError
 from engine.prompts.syntax import PromptSyntax
-from engine.request.entries import ControlImageEntry, ControlNetEntry, IpAdapterEntry, LoraEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry, LoraEntry
+from engine.request.ip_adapter_entry import IpAdapterEntry
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
-from engine.request.rules import MAX_SEED, cross_field_problems, field_location, rule, unencodable_texts
+from engine.request.rules import MAX_SEED, cross_field_problems, error_location, rule, unencodable_texts
 from engine.schedulers import offered_name
 
 MAX_PROMPT_CHARS = 10_000
@@ -273,7 +274,7 @@ def check_request(payload: Any, limits: Limits) -> Checked:
         request = GenerateRequest.model_validate(payload, context=limits)
     except ValidationError as error:
         items = error.errors(include_url=False)
-        problems = [f"{field_location(item['loc'])}: {item['msg']}" for item in items]
+        problems = [f"{error_location(item)}: {item['msg']}" for item in items]
         fields = _valid_fields(payload, {item["loc"][0] for item in items if item["loc"]})
         problems += cross_field_problems(fields, limits)
         return Checked(None, fields, tuple(dict.fromkeys(problems)))

@@ -28,13 +28,15 @@ from engine.common.errors import Problems
 from engine.lora.files import LoraFiles
 from engine.lora.ip_adapters import Adapter, IpAdapterFiles
 from engine.models.controlnet_folders import ControlNetFolders
+from engine.models.ip_scales import layer_scales, scale_problems
 from engine.models.model import Model
 from engine.pipeline import ControlImage, ImageInputs
 from engine.pipeline.image_prompts import ImagePrompt
 from engine.prompts.syntax import PromptSyntaxError
 from engine.prompts.tokens import PromptLength
-from engine.request.entries import ControlImageEntry, ControlNetEntry, IpAdapterEntry
+from engine.request.entries import ControlImageEntry, ControlNetEntry
 from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
+from engine.request.ip_adapter_entry import IpAdapterEntry
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
 from engine.request.schema import GenerateRequest, check_request
@@ -188,8 +190,8 @@ class Admission:
                 problems.check(self.loras.locate, entry.name, f"loras[{index}].name")
 
     def _adapters(self, fields: Mapping[str, Any], problems: Problems) -> tuple[Adapter, ...]:
-        """Each ``ip_adapters`` entry's file, checked against the model; each entry's problem kept in
-        ``problems``."""
+        """Each ``ip_adapters`` entry's file, checked against the model, and its per-block scales against the
+        UNet; each entry's problems kept in ``problems``."""
         entries: list[IpAdapterEntry] = fields.get("ip_adapters") or []
         if not self.model.family.ip_adapters:
             return ()  # the family check names the field
@@ -197,6 +199,8 @@ class Admission:
             problems.check(self.ip_adapters.resolve, entry.name, f"ip_adapters[{index}].name")
             for index, entry in enumerate(entries)
         ]
+        for index, entry in enumerate(entries):
+            problems.found += scale_problems(entry.scale, self.model.meta_unet, f"ip_adapters[{index}].scale")
         return tuple(adapter for adapter in found if adapter is not None)
 
     def _measure_prompts(self, fields: Mapping[str, Any]) -> dict[str, list[PromptLength]]:
@@ -258,7 +262,7 @@ class Admission:
     def _image_prompt(
         self, entry: IpAdapterEntry, adapter: Adapter, index: int, problems: Problems
     ) -> ImagePrompt | None:
-        """An ``ip_adapters`` entry's images, decoded, with its adapter's components and scale."""
+        """An ``ip_adapters`` entry's images, decoded, with its adapter's components and a scale per layer."""
         field = f"ip_adapters[{index}].image" if entry.image is not None else f"ip_adapters[{index}].images"
         sources = entry.prompts
         named = [field] if entry.image is not None else [f"{field}[{number}]" for number in range(len(sources))]
@@ -274,7 +278,7 @@ class Admission:
             adapter.encoder,
             adapter.projection,
             tuple(image for image in images if image is not None),
-            entry.scale,
+            layer_scales(entry.scale, self.model.meta_unet),
             adapter.layout.hidden_states,
             side,
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from engine.request.entries import MAX_IP_ADAPTER_IMAGES
+from engine.request.ip_adapter_entry import MAX_IP_ADAPTER_IMAGES
 from engine.sizes import SizeRange
 from engine.spec import ComponentSpec, Dims, Shape
 

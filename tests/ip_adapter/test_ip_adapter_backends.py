@@ -2,7 +2,8 @@
 IP denoiser, whose IP matrices a patch sets from the export's weight map as a LoRA's.
 
 onnxruntime must give torch's image within 2/255 for a plain adapter (the 4 tokens the graph was
-traced with) and a Plus one (16: the token axis is dynamic), with a LoRA in the same request; adapters
+traced with) and a Plus one (16: the token axis is dynamic), with a LoRA in the same request, and at
+per-block scales (one graph input, a value per cross-attention layer), on SD and SDXL; adapters
 switched A -> B -> A give A's image byte for byte; a request without one runs the plain UNet's graph.
 """
 
@@ -62,15 +63,27 @@ def workers(cache_dir, store, sd_adapters) -> dict[str, Worker]:
     return {backend: worker(cache_dir, store, sd_adapters, backend) for backend in ("torch", "onnxruntime")}
 
 
-def payload(name: str, scale: float = 0.8, lora: bool = False) -> dict:
+INSTANT_STYLE = {"down": {"block_1": [0.6]}, "up": {"block_0": [0.0, 1.0]}}
+
+
+def payload(name: str, scale: float | dict = 0.8, lora: bool = False) -> dict:
     extra = {"loras": [{"name": "c", "scale": 1.0}]} if lora else {}
     return {**PAYLOAD, **extra, "ip_adapters": [{"name": name, "image": to_base64(image_prompt(0)), "scale": scale}]}
 
 
-@pytest.mark.parametrize(("name", "lora"), [("models/plain", False), ("models/plus", False), ("models/plus", True)])
-def test_onnxruntime_matches_torch(workers, name, lora):
-    torch_image = image_of(workers["torch"].handle({"input": payload(name, lora=lora)}))
-    response = workers["onnxruntime"].handle({"input": payload(name, lora=lora)})
+@pytest.mark.parametrize(
+    ("name", "scale", "lora"),
+    [
+        ("models/plain", 0.8, False),
+        ("models/plus", 0.8, False),
+        ("models/plus", 0.8, True),
+        ("models/plus", INSTANT_STYLE, False),
+    ],
+    ids=["plain", "plus", "plus+lora", "plus-per-block"],
+)
+def test_onnxruntime_matches_torch(workers, name, scale, lora):
+    torch_image = image_of(workers["torch"].handle({"input": payload(name, scale, lora)}))
+    response = workers["onnxruntime"].handle({"input": payload(name, scale, lora)})
     assert response["status"] == "success", response
     backends = response["metrics"]["backends"]
     assert set(backends.values()) == {"onnxruntime"}, response["metrics"]["fallbacks"]
@@ -98,11 +111,12 @@ def test_onnxruntime_matches_torch_for_sdxl(cache_dir, sdxl_adapters, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     images = {}
     for backend in ("torch", "onnxruntime"):
-        response = worker(cache_dir, tmp_path, sdxl_adapters, backend, "tiny-sdxl").handle(
-            {"input": payload("models/plus")}
-        )
-        assert response["status"] == "success", response
-        assert response["metrics"]["backends"]["unet_ip"] == backend
-        images[backend] = image_of(response)
-    difference = np.abs(images["onnxruntime"] - images["torch"]).max()
-    assert difference <= TOLERANCE, f"{difference}/255 from torch"
+        served = worker(cache_dir, tmp_path, sdxl_adapters, backend, "tiny-sdxl")
+        for scale in (0.8, INSTANT_STYLE):
+            response = served.handle({"input": payload("models/plus", scale)})
+            assert response["status"] == "success", response
+            assert response["metrics"]["backends"]["unet_ip"] == backend
+            images[backend, str(scale)] = image_of(response)
+    for scale in (0.8, INSTANT_STYLE):
+        difference = np.abs(images["onnxruntime", str(scale)] - images["torch", str(scale)]).max()
+        assert difference <= TOLERANCE, f"{difference}/255 from torch at scale {scale}"

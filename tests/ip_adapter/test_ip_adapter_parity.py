@@ -3,7 +3,8 @@
 The reference is diffusers' pipeline after ``load_ip_adapter`` (the adapter file and the
 ``image_encoder/`` folder beside it), ``set_ip_adapter_scale`` and ``ip_adapter_image``; the worker
 must give the same image within 2/255 per pixel, for SD and SDXL, plain, Plus and Full Face adapters,
-at two scales, with a LoRA in the same request, with a ControlNet, and for image-to-image.
+at two scales and at per-block (InstantStyle) scales, with a LoRA in the same request, with a ControlNet,
+and for image-to-image.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tests.lora.conftest import PAYLOAD, image_of, reference_pipeline
 from tests.parity import TOLERANCE
 
 
-def ip_payload(name: str, scale: float, loras: tuple[tuple[str, float], ...] = (), images: int = 1) -> dict:
+def ip_payload(name: str, scale: float | dict, loras: tuple[tuple[str, float], ...] = (), images: int = 1) -> dict:
     entry = {"name": name, "scale": scale}
     if images == 1:
         entry["image"] = to_base64(image_prompt(0))
@@ -107,6 +108,24 @@ def test_image_prompts_match_diffusers(workers, cache_dir, model, name, scale, l
     assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
     assert response["metrics"]["backends"]["unet_ip"] == "torch"
     assert "unet" not in response["metrics"]["backends"], "an image prompt runs the IP denoiser alone"
+
+
+INSTANT_STYLE = {"down": {"block_1": [0.6]}, "up": {"block_0": [0.0, 1.0]}}
+"""InstantStyle's shape on the tiny UNets (down block 1 has one attention layer, up block 0 two; SDXL's
+have two transformer blocks each): the mid block, not given, is 0 as diffusers expands it."""
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"], ids=["sd", "sdxl"])
+def test_per_block_scales_match_diffusers(workers, cache_dir, model):
+    """``set_ip_adapter_scale`` with a dict: a different scale per layer, 0 in some, in one graph's input."""
+    worker, root = workers(model)
+    reference = diffusers_image(model, cache_dir, root, "models/plus", INSTANT_STYLE)
+    response = worker.handle({"input": ip_payload("models/plus", INSTANT_STYLE)})
+    difference = np.abs(image_of(response) - reference).max()
+    assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
+    assert response["metrics"]["ip_adapters"][0]["scale"] == INSTANT_STYLE
+    everywhere = image_of(worker.handle({"input": ip_payload("models/plus", 0.6)}))
+    assert np.abs(everywhere - reference).max() > 4 * TOLERANCE, "per-block scales must change the image"
 
 
 def test_controlnets_and_image_prompts_together_match_diffusers(workers, cache_dir, tmp_path):

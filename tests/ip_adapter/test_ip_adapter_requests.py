@@ -97,6 +97,51 @@ def error_of(worker: Worker, **fields: object) -> str:
         ({"name": "models/for-sdxl", "image": IMAGE}, "ip_adapters[0].name: 'models/for-sdxl': made for another model"),
         ({"name": "lonely/plain", "image": IMAGE}, "ip_adapters[0].name: 'lonely/plain': no image encoder"),
         ({"name": "models/face-id", "image": IMAGE}, "'models/face-id': it is a FaceID adapter"),
+        ({"name": "models/plain", "image": IMAGE, "scale": "high"}, "ip_adapters[0].scale: must be a number or"),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"down": {"block_9": 1.0}}},
+            "ip_adapters[0].scale.down.block_9: this UNet's down blocks with attention layers are block_1",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"down": {"block_0": 1.0}}},
+            "ip_adapters[0].scale.down.block_0: this UNet's down blocks with attention layers are block_1",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"up": {"block_0": [0.0, 1.0, 0.0]}}},
+            "ip_adapters[0].scale.up.block_0: takes one value, or one per attention layer of the block (2), got 3",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"up": [0.0, 1.0, 0.0]}},
+            "ip_adapters[0].scale.up: takes one value, or one per attention layer of the block (2), got 3",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"mid": [1.0, 1.0]}},
+            "ip_adapters[0].scale.mid: the mid block takes one value (diffusers refuses a list of 2)",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"left": 1.0}},
+            "ip_adapters[0].scale.left: per-block scales take down, mid and up only",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"up": {"b0": 1.0}}},
+            "ip_adapters[0].scale.up.b0: blocks are named block_0, block_1",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"up": {"block_0": [0.5, float("nan")]}}},
+            "ip_adapters[0].scale.up.block_0[1]: Input should be a finite number",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"down": {"block_1": 4.5}}},
+            "ip_adapters[0].scale.down.block_1: Input should be less than or equal to 4",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"mid": True}},
+            "ip_adapters[0].scale.mid: Input should be a valid number",
+        ),
+        (
+            {"name": "models/plain", "image": IMAGE, "scale": {"up": {"block_0": []}}},
+            "ip_adapters[0].scale.up.block_0: a list of 1 to 16 values",
+        ),
         ({"name": "models/plain", "image": "not base64!"}, "ip_adapters[0].image:"),
         ({"name": "models/plain", "images": [IMAGE, "bad"]}, "ip_adapters[0].images[1]:"),
     ],
@@ -104,6 +149,18 @@ def error_of(worker: Worker, **fields: object) -> str:
 def test_a_bad_entry_is_refused_naming_the_field_and_the_rule(worker, entry, message):
     assert message in error_of(worker, ip_adapters=[entry])
     assert worker.handle({"input": PAYLOAD})["status"] == "success", "the worker serves on"
+
+
+def test_bad_per_block_scales_are_refused_before_anything_runs(worker):
+    """Refused at admission: no image prompt fetched, no runner chain added; every entry's problem named."""
+    chains = dict(worker.served.chains)
+    unreachable = "http://127.0.0.1:9/prompt.png"
+    scale = {"down": {"block_9": 1.0}, "up": {"block_0": [1.0, 1.0, 1.0]}}
+    error = error_of(worker, ip_adapters=[{"name": "models/plain", "image": unreachable, "scale": scale}])
+    assert "ip_adapters[0].scale.down.block_9:" in error
+    assert "ip_adapters[0].scale.up.block_0:" in error
+    assert "ip_adapters[0].image" not in error, "the image is fetched only once every check has passed"
+    assert dict(worker.served.chains) == chains
 
 
 def test_every_problem_is_named_at_once(worker):

@@ -8,6 +8,7 @@ the same checks on a GPU are ``make verify-gpu``'s.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,13 @@ import torch
 from engine.backends.assemble import graph_weight_map
 from engine.backends.tensorrt.loading import load_tensorrt
 from engine.lora.ip_adapters import IpAdapterFiles, adapter_patch
-from engine.models.ip_adapter import IP_DENOISER, IP_PARAMETERS
+from engine.models.ip_adapter import IP_DENOISER, IP_PARAMETERS, IP_SCALE
 from engine.models.model import load_model
 from engine.sizes import SizeRange
 from engine.spec import Dims
 from engine.store.fingerprint import component_fingerprint
+from engine.store.keys import onnx_key
+from engine.store.profiles import ShapeRange
 from engine.store.store import Store
 from tests import fake_tensorrt
 
@@ -81,6 +84,20 @@ def test_the_ip_matrices_are_refittable_and_the_token_axis_is_covered(engine):
     assert runner.unsupported_reason(shapes) is None
     full_face = runner.spec.input_shapes(Dims(2, 64, 64, ip_tokens=257))
     assert "ip_tokens axis 1 is 257" in runner.unsupported_reason(full_face)
+
+
+def test_the_scales_are_one_per_layer_and_old_graphs_are_not_reused(engine):
+    """``ip_scale`` holds a value per cross-attention layer, in every profile; a graph or engine of the one-number
+    scale has another key, so the store never serves it."""
+    runner, _ = engine
+    [loaded] = runner.engines
+    for profile in loaded.profiles:
+        assert profile.shapes()[IP_SCALE] == ShapeRange((4,), (4,), (4,)), "the tiny UNet's 4 layers"
+    shapes = runner.spec.input_shapes(Dims(1, 64, 64))
+    assert runner.unsupported_reason(shapes) is None
+    one_number = replace(runner.spec, inputs=(*runner.spec.inputs[:-1], replace(runner.spec.inputs[-1], shape=(1,))))
+    assert runner.unsupported_reason({**shapes, IP_SCALE: (1,)}) is not None
+    assert onnx_key(one_number, "f", "fp32") != onnx_key(runner.spec, "f", "fp32")
 
 
 def test_switching_adapters_refits_from_the_base_values(engine):
