@@ -54,7 +54,7 @@ def diffusers_image(model, cache_dir, root, name, scale, loras=(), images=1) -> 
     return np.asarray(image, dtype=np.int16)
 
 
-def make_worker(model, cache_dir, engine_dir, root) -> Worker:
+def make_worker(model, cache_dir, engine_dir, root, max_ip_adapters: int = 1) -> Worker:
     return Worker(
         Settings(
             model=model,
@@ -65,6 +65,7 @@ def make_worker(model, cache_dir, engine_dir, root) -> Worker:
             device="cpu",
             backend="torch",
             ready_file=engine_dir / "ready",
+            max_ip_adapters=max_ip_adapters,
         )
     )
 
@@ -126,6 +127,33 @@ def test_per_block_scales_match_diffusers(workers, cache_dir, model):
     assert response["metrics"]["ip_adapters"][0]["scale"] == INSTANT_STYLE
     everywhere = image_of(worker.handle({"input": ip_payload("models/plus", 0.6)}))
     assert np.abs(everywhere - reference).max() > 4 * TOLERANCE, "per-block scales must change the image"
+
+
+def test_two_adapters_match_diffusers(cache_dir, sd_adapters, tmp_path):
+    """Two IP-Adapters in one request, as diffusers loads a list of them: each with its own IP matrices, image
+    and scale (the Plus one's per block), in the IP denoiser with two adapter slots."""
+    worker = make_worker("tiny", cache_dir, tmp_path, sd_adapters, max_ip_adapters=2)
+    pipe = reference_pipeline("tiny", cache_dir)
+    pipe.feature_extractor = None
+    pipe.load_ip_adapter(str(sd_adapters), subfolder="models", weight_name=["plain.safetensors", "plus.safetensors"])
+    pipe.set_ip_adapter_scale([0.5, INSTANT_STYLE])
+    reference = pipe(
+        PAYLOAD["prompt"],
+        num_inference_steps=PAYLOAD["num_inference_steps"],
+        width=PAYLOAD["width"],
+        height=PAYLOAD["height"],
+        generator=torch.Generator().manual_seed(PAYLOAD["seed"]),
+        ip_adapter_image=[image_prompt(0), image_prompt(1)],
+    ).images[0]
+    reference = np.asarray(reference, dtype=np.int16)
+    plain = {"name": "models/plain", "image": to_base64(image_prompt(0)), "scale": 0.5}
+    plus = {"name": "models/plus", "image": to_base64(image_prompt(1)), "scale": INSTANT_STYLE}
+    response = worker.handle({"input": {**PAYLOAD, "ip_adapters": [plain, plus]}})
+    assert response["metrics"]["backends"]["unet_ip2"] == "torch", response
+    difference = np.abs(image_of(response) - reference).max()
+    assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
+    alone = image_of(worker.handle({"input": {**PAYLOAD, "ip_adapters": [plain]}}))
+    assert np.abs(alone - reference).max() > 4 * TOLERANCE, "the second adapter must change the image"
 
 
 def test_controlnets_and_image_prompts_together_match_diffusers(workers, cache_dir, tmp_path):

@@ -103,16 +103,16 @@ def test_the_scales_are_one_per_layer_and_old_graphs_are_not_reused(engine):
 def test_switching_adapters_refits_from_the_base_values(engine):
     runner, adapters = engine
     base = {w.parameter: runner.weight_map.base_value(w) for w in runner.weight_map.weights}
-    runner.apply_patch(adapter_patch(adapters["plain"], None))
+    runner.apply_patch(adapter_patch([adapters["plain"]], None))
     first = ip_weights(runner)
     by_parameter = {w.parameter: w for w in runner.weight_map.weights}
     for name, value in adapters["plain"].weights.items():
         expected = value.float().numpy()
         expected = expected.T if by_parameter[name].transposed else expected
         np.testing.assert_allclose(first[name], expected, rtol=0, atol=1e-6)
-    runner.apply_patch(adapter_patch(adapters["plain-b"], None))
+    runner.apply_patch(adapter_patch([adapters["plain-b"]], None))
     assert not all(np.array_equal(first[name], value) for name, value in ip_weights(runner).items())
-    runner.apply_patch(adapter_patch(adapters["plain"], None))
+    runner.apply_patch(adapter_patch([adapters["plain"]], None))
     again = ip_weights(runner)
     assert all(np.array_equal(first[name], again[name]) for name in first), "A -> B -> A byte for byte"
     runner.apply_patch(None)
