@@ -4,7 +4,7 @@ The reference is diffusers' pipeline after ``load_ip_adapter`` (the adapter file
 ``image_encoder/`` folder beside it), ``set_ip_adapter_scale`` and ``ip_adapter_image``; the worker
 must give the same image within 2/255 per pixel, for SD and SDXL, plain, Plus and Full Face adapters,
 at two scales and at per-block (InstantStyle) scales, with a LoRA in the same request, with a ControlNet,
-and for image-to-image.
+for image-to-image, and with two adapters in one request.
 """
 
 from __future__ import annotations

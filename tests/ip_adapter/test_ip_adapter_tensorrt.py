@@ -24,7 +24,7 @@ from engine.sizes import SizeRange
 from engine.spec import Dims
 from engine.store.fingerprint import component_fingerprint
 from engine.store.keys import onnx_key
-from engine.store.profiles import ShapeRange
+from engine.store.profiles import MAX_IP_TOKENS, ShapeRange, profile_for
 from engine.store.store import Store
 from tests import fake_tensorrt
 
@@ -118,3 +118,16 @@ def test_switching_adapters_refits_from_the_base_values(engine):
     runner.apply_patch(None)
     restored = ip_weights(runner)
     assert len(restored) == 8 and all(np.array_equal(base[name], value) for name, value in restored.items())
+
+
+def test_the_two_adapter_denoiser_covers_each_slot(cache_dir, sd_adapters):
+    """``unet_ip2``'s profile: each slot's token axis from one plain image to four Plus images, each slot's
+    scales one per layer."""
+    model = load_model("tiny", cache_dir)
+    IpAdapterFiles(sd_adapters, model, 10**9).resolve("models/plain", "test")
+    spec = model.specs["unet_ip2"]
+    assert spec.input_names[-4:] == ["ip_tokens", "ip_tokens_2", "ip_scale", "ip_scale_2"]
+    shapes = profile_for(spec, SizeRange(64, 64, 96, 2)).shapes()
+    for slot in ("ip_tokens", "ip_tokens_2"):
+        assert (shapes[slot].minimum[1], shapes[slot].maximum[1]) == (4, MAX_IP_TOKENS)
+    assert shapes["ip_scale_2"] == ShapeRange((4,), (4,), (4,))
