@@ -164,7 +164,7 @@ class Settings(BaseSettings):
         "Default: ip_adapters/ on the network volume when it is mounted, else under CACHE_DIR",
     )
     max_ip_adapters: int = Field(
-        1, ge=0, le=1, description="IP-Adapters per request: the IP denoiser has one adapter slot"
+        1, ge=0, le=2, description="IP-Adapters per request: the IP denoisers have one or two adapter slots"
     )
     preload_controlnets: str = Field(
         "",

@@ -32,6 +32,8 @@ class Dims:
     reference_width: int | None = None
     ip_tokens: int = 4
     """Image-prompt tokens the IP denoiser reads per row (4 per image for a plain IP-Adapter, 16 for Plus)."""
+    ip_tokens_2: int = 4
+    """The same for a second IP-Adapter, where a request has two."""
     ip_images: int = 1
     """Image prompts an image encoder and a projection take in one call."""
 
@@ -118,6 +120,7 @@ class ComponentSpec:
                 "reference_latent_width": (dims.reference_width or dims.width) // self.latent_factor,
                 "ip_images": dims.ip_images,
                 "ip_tokens": dims.ip_tokens,
+                "ip_tokens_2": dims.ip_tokens_2,
             }
         )
 

@@ -31,7 +31,7 @@ from engine.devices import resolve_device, resolve_precision, resolve_quantizati
 from engine.lora.ip_adapters import IpAdapterFiles
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
-from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
+from engine.models.ip_adapter import ip_denoisers
 from engine.models.model import Model, load_model
 from engine.settings import Precision, Quantize, Settings, load_settings
 from engine.sizes import parse_ranges
@@ -183,11 +183,13 @@ def quantized_exporter(settings: Settings, exporter: Exporter, prompts: Path | N
 
 def add_ip_adapters(model: Model, settings: Settings, store: Store, names: list[str], controlled: bool) -> list[str]:
     """The components that serve the named IP-Adapters (each checked against the model), made part of it:
-    with ``controlled`` (ControlNets exported too), the controlled IP denoiser as well."""
+    the IP denoiser for each adapter count up to MAX_IP_ADAPTERS and, with ``controlled`` (ControlNets
+    exported too), its controlled variant as well."""
     assert settings.ip_adapter_dir is not None  # Settings fills it in
     files = IpAdapterFiles(settings.ip_adapter_dir, model, settings.max_lora_bytes, store.file_digest)
     adapters = [files.resolve(name, "--ip-adapters") for name in names]
-    denoisers = (IP_DENOISER, CONTROLLED_IP_DENOISER) if controlled else (IP_DENOISER,)
+    counts = range(1, max(settings.max_ip_adapters, 1) + 1)
+    denoisers = [component for count in counts for component in ip_denoisers(count)[: 2 if controlled else 1]]
     return list(dict.fromkeys([*(c for a in adapters for c in (a.encoder, a.projection)), *denoisers]))
 
 

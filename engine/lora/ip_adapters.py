@@ -19,7 +19,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,14 @@ from engine.common.errors import RequestError
 from engine.lora.files import FileDigests, named_file
 from engine.lora.headers import HeaderError, check_safetensors
 from engine.lora.library import WeightPatch
-from engine.models.ip_adapter import AdapterLayout, adapter_layout, adapter_weights, placeholder, split_state
+from engine.models.ip_adapter import (
+    AdapterLayout,
+    adapter_layout,
+    adapter_weights,
+    placeholder,
+    slot_weights,
+    split_state,
+)
 from engine.models.model import WEIGHT_SUFFIXES, Model
 from engine.store.fingerprint import folder_fingerprint
 
@@ -52,33 +59,37 @@ class Adapter:
     projection: str
     """The adapter's projection's component."""
     weights: dict[str, torch.Tensor]
-    """The IP denoiser's parameters this adapter sets (its ``to_k_ip``/``to_v_ip``)."""
+    """The IP denoiser's parameters this adapter sets (its ``to_k_ip``/``to_v_ip``), in the first slot."""
 
 
 @dataclass(frozen=True)
 class AdapterPatch:
-    """The IP denoiser's weights for one request: an adapter's IP matrices and the UNet's LoRA patch."""
+    """An IP denoiser's weights for one request: each adapter's IP matrices, in its slot, and the UNet's
+    LoRA patch."""
 
     key: str
-    adapter: Adapter
+    weights: dict[str, torch.Tensor]
+    """Every slot's IP matrices under the IP denoiser's parameter names."""
     lora: WeightPatch | None = None
 
     @property
     def names(self) -> list[str]:
-        return [*(self.lora.names if self.lora is not None else ()), *self.adapter.weights]
+        return [*(self.lora.names if self.lora is not None else ()), *self.weights]
 
     def delta(self, name: str, device: torch.device) -> torch.Tensor:
         """A LoRA's delta, or for an IP matrix the file's value less the placeholder base."""
-        if name in self.adapter.weights:
-            value = self.adapter.weights[name].to(device=device, dtype=torch.float32)
+        if name in self.weights:
+            value = self.weights[name].to(device=device, dtype=torch.float32)
             return value - placeholder(name, tuple(value.shape)).to(device)
         assert self.lora is not None
         return self.lora.delta(name, device)
 
 
-def adapter_patch(adapter: Adapter, lora: WeightPatch | None) -> AdapterPatch:
-    key = hashlib.sha256(f"{adapter.sha256}/{lora.key if lora is not None else ''}".encode()).hexdigest()[:16]
-    return AdapterPatch(key, adapter, lora)
+def adapter_patch(adapters: Sequence[Adapter], lora: WeightPatch | None) -> AdapterPatch:
+    """The patch of the IP denoiser with one slot per adapter, the ``slot``-th adapter in the ``slot``-th."""
+    named = "/".join([*(adapter.sha256 for adapter in adapters), lora.key if lora is not None else ""])
+    weights = {name: value for slot, a in enumerate(adapters) for name, value in slot_weights(a.weights, slot).items()}
+    return AdapterPatch(hashlib.sha256(named.encode()).hexdigest()[:16], weights, lora)
 
 
 class IpAdapterFiles:

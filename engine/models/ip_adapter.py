@@ -32,6 +32,15 @@ IP_DENOISER = "unet_ip"
 CONTROLLED_IP_DENOISER = "unet_controlled_ip"
 """The controlled UNet (ControlNet residuals) with the same image-prompt inputs, for steps where a
 ControlNet acts in a request with image prompts."""
+IP_DENOISERS = {
+    IP_DENOISER: (1, False),
+    CONTROLLED_IP_DENOISER: (1, True),
+    "unet_ip2": (2, False),
+    "unet_controlled_ip2": (2, True),
+}
+"""Every IP denoiser, with its adapter slots (one per IP-Adapter of a request, as diffusers loads a list of
+them) and whether it is the controlled UNet's: four graphs and engines at most, whichever adapters."""
+MATRICES = ("to_k_ip", "to_v_ip")
 IMAGE_ENCODER_PREFIX = "image_encoder."
 PROJECTION_PREFIX = "ip_projection."
 IP_TOKENS = "ip_tokens"
@@ -117,12 +126,20 @@ def projection_spec(component: str, layout: AdapterLayout, sequence: int) -> Com
     )
 
 
-def ip_denoiser_spec(denoiser: ComponentSpec, component: str, cross_attention_dim: int, layers: int) -> ComponentSpec:
-    """A denoiser's spec with the image tokens (every image's, joined) and the scales, one per cross-attention
-    layer in the order of ``cross_attention_processors``, as its last inputs."""
-    tokens = TensorSpec(IP_TOKENS, ("batch", "ip_tokens", cross_attention_dim))
-    scale = TensorSpec(IP_SCALE, (layers,), value_range=(0.0, 1.0), keep_fp32=True)
-    return replace(denoiser, name=component, inputs=(*denoiser.inputs, tokens, scale))
+def ip_denoiser_spec(
+    denoiser: ComponentSpec, component: str, cross_attention_dim: int, layers: int, slots: int = 1
+) -> ComponentSpec:
+    """A denoiser's spec with, as its last inputs, each adapter slot's image tokens (every image's, joined),
+    then each slot's scales, one per cross-attention layer in the order of ``cross_attention_processors``."""
+    tokens = [
+        TensorSpec(slot_input(IP_TOKENS, slot), ("batch", slot_input(IP_TOKENS, slot), cross_attention_dim))
+        for slot in range(slots)
+    ]
+    scales = [
+        TensorSpec(slot_input(IP_SCALE, slot), (layers,), value_range=(0.0, 1.0), keep_fp32=True)
+        for slot in range(slots)
+    ]
+    return replace(denoiser, name=component, inputs=(*denoiser.inputs, *tokens, *scales))
 
 
 class ImageEncoderModule(nn.Module):
@@ -169,17 +186,39 @@ def cross_attention_processors(unet: nn.Module) -> list[str]:
     return [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
 
 
-def adapter_parameter(index: int, matrix: str) -> str:
-    """The IP denoiser's parameter for the ``index``-th cross-attention layer's ``to_k_ip`` or ``to_v_ip``."""
-    return f"{IP_PARAMETERS}{index}.{matrix}.0.weight"
+def ip_denoisers(adapters: int) -> tuple[str, str]:
+    """The IP denoiser, and its controlled variant, for a request with ``adapters`` IP-Adapters."""
+    plain, controlled = (name for name, kind in IP_DENOISERS.items() if kind[0] == adapters)
+    return plain, controlled
+
+
+def slot_input(name: str, slot: int) -> str:
+    """An IP denoiser's input for its ``slot``-th adapter: ``ip_tokens``, ``ip_tokens_2``..."""
+    return name if slot == 0 else f"{name}_{slot + 1}"
+
+
+def adapter_parameter(index: int, matrix: str, slot: int = 0) -> str:
+    """The IP denoiser's parameter for the ``index``-th cross-attention layer's ``to_k_ip`` or ``to_v_ip``
+    of its ``slot``-th adapter."""
+    return f"{IP_PARAMETERS}{index}.{matrix}.{slot}.weight"
 
 
 def adapter_weights(state: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
-    """The file's ``ip_adapter`` part under the IP denoiser's parameter names."""
+    """The file's ``ip_adapter`` part under the IP denoiser's parameter names (its first slot's)."""
     return {
         adapter_parameter(index, matrix): state[f"{2 * index + 1}.{matrix}.weight"]
         for index in range(layers)
-        for matrix in ("to_k_ip", "to_v_ip")
+        for matrix in MATRICES
+    }
+
+
+def slot_weights(weights: Mapping[str, torch.Tensor], slot: int) -> dict[str, torch.Tensor]:
+    """An adapter's ``adapter_weights`` moved to the IP denoiser's ``slot``-th adapter."""
+    layers = len(weights) // len(MATRICES)
+    return {
+        adapter_parameter(index, matrix, slot): weights[adapter_parameter(index, matrix)]
+        for index in range(layers)
+        for matrix in MATRICES
     }
 
 
@@ -187,12 +226,13 @@ class IPAdapterDenoiser(nn.Module):
     """A denoiser module (the UNet's, or the controlled UNet's) with an image-prompt attention in every
     cross-attention layer: diffusers' processors, holding placeholders until a patch sets an adapter's."""
 
-    def __init__(self, inner: nn.Module, unet: nn.Module):
+    def __init__(self, inner: nn.Module, unet: nn.Module, slots: int = 1):
         super().__init__()
         from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
         self.unet = unet
         self._inner = (inner,)  # not a submodule: its parameters are ``unet``'s
+        self.slots = slots
         config = unet.config
         names = cross_attention_processors(unet)
         processors = dict(unet.attn_processors)
@@ -200,24 +240,28 @@ class IPAdapterDenoiser(nn.Module):
         device = next(unet.parameters()).device
         for index, name in enumerate(names):
             hidden = _hidden_size(name, config)
-            ip = IPAdapterAttnProcessor2_0(hidden, config.cross_attention_dim, num_tokens=(1,))
+            ip = IPAdapterAttnProcessor2_0(hidden, config.cross_attention_dim, num_tokens=(1,) * slots)
             with torch.no_grad():
-                for matrix in ("to_k_ip", "to_v_ip"):
-                    weight = getattr(ip, matrix)[0].weight
-                    weight.data = placeholder(adapter_parameter(index, matrix), tuple(weight.shape)).to(device)
+                for slot in range(slots):
+                    for matrix in MATRICES:
+                        weight = getattr(ip, matrix)[slot].weight
+                        value = placeholder(adapter_parameter(index, matrix, slot), tuple(weight.shape))
+                        weight.data = value.to(device)
             processors[name] = ip
             self.ip.append(ip.to(next(unet.parameters()).dtype))
         self._processors = processors
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        *rest, tokens, scales = inputs
-        sample, timestep, text, *added = rest
-        for processor, scale in zip(self.ip, scales.to(sample.dtype), strict=True):
-            processor.scale = [scale]
+        split = len(inputs) - 2 * self.slots
+        sample, timestep, text, *added = inputs[:split]
+        tokens = list(inputs[split : split + self.slots])
+        scales = torch.stack(inputs[split + self.slots :]).to(sample.dtype)  # (slots, layers)
+        for processor, scale in zip(self.ip, scales.unbind(1), strict=True):
+            processor.scale = list(scale.unbind(0))
         before = self.unet.attn_processors
         self.unet.set_attn_processor(dict(self._processors))  # it empties the dict it is given
         try:
-            return self._inner[0](sample, timestep, (text, [tokens]), *added)
+            return self._inner[0](sample, timestep, (text, tokens), *added)
         finally:
             self.unet.set_attn_processor(before)
 

@@ -28,9 +28,8 @@ from engine.models.family import ModelFamily
 from engine.models.flux import Flux
 from engine.models.flux_variants import VARIANTS, flux_variant
 from engine.models.ip_adapter import (
-    CONTROLLED_IP_DENOISER,
     IMAGE_ENCODER_PREFIX,
-    IP_DENOISER,
+    IP_DENOISERS,
     PROJECTION_PREFIX,
     AdapterLayout,
     ImageEncoderModule,
@@ -102,7 +101,8 @@ class Model:
     ip_files: dict[str, Path] = field(default_factory=dict)
     """Components added for IP-Adapters' projections (``ip_projection.<name>``), each with its file."""
     image_encoders: dict[str, Path] = field(default_factory=dict)
-    """Components added for IP-Adapters' image encoders (``image_encoder.<folder>-<fingerprint>``), each with its folder."""
+    """Components added for IP-Adapters' image encoders (``image_encoder.<folder>-<fingerprint>``), with their
+    folders."""
 
     @cached_property
     def specs(self) -> dict[str, ComponentSpec]:
@@ -176,12 +176,11 @@ class Model:
         sequence = encoder_spec.outputs[1].shape[1]
         assert isinstance(sequence, int)
         self.specs[projection] = projection_spec(projection, layout, sequence)
-        width, layers = layout.cross_attention_dim, self.ip_layers
-        denoiser = ip_denoiser_spec(self.specs["unet"], IP_DENOISER, width, layers)
-        self.specs.setdefault(IP_DENOISER, denoiser)
         self.specs.setdefault(CONTROLLED_UNET, controlled_unet_spec(self.specs["unet"], self.config.configs["unet"]))
-        controlled = ip_denoiser_spec(self.specs[CONTROLLED_UNET], CONTROLLED_IP_DENOISER, width, layers)
-        self.specs.setdefault(CONTROLLED_IP_DENOISER, controlled)
+        for component, (slots, controlled) in IP_DENOISERS.items():
+            inner = self.specs[CONTROLLED_UNET if controlled else "unet"]
+            spec = ip_denoiser_spec(inner, component, layout.cross_attention_dim, self.ip_layers, slots)
+            self.specs.setdefault(component, spec)
         self.image_encoders[encoder_component] = encoder
         self.ip_files[projection] = file
         return encoder_component, projection
@@ -199,7 +198,7 @@ class Model:
             return self.ip_files[component]
         if component in self.image_encoders:
             return self.image_encoders[component]
-        unet = component in (CONTROLLED_UNET, IP_DENOISER, CONTROLLED_IP_DENOISER)
+        unet = component == CONTROLLED_UNET or component in IP_DENOISERS
         return self.folder / self.family.weight_folder("unet" if unet else component)
 
     def torch_module(self, component: str, dtype: torch.dtype, weights: bool = True) -> torch.nn.Module:
@@ -208,10 +207,8 @@ class Model:
             return load_controlnet(self.controlnets[component], dtype, self.added_cond_names)
         if component == CONTROLLED_UNET:
             return self.controlled_unet(self.family.torch_module("unet", self.folder, dtype, weights))
-        if component == IP_DENOISER:
-            return self.ip_denoiser(self.family.torch_module("unet", self.folder, dtype, weights))
-        if component == CONTROLLED_IP_DENOISER:
-            return self.controlled_ip_denoiser(self.family.torch_module("unet", self.folder, dtype, weights))
+        if component in IP_DENOISERS:
+            return self.ip_denoiser(component, self.family.torch_module("unet", self.folder, dtype, weights))
         if component in self.image_encoders:
             from transformers import CLIPVisionModelWithProjection
 
@@ -224,14 +221,10 @@ class Model:
             return load_projection(state["image_proj"], dtype)
         return self.family.torch_module(component, self.folder, dtype, weights)
 
-    @staticmethod
-    def ip_denoiser(unet: torch.nn.Module) -> torch.nn.Module:
-        """The IP denoiser on the weights of a UNet module (a fresh one, or the torch runner's own)."""
-        return IPAdapterDenoiser(unet, unet.unet)
-
-    def controlled_ip_denoiser(self, unet: torch.nn.Module) -> torch.nn.Module:
-        """The controlled IP denoiser on the weights of a UNet module."""
-        return IPAdapterDenoiser(self.controlled_unet(unet), unet.unet)
+    def ip_denoiser(self, component: str, unet: torch.nn.Module) -> torch.nn.Module:
+        """An IP denoiser (``IP_DENOISERS``) on the weights of a UNet module (a fresh one, or the torch runner's)."""
+        slots, controlled = IP_DENOISERS[component]
+        return IPAdapterDenoiser(self.controlled_unet(unet) if controlled else unet, unet.unet, slots)
 
     def controlled_unet(self, unet: torch.nn.Module) -> torch.nn.Module:
         """The controlled UNet on the weights of a UNet module (a fresh one, or the torch runner's own)."""

@@ -4,7 +4,8 @@ The order and the negatives are diffusers' (``prepare_ip_adapter_image_embeds``)
 preprocessed as ``load_ip_adapter`` sets up CLIP's processor for the encoder's input size, a plain
 adapter projects the image embeds and, for the negative rows, the projection of zeros; a Plus or
 Full Face adapter projects the penultimate hidden states and, for the negative rows, those of an
-all-zero image. Several images of one adapter have their tokens joined, in order.
+all-zero image. Several images of one adapter have their tokens joined, in order; with two adapters,
+each has its own tokens and scales, as diffusers' lists of adapters.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from engine.backends.base import ComponentCall
-from engine.models.ip_adapter import IP_SCALE, IP_TOKENS
+from engine.models.ip_adapter import IP_SCALE, IP_TOKENS, slot_input
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,16 @@ def preprocess(prompt: ImagePrompt, device: torch.device) -> torch.Tensor:
 
 
 def image_prompt_inputs(
-    prompt: ImagePrompt, runners: Mapping[str, ComponentCall], rows: int, guidance: bool, device: torch.device
+    prompt: ImagePrompt,
+    slot: int,
+    runners: Mapping[str, ComponentCall],
+    rows: int,
+    guidance: bool,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
-    """The IP denoiser's ``ip_tokens`` (one row per denoiser row, negatives first with guidance) and
-    ``ip_scale`` (a value per cross-attention layer)."""
+    """The IP denoiser's inputs for the adapter in its ``slot``: ``ip_tokens`` (one row per denoiser row,
+    negatives first with guidance) and ``ip_scale`` (a value per cross-attention layer), ``ip_tokens_2``
+    and ``ip_scale_2`` in the second slot."""
     pixels = preprocess(prompt, device)
     output = "hidden_states" if prompt.hidden_states else "image_embeds"
     embeds = runners[prompt.encoder]({"pixel_values": pixels})[output].float()
@@ -62,7 +69,7 @@ def image_prompt_inputs(
     else:
         tokens = tokens.expand(rows, -1, -1)
     scales = torch.tensor(prompt.scales, dtype=torch.float32, device=device)
-    return {IP_TOKENS: tokens.contiguous(), IP_SCALE: scales}
+    return {slot_input(IP_TOKENS, slot): tokens.contiguous(), slot_input(IP_SCALE, slot): scales}
 
 
 def _tokens(prompt: ImagePrompt, runners: Mapping[str, ComponentCall], embeds: torch.Tensor) -> torch.Tensor:

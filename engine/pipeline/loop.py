@@ -36,7 +36,7 @@ from engine.common.errors import NonFiniteOutput
 from engine.common.metrics import StageTimer
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.family import PromptBatch
-from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
+from engine.models.ip_adapter import ip_denoisers
 from engine.models.model import Model
 from engine.pipeline.denoise import Denoising, StepCallback, denoise
 from engine.pipeline.image_prompts import ImagePrompt, image_prompt_inputs
@@ -121,16 +121,19 @@ class DiffusionPipeline:
             )
         conditioning |= model.family.denoiser_inputs(model.config, request.guidance_scale)
         denoiser, controlled = model.family.denoiser, CONTROLLED_UNET
-        for prompt in image_prompts:  # 1b. Encode the image prompts, as diffusers' prepare_ip_adapter_image_embeds
+        for slot, prompt in enumerate(image_prompts):  # 1b. As diffusers' prepare_ip_adapter_image_embeds
             with timer.stage("image_encoder"):
                 conditioning |= self._finite(
                     (prompt.encoder, prompt.projection),
                     runners,
                     [],
-                    functools.partial(image_prompt_inputs, prompt, runners, request.num_images, guidance, self.device),
+                    functools.partial(
+                        image_prompt_inputs, prompt, slot, runners, request.num_images, guidance, self.device
+                    ),
                     lambda found: found.values(),
                 )
-            denoiser, controlled = IP_DENOISER, CONTROLLED_IP_DENOISER
+        if image_prompts:  # the IP denoiser with a slot per adapter
+            denoiser, controlled = ip_denoisers(len(image_prompts))
 
         # 2. Prepare timesteps on the request's own scheduler; image-to-image and inpainting start part-way.
         factor = model.config.vae_scale_factor

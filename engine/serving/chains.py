@@ -7,6 +7,7 @@ its component first; chains are only ever added, never replaced.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Collection, Mapping
 
@@ -17,7 +18,7 @@ from engine.backends.chain import RunnerChain
 from engine.backends.torch import LazyTorchRunner
 from engine.lora.ip_adapters import Adapter
 from engine.models.controlnet import CONTROLLED_UNET
-from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER, IP_PARAMETERS
+from engine.models.ip_adapter import IP_DENOISERS, IP_PARAMETERS, ip_denoisers
 from engine.models.model import Model
 from engine.settings import Settings, TorchFallback
 from engine.store.store import Store
@@ -64,19 +65,19 @@ class ServedChains:
 
     def add_ip_adapters(self, adapters: tuple[Adapter, ...], controlled: bool) -> None:
         """Runner chains for the image encoders and projections a request is the first to use, and for the
-        IP denoiser (its controlled variant too where ControlNets act); their torch fallbacks run the UNet's
-        own torch module with the IP processors added."""
-        wraps = {IP_DENOISER: self.model.ip_denoiser, CONTROLLED_IP_DENOISER: self.model.controlled_ip_denoiser}
+        IP denoiser with a slot per adapter (its controlled variant too where ControlNets act); their torch
+        fallbacks run the UNet's own torch module with the IP processors added."""
         with self._lock:
             wanted = [c for adapter in adapters for c in (adapter.encoder, adapter.projection)]
-            denoisers = (IP_DENOISER, CONTROLLED_IP_DENOISER) if controlled else (IP_DENOISER,)
+            denoisers = ip_denoisers(len(adapters))[: 2 if controlled else 1]
             missing = list(dict.fromkeys(c for c in (*wanted, *denoisers) if c not in self.chains))
             if not missing:
                 return
             chains, engines = build_chains(
                 self.model, self.settings, self.store, self.device, self.precision, components=missing
             )
-            for component in set(wraps) & set(chains):
-                share_adapter_weights(chains[component], self.chains["unet"], wraps[component], IP_PARAMETERS)
+            for component in set(IP_DENOISERS) & set(chains):
+                wrap = functools.partial(self.model.ip_denoiser, component)
+                share_adapter_weights(chains[component], self.chains["unet"], wrap, IP_PARAMETERS)
             self.chains.update(chains)
             self.tensorrt.adopt(engines)

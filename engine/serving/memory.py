@@ -50,7 +50,7 @@ from engine.common.dtypes import PRECISION_DTYPES
 from engine.common.errors import RequestError
 from engine.models.config import ModelConfig
 from engine.models.controlnet import CONTROLLED_UNET, controlnet_component
-from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
+from engine.models.ip_adapter import ip_denoisers
 
 if TYPE_CHECKING:
     from engine.backends.base import Runner
@@ -252,7 +252,7 @@ def check_fits(
     family, config = model.family, model.config
     controlnets = [controlnet_component(control.name) for control in request.controlnets]
     if image_prompts:
-        runs_denoiser = CONTROLLED_IP_DENOISER if controlnets else IP_DENOISER
+        runs_denoiser = ip_denoisers(len(image_prompts))[1 if controlnets else 0]
     else:
         runs_denoiser = CONTROLLED_UNET if controlnets else family.denoiser
 

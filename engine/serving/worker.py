@@ -29,7 +29,7 @@ from engine.lora.ip_adapters import IpAdapterFiles, adapter_patch
 from engine.lora.library import NO_LORAS, LoraLibrary, LoraSelection
 from engine.models.controlnet import CONTROLLED_UNET
 from engine.models.controlnet_folders import ControlNetFolders, found_controlnets
-from engine.models.ip_adapter import CONTROLLED_IP_DENOISER, IP_DENOISER
+from engine.models.ip_adapter import ip_denoisers
 from engine.models.model import Model, load_model
 from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
 from engine.pipeline.image_prompts import ImagePrompt
@@ -205,8 +205,9 @@ class Worker:
         patches = dict(loras.patches)
         if "unet" in patches:  # the controlled UNet has the UNet's weights, LoRAs included
             patches[CONTROLLED_UNET] = patches["unet"]
-        for adapter in admitted.adapters:  # the IP denoisers: the adapter's IP matrices with the UNet's LoRAs
-            patches[IP_DENOISER] = patches[CONTROLLED_IP_DENOISER] = adapter_patch(adapter, patches.get("unet"))
+        if admitted.adapters:  # the IP denoisers: each adapter's IP matrices in its slot, with the UNet's LoRAs
+            plain, controlled = ip_denoisers(len(admitted.adapters))
+            patches[plain] = patches[controlled] = adapter_patch(admitted.adapters, patches.get("unet"))
         calls = ChainCalls(self.chains, patches)
         reset_peak_memory(self.device)
         on_step = self._step_callback(request, started + request.timeout_s, progress)

@@ -6,7 +6,8 @@ spec turns it into per-input min/opt/max shapes, in latent units for the UNet an
 and with the classifier-free-guidance doubling where the component batches it. Text
 encoders and the UNet also cover prompts from one chunk of 77 tokens (the optimum) to
 ``MAX_PROMPT_CHUNKS`` chunks; IP-Adapter components from one image prompt (4 tokens) to
-``MAX_IP_ADAPTER_IMAGES`` (16 tokens each: Plus's). Pure logic: it runs and is tested without TensorRT.
+``MAX_IP_ADAPTER_IMAGES`` (16 tokens each: Plus's), for each adapter slot. Pure logic: it runs and
+is tested without TensorRT.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def profile_for(spec: ComponentSpec, size_range: SizeRange, max_prompt_chunks: i
             reference_height=most,
             reference_width=most,
             ip_tokens=MAX_IP_TOKENS,
+            ip_tokens_2=MAX_IP_TOKENS,
             ip_images=MAX_IP_ADAPTER_IMAGES,
         )
         maximum = spec.input_shapes(largest, guidance=True)

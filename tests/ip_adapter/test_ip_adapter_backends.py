@@ -3,7 +3,8 @@ IP denoiser, whose IP matrices a patch sets from the export's weight map as a Lo
 
 onnxruntime must give torch's image within 2/255 for a plain adapter (the 4 tokens the graph was
 traced with) and a Plus one (16: the token axis is dynamic), with a LoRA in the same request, and at
-per-block scales (one graph input, a value per cross-attention layer), on SD and SDXL; adapters
+per-block scales (one graph input, a value per cross-attention layer), on SD and SDXL, and for two
+adapters in one request (the IP denoiser with two adapter slots); adapters
 switched A -> B -> A give A's image byte for byte; a request without one runs the plain UNet's graph.
 """
 
@@ -25,18 +26,21 @@ from tests.parity import TOLERANCE
 ADAPTERS = ("models/plain", "models/plus", "models/plain-b")
 
 
-def export(engine_dir: Path, cache_dir: Path, adapters: Path, *extra: str) -> subprocess.CompletedProcess:
+def export(
+    engine_dir: Path, cache_dir: Path, adapters: Path, *extra: str, max_adapters: int = 1
+) -> subprocess.CompletedProcess:
     command, env = export_command(engine_dir, cache_dir, "--skip-engines", "--ip-adapters", *ADAPTERS, *extra)
     env["IP_ADAPTER_DIR"] = str(adapters)
+    env["MAX_IP_ADAPTERS"] = str(max_adapters)
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def store(cache_dir: Path, sd_adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     engine_dir = tmp_path_factory.mktemp("ip-exported")
-    done = export(engine_dir, cache_dir, sd_adapters)
+    done = export(engine_dir, cache_dir, sd_adapters, max_adapters=2)
     assert done.returncode == 0, done.stderr[-3000:]
-    exported = ("image_encoder.models-", "ip_projection.models--plain-", "ip_projection.models--plus-", "unet_ip")
+    exported = ("image_encoder.models-", "ip_projection.models--plain-", "ip_projection.models--plus-", "unet_ip2")
     for component in exported:
         assert component in done.stdout
     return engine_dir
@@ -54,6 +58,7 @@ def worker(cache_dir: Path, store: Path, root: Path, backend: str, model: str = 
             backend=backend,
             torch_fallback="off" if backend == "onnxruntime" else "lazy",
             ready_file=store / "ready",
+            max_ip_adapters=2,
         )
     )
 
@@ -88,6 +93,20 @@ def test_onnxruntime_matches_torch(workers, name, scale, lora):
     backends = response["metrics"]["backends"]
     assert set(backends.values()) == {"onnxruntime"}, response["metrics"]["fallbacks"]
     assert "unet_ip" in backends and any(c.startswith("image_encoder.models-") for c in backends)
+    difference = np.abs(image_of(response) - torch_image).max()
+    assert difference <= TOLERANCE, f"{difference}/255 from torch"
+
+
+def test_two_adapters_on_onnxruntime_match_torch(workers):
+    """The IP denoiser with two adapter slots: each adapter's matrices patched into its own slot."""
+    entries = [
+        {"name": "models/plain", "image": to_base64(image_prompt(0)), "scale": 0.5},
+        {"name": "models/plus", "image": to_base64(image_prompt(1)), "scale": INSTANT_STYLE},
+    ]
+    torch_image = image_of(workers["torch"].handle({"input": {**PAYLOAD, "ip_adapters": entries}}))
+    response = workers["onnxruntime"].handle({"input": {**PAYLOAD, "ip_adapters": entries}})
+    assert response["status"] == "success", response
+    assert response["metrics"]["backends"]["unet_ip2"] == "onnxruntime", response["metrics"]["fallbacks"]
     difference = np.abs(image_of(response) - torch_image).max()
     assert difference <= TOLERANCE, f"{difference}/255 from torch"
 

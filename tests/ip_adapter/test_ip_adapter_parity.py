@@ -4,7 +4,7 @@ The reference is diffusers' pipeline after ``load_ip_adapter`` (the adapter file
 ``image_encoder/`` folder beside it), ``set_ip_adapter_scale`` and ``ip_adapter_image``; the worker
 must give the same image within 2/255 per pixel, for SD and SDXL, plain, Plus and Full Face adapters,
 at two scales and at per-block (InstantStyle) scales, with a LoRA in the same request, with a ControlNet,
-and for image-to-image.
+for image-to-image, and with two adapters in one request.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def make_worker(model, cache_dir, engine_dir, root) -> Worker:
             device="cpu",
             backend="torch",
             ready_file=engine_dir / "ready",
+            max_ip_adapters=2,
         )
     )
 
@@ -128,9 +129,46 @@ def test_per_block_scales_match_diffusers(workers, cache_dir, model):
     assert np.abs(everywhere - reference).max() > 4 * TOLERANCE, "per-block scales must change the image"
 
 
-def test_controlnets_and_image_prompts_together_match_diffusers(workers, cache_dir, tmp_path):
+TWO_ADAPTERS = (("plain", 0, 0.5), ("plus", 1, INSTANT_STYLE))
+"""A plain adapter at 0.5 and a Plus one at per-block scales, each with its own image prompt."""
+
+
+def two_adapters() -> list[dict]:
+    return [
+        {"name": f"models/{name}", "image": to_base64(image_prompt(seed)), "scale": scale}
+        for name, seed, scale in TWO_ADAPTERS
+    ]
+
+
+def test_two_adapters_match_diffusers(workers, cache_dir):
+    """Two IP-Adapters in one request, as diffusers loads a list of them: each with its own IP matrices, image
+    and scale (the Plus one's per block), in the IP denoiser with two adapter slots."""
+    worker, root = workers("tiny")
+    pipe = reference_pipeline("tiny", cache_dir)
+    pipe.feature_extractor = None
+    pipe.load_ip_adapter(str(root), subfolder="models", weight_name=[f"{n}.safetensors" for n, _, _ in TWO_ADAPTERS])
+    pipe.set_ip_adapter_scale([scale for _, _, scale in TWO_ADAPTERS])
+    reference = pipe(
+        PAYLOAD["prompt"],
+        num_inference_steps=PAYLOAD["num_inference_steps"],
+        width=PAYLOAD["width"],
+        height=PAYLOAD["height"],
+        generator=torch.Generator().manual_seed(PAYLOAD["seed"]),
+        ip_adapter_image=[image_prompt(seed) for _, seed, _ in TWO_ADAPTERS],
+    ).images[0]
+    reference = np.asarray(reference, dtype=np.int16)
+    response = worker.handle({"input": {**PAYLOAD, "ip_adapters": two_adapters()}})
+    assert response["metrics"]["backends"]["unet_ip2"] == "torch", response
+    difference = np.abs(image_of(response) - reference).max()
+    assert difference <= TOLERANCE, f"{difference}/255 from diffusers"
+    alone = image_of(worker.handle({"input": {**PAYLOAD, "ip_adapters": two_adapters()[:1]}}))
+    assert np.abs(alone - reference).max() > 4 * TOLERANCE, "the second adapter must change the image"
+
+
+@pytest.mark.parametrize("adapters", [1, 2], ids=["one-adapter", "two-adapters"])
+def test_controlnets_and_image_prompts_together_match_diffusers(workers, cache_dir, tmp_path, adapters):
     """A ControlNet acting on part of the steps: the controlled IP denoiser there, the IP denoiser elsewhere,
-    against diffusers' ControlNet pipeline after ``load_ip_adapter``."""
+    against diffusers' ControlNet pipeline after ``load_ip_adapter``; with one adapter, or two."""
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     from engine.models.builtin import builtin_model_folder
@@ -140,17 +178,24 @@ def test_controlnets_and_image_prompts_together_match_diffusers(workers, cache_d
     make_controlnet(builtin_model_folder("tiny", cache_dir), tmp_path / "edges", seed=1)
     worker.controlnets.root = tmp_path
     scale, start = 0.8, 0.5
-    payload = ip_payload("models/plus", 0.7)
+    payload = ip_payload("models/plus", 0.7) if adapters == 1 else {**PAYLOAD, "ip_adapters": two_adapters()}
     payload["controlnets"] = [{"name": "edges", "image": to_base64(control_picture()), "scale": scale, "start": start}]
     response = worker.handle({"input": payload})
-    assert {"unet_ip", "unet_controlled_ip"} <= set(response["metrics"]["backends"]), response
+    suffix = "" if adapters == 1 else "2"
+    assert {f"unet_ip{suffix}", f"unet_controlled_ip{suffix}"} <= set(response["metrics"]["backends"]), response
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         worker.model.folder, controlnet=ControlNetModel.from_pretrained(tmp_path / "edges"), safety_checker=None
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.feature_extractor = None
-    pipe.load_ip_adapter(str(root), subfolder="models", weight_name="plus.safetensors")
-    pipe.set_ip_adapter_scale(0.7)
+    if adapters == 1:
+        pipe.load_ip_adapter(str(root), subfolder="models", weight_name="plus.safetensors")
+        pipe.set_ip_adapter_scale(0.7)
+    else:
+        pipe.load_ip_adapter(
+            str(root), subfolder="models", weight_name=[f"{n}.safetensors" for n, _, _ in TWO_ADAPTERS]
+        )
+        pipe.set_ip_adapter_scale([scale for _, _, scale in TWO_ADAPTERS])
     reference = pipe(
         PAYLOAD["prompt"],
         image=control_picture(),
@@ -158,7 +203,7 @@ def test_controlnets_and_image_prompts_together_match_diffusers(workers, cache_d
         width=PAYLOAD["width"],
         height=PAYLOAD["height"],
         generator=torch.Generator().manual_seed(PAYLOAD["seed"]),
-        ip_adapter_image=image_prompt(0),
+        ip_adapter_image=image_prompt(0) if adapters == 1 else [image_prompt(seed) for _, seed, _ in TWO_ADAPTERS],
         controlnet_conditioning_scale=scale,
         control_guidance_start=start,
     ).images[0]

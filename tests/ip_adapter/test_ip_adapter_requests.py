@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from engine.common.errors import RequestError
@@ -178,6 +179,11 @@ def test_every_problem_is_named_at_once(worker):
 def test_more_adapters_than_max_ip_adapters_are_refused(worker):
     entry = {"name": "models/plain", "image": IMAGE}
     assert "ip_adapters: at most 1 per request (MAX_IP_ADAPTERS), got 2" in error_of(worker, ip_adapters=[entry] * 2)
+
+
+def test_max_ip_adapters_is_at_most_the_two_adapter_slots(make_settings):
+    with pytest.raises(ValidationError, match="less than or equal to 2"):
+        make_settings(max_ip_adapters=3)
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])

@@ -24,7 +24,7 @@ from engine.sizes import SizeRange
 from engine.spec import Dims
 from engine.store.fingerprint import component_fingerprint
 from engine.store.keys import onnx_key
-from engine.store.profiles import ShapeRange
+from engine.store.profiles import MAX_IP_TOKENS, ShapeRange, profile_for
 from engine.store.store import Store
 from tests import fake_tensorrt
 
@@ -103,18 +103,31 @@ def test_the_scales_are_one_per_layer_and_old_graphs_are_not_reused(engine):
 def test_switching_adapters_refits_from_the_base_values(engine):
     runner, adapters = engine
     base = {w.parameter: runner.weight_map.base_value(w) for w in runner.weight_map.weights}
-    runner.apply_patch(adapter_patch(adapters["plain"], None))
+    runner.apply_patch(adapter_patch([adapters["plain"]], None))
     first = ip_weights(runner)
     by_parameter = {w.parameter: w for w in runner.weight_map.weights}
     for name, value in adapters["plain"].weights.items():
         expected = value.float().numpy()
         expected = expected.T if by_parameter[name].transposed else expected
         np.testing.assert_allclose(first[name], expected, rtol=0, atol=1e-6)
-    runner.apply_patch(adapter_patch(adapters["plain-b"], None))
+    runner.apply_patch(adapter_patch([adapters["plain-b"]], None))
     assert not all(np.array_equal(first[name], value) for name, value in ip_weights(runner).items())
-    runner.apply_patch(adapter_patch(adapters["plain"], None))
+    runner.apply_patch(adapter_patch([adapters["plain"]], None))
     again = ip_weights(runner)
     assert all(np.array_equal(first[name], again[name]) for name in first), "A -> B -> A byte for byte"
     runner.apply_patch(None)
     restored = ip_weights(runner)
     assert len(restored) == 8 and all(np.array_equal(base[name], value) for name, value in restored.items())
+
+
+def test_the_two_adapter_denoiser_covers_each_slot(cache_dir, sd_adapters):
+    """``unet_ip2``'s profile: each slot's token axis from one plain image to four Plus images, each slot's
+    scales one per layer."""
+    model = load_model("tiny", cache_dir)
+    IpAdapterFiles(sd_adapters, model, 10**9).resolve("models/plain", "test")
+    spec = model.specs["unet_ip2"]
+    assert spec.input_names[-4:] == ["ip_tokens", "ip_tokens_2", "ip_scale", "ip_scale_2"]
+    shapes = profile_for(spec, SizeRange(64, 64, 96, 2)).shapes()
+    for slot in ("ip_tokens", "ip_tokens_2"):
+        assert (shapes[slot].minimum[1], shapes[slot].maximum[1]) == (4, MAX_IP_TOKENS)
+    assert shapes["ip_scale_2"] == ShapeRange((4,), (4,), (4,))
