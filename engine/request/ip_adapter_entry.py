@@ -25,7 +25,8 @@ MAX_SCALE_BLOCKS = 8
 """Blocks one side of per-block scales may name (SD and SDXL have at most 3 with attention layers)."""
 MAX_SCALE_LAYERS = 16
 """Values one list of per-block scales may hold (a block of SD or SDXL has at most 3 attention layers)."""
-BLOCK_NAME = re.compile(r"block_[0-9]+")
+BLOCK_NAME = re.compile(r"block_[0-9]{1,3}")
+"""A block's name as diffusers writes it (no UNet has a thousand blocks on one side)."""
 
 Path = tuple[str | int, ...]
 NUMBER = TypeAdapter(Annotated[float, Field(ge=0.0, le=MAX_IP_ADAPTER_SCALE, allow_inf_nan=False, strict=True)])

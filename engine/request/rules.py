@@ -16,6 +16,8 @@ from engine.request.limits import Limits
 from engine.schedulers import ETA_DEFAULTS, eta_names, offered_name, scheduler_class
 
 MAX_SEED = 2**63 - 1
+MAX_SHOWN_KEY = 40
+"""The longest key an error repeats whole (the longest field name, with room to spare)."""
 
 
 def rule(kind: str, message: str, **values: Any) -> PydanticCustomError:
@@ -88,8 +90,20 @@ def field_location(loc: tuple[Any, ...]) -> str:
     """``loras[1].name``: list positions in brackets, as the request writes them."""
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+        text += f"[{part}]" if isinstance(part, int) else f".{shown_key(part)}" if text else shown_key(part)
     return text or "input"
+
+
+def shown_key(key: Any) -> str:
+    """A key as an error names it: as sent where it is a short printable name, else quoted with its control
+    characters escaped and cut to ``MAX_SHOWN_KEY`` characters, so a key the caller made up (a megabyte, a
+    NUL, a line break) reaches neither the response nor the log as sent."""
+    key = str(key)
+    if len(key) <= MAX_SHOWN_KEY and key.isprintable():
+        return key
+    if len(key) <= MAX_SHOWN_KEY:
+        return repr(key)
+    return f"{key[:MAX_SHOWN_KEY]!r}... ({len(key)} characters)"
 
 
 def error_location(error: Mapping[str, Any]) -> str:

@@ -164,3 +164,30 @@ def test_a_huge_scheduler_name_is_refused_without_being_quoted_back():
     message = errors_of({"prompt": "a", "scheduler": "+" * 1_000_000})
     assert message.startswith("scheduler: ") and "64 characters" in message
     assert len(message) < 200, "the refusal (and the worker's log line) must not carry the request's megabyte"
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (
+            {"prompt": "a", "k" * 1_000_000: 1},
+            "'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk'... (1000000 characters): Extra",
+        ),
+        ({"prompt": "a", "x\x00\ny": 1}, "'x\\x00\\ny': Extra inputs are not permitted"),
+        ({"prompt": "a", "loras": [{"name": "a", "sc\rale": 1}]}, "loras[0].'sc\\rale': Extra inputs"),
+        (
+            {
+                "prompt": "a",
+                "ip_adapters": [{"name": "a", "image": "x", "scale": {"down": {"block_" + "9" * 10**5: 1}}}],
+            },
+            "ip_adapters[0].scale.down.'block_9999999999999999999999999999999999'... (100006 characters): blocks",
+        ),
+        ({"prompt": "a", "ip_adapters": [{"name": "a", "image": "x", "scale": {"up\x1b[2J": 1}}]}, "ip_adapters[0]"),
+    ],
+)
+def test_a_key_the_caller_made_up_is_named_escaped_and_cut_short(payload, expected):
+    """Keys are echoed in refusals (and the worker's log line): one of a megabyte, or with control characters
+    (a NUL, a line break, a terminal escape), is quoted with them escaped and cut to 40 characters."""
+    message = errors_of(payload)
+    assert message.startswith(expected), message
+    assert len(message) < 300 and message.isprintable(), message
