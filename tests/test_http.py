@@ -190,6 +190,7 @@ def test_openai_output_format_and_compression_map_to_the_worker(client):
         ({"prompt": "x" * 10_001}, 400, "prompt", "prompt: each must be at most"),
         ({"num_images": 2}, 400, "num_images", "num_images: unknown field"),
         ({"wat": 1}, 400, "wat", "wat: unknown field"),
+        ({"w\x00" * 10**5: 1}, 400, "'" + "w\\x00" * 20 + "'... (200000 characters)", "characters): unknown field"),
         ({"seed": -1}, 400, "seed", "seed:"),
         ({"model": "dall-e-3"}, 404, "model", "this endpoint serves 'tiny', not 'dall-e-3'"),
         ({"response_format": "url"}, 400, "response_format", "url needs a bucket"),

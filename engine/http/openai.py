@@ -20,6 +20,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.http.errors import ApiError
+from engine.request.rules import shown_key
 from engine.request.schema import GenerateRequest
 from engine.settings import Settings
 
@@ -64,7 +65,7 @@ def parse(body: dict[str, Any], settings: Settings) -> tuple[ImagesRequest, dict
     extras = dict(request.model_extra or {})
     for name in sorted(extras):
         if name not in PASS_THROUGH and name not in IGNORED:
-            raise ApiError(400, f"{name}: unknown field", name, "unknown_parameter")
+            raise ApiError(400, f"{shown_key(name)}: unknown field", shown_key(name), "unknown_parameter")
     check_model(request.model, settings.model)
     if request.stream:
         raise ApiError(400, "stream: streaming is not supported; send stream false", "stream", "unsupported_value")
