@@ -17,16 +17,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from engine.backends.torch import TorchRunner
 from engine.devices import auto_quantization
 from engine.models.model import load_model
 from engine.serving.worker import Worker
 from engine.store.artifact import QUANTIZED_FIELDS, ArtifactKey
 from engine.store.keys import quantized_onnx_key
+from export.quantize import calibrate as calibration
 from export.quantize.recipe import QuantFormat, Recipe
 from export.quantize.twin import cpu_twin
+from export.trace import load_module
+from export.validate import validation_dims
 from perf.lora_files import write_lora
 from tests.conftest import ROOT, run_export
 
@@ -210,6 +215,66 @@ def test_the_worker_serves_the_quantized_graph_and_falls_back_with_the_reason(qu
 
     fp8 = Worker(make_settings(quantize="fp8", **settings)).handle({"input": PAYLOAD})
     assert fp8["metrics"]["precisions"]["unet"] == "fp8 (fp32 elsewhere)"
+
+
+EXAMPLE_FILTER = (
+    "time_emb_proj",
+    "time_embedding",
+    "conv_in",
+    "conv_out",
+    "conv_shortcut",
+    "add_embedding",
+    "pos_embed",
+    "time_text_embed",
+    "context_embedder",
+    "norm_out",
+    "x_embedder",
+)
+"""The layers Model Optimizer's diffusers example leaves unquantized (examples/diffusers/quantization/utils.py,
+``filter_func_default``), written out here rather than read from the recipe."""
+
+
+def enabled_quantizers(module: torch.nn.Module) -> set[str]:
+    return {name for name, child in module.named_modules() if name.endswith("_quantizer") and child.is_enabled}
+
+
+def assert_quantized_as_the_recipe_says(module: torch.nn.Module) -> None:
+    """Enabled: the weight and input quantizers of every Linear and Conv layer the example's filter does not name.
+    Everything else off, among them LayerNorm inputs, attention's matmuls and softmax, and every output."""
+    layers = {
+        name
+        for name, child in module.named_modules()
+        if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) and not any(part in name for part in EXAMPLE_FILTER)
+    }
+    assert enabled_quantizers(module) == {
+        f"{layer}.{kind}" for layer in layers for kind in ("weight_quantizer", "input_quantizer")
+    }
+    norms = [child for child in module.modules() if isinstance(child, torch.nn.LayerNorm)]
+    assert norms and all(not norm.input_quantizer.is_enabled for norm in norms)
+    softmax = [child.softmax_quantizer for child in module.modules() if hasattr(child, "softmax_quantizer")]
+    assert softmax and not any(quantizer.is_enabled for quantizer in softmax)
+    filtered = [name for name, _ in module.named_modules() if any(part in name for part in EXAMPLE_FILTER)]
+    assert filtered
+
+
+def test_the_quantized_unet_leaves_unquantized_what_the_recipe_says(quantized: Path, cache_dir: Path):
+    model = load_model("tiny", cache_dir)
+    for quant in ("int8", "fp8"):
+        folder = next((quantized / "artifacts").glob(f"unet-calibration-{quant}-*"))
+        module = calibration.restore(
+            load_module(model, "unet", torch.device("cpu")), folder / calibration.CALIBRATION_FILE
+        )
+        assert_quantized_as_the_recipe_says(module)
+
+
+def test_a_quantized_transformer_leaves_unquantized_what_the_recipe_says(cache_dir: Path):
+    model = load_model("tiny-flux", cache_dir)
+    spec = model.specs["transformer"]
+    module = load_module(model, "transformer", torch.device("cpu"))
+    inputs = spec.sample_inputs(validation_dims(model, torch.device("cpu"))[0], "fp32", seed=0)
+    recipe = Recipe(QuantFormat.FP8, ("a",), steps=1, size=64)
+    calibration.calibrate(module, recipe, lambda m: TorchRunner(spec, m, "fp32", torch.device("cpu"))(inputs))
+    assert_quantized_as_the_recipe_says(module)
 
 
 def test_the_serving_path_never_imports_model_optimizer():
