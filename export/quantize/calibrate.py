@@ -127,9 +127,9 @@ def round_weights_as_exported(module: torch.nn.Module) -> None:
 
     ModelOpt's fake quantization multiplies by 127 / amax instead, which puts a weight within a rounding error
     of a step boundary on the other side (4 of the tiny UNet's 878,592): one step apart in every output the
-    weight reaches, at every shape. Quantizing a rounded weight again gives it back, on both sides, so after
-    this the fake-quantized module and the graph hold the same quantized weights, and the graph exported from
-    it the same as before.
+    weight reaches, at every shape. Quantizing a rounded weight again gives it back (to float rounding), on
+    both sides, so after this the fake-quantized module and the graph hold the same quantized weights, and the
+    graph exported from it the same as before.
     """
     with torch.no_grad():
         for name, quantizer in module.named_modules():
