@@ -212,9 +212,10 @@ class QuantizedExporter:
         except ValueError as error:
             log.warning("%s: not checked on onnxruntime: %s", component, error)
             return [], None
-        candidate = OnnxRuntimeRunner(spec, graph, precision, torch.device("cpu"))
         tolerance = QUANTIZED_TOLERANCES[self.recipe.format.value]
+        candidate = OnnxRuntimeRunner(spec, graph, precision, torch.device("cpu"))
         parity = check(spec, "onnxruntime", compare(spec, traced.references, candidate, precision, tolerance))
+        del candidate  # the pairs' check loads the graph again: one session at a time
         pairs = probe.compare_quantizers(spec, graph, precision, traced.references, traced.input_quantizers)
         return parity, probe.check_quantizers(spec, pairs)
 
