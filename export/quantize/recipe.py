@@ -1,14 +1,13 @@
 """What a quantized export is made from: the format, ModelOpt's configuration, and the calibration recipe.
 
-The configurations follow Model Optimizer's diffusers example
-(``examples/diffusers/quantization`` in NVIDIA/TensorRT-Model-Optimizer: ``config.py``'s
-``FP8_DEFAULT_CONFIG``/``NVFP4_DEFAULT_CONFIG``, ``quantize.py``'s int8 path with
-``mtq.INT8_SMOOTHQUANT_CFG``, and ``utils.py``'s ``filter_func_default`` and
-``check_conv_and_mha``): weights and inputs of Linear and Conv layers quantized, outputs not,
-attention's matmuls and softmax left in the export precision (the example quantizes them only
-with ``--quantize-mha``), and the layers its filter names (time embeddings, the first and last
-convolutions, shortcuts, added and positional embeddings, context embedders, the output norm)
-left unquantized. Here the filter is part of the configuration, so calibration never sees those
+The configurations follow Model Optimizer's diffusers example (``examples/diffusers/quantization`` in
+NVIDIA/TensorRT-Model-Optimizer, now NVIDIA/Model-Optimizer: ``config.py``'s ``FP8_DEFAULT_CONFIG`` and
+``NVFP4_DEFAULT_CONFIG``, ``quantize.py``'s int8 path with ``mtq.INT8_SMOOTHQUANT_CFG``, ``utils.py``'s
+``filter_func_default`` and ``check_conv_and_mha``): weights and inputs of Linear and Conv layers
+quantized, outputs not, attention's matmuls and softmax left in the export precision (the example
+quantizes them only with ``--quantize-mha``), and the layers its filter names (time embeddings, the
+first and last convolutions, shortcuts, added and positional embeddings, context embedders, the output
+norm) left unquantized. Here the filter is part of the configuration, so calibration never sees those
 layers (the example disables them after calibrating, which for SmoothQuant leaves their weights
 rescaled).
 
