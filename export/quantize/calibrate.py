@@ -121,6 +121,28 @@ def restore(module: torch.nn.Module, path: Path) -> torch.nn.Module:
     return module
 
 
+def round_weights_as_exported(module: torch.nn.Module) -> None:
+    """Sets each INT8-quantized weight to what the graph's Q/DQ pair makes of it, round(w / scale) x scale with
+    scale = amax / 127 (ModelOpt's ``export_int8``), ties to even, as onnxruntime and TensorRT divide.
+
+    ModelOpt's fake quantization multiplies by 127 / amax instead, which puts a weight within a rounding error
+    of a step boundary on the other side (4 of the tiny UNet's 878,592): one step apart in every output the
+    weight reaches, at every shape. Quantizing a rounded weight again gives it back (to float rounding), on
+    both sides, so after this the fake-quantized module and the graph hold the same quantized weights, and the
+    graph exported from it the same as before.
+    """
+    with torch.no_grad():
+        for name, quantizer in module.named_modules():
+            if not (name.endswith("weight_quantizer") and quantizer.is_enabled and quantizer.num_bits == 8):
+                continue
+            weight = module.get_submodule(name.rpartition(".")[0]).weight
+            scale = quantizer.amax.float() / quantizer.maxbound
+            scale.masked_fill_(scale == 0, 1.0)
+            low = 0 if quantizer.unsigned else -quantizer.maxbound - int(not quantizer.narrow_range)
+            rounded = torch.clamp(torch.round(weight / scale), low, quantizer.maxbound) * scale
+            weight.copy_(rounded)
+
+
 def quantizer_count(module: torch.nn.Module) -> int:
     """Enabled quantizers in a module (weights and inputs counted apart)."""
     return sum(1 for name, child in module.named_modules() if name.endswith("_quantizer") and child.is_enabled)

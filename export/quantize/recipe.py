@@ -1,13 +1,24 @@
 """What a quantized export is made from: the format, ModelOpt's configuration, and the calibration recipe.
 
-The configurations follow Model Optimizer's diffusers example (``examples/diffusers/quantization``:
-``config.py`` and ``utils.filter_func_default``): weights and inputs of Linear and Conv layers
-quantized, outputs not, attention's matmuls and softmax left in the export precision (the
-example quantizes them only with ``--quantize-mha``), and the layers its filter names
-(time embeddings, the first and last convolutions, shortcuts, added and positional embeddings,
-context embedders, the output norm) left unquantized. Here the filter is part of the
-configuration, so calibration never sees those layers (the example disables them after
-calibrating, which for SmoothQuant leaves their weights rescaled).
+The configurations follow Model Optimizer's diffusers example (``examples/diffusers/quantization`` in
+NVIDIA/TensorRT-Model-Optimizer, now NVIDIA/Model-Optimizer: ``config.py``'s ``FP8_DEFAULT_CONFIG`` and
+``NVFP4_DEFAULT_CONFIG``, ``quantize.py``'s int8 path with ``mtq.INT8_SMOOTHQUANT_CFG``, ``utils.py``'s
+``filter_func_default`` and ``check_conv_and_mha``): weights and inputs of Linear and Conv layers
+quantized, outputs not, attention's matmuls and softmax left in the export precision (the example
+quantizes them only with ``--quantize-mha``), and the layers its filter names (time embeddings, the
+first and last convolutions, shortcuts, added and positional embeddings, context embedders, the output
+norm) left unquantized. Here the filter is part of the configuration, so calibration never sees those
+layers (the example disables them after calibrating, which for SmoothQuant leaves their weights
+rescaled).
+
+LayerNorm inputs stay unquantized (``NORM_INPUTS``). The example's ``*input_quantizer`` pattern
+was written when ModelOpt gave LayerNorm no quantizers; 0.47 registers ``nn.LayerNorm`` (for
+its output quantizer, which FP8 attention fusion uses), so the same pattern would put a Q/DQ
+pair before every transformer block's ``norm1``/``norm2``/``norm3`` (Flux and SD3: ``norm1.norm``,
+``norm2``, ``norm*_context``). ModelOpt's own example that knows of the registration
+(``examples/torch_onnx/torch_quant_to_onnx.py``, ``_FP8_MHA_OVERRIDE``) disables LayerNorm input
+quantizers, and a Q/DQ pair before a normalization feeds no quantized GEMM or convolution in
+TensorRT: it adds rounding, not speed.
 
 The recipe's hash (prompts, steps, size, seed, ModelOpt's version and the configuration) is part
 of the artifact key: two recipes never share an artifact.
@@ -48,6 +59,9 @@ UNQUANTIZED = (
 )
 """Model Optimizer's ``filter_func_default``: the layers its diffusers example leaves unquantized."""
 
+NORM_INPUTS = {"quantizer_name": "*input_quantizer", "parent_class": "nn.LayerNorm", "enable": False}
+"""LayerNorm's input quantizers, off (see the module's docstring)."""
+
 SMOOTHQUANT_ALPHA = 0.8
 """The SmoothQuant migration strength of ModelOpt's ``INT8_SMOOTHQUANT_CFG`` and of the example's int8 SDXL runs."""
 
@@ -69,6 +83,7 @@ def modelopt_config(quant_format: QuantFormat) -> dict[str, Any]:
         {"quantizer_name": "*", "enable": False},
         {"quantizer_name": "*weight_quantizer", "cfg": weight},
         {"quantizer_name": "*input_quantizer", "cfg": activation},
+        NORM_INPUTS,
         *({"quantizer_name": f"{pattern}", "enable": False} for pattern in UNQUANTIZED),
     ]
     if quant_format is QuantFormat.NVFP4:  # the example's check_conv_and_mha: FP4 for Linear layers only

@@ -17,19 +17,30 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from engine.backends.onnxruntime import OnnxRuntimeRunner
+from engine.backends.torch import TorchRunner
+from engine.common.errors import ArtifactError
 from engine.devices import auto_quantization
 from engine.models.model import load_model
 from engine.serving.worker import Worker
+from engine.spec import ComponentSpec
 from engine.store.artifact import QUANTIZED_FIELDS, ArtifactKey
 from engine.store.keys import quantized_onnx_key
+from export.quantize import calibrate as calibration
+from export.quantize import probe
 from export.quantize.recipe import QuantFormat, Recipe
+from export.quantize.stage import QUANTIZED_TOLERANCES
 from export.quantize.twin import cpu_twin
+from export.trace import load_module, references_for
+from export.validate import check, compare, validation_dims
 from perf.lora_files import write_lora
 from tests.conftest import ROOT, run_export
 
+CPU = torch.device("cpu")
 PAYLOAD = {"prompt": "a red fox in the snow", "seed": 5, "num_inference_steps": 3, "width": 64, "height": 64}
 CALIBRATION = ("--components", "unet", "--calib-steps", "2", "--calib-size", "64")
 
@@ -149,6 +160,9 @@ def test_int8_and_fp8_graphs_match_the_fake_quantized_module(quantized: Path):
         assert record["recipe"]["prompts"] == ["a red fox in the snow", "a lighthouse in a storm"]
         assert record["recipe"]["steps"] == 2 and record["recipe"]["size"] == 64 and record["quantizers"] > 0
         assert "fake-quantized torch module" in manifest["validation"]["compared"]
+        pairs = manifest["validation"]["quantizer_check"]
+        assert pairs["quantizers"] == 66 and pairs["tensors"] == 3 * 66 and pairs["values_apart"] <= 3, pairs
+        assert all(r["mean_abs_error"] <= r["mean_allowed"] for r in manifest["parity"])
         assert all(result["passed"] for result in manifest["parity"]) and len(manifest["parity"]) == 3
         worst = max(result["max_abs_error"] for result in manifest["parity"])
         assert 0 < worst < 0.1, worst  # measured: 4.8e-2 (int8), 1.2e-2 (fp8) against outputs of about 1.4
@@ -158,6 +172,110 @@ def test_int8_and_fp8_graphs_match_the_fake_quantized_module(quantized: Path):
         assert (folder / "twin.onnx").exists() == (quant == "fp8")
     assert len(manifests(quantized, "unet-calibration-*")) == 2
     assert len(manifests(quantized, "unet-onnx-fp32-*")) == 1
+
+
+def graph_rounding(weight: torch.Tensor, quantizer: torch.nn.Module) -> torch.Tensor:
+    """ONNX's QuantizeLinear then DequantizeLinear with ModelOpt's exported scale (amax / 127): x / scale rounded
+    half to even, saturated to int8, times the scale."""
+    scale = quantizer.amax.float() / 127
+    return torch.clamp(torch.round(weight / scale), -128, 127) * scale
+
+
+def test_int8_weights_are_rounded_as_the_graph_rounds_them(quantized: Path, cache_dir: Path):
+    model = load_model("tiny", cache_dir)
+    folder = next((quantized / "artifacts").glob("unet-calibration-int8-*"))
+    module = calibration.restore(load_module(model, "unet", CPU), folder / calibration.CALIBRATION_FILE)
+    layers = [
+        (child, child.weight.detach().clone())
+        for child in module.modules()
+        if getattr(child, "weight_quantizer", None) is not None and child.weight_quantizer.is_enabled
+    ]
+    with torch.no_grad():
+        apart = sum(
+            int((child.weight_quantizer(weight) != graph_rounding(weight, child.weight_quantizer)).sum())
+            for child, weight in layers
+        )
+        assert apart > 0  # measured: 4 weights on a rounding tie, which torch rounds the other way
+        calibration.round_weights_as_exported(module)
+        for child, weight in layers:
+            assert torch.equal(child.weight, graph_rounding(weight, child.weight_quantizer))
+            torch.testing.assert_close(child.weight_quantizer(child.weight), child.weight, rtol=1e-6, atol=0.0)
+
+
+TAMPERED = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.input_quantizer"
+
+
+def exported_module(store: Path, cache_dir: Path, quant: str) -> tuple[ComponentSpec, list, dict]:
+    """The tiny UNet as the export made it fake-quantized (calibration restored, INT8 weights rounded as the
+    graph rounds them): its spec, its outputs at the validation shapes, and its input quantizers."""
+    model = load_model("tiny", cache_dir)
+    folder = next((store / "artifacts").glob(f"unet-calibration-{quant}-*"))
+    module = calibration.restore(load_module(model, "unet", CPU), folder / calibration.CALIBRATION_FILE)
+    calibration.round_weights_as_exported(module)
+    references = references_for(model, "unet", module, validation_dims(model, CPU))
+    return model.specs["unet"], references, probe.input_quantizers(module)
+
+
+def tampered(store: Path, quant: str, how: str, folder: Path) -> Path:
+    """The exported graph (FP8: its twin) with ``TAMPERED``'s Q/DQ pair changed: ``scale`` multiplies the scales
+    of both nodes by 1.05, ``remove`` wires the pair's input through to what read its output."""
+    artifact = next((store / "artifacts").glob(f"unet-onnx-{quant}-*"))
+    model = onnx.load(str(artifact / ("model.onnx" if quant == "int8" else "twin.onnx")))
+    graph = model.graph
+    dequantize = probe.graph_quantizers(graph)[TAMPERED]
+    (quantize,) = [node for node in graph.node if dequantize.input[0] in node.output]
+    if how == "scale":
+        initializers = {tensor.name: tensor for tensor in graph.initializer}
+        for node in (quantize, dequantize):
+            scale = numpy_helper.to_array(initializers[node.input[1]]) * np.float32(1.05)
+            graph.initializer.append(numpy_helper.from_array(scale, f"{node.name}/tampered_scale"))
+            node.input[1] = f"{node.name}/tampered_scale"
+    else:
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                if name == dequantize.output[0]:
+                    node.input[index] = quantize.input[0]
+        graph.node.remove(quantize)
+        graph.node.remove(dequantize)
+    path = folder / f"{quant}-{how}" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("quant", ["int8", "fp8"])
+def test_one_quantizer_off_passes_the_output_bounds_and_fails_the_pairs_check(quantized, cache_dir, tmp_path, quant):
+    """Why the graph's Q/DQ pairs are checked one by one: a quantizer 5% off or left out moves the outputs no
+    more than single values rounded a step apart do, so the output bounds pass it; the pairs' check does not."""
+    spec, references, quantizers = exported_module(quantized, cache_dir, quant)
+    tolerance = QUANTIZED_TOLERANCES[quant]
+    artifact = next((quantized / "artifacts").glob(f"unet-onnx-{quant}-*"))
+    exported = artifact / ("model.onnx" if quant == "int8" else "twin.onnx")
+    assert len(check(spec, "onnxruntime", compare(spec, references, runner(spec, exported), "fp32", tolerance))) == 3
+    summary = probe.check_quantizers(spec, probe.compare_quantizers(spec, exported, "fp32", references, quantizers))
+    assert summary["quantizers"] == 66 and summary["tensors"] == 3 * 66
+    assert summary["values_apart"] <= 3, summary  # measured: none
+
+    scaled = tampered(quantized, quant, "scale", tmp_path)
+    results = compare(spec, references, runner(spec, scaled), "fp32", tolerance)
+    assert all(r.max_abs_error <= r.allowed for r in results)  # the old bound alone passes it
+    check(spec, "onnxruntime", results)  # and so do the outputs' max and mean bounds
+    pairs = probe.compare_quantizers(spec, scaled, "fp32", references, quantizers)
+    with pytest.raises(ArtifactError, match=f"do not quantize as the module's quantizers do.*{TAMPERED} at 1x72x56"):
+        probe.check_quantizers(spec, pairs)
+    assert {r.quantizer for r in pairs if not r.passed} == {TAMPERED}
+    assert min(r.fraction for r in pairs if r.quantizer == TAMPERED) > 0.5
+
+    removed = tampered(quantized, quant, "remove", tmp_path)
+    results = compare(spec, references, runner(spec, removed), "fp32", tolerance)
+    assert all(r.max_abs_error <= r.allowed for r in results)
+    check(spec, "onnxruntime", results)
+    with pytest.raises(ArtifactError, match=f"not the module's quantizers: no Q/DQ pair for {TAMPERED}$"):
+        probe.compare_quantizers(spec, removed, "fp32", references, quantizers)
+
+
+def runner(spec: ComponentSpec, graph: Path) -> OnnxRuntimeRunner:
+    return OnnxRuntimeRunner(spec, graph, "fp32", CPU)
 
 
 def test_a_rebuild_reuses_the_calibration(quantized: Path, cache_dir: Path, prompts: Path, tmp_path: Path):
@@ -210,6 +328,66 @@ def test_the_worker_serves_the_quantized_graph_and_falls_back_with_the_reason(qu
 
     fp8 = Worker(make_settings(quantize="fp8", **settings)).handle({"input": PAYLOAD})
     assert fp8["metrics"]["precisions"]["unet"] == "fp8 (fp32 elsewhere)"
+
+
+EXAMPLE_FILTER = (
+    "time_emb_proj",
+    "time_embedding",
+    "conv_in",
+    "conv_out",
+    "conv_shortcut",
+    "add_embedding",
+    "pos_embed",
+    "time_text_embed",
+    "context_embedder",
+    "norm_out",
+    "x_embedder",
+)
+"""The layers Model Optimizer's diffusers example leaves unquantized (examples/diffusers/quantization/utils.py,
+``filter_func_default``), written out here rather than read from the recipe."""
+
+
+def enabled_quantizers(module: torch.nn.Module) -> set[str]:
+    return {name for name, child in module.named_modules() if name.endswith("_quantizer") and child.is_enabled}
+
+
+def assert_quantized_as_the_recipe_says(module: torch.nn.Module) -> None:
+    """Enabled: the weight and input quantizers of every Linear and Conv layer the example's filter does not name.
+    Everything else off, among them LayerNorm inputs, attention's matmuls and softmax, and every output."""
+    layers = {
+        name
+        for name, child in module.named_modules()
+        if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) and not any(part in name for part in EXAMPLE_FILTER)
+    }
+    assert enabled_quantizers(module) == {
+        f"{layer}.{kind}" for layer in layers for kind in ("weight_quantizer", "input_quantizer")
+    }
+    norms = [child for child in module.modules() if isinstance(child, torch.nn.LayerNorm)]
+    assert norms and all(not norm.input_quantizer.is_enabled for norm in norms)
+    softmax = [child.softmax_quantizer for child in module.modules() if hasattr(child, "softmax_quantizer")]
+    assert softmax and not any(quantizer.is_enabled for quantizer in softmax)
+    filtered = [name for name, _ in module.named_modules() if any(part in name for part in EXAMPLE_FILTER)]
+    assert filtered
+
+
+def test_the_quantized_unet_leaves_unquantized_what_the_recipe_says(quantized: Path, cache_dir: Path):
+    model = load_model("tiny", cache_dir)
+    for quant in ("int8", "fp8"):
+        folder = next((quantized / "artifacts").glob(f"unet-calibration-{quant}-*"))
+        module = calibration.restore(
+            load_module(model, "unet", torch.device("cpu")), folder / calibration.CALIBRATION_FILE
+        )
+        assert_quantized_as_the_recipe_says(module)
+
+
+def test_a_quantized_transformer_leaves_unquantized_what_the_recipe_says(cache_dir: Path):
+    model = load_model("tiny-flux", cache_dir)
+    spec = model.specs["transformer"]
+    module = load_module(model, "transformer", torch.device("cpu"))
+    inputs = spec.sample_inputs(validation_dims(model, torch.device("cpu"))[0], "fp32", seed=0)
+    recipe = Recipe(QuantFormat.FP8, ("a",), steps=1, size=64)
+    calibration.calibrate(module, recipe, lambda m: TorchRunner(spec, m, "fp32", torch.device("cpu"))(inputs))
+    assert_quantized_as_the_recipe_says(module)
 
 
 def test_the_serving_path_never_imports_model_optimizer():
