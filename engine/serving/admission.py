@@ -34,12 +34,13 @@ from engine.pipeline import ControlImage, ImageInputs
 from engine.pipeline.image_prompts import ImagePrompt
 from engine.prompts.syntax import PromptSyntaxError
 from engine.prompts.tokens import PromptLength
+from engine.request.checking import check_request
 from engine.request.entries import ControlImageEntry, ControlNetEntry
 from engine.request.images import ImageLimits, canny, load_image, mask_for_crop
 from engine.request.ip_adapter_entry import IpAdapterEntry
 from engine.request.limits import Limits
 from engine.request.resolved import ResolvedRequest
-from engine.request.schema import GenerateRequest, check_request
+from engine.request.schema import GenerateRequest
 from engine.settings import Settings
 
 

@@ -33,8 +33,8 @@ from engine.models.ip_adapter import ip_denoisers
 from engine.models.model import Model, load_model
 from engine.pipeline import DiffusionPipeline, ImageInputs, StepCallback
 from engine.pipeline.image_prompts import ImagePrompt
+from engine.request.checking import parse_request
 from engine.request.resolved import ResolvedRequest
-from engine.request.schema import parse_request
 from engine.serving.admission import Admission, Admitted
 from engine.serving.chains import ServedChains
 from engine.serving.delivery import Delivery, EncodedImage

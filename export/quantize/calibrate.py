@@ -23,7 +23,7 @@ import torch
 from engine.backends.chain import ChainCalls
 from engine.backends.torch import TorchRunner
 from engine.common.metrics import StageTimer
-from engine.request.schema import parse_request
+from engine.request.checking import parse_request
 from engine.settings import Backend, Precision, Quantize, Settings, TorchFallback
 from export.quantize.recipe import Recipe
 

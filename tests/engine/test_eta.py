@@ -11,8 +11,8 @@ import pytest
 from diffusers import StableDiffusionPipeline
 
 from engine.common.errors import RequestError
+from engine.request.checking import parse_request
 from engine.request.limits import Limits
-from engine.request.schema import parse_request
 from engine.schedulers import ETA_DEFAULTS, SCHEDULERS, TCD_ETA
 from tests.parity import assert_same_images, cpu_worker, diffusers_pipe, generate, reference_images
 

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from engine.common.errors import RequestError
+from engine.request.checking import validate_request
 from engine.request.images import ImageLimits, load_image, mask_for_crop
 from engine.request.limits import Limits
-from engine.request.schema import validate_request
 from tests.parity import picture, to_base64
 
 LIMITS = ImageLimits(max_bytes=200_000, max_side=256, min_side=64)

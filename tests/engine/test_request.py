@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.common.errors import RequestError
+from engine.request.checking import parse_request
 from engine.request.limits import Limits
-from engine.request.schema import parse_request
 from engine.schedulers import FLOW_SCHEDULERS, SCHEDULER_NAMES
 
 LIMITS = Limits(

@@ -24,8 +24,8 @@ from engine.prompts.syntax import (
     parse_weights,
     weight_problems,
 )
+from engine.request.checking import validate_request
 from engine.request.limits import Limits
-from engine.request.schema import validate_request
 
 
 def pairs(prompt: str) -> list[list]:
