@@ -235,8 +235,8 @@ class IPAdapterDenoiser(nn.Module):
         self.slots = slots
         config = unet.config
         names = cross_attention_processors(unet)
-        processors = dict(unet.attn_processors)
         self.ip = nn.ModuleList()
+        layers = []
         device = next(unet.parameters()).device
         for index, name in enumerate(names):
             hidden = _hidden_size(name, config)
@@ -247,9 +247,9 @@ class IPAdapterDenoiser(nn.Module):
                         weight = getattr(ip, matrix)[slot].weight
                         value = placeholder(adapter_parameter(index, matrix, slot), tuple(weight.shape))
                         weight.data = value.to(device)
-            processors[name] = ip
             self.ip.append(ip.to(next(unet.parameters()).dtype))
-        self._processors = processors
+            layers.append((unet.get_submodule(name.removesuffix(".processor")), ip))
+        self._layers = tuple(layers)  # the UNet's cross-attention modules, each with its IP processor
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         split = len(inputs) - 2 * self.slots
@@ -258,12 +258,17 @@ class IPAdapterDenoiser(nn.Module):
         scales = torch.stack(inputs[split + self.slots :]).to(sample.dtype)  # (slots, layers)
         for processor, scale in zip(self.ip, scales.unbind(1), strict=True):
             processor.scale = list(scale.unbind(0))
-        before = self.unet.attn_processors
-        self.unet.set_attn_processor(dict(self._processors))  # it empties the dict it is given
+        # The IP processors go into the cross-attention layers for this call only, so the plain UNet, which
+        # shares the modules, runs untouched. Layer by layer: the UNet's set_attn_processor walks every
+        # module twice a step (6.6 ms on SD 1.5's, against 0.36 ms for its 16 layers here).
+        plain = [attention.processor for attention, _ in self._layers]
+        for attention, ip in self._layers:
+            attention.set_processor(ip)
         try:
             return self._inner[0](sample, timestep, (text, tokens), *added)
         finally:
-            self.unet.set_attn_processor(before)
+            for (attention, _), processor in zip(self._layers, plain, strict=True):
+                attention.set_processor(processor)
 
 
 def _hidden_size(name: str, config: Any) -> int:
