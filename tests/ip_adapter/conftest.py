@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,3 +50,15 @@ def to_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def load_adapters(pipe: Any, root: Path, subfolder: str, names: str | list[str], scale: Any) -> Any:
+    """diffusers' pipeline with IP-Adapters loaded as a user loads them (one name, or a list of them), at
+    ``scale`` (what ``set_ip_adapter_scale`` takes). ``load_ip_adapter`` sets up CLIP's processor at the
+    encoder's size only where the pipeline has no feature extractor of its own, so that goes first."""
+    pipe.set_progress_bar_config(disable=True)
+    pipe.feature_extractor = None
+    files = [f"{name}.safetensors" for name in names] if isinstance(names, list) else f"{names}.safetensors"
+    pipe.load_ip_adapter(str(root), subfolder=subfolder, weight_name=files)
+    pipe.set_ip_adapter_scale(scale)
+    return pipe

@@ -18,7 +18,7 @@ import torch
 from engine.models.model import load_model
 from perf.ip_adapter_files import ENCODER, write_adapter
 from tests.conftest import runsync, serve_api, worker_env
-from tests.ip_adapter.conftest import image_prompt, to_base64
+from tests.ip_adapter.conftest import image_prompt, load_adapters, to_base64
 from tests.lora.conftest import image_of, reference_pipeline
 from tests.parity import TOLERANCE
 
@@ -50,10 +50,7 @@ def api_server(cache_dir: Path, held_out: Path) -> Iterator[str]:
 
 
 def diffusers_image(cache_dir: Path, root: Path, name: str, scale: float, seed: int) -> np.ndarray:
-    pipe = reference_pipeline("tiny", cache_dir)
-    pipe.feature_extractor = None  # load_ip_adapter sets up CLIP's processor at the encoder's size
-    pipe.load_ip_adapter(str(root), subfolder="held", weight_name=f"{name}.safetensors")
-    pipe.set_ip_adapter_scale(scale)
+    pipe = load_adapters(reference_pipeline("tiny", cache_dir), root, "held", name, scale)
     image = pipe(
         PAYLOAD["prompt"],
         num_inference_steps=PAYLOAD["num_inference_steps"],

@@ -28,7 +28,7 @@ from engine.models.builtin_parts import byte_tokenizer, clip_text_encoder, sd_sc
 from engine.models.model import load_model
 from perf.ip_adapter_files import write_adapter
 from tests.conftest import ROOT, export_command, runsync, serve_api, worker_env
-from tests.ip_adapter.conftest import image_prompt, to_base64
+from tests.ip_adapter.conftest import image_prompt, load_adapters, to_base64
 from tests.lora.conftest import image_of
 from tests.parity import TOLERANCE
 
@@ -183,10 +183,9 @@ def served(url: str, payload: dict) -> dict:
 
 def diffusers_images(held_out: Path, name: str, kind: str, image: Image.Image) -> list[np.ndarray]:
     """diffusers' pipeline on the folder with the adapter loaded, at each of ``SCALES``."""
-    pipe = PIPELINES[name].from_pretrained(held_out / "models" / name)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.feature_extractor = None  # load_ip_adapter sets up CLIP's processor at the encoder's size
-    pipe.load_ip_adapter(str(held_out / "adapters"), subfolder=name, weight_name=f"{kind}.safetensors")
+    pipe = load_adapters(
+        PIPELINES[name].from_pretrained(held_out / "models" / name), held_out / "adapters", name, kind, SCALES[0]
+    )
     images = []
     for scale in SCALES:
         pipe.set_ip_adapter_scale(scale)

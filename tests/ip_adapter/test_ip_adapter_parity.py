@@ -15,7 +15,7 @@ import torch
 
 from engine.serving.worker import Worker
 from engine.settings import Settings
-from tests.ip_adapter.conftest import image_prompt, to_base64
+from tests.ip_adapter.conftest import image_prompt, load_adapters, to_base64
 from tests.lora.conftest import PAYLOAD, image_of, reference_pipeline
 from tests.parity import TOLERANCE
 
@@ -33,12 +33,8 @@ def ip_payload(name: str, scale: float | dict, loras: tuple[tuple[str, float], .
 
 
 def diffusers_image(model, cache_dir, root, name, scale, loras=(), images=1) -> np.ndarray:
-    pipe = reference_pipeline(model, cache_dir)
-    if getattr(pipe, "feature_extractor", None) is not None:
-        pipe.feature_extractor = None  # load_ip_adapter sets up CLIP's processor at the encoder's size
     folder, _, file = name.rpartition("/")
-    pipe.load_ip_adapter(str(root), subfolder=folder, weight_name=f"{file}.safetensors")
-    pipe.set_ip_adapter_scale(scale)
+    pipe = load_adapters(reference_pipeline(model, cache_dir), root, folder, file, scale)
     for index, (lora, lora_scale) in enumerate(loras):
         pipe.load_lora_weights(str(root / "loras" / f"{lora}.safetensors"), adapter_name=f"l{index}")
         pipe.set_adapters([f"l{index}"], adapter_weights=[lora_scale])
@@ -144,10 +140,8 @@ def test_two_adapters_match_diffusers(workers, cache_dir):
     """Two IP-Adapters in one request, as diffusers loads a list of them: each with its own IP matrices, image
     and scale (the Plus one's per block), in the IP denoiser with two adapter slots."""
     worker, root = workers("tiny")
-    pipe = reference_pipeline("tiny", cache_dir)
-    pipe.feature_extractor = None
-    pipe.load_ip_adapter(str(root), subfolder="models", weight_name=[f"{n}.safetensors" for n, _, _ in TWO_ADAPTERS])
-    pipe.set_ip_adapter_scale([scale for _, _, scale in TWO_ADAPTERS])
+    names, scales = [n for n, _, _ in TWO_ADAPTERS], [scale for _, _, scale in TWO_ADAPTERS]
+    pipe = load_adapters(reference_pipeline("tiny", cache_dir), root, "models", names, scales)
     reference = pipe(
         PAYLOAD["prompt"],
         num_inference_steps=PAYLOAD["num_inference_steps"],
@@ -186,16 +180,10 @@ def test_controlnets_and_image_prompts_together_match_diffusers(workers, cache_d
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         worker.model.folder, controlnet=ControlNetModel.from_pretrained(tmp_path / "edges"), safety_checker=None
     )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.feature_extractor = None
     if adapters == 1:
-        pipe.load_ip_adapter(str(root), subfolder="models", weight_name="plus.safetensors")
-        pipe.set_ip_adapter_scale(0.7)
+        load_adapters(pipe, root, "models", "plus", 0.7)
     else:
-        pipe.load_ip_adapter(
-            str(root), subfolder="models", weight_name=[f"{n}.safetensors" for n, _, _ in TWO_ADAPTERS]
-        )
-        pipe.set_ip_adapter_scale([scale for _, _, scale in TWO_ADAPTERS])
+        load_adapters(pipe, root, "models", [n for n, _, _ in TWO_ADAPTERS], [s for _, _, s in TWO_ADAPTERS])
     reference = pipe(
         PAYLOAD["prompt"],
         image=control_picture(),
@@ -228,10 +216,7 @@ def test_image_to_image_with_an_image_prompt_matches_diffusers(workers, cache_di
     response = worker.handle({"input": payload})
     assert response["metrics"]["mode"] == "img2img+ip_adapter"
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(worker.model.folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.feature_extractor = None
-    pipe.load_ip_adapter(str(root), subfolder="models", weight_name="plain.safetensors")
-    pipe.set_ip_adapter_scale(0.9)
+    load_adapters(pipe, root, "models", "plain", 0.9)
     reference = pipe(
         PAYLOAD["prompt"],
         image=start,
@@ -256,10 +241,7 @@ def test_inpainting_with_an_image_prompt_matches_diffusers(workers, cache_dir):
     response = worker.handle({"input": payload})
     assert response["metrics"]["mode"] == "inpaint+ip_adapter"
     pipe = StableDiffusionInpaintPipeline.from_pretrained(worker.model.folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.feature_extractor = None
-    pipe.load_ip_adapter(str(root), subfolder="models", weight_name="plus.safetensors")
-    pipe.set_ip_adapter_scale(0.8)
+    load_adapters(pipe, root, "models", "plus", 0.8)
     reference = pipe(
         PAYLOAD["prompt"],
         image=start,
